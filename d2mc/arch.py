@@ -1,0 +1,194 @@
+"""A small, framework-free description of a decoder-only model: what the cost model and the passes read.
+
+:class:`ModelArch` is built from a Hugging Face config (dense Llama/Qwen2/Qwen3/Mistral, or a converted
+d2mc MoE model) and describes each block by :class:`BlockSpec`: whether it keeps attention, how many MLP
+experts it holds and how many of them are active per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2mc.errors import UserError
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_MODEL_TYPE = "d2mc_moe"
+SUPPORTED_TEXT = (
+    "d2mc supports decoder-only Llama, Qwen2, Qwen3 and Mistral models (layers with self_attn, a gated "
+    "SwiGLU mlp, input_layernorm and post_attention_layernorm)"
+)
+
+BYTES_PER_ELEMENT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of the model: an optional attention, then one or more MLP experts.
+
+    A dense layer is ``BlockSpec()``. A fused Dense2MoE block has ``experts > 1``; ``shared_experts`` of them
+    are always active and the rest are routed, ``top_k`` of the routed ones per token.
+    """
+
+    attention: bool = True
+    experts: int = 1
+    top_k: int = 1
+    shared_experts: int = 0
+
+    def __post_init__(self):
+        if self.experts < 1:
+            raise ValueError("a block needs at least one MLP")
+        if not 0 <= self.shared_experts <= self.experts:
+            raise ValueError("shared_experts must be between 0 and experts")
+        if self.routed_experts and not 1 <= self.top_k <= self.routed_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and the {self.routed_experts} routed experts")
+
+    @property
+    def routed_experts(self) -> int:
+        return self.experts - self.shared_experts
+
+    @property
+    def has_router(self) -> bool:
+        """A router exists when there is a choice to make among routed experts."""
+        return self.routed_experts > 1
+
+    @property
+    def active_experts(self) -> int:
+        """Experts evaluated per token."""
+        if self.routed_experts == 0:
+            return self.shared_experts
+        return self.shared_experts + (self.top_k if self.has_router else self.routed_experts)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Dimensions and block structure of a supported decoder-only model."""
+
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    attention_bias: bool = False
+    qk_norm: bool = False
+    blocks: tuple[BlockSpec, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_config(cls, config) -> ModelArch:
+        """Describe a Hugging Face config, refusing architectures d2mc cannot convert."""
+        model_type = getattr(config, "model_type", None)
+        base = config
+        blocks = None
+        if model_type == MOE_MODEL_TYPE:
+            base = config.base_config
+            blocks = tuple(block_spec_from_plan(b) for b in config.blocks)
+            model_type = base.model_type
+        if model_type not in SUPPORTED_FAMILIES:
+            raise UserError(f"unsupported architecture '{model_type}': {SUPPORTED_TEXT}")
+        if getattr(base, "hidden_act", "silu") not in ("silu", "swish"):
+            raise UserError(f"unsupported MLP activation '{base.hidden_act}': {SUPPORTED_TEXT}")
+        num_heads = base.num_attention_heads
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // num_heads
+        if blocks is None:
+            blocks = tuple(BlockSpec() for _ in range(base.num_hidden_layers))
+        return cls(
+            family=model_type,
+            hidden_size=base.hidden_size,
+            intermediate_size=base.intermediate_size,
+            num_heads=num_heads,
+            num_kv_heads=getattr(base, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            vocab_size=base.vocab_size,
+            tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
+            max_position_embeddings=getattr(base, "max_position_embeddings", 2048),
+            attention_bias=bool(getattr(base, "attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            blocks=blocks,
+        )
+
+    # ---- structure ---------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def attention_blocks(self) -> list[int]:
+        """Indices of blocks that keep attention (and so a KV-cache entry)."""
+        return [i for i, b in enumerate(self.blocks) if b.attention]
+
+    # ---- parameters per piece ----------------------------------------------------------------------
+    @property
+    def attention_params(self) -> int:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        params = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            params += q + 2 * kv
+        if self.qk_norm:
+            params += 2 * self.head_dim
+        return params
+
+    @property
+    def mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def router_params(self, block: BlockSpec) -> int:
+        return self.hidden_size * block.routed_experts if block.has_router else 0
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by component; ``lm_head`` is 0 when it shares the embedding."""
+        h = self.hidden_size
+        counts = {"embedding": self.vocab_size * h, "attention": 0, "mlp": 0, "router": 0, "norms": h,
+                  "lm_head": 0 if self.tie_word_embeddings else self.vocab_size * h}
+        for b in self.blocks:
+            if b.attention:
+                counts["attention"] += self.attention_params
+                counts["norms"] += h
+            counts["mlp"] += b.experts * self.mlp_params
+            counts["norms"] += b.experts * h
+            counts["router"] += self.router_params(b)
+        return counts
+
+    def active_param_counts(self) -> dict[str, int]:
+        """Parameters one token touches, by component (the embedding row read is not counted as a matrix)."""
+        counts = self.param_counts()
+        h = self.hidden_size
+        counts["mlp"] = sum(b.active_experts * self.mlp_params for b in self.blocks)
+        counts["norms"] = h + sum(h * (b.attention + b.active_experts) for b in self.blocks)
+        return counts
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.param_counts().values())
+
+    @property
+    def active_params(self) -> int:
+        return sum(self.active_param_counts().values())
+
+    def kv_cache_bytes_per_token(self, precision: str = "fp16") -> float:
+        """Bytes of K and V cached per token over all blocks that keep attention."""
+        per_layer = 2 * self.num_kv_heads * self.head_dim * bytes_per_element(precision)
+        return per_layer * len(self.attention_blocks)
+
+
+def block_spec_from_plan(plan: dict) -> BlockSpec:
+    """The :class:`BlockSpec` of one entry of a converted model's ``config.blocks``.
+
+    An entry is ``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int,
+    "top_k": int, "normalize_topk": bool}``; layer numbers refer to the dense parent.
+    """
+    return BlockSpec(
+        attention=plan.get("attention_layer") is not None,
+        experts=len(plan["expert_layers"]),
+        top_k=plan.get("top_k", 1),
+        shared_experts=plan.get("shared_experts", 0),
+    )
+
+
+def bytes_per_element(precision: str) -> float:
+    try:
+        return BYTES_PER_ELEMENT[precision]
+    except KeyError:
+        raise UserError(f"unknown precision '{precision}': choose one of {', '.join(BYTES_PER_ELEMENT)}") from None

@@ -1,0 +1,54 @@
+"""The ``d2mc`` command line: thin click commands over the Python API, one module per command."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from d2mc import __version__
+from d2mc.errors import UserError
+
+COMMAND_MODULES = ("inspect", "targets")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="d2mc")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+def cli(verbose: bool) -> None:
+    """d2mc: compile a dense LLM into a Mixture-of-Experts model and an engine for an edge device."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+for _name in COMMAND_MODULES:
+    _module = importlib.import_module(f"d2mc.cli.{_name}")
+    cli.add_command(_module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a :class:`UserError` is one line on stderr and exit code 1."""
+    try:
+        cli.main(args=argv, prog_name="d2mc", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,52 @@
+"""Options and output helpers shared by the commands."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+model_argument = click.argument("model", metavar="MODEL")
+config_only_option = click.option(
+    "--config-only", is_flag=True,
+    help="Read only the config (config.json or the GGUF header); build the model on the meta device.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only the result, no progress.")
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=160)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def table(title: str | None, columns: list[str], rows: list[list], *, right_from: int = 1) -> Table:
+    """A plain table; columns from ``right_from`` on are right-aligned (numbers)."""
+    t = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="right" if i >= right_from else "left")
+    for row in rows:
+        t.add_row(*[str(c) for c in row])
+    return t
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -1,0 +1,196 @@
+"""Device profiles: datasheet figures of one device, kept as TOML data and validated on load.
+
+A profile file looks like::
+
+    name = "orin-agx"
+    aliases = ["jetson-agx-orin-64gb"]
+    description = "NVIDIA Jetson AGX Orin 64GB (GPU, MAXN power mode)"
+    kind = "gpu"
+    memory_bandwidth_gbps = 204.8
+    memory_gb = 64
+    sm = "8.7"
+    tensorrt_precisions = ["fp32", "fp16", "int8"]
+    bandwidth_efficiency = 0.8
+    compute_efficiency = 0.6
+    kernel_overhead_us = 6.0
+
+    [peak_tflops]
+    fp32 = 5.3
+    fp16 = 42.5
+
+    [source]
+    memory_bandwidth_gbps = "NVIDIA Jetson AGX Orin Series Data Sheet (DS-10662-001)"
+    ...
+
+Every figure needs an entry in ``[source]`` saying where it came from (a datasheet, or a measurement).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from d2mc.arch import BYTES_PER_ELEMENT
+from d2mc.errors import UserError
+
+KINDS = ("gpu", "cpu")
+_NUMBERS = ("memory_bandwidth_gbps", "memory_gb", "bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
+_EFFICIENCIES = ("bandwidth_efficiency", "compute_efficiency")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device, as the roofline and the engine builder see it."""
+
+    name: str
+    description: str
+    kind: str
+    memory_bandwidth_gbps: float
+    memory_gb: float
+    peak_tflops: dict[str, float]
+    bandwidth_efficiency: float
+    compute_efficiency: float
+    kernel_overhead_us: float
+    source: dict[str, str]
+    aliases: tuple[str, ...] = ()
+    sm: str | None = None
+    tensorrt_precisions: tuple[str, ...] = ()
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def achievable_bandwidth(self) -> float:
+        """Bytes per second the roofline assumes a streaming kernel reaches."""
+        return self.memory_bandwidth_gbps * 1e9 * self.bandwidth_efficiency
+
+    def achievable_flops(self, precision: str) -> float:
+        """FLOP/s the roofline assumes a matrix kernel reaches at ``precision``."""
+        return self.peak_for(precision) * 1e12 * self.compute_efficiency
+
+    def peak_for(self, precision: str) -> float:
+        """Peak TFLOP/s at ``precision``; int4/fp8 weights compute at the fastest listed precision they map to."""
+        for candidate in _COMPUTE_FALLBACK.get(precision, (precision,)):
+            if candidate in self.peak_tflops:
+                return self.peak_tflops[candidate]
+        raise UserError(f"device '{self.name}' has no throughput for {precision}: it lists "
+                        f"{', '.join(self.peak_tflops)}")
+
+
+# Weight-only formats are dequantized and computed at a higher precision when the device lacks the format.
+_COMPUTE_FALLBACK = {
+    "fp32": ("fp32",),
+    "fp16": ("fp16", "bf16", "fp32"),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "int8": ("int8", "fp16", "fp32"),
+    "fp8": ("fp8", "fp16", "fp32"),
+    "int4": ("int4", "int8", "fp16", "fp32"),
+}
+
+
+def _profiles_dir():
+    return importlib.resources.files("d2mc.device_profiles")
+
+
+def builtin_profiles() -> list[DeviceProfile]:
+    """Every profile shipped with d2mc, sorted by name."""
+    profiles = []
+    for entry in _profiles_dir().iterdir():
+        if entry.name.endswith(".toml"):
+            with importlib.resources.as_file(entry) as path:
+                profiles.append(load_profile_file(path))
+    return sorted(profiles, key=lambda p: p.name)
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """A built-in profile by name or alias, or a profile TOML file by path."""
+    text = str(name_or_path)
+    if text.endswith(".toml") or Path(text).expanduser().exists():
+        return load_profile_file(Path(text).expanduser())
+    profiles = builtin_profiles()
+    for profile in profiles:
+        if text == profile.name or text in profile.aliases:
+            return profile
+    names = ", ".join(p.name for p in profiles)
+    raise UserError(f"unknown device profile '{text}': choose one of {names}, or give a .toml file")
+
+
+def load_profile_file(path: Path) -> DeviceProfile:
+    """Parse and validate one profile file; any problem is a one-line error naming the file and the field."""
+    if not path.exists():
+        raise UserError(f"device profile '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"device profile '{path}': not valid TOML ({exc})") from None
+    return _validate(data, path)
+
+
+def _validate(data: dict, path: Path) -> DeviceProfile:
+    def fail(field_name: str, why: str):
+        raise UserError(f"device profile '{path}': field '{field_name}' {why}")
+
+    known = {f.name for f in fields(DeviceProfile)} - {"path"}
+    for key in data:
+        if key not in known:
+            fail(key, f"is not a profile field (known: {', '.join(sorted(known))})")
+    optional = {"aliases", "sm", "tensorrt_precisions"}
+    for key in sorted(known - optional):
+        if key not in data:
+            fail(key, "is missing")
+
+    for key in ("name", "description", "kind"):
+        if not isinstance(data[key], str) or not data[key]:
+            fail(key, "must be a non-empty string")
+    if data["kind"] not in KINDS:
+        fail("kind", f"must be one of {', '.join(KINDS)}")
+    for key in _NUMBERS:
+        _check_number(data[key], key, fail)
+    for key in _EFFICIENCIES:
+        if not 0 < data[key] <= 1:
+            fail(key, "must be a fraction in (0, 1]")
+    peaks = data["peak_tflops"]
+    if not isinstance(peaks, dict) or not peaks:
+        fail("peak_tflops", "must be a table of precision = TFLOP/s")
+    for precision, value in peaks.items():
+        if precision not in BYTES_PER_ELEMENT:
+            fail(f"peak_tflops.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
+        _check_number(value, f"peak_tflops.{precision}", fail)
+    precisions = data.get("tensorrt_precisions", [])
+    if not isinstance(precisions, list) or any(p not in BYTES_PER_ELEMENT for p in precisions):
+        fail("tensorrt_precisions", f"must be a list drawn from {', '.join(BYTES_PER_ELEMENT)}")
+    if "sm" in data and not (isinstance(data["sm"], str) and _is_sm(data["sm"])):
+        fail("sm", "must be a compute capability string such as \"8.7\"")
+    aliases = data.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        fail("aliases", "must be a list of strings")
+
+    source = data["source"]
+    if not isinstance(source, dict):
+        fail("source", "must be a table naming where each figure comes from")
+    sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions") if k in data]
+    for key in sourced:
+        if not isinstance(source.get(key), str) or not source[key].strip():
+            fail(f"source.{key}", "is missing: say which datasheet or measurement the figure comes from")
+
+    return DeviceProfile(
+        name=data["name"], description=data["description"], kind=data["kind"],
+        memory_bandwidth_gbps=float(data["memory_bandwidth_gbps"]), memory_gb=float(data["memory_gb"]),
+        peak_tflops={k: float(v) for k, v in peaks.items()},
+        bandwidth_efficiency=float(data["bandwidth_efficiency"]),
+        compute_efficiency=float(data["compute_efficiency"]),
+        kernel_overhead_us=float(data["kernel_overhead_us"]), source=dict(source),
+        aliases=tuple(aliases), sm=data.get("sm"), tensorrt_precisions=tuple(precisions), path=path,
+    )
+
+
+def _check_number(value, key: str, fail) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        fail(key, f"must be a number, not {value!r}")
+    if value < 0 or (value == 0 and key != "kernel_overhead_us"):
+        fail(key, f"must be positive, not {value}")
+
+
+def _is_sm(text: str) -> bool:
+    major, _, minor = text.partition(".")
+    return major.isdigit() and minor.isdigit()
