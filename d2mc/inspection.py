@@ -15,12 +15,12 @@ def component_of(name: str) -> str:
         return "embedding"
     if name.startswith("lm_head"):
         return "lm_head"
-    if "norm" in name:
-        return "norms"
     if "router" in name:
         return "router"
-    if "self_attn" in name:
+    if "self_attn" in name:  # includes Qwen3's q_norm and k_norm
         return "attention"
+    if "norm" in name:
+        return "norms"
     if "mlp" in name or "experts" in name:
         return "mlp"
     raise ValueError(f"parameter '{name}' belongs to no known component")

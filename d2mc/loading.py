@@ -125,9 +125,11 @@ def _load_directory(path: Path, spec: str, config_only: bool, dtype: str, want_t
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(config, dtype), None, arch, spec, path, config_only=True)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot load the weights of '{spec}' ({_first_line(exc)}): the checkpoint may be "
                         "incomplete or corrupt; download it again") from None
     model.eval()
@@ -182,7 +184,14 @@ def _plain_model(quantized):
     config = _plain_config(quantized.config)
     with torch.device("meta"):
         model = quantized.__class__(config)
-    model.load_state_dict(quantized.state_dict(), assign=True)
+    state = quantized.state_dict()
+    model.load_state_dict(state, assign=True)
+    for name, buffer in quantized.named_buffers():
+        if name in state:
+            continue
+        # non-persistent buffers (the rotary inv_freq) are not in the state dict
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from d2mc.cli import cli, main
+from tests.conftest import requires_real_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inspect_table_and_json(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3")
+    result = invoke("inspect", path)
+    assert result.exit_code == 0
+    assert "qwen3" in result.output and "KV cache per token" in result.output
+    info = json.loads(invoke("inspect", path, "--json").stdout)
+    assert info["parameters"]["total"] == sum(v for k, v in info["parameters"].items() if k != "total")
+    assert info["kv_heads"] == 2 and info["bytes"]["fp16"]["total"] == 2 * info["parameters"]["total"]
+
+
+def test_targets_lists_profiles_with_sources():
+    result = invoke("targets")
+    assert result.exit_code == 0
+    for name in ("orin-agx", "orin-nano-super", "thor", "host-cpu"):
+        assert name in result.output
+    assert "DS-10662-001" in result.output
+    assert json.loads(invoke("targets", "orin-agx", "--json").stdout)[0]["sm"] == "8.7"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/no/such/model"], "error: no such file or directory: '/no/such/model'"),
+    (["targets", "mars-rover"], "error: unknown device profile 'mars-rover'"),
+])
+def test_user_errors_are_one_line_with_exit_code_1(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.real_model
+@requires_real_model
+def test_inspect_embedded_model():
+    result = invoke("inspect", "smollm2-135m", "--config-only")
+    assert "134.5M parameters" in result.output

@@ -1,0 +1,85 @@
+import pytest
+
+from d2mc.errors import UserError
+from d2mc.profiles import builtin_profiles, load_profile
+
+GOOD = """
+name = "my-board"
+description = "a board"
+kind = "gpu"
+memory_bandwidth_gbps = 100.0
+memory_gb = 16
+sm = "8.7"
+tensorrt_precisions = ["fp16"]
+bandwidth_efficiency = 0.8
+compute_efficiency = 0.5
+kernel_overhead_us = 5
+
+[peak_tflops]
+fp16 = 10.0
+
+[source]
+memory_bandwidth_gbps = "datasheet"
+memory_gb = "datasheet"
+sm = "datasheet"
+tensorrt_precisions = "support matrix"
+peak_tflops = "datasheet"
+bandwidth_efficiency = "assumed"
+compute_efficiency = "assumed"
+kernel_overhead_us = "assumed"
+"""
+
+
+def test_builtin_profiles_cover_the_jetson_family():
+    names = {p.name for p in builtin_profiles()}
+    assert {"orin-agx", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb", "orin-nano-super", "thor",
+            "host-cpu"} <= names
+    for p in builtin_profiles():
+        assert p.source["memory_bandwidth_gbps"] and p.source["peak_tflops"]
+
+
+def test_aliases_and_orin_figures():
+    orin = load_profile("jetson-agx-orin-64gb")
+    assert orin.name == "orin-agx" and orin.memory_bandwidth_gbps == 204.8 and orin.sm == "8.7"
+    assert "fp8" not in orin.tensorrt_precisions
+    assert orin.peak_for("int4") == orin.peak_tflops["int8"]
+
+
+def test_own_profile_file(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD)
+    profile = load_profile(path)
+    assert profile.name == "my-board" and profile.achievable_bandwidth == pytest.approx(80e9)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: 'colour = "red"\n' + t, "field 'colour' is not a profile field"),
+    (lambda t: t.replace("memory_gb = 16\n", ""), "field 'memory_gb' is missing"),
+    (lambda t: t.replace("memory_bandwidth_gbps = 100.0", "memory_bandwidth_gbps = -3"),
+     "field 'memory_bandwidth_gbps' must be positive"),
+    (lambda t: t.replace("memory_bandwidth_gbps = 100.0", 'memory_bandwidth_gbps = "fast"'),
+     "field 'memory_bandwidth_gbps' must be a number"),
+    (lambda t: t.replace("fp16 = 10.0", "fp12 = 10.0"), "field 'peak_tflops.fp12' is not a precision"),
+    (lambda t: t.replace("bandwidth_efficiency = 0.8", "bandwidth_efficiency = 1.5"),
+     "field 'bandwidth_efficiency' must be a fraction"),
+    (lambda t: t.replace('sm = "datasheet"\n', ""), "field 'source.sm' is missing"),
+    (lambda t: t.replace('sm = "8.7"', 'sm = "eight"'), "field 'sm' must be a compute capability"),
+    (lambda t: t.replace('kind = "gpu"', 'kind = "fpga"'), "field 'kind' must be one of gpu, cpu"),
+    (lambda t: t + "[[[", "not valid TOML"),
+])
+def test_bad_profile_is_one_line_naming_file_and_field(tmp_path, edit, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(GOOD))
+    with pytest.raises(UserError, match=message) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown device profile 'orin-mega': choose one of .*orin-agx"):
+        load_profile("orin-mega")
+
+
+def test_missing_profile_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_profile(tmp_path / "none.toml")
