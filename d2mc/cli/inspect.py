@@ -33,6 +33,8 @@ def command(model: str, config_only: bool, as_json: bool) -> None:
     rows = [[c, f"{params[c]:,}", *(human_bytes(info["bytes"][p][c]) for p in WEIGHT_PRECISIONS)]
             for c in (*COMPONENTS, "total") if params[c] or c == "total"]
     out.print(table("parameters", ["component", "parameters", *WEIGHT_PRECISIONS], rows))
+    if info["tied_embeddings"]:
+        out.print("lm_head shares the embedding matrix (tied): no parameters of its own")
     out.print(f"\ntotal {human_count(params['total'])} parameters, "
               f"{human_count(info['active_parameters_per_token'])} active per token")
     kv = info["kv_cache_bytes_per_token"]
