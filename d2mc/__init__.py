@@ -11,3 +11,5 @@ from d2mc.loading import load_model  # noqa: E402
 from d2mc.profiles import load_profile  # noqa: E402
 
 __all__ = ["UserError", "load_model", "load_profile", "__version__"]
+
+import d2mc.modeling  # noqa: E402,F401  (registers the converted-model classes with the Auto classes)

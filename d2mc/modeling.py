@@ -1,0 +1,301 @@
+"""The converted model: a Hugging Face model class whose blocks are Dense2MoE blocks.
+
+Each block is an optional attention (reused from the source family: Llama, Qwen2, Qwen3, Mistral), then one or
+more MLP experts, each an MLP of the dense parent with the post-attention norm of its own layer::
+
+    h   = x + self_attn(input_layernorm(x))            # or h = x when the block has no attention
+    out = h + sum_{e shared} expert_e(h)               # always-active experts
+            + sum_{e in top-k} w_e * expert_e(h)       # routed experts
+    expert_e(h) = mlp_e(post_attention_layernorm_e(h))
+    p = softmax(router(h)) over the routed experts;  w = p_topk / sum(p_topk) if normalize_topk else p_topk
+
+A block with a single routed expert has no router and that expert is always active (weight 1). Only blocks that
+keep attention hold a KV-cache entry: their attention ``layer_idx`` counts attention blocks only.
+
+``config.blocks[i]`` records where each piece came from in the dense parent:
+``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int, "top_k": int,
+"normalize_topk": bool}``; the first ``shared_experts`` entries of ``expert_layers`` are the shared ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_FAMILIES
+
+_CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+_MIRRORED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window", "rope_parameters",
+             "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "use_cache")
+
+
+def family_classes(family: str) -> dict[str, type]:
+    """The attention, MLP, RMSNorm and rotary-embedding classes of a source family."""
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"no module classes for family {family!r}")
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = _CLASS_PREFIX[family]
+    return {kind: getattr(module, f"{prefix}{kind}") for kind in ("Attention", "MLP", "RMSNorm", "RotaryEmbedding")}
+
+
+class D2MCMoEConfig(PretrainedConfig):
+    """Config of a converted model: the dense parent's config plus the block plan."""
+
+    model_type = MOE_MODEL_TYPE
+    sub_configs = {"base_config": AutoConfig}
+
+    def __init__(self, base_config=None, blocks=None, **kwargs):
+        if isinstance(base_config, dict):
+            base_config = CONFIG_MAPPING[base_config["model_type"]](**base_config)
+        self.base_config = base_config
+        self.blocks = [dict(b) for b in (blocks or [])]
+        if base_config is not None:
+            for name in _MIRRORED:
+                if hasattr(base_config, name):
+                    kwargs.setdefault(name, getattr(base_config, name))
+            kwargs.setdefault("tie_word_embeddings", base_config.tie_word_embeddings)
+            # the KV cache is sized from num_hidden_layers: only blocks with attention count
+            attention_layers = [b["attention_layer"] for b in self.blocks if b.get("attention_layer") is not None]
+            kwargs["num_hidden_layers"] = len(attention_layers)
+            if getattr(base_config, "layer_types", None) is not None:
+                kwargs["layer_types"] = [base_config.layer_types[i] for i in attention_layers]
+        super().__init__(**kwargs)
+
+    @property
+    def family(self) -> str:
+        return self.base_config.model_type
+
+    def attention_config(self) -> PretrainedConfig:
+        """The parent's config renumbered so attention ``layer_idx`` counts attention blocks only."""
+        config = copy.deepcopy(self.base_config)
+        config.num_hidden_layers = self.num_hidden_layers
+        if getattr(self, "layer_types", None) is not None:
+            config.layer_types = list(self.layer_types)
+        config._attn_implementation = self._attn_implementation
+        return config
+
+
+class D2MCExpert(nn.Module):
+    """An MLP of the dense parent with the post-attention norm of its own layer."""
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.post_attention_layernorm = norm
+        self.mlp = mlp
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(hidden))
+
+
+class D2MCBlock(nn.Module):
+    """An optional attention, then shared and routed experts (see the module docstring for the math)."""
+
+    def __init__(self, attention_config, plan: dict, classes: dict[str, type], attention_idx: int | None):
+        super().__init__()
+        hidden, eps = attention_config.hidden_size, attention_config.rms_norm_eps
+        self.shared_experts = plan.get("shared_experts", 0)
+        self.top_k = plan.get("top_k", 1)
+        self.normalize_topk = plan.get("normalize_topk", True)
+        if attention_idx is None:
+            self.input_layernorm = None
+            self.self_attn = None
+        else:
+            self.input_layernorm = classes["RMSNorm"](hidden, eps=eps)
+            self.self_attn = classes["Attention"](attention_config, layer_idx=attention_idx)
+        self.experts = nn.ModuleList(
+            D2MCExpert(classes["RMSNorm"](hidden, eps=eps), classes["MLP"](attention_config))
+            for _ in plan["expert_layers"])
+        routed = len(self.experts) - self.shared_experts
+        self.router = nn.Linear(hidden, routed, bias=False) if routed > 1 else None
+
+    @property
+    def attention_type(self) -> str:
+        return getattr(self.self_attn, "layer_type", None) or "full_attention"
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and indices (into the routed experts) of the top-k experts for each token: ``[..., k]``."""
+        probs = torch.softmax(self.router(hidden).float(), dim=-1)
+        weights, indices = probs.topk(self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(hidden.dtype), indices
+
+    def forward(self, hidden, attention_mask=None, position_embeddings=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        if self.self_attn is not None:
+            attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), attention_mask=attention_mask,
+                                         position_ids=position_ids, past_key_values=past_key_values,
+                                         position_embeddings=position_embeddings, **kwargs)
+            hidden = hidden + attended
+        out = hidden
+        for expert in self.experts[: self.shared_experts]:
+            out = out + expert(hidden)
+        routed = self.experts[self.shared_experts:]
+        if self.router is None:
+            for expert in routed:
+                out = out + expert(hidden)
+            return out
+        return out + self._dispatch(hidden, routed)
+
+    def _dispatch(self, hidden: torch.Tensor, routed) -> torch.Tensor:
+        """Run each routed expert on the tokens that chose it only, weighted, scattered back in place."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weights, indices = self.route(flat)
+        result = torch.zeros_like(flat)
+        for e, expert in enumerate(routed):
+            token, slot = torch.where(indices == e)
+            if token.numel():
+                result.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return result.reshape(hidden.shape)
+
+
+class D2MCMoEPreTrainedModel(PreTrainedModel):
+    config_class = D2MCMoEConfig
+    config: D2MCMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["D2MCBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+
+class D2MCMoEModel(D2MCMoEPreTrainedModel):
+    """Embedding, Dense2MoE blocks, final norm."""
+
+    def __init__(self, config: D2MCMoEConfig):
+        super().__init__(config)
+        classes = family_classes(config.family)
+        self.attention_config = config.attention_config()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        blocks, attention_idx = [], 0
+        for plan in config.blocks:
+            has_attention = plan.get("attention_layer") is not None
+            blocks.append(D2MCBlock(self.attention_config, plan, classes, attention_idx if has_attention else None))
+            attention_idx += has_attention
+        self.layers = nn.ModuleList(blocks)
+        self.norm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = classes["RotaryEmbedding"](config=self.attention_config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        self.attention_config._attn_implementation = self.config._attn_implementation
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        mask_kwargs = dict(config=self.attention_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, position_ids=position_ids)
+        masks = {}
+        for block in self.layers:
+            kind = block.attention_type
+            if block.self_attn is not None and kind not in masks:
+                sliding = kind == "sliding_attention" or (
+                    self.config.family == "mistral" and getattr(self.attention_config, "sliding_window", None))
+                masks[kind] = (create_sliding_window_causal_mask if sliding else create_causal_mask)(**mask_kwargs)
+        hidden = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for block in self.layers:
+            hidden = block(hidden, attention_mask=masks.get(block.attention_type), position_ids=position_ids,
+                           position_embeddings=position_embeddings, past_key_values=past_key_values,
+                           use_cache=use_cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
+    """A converted causal LM; ``from_pretrained``, ``generate`` and ``Trainer`` work on it as on any HF model."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: D2MCMoEConfig):
+        super().__init__(config)
+        self.model = D2MCMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             **kwargs)
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+def convert_dense(dense, blocks: list[dict]) -> D2MCMoEForCausalLM:
+    """Build a converted model from a dense one and a block plan, reusing (not copying) the dense modules.
+
+    Attention, norms and MLPs are moved from the dense layers named in each plan entry; routers start at zero
+    (uniform routing) until a pass fits them. ``dense`` must not be used afterwards.
+    """
+    config = D2MCMoEConfig(base_config=_plain_base_config(dense.config), blocks=blocks)
+    config._attn_implementation = dense.config._attn_implementation
+    with torch.device("meta"):
+        model = D2MCMoEForCausalLM(config)
+    layers = dense.model.layers
+    attention_config = model.model.attention_config
+    for block, plan in zip(model.model.layers, blocks):
+        if block.self_attn is not None:
+            source = layers[plan["attention_layer"]]
+            attention = source.self_attn
+            attention.layer_idx = block.self_attn.layer_idx
+            attention.config = attention_config
+            if hasattr(attention, "layer_type"):
+                attention.layer_type = block.self_attn.layer_type
+                attention.sliding_window = block.self_attn.sliding_window
+            block.self_attn = attention
+            block.input_layernorm = source.input_layernorm
+        for i, layer in enumerate(plan["expert_layers"]):
+            block.experts[i] = D2MCExpert(layers[layer].post_attention_layernorm, layers[layer].mlp)
+        if block.router is not None:
+            block.router = nn.Linear(config.hidden_size, block.router.out_features, bias=False,
+                                     dtype=dense.lm_head.weight.dtype)
+            nn.init.zeros_(block.router.weight)
+    model.model.embed_tokens = dense.model.embed_tokens
+    model.model.norm = dense.model.norm
+    model.model.rotary_emb = dense.model.rotary_emb
+    model.lm_head = dense.lm_head
+    model.model.rotary_emb.config = attention_config
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def dense_plan(num_layers: int) -> list[dict]:
+    """The plan that reproduces a dense model block for block."""
+    return [{"attention_layer": i, "expert_layers": [i], "shared_experts": 0, "top_k": 1, "normalize_topk": True}
+            for i in range(num_layers)]
+
+
+def _plain_base_config(config) -> PretrainedConfig:
+    config = config.__class__.from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+AutoConfig.register(MOE_MODEL_TYPE, D2MCMoEConfig)
+AutoModelForCausalLM.register(D2MCMoEConfig, D2MCMoEForCausalLM)
