@@ -245,43 +245,67 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-def convert_dense(dense, blocks: list[dict]) -> D2MCMoEForCausalLM:
-    """Build a converted model from a dense one and a block plan, reusing (not copying) the dense modules.
+def parent_modules(model) -> dict[str, dict[int, nn.Module]]:
+    """The dense parent's modules by layer number, from a dense model or a converted one."""
+    found = {"attention": {}, "input_norm": {}, "mlp": {}, "post_norm": {}, "router": {}}
+    if isinstance(model, D2MCMoEForCausalLM):
+        for block, plan in zip(model.model.layers, model.config.blocks):
+            if plan.get("attention_layer") is not None:
+                found["attention"][plan["attention_layer"]] = block.self_attn
+                found["input_norm"][plan["attention_layer"]] = block.input_layernorm
+            for layer, expert in zip(plan["expert_layers"], block.experts):
+                found["mlp"][layer] = expert.mlp
+                found["post_norm"][layer] = expert.post_attention_layernorm
+            if block.router is not None:
+                found["router"][tuple(plan["expert_layers"])] = block.router
+    else:
+        for i, layer in enumerate(model.model.layers):
+            found["attention"][i], found["input_norm"][i] = layer.self_attn, layer.input_layernorm
+            found["mlp"][i], found["post_norm"][i] = layer.mlp, layer.post_attention_layernorm
+    return found
 
-    Attention, norms and MLPs are moved from the dense layers named in each plan entry; routers start at zero
-    (uniform routing) until a pass fits them. ``dense`` must not be used afterwards.
+
+def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
+    """Assemble a converted model with the block plan ``blocks`` from the modules of ``model``.
+
+    ``model`` is a dense model or a converted one; its modules are moved, not copied, so it must not be used
+    afterwards. A block keeps its router when its experts are unchanged; a new router starts at zero (uniform
+    routing) until a pass fits it.
     """
-    config = D2MCMoEConfig(base_config=_plain_base_config(dense.config), blocks=blocks)
-    config._attn_implementation = dense.config._attn_implementation
+    base = model.config.base_config if isinstance(model, D2MCMoEForCausalLM) else _plain_base_config(model.config)
+    config = D2MCMoEConfig(base_config=base, blocks=blocks)
+    config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
-        model = D2MCMoEForCausalLM(config)
-    layers = dense.model.layers
-    attention_config = model.model.attention_config
-    for block, plan in zip(model.model.layers, blocks):
+        converted = D2MCMoEForCausalLM(config)
+    modules = parent_modules(model)
+    attention_config = converted.model.attention_config
+    dtype = model.lm_head.weight.dtype
+    for block, plan in zip(converted.model.layers, blocks):
         if block.self_attn is not None:
-            source = layers[plan["attention_layer"]]
-            attention = source.self_attn
+            attention = modules["attention"][plan["attention_layer"]]
             attention.layer_idx = block.self_attn.layer_idx
             attention.config = attention_config
             if hasattr(attention, "layer_type"):
                 attention.layer_type = block.self_attn.layer_type
                 attention.sliding_window = block.self_attn.sliding_window
             block.self_attn = attention
-            block.input_layernorm = source.input_layernorm
+            block.input_layernorm = modules["input_norm"][plan["attention_layer"]]
         for i, layer in enumerate(plan["expert_layers"]):
-            block.experts[i] = D2MCExpert(layers[layer].post_attention_layernorm, layers[layer].mlp)
+            block.experts[i] = D2MCExpert(modules["post_norm"][layer], modules["mlp"][layer])
         if block.router is not None:
-            block.router = nn.Linear(config.hidden_size, block.router.out_features, bias=False,
-                                     dtype=dense.lm_head.weight.dtype)
-            nn.init.zeros_(block.router.weight)
-    model.model.embed_tokens = dense.model.embed_tokens
-    model.model.norm = dense.model.norm
-    model.model.rotary_emb = dense.model.rotary_emb
-    model.lm_head = dense.lm_head
-    model.model.rotary_emb.config = attention_config
+            router = modules["router"].get(tuple(plan["expert_layers"]))
+            if router is None:
+                router = nn.Linear(config.hidden_size, block.router.out_features, bias=False, dtype=dtype)
+                nn.init.zeros_(router.weight)
+            block.router = router
+    converted.model.embed_tokens = model.model.embed_tokens
+    converted.model.norm = model.model.norm
+    converted.model.rotary_emb = model.model.rotary_emb
+    converted.model.rotary_emb.config = attention_config
+    converted.lm_head = model.lm_head
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+        converted.lm_head.weight = converted.model.embed_tokens.weight
+    return converted.eval()
 
 
 def dense_plan(num_layers: int) -> list[dict]:

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 import d2mc  # noqa: F401
 from d2mc.arch import ModelArch
 from d2mc.inspection import count_parameters
-from d2mc.modeling import convert_dense, dense_plan
+from d2mc.modeling import restructure, dense_plan
 from tests.conftest import tiny_model
 
 
@@ -20,11 +20,11 @@ def test_empty_plan_reproduces_dense_logits_exactly(family):
     ids = torch.randint(0, 256, (2, 11))
     with torch.no_grad():
         expected = tiny_model(family)(ids).logits
-        assert torch.equal(convert_dense(tiny_model(family), dense_plan(6))(ids).logits, expected)
+        assert torch.equal(restructure(tiny_model(family), dense_plan(6))(ids).logits, expected)
 
 
 def test_all_experts_active_is_the_weighted_sum():
-    model = convert_dense(tiny_model("llama"), fused_plan(top_k=2, normalize=False, attention=None))
+    model = restructure(tiny_model("llama"), fused_plan(top_k=2, normalize=False, attention=None))
     block = model.model.layers[2]
     torch.nn.init.normal_(block.router.weight)
     hidden = torch.randn(3, 5, 64)
@@ -35,7 +35,7 @@ def test_all_experts_active_is_the_weighted_sum():
 
 
 def test_cached_generation_equals_uncached_forward(family):
-    model = convert_dense(tiny_model(family), fused_plan())
+    model = restructure(tiny_model(family), fused_plan())
     torch.nn.init.normal_(model.model.layers[2].router.weight)
     prompt = torch.randint(0, 256, (1, 5))
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_cached_generation_equals_uncached_forward(family):
 
 
 def test_save_load_round_trip_and_parameter_counts(tmp_path, family):
-    model = convert_dense(tiny_model(family), fused_plan(shared=1))
+    model = restructure(tiny_model(family), fused_plan(shared=1))
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 256, (1, 9))
@@ -59,4 +59,4 @@ def test_save_load_round_trip_and_parameter_counts(tmp_path, family):
 
 def test_top_k_beyond_routed_experts_is_refused():
     with pytest.raises(ValueError, match="top_k=3 must be between 1 and the 2 routed experts"):
-        ModelArch.from_config(convert_dense(tiny_model("llama"), fused_plan(top_k=3)).config)
+        ModelArch.from_config(restructure(tiny_model("llama"), fused_plan(top_k=3)).config)
