@@ -1,0 +1,113 @@
+"""The conversion API behind ``d2mc convert``: a dense model in, a Dense2MoE (or baseline) model out."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from d2mc.arch import ModelArch
+from d2mc.context import Context
+from d2mc.data import calibration_batch
+from d2mc.errors import UserError
+from d2mc.loading import LoadedModel
+from d2mc.outputs import atomic_output_dir
+from d2mc.pipeline import Pass, PassManager, create_pass
+from d2mc.plan import METHODS
+from d2mc.profiles import load_profile
+
+
+@dataclass
+class ConvertOptions:
+    """What to convert and how; exactly one of the four plan sources must be set."""
+
+    method: str = "lfuc"
+    remove_attention: int | None = None
+    budget_ms: float | None = None
+    speedup: float | None = None
+    plan: str | None = None
+    target: str | None = None
+    top_k: int = 1
+    shared_expert: bool = False
+    normalize_topk: bool = True
+    max_group: int = 2
+    calib_data: str | None = None
+    calib_sequences: int = 16
+    calib_length: int = 256
+    seed: int = 0
+    context: int = 512
+    precision: str = "fp16"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+
+
+def conversion_passes(options: ConvertOptions) -> list[Pass]:
+    """The passes of a method, in the order the method description reads."""
+    plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
+                       budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
+                       top_k=options.top_k, shared_expert=options.shared_expert,
+                       normalize_topk=options.normalize_topk, max_group=options.max_group,
+                       context=options.context, precision=options.precision)
+    passes = [create_pass("analyze-redundancy"), plan]
+    if options.method == "drop-layers":
+        return passes + [create_pass("drop-layers")]
+    passes.append(create_pass("prune-attention"))
+    if options.method == "lfuc":
+        passes += [create_pass("fuse-experts"), create_pass("insert-router")]
+    return passes
+
+
+def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
+    """A context with calibration text, the device profile and (for LF-UC) a frozen copy of the dense parent."""
+    if loaded.config_only:
+        raise UserError("conversion needs the weights: drop --config-only")
+    if loaded.tokenizer is None:
+        raise UserError(f"'{loaded.source}' has no tokenizer, which calibration needs")
+    if loaded.config.model_type != "d2mc_moe" and options.method not in METHODS:
+        raise UserError(f"unknown method '{options.method}'")
+    calibration = calibration_batch(loaded.tokenizer, options.calib_sequences, options.calib_length,
+                                    options.calib_data, options.seed)
+    profile = load_profile(options.target) if options.target else None
+    ctx = Context.from_loaded(loaded, profile=profile, calibration=calibration)
+    if options.method == "lfuc":
+        ctx.teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+    return ctx
+
+
+def convert(loaded: LoadedModel, options: ConvertOptions, progress: Callable[[str], None] | None = None) -> Context:
+    """Run the method's passes over ``loaded``; the converted model is ``ctx.model``."""
+    if loaded.config.model_type == "d2mc_moe":
+        raise UserError(f"'{loaded.source}' is already converted: convert its dense parent")
+    ctx = conversion_context(loaded, options)
+    PassManager(conversion_passes(options), progress=progress).run(ctx)
+    ctx.report["conversion"] = conversion_summary(ctx, options)
+    return ctx
+
+
+def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
+    """Plan, options and parameter counts of a finished conversion (what ``d2mc_plan.json`` holds)."""
+    arch = ModelArch.from_config(ctx.model.config)
+    return {
+        "source": ctx.source,
+        "options": asdict(options),
+        "plan": ctx.results["plan"].to_dict(),
+        "redundancy": ctx.results.get("redundancy"),
+        "routers": ctx.results.get("routers", {}),
+        "parameters": {"total": arch.total_params, "active_per_token": arch.active_params},
+        "attention_blocks": len(arch.attention_blocks),
+        "blocks": len(arch.blocks),
+    }
+
+
+def save_converted(ctx: Context, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the converted model (Hugging Face format, with tokenizer) and ``d2mc_plan.json`` atomically."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        ctx.model.save_pretrained(tmp)
+        if ctx.tokenizer is not None:
+            ctx.tokenizer.save_pretrained(tmp)
+        (tmp / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2) + "\n")
+    return Path(out)
