@@ -175,9 +175,10 @@ def _rotary_caches(model, arch) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def _norm(g: _GraphBuilder, residual: str, delta: str | None, weight, eps: float, name: str) -> tuple[str, str]:
-    """RMSNorm of ``residual + delta``; returns (normalised, new residual)."""
-    gamma = g.weight(f"{name}.weight", weight if weight is not None else torch.ones(1))
+def _norm(g: _GraphBuilder, residual: str, delta: str | None, weight, eps: float, name: str,
+          hidden: int = 0) -> tuple[str, str]:
+    """RMSNorm of ``residual + delta`` (weight None: no scale); returns (normalised, new residual)."""
+    gamma = g.weight(f"{name}.weight", weight if weight is not None else torch.ones(hidden))
     if delta is None:
         return g.op1("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1), residual
     normed, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [residual, delta, gamma], 4, MS_DOMAIN,
@@ -244,7 +245,7 @@ def _experts(g, block: dict, residual: str, delta: str | None, arch, eps: float,
         expert = experts[0]
         normed, residual = _norm(g, residual, delta, expert.post_attention_layernorm.weight, eps, f"{name}.norm")
         return _swiglu(g, normed, expert.mlp, None, f"{name}.mlp"), residual
-    normed, residual = _norm(g, residual, delta, None, eps, f"{name}.norm")  # rms(h); gammas are folded
+    normed, residual = _norm(g, residual, delta, None, eps, f"{name}.norm", arch.hidden_size)  # gammas folded
     shared, routed = experts[: block["shared"]], experts[block["shared"]:]
     parts = [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{i}")
              for i, e in enumerate(shared)]
@@ -254,7 +255,7 @@ def _experts(g, block: dict, residual: str, delta: str | None, arch, eps: float,
     elif options.moe_op == "contrib":
         parts.append(_moe_contrib(g, block, routed, normed, residual, arch, name))
     else:
-        parts.append(_moe_dispatch(g, block, routed, normed, residual, arch, name))
+        parts.append(_moe_dispatch(g, block, routed, normed, residual, arch, name, first=len(shared)))
     total = parts[0]
     for part in parts[1:]:
         total = g.op1("Add", [total, part])
@@ -283,7 +284,7 @@ def _router_logits(g, block, residual: str, arch, name: str) -> tuple[str, str]:
     return flat_h, logits
 
 
-def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
+def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str, first: int = 0) -> str:
     """Route with standard ops; each expert runs only on the rows that chose it."""
     _, logits = _router_logits(g, block, residual, arch, name)
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
@@ -302,17 +303,16 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str)
         where = g.op1("Transpose", [g.op1("NonZero", [chosen])], perm=[1, 0])  # [n, 2]: token, slot
         token = g.op1("Slice", [where, g.const([0]), g.const([1]), g.const([1])])  # [n, 1]
         rows = g.op1("GatherND", [flat_x, token])
-        out = _swiglu(g, rows, expert.mlp, expert.post_attention_layernorm.weight, f"{name}.expert{e}")
+        out = _swiglu(g, rows, expert.mlp, expert.post_attention_layernorm.weight, f"{name}.expert{first + e}")
         if weights is not None:
-            out = g.op1("Mul", [out, g.op1("GatherND", [weights, where])])  # GatherND keeps [n] -> broadcast below
+            picked = g.op1("Unsqueeze", [g.op1("GatherND", [weights, where]), g.const([1])])  # [n, 1]
+            out = g.op1("Mul", [out, picked])
         accumulated = g.op1("ScatterND", [accumulated, token, out], reduction="add")
     return g.op1("Reshape", [accumulated, g.op1("Shape", [residual])])
 
 
 def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
     """ONNX Runtime's fused MoE op (CPU form: swiglu with interleaved gate/up rows, no fc3)."""
-    if not block["normalize"] and block["top_k"] == 1:
-        pass
     _, logits = _router_logits(g, block, residual, arch, name)
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
     fc1, fc2 = [], []
