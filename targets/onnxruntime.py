@@ -1,0 +1,106 @@
+"""The ``onnxruntime`` target: export to an ONNX artifact that ONNX Runtime and onnxruntime-genai run.
+
+An artifact directory holds ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, the tokenizer files and
+``d2mc_artifact.json`` (what was exported, with the verification figure).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from d2mc.arch import ModelArch
+from d2mc.errors import UserError
+from d2mc.lowering import LoweringOptions, lower_to_onnx
+from d2mc.outputs import atomic_output_dir
+
+ARTIFACT_FILE = "d2mc_artifact.json"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    seconds: float
+    verify: dict | None
+
+
+def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str = "dispatch",
+                verify: bool = True, overwrite: bool = False, source: str = "") -> ExportResult:
+    """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it."""
+    from d2mc.verify import verify_onnx
+
+    options = LoweringOptions(precision=precision, moe_op=moe_op)
+    start = time.perf_counter()
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        onnx_path = lower_to_onnx(model, tmp, options)
+        write_genai_config(model, tmp, precision)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        seconds = time.perf_counter() - start
+        result = None
+        if verify:
+            result = verify_onnx(model, onnx_path, precision).to_dict()
+            if not result["passed"]:
+                raise UserError(f"verification failed: max |logit difference| {result['max_abs_diff']:.3g} exceeds "
+                                f"{result['tolerance']:g} ({precision}); the artifact was not written")
+        arch = ModelArch.from_config(model.config)
+        (tmp / ARTIFACT_FILE).write_text(json.dumps({
+            "source": source, "target": "onnxruntime", "precision": precision, "moe_op": moe_op,
+            "model_type": model.config.model_type, "attention_blocks": len(arch.attention_blocks),
+            "blocks": arch.num_blocks, "export_seconds": round(seconds, 2), "verify": result}, indent=2) + "\n")
+    return ExportResult(Path(out), seconds, result)
+
+
+def write_genai_config(model, out_dir: Path, precision: str) -> Path:
+    """``genai_config.json`` so that onnxruntime-genai loads the artifact and generates with it."""
+    arch = ModelArch.from_config(model.config)
+    config = model.config
+    base = config.base_config if config.model_type == "d2mc_moe" else config
+    eos = base.eos_token_id
+    data = {
+        "model": {
+            "bos_token_id": base.bos_token_id,
+            "context_length": arch.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "d2mc", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": arch.head_dim,
+                "hidden_size": arch.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": arch.num_heads,
+                "num_hidden_layers": len(arch.attention_blocks),
+                "num_key_value_heads": arch.num_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": base.pad_token_id if base.pad_token_id is not None else (
+                eos[0] if isinstance(eos, list) else eos),
+            "type": arch.family if arch.family in ("llama", "qwen2", "qwen3", "mistral") else "llama",
+            "vocab_size": arch.vocab_size,
+        },
+        "search": {"do_sample": False, "max_length": arch.max_position_embeddings, "min_length": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": True,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+    }
+    path = out_dir / "genai_config.json"
+    path.write_text(json.dumps(data, indent=4) + "\n")
+    return path
+
+
+def read_artifact(path: str | Path) -> dict:
+    """The description of an exported artifact, refusing directories that are not complete artifacts."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"no artifact directory at '{path}': export one with d2mc export")
+    missing = [f for f in ("model.onnx", "genai_config.json", ARTIFACT_FILE) if not (path / f).exists()]
+    if missing:
+        raise UserError(f"'{path}' is not a complete d2mc artifact (missing {', '.join(missing)}): export it again")
+    try:
+        return json.loads((path / ARTIFACT_FILE).read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"'{path / ARTIFACT_FILE}' is corrupt: export the artifact again") from None
