@@ -36,6 +36,7 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         onnx_path = lower_to_onnx(model, tmp, options)
         write_genai_config(model, tmp, precision)
+        model.config.save_pretrained(tmp)  # lets d2mc profile read the architecture of the artifact
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         seconds = time.perf_counter() - start

@@ -1,0 +1,73 @@
+"""``d2mc convert``: a dense model into a Dense2MoE (or baseline) model in Hugging Face format."""
+
+from __future__ import annotations
+
+import click
+
+from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
+
+
+def plan_options(func):
+    """The options that choose what to remove, shared by convert and compile."""
+    for option in reversed([
+        click.option("--method", type=click.Choice(["lfuc", "drop-layers", "drop-attention"]), default="lfuc",
+                     show_default=True, help="Dense2MoE layer fusion, or a baseline on the same plan."),
+        click.option("--remove-attention", type=int, help="Remove this many attention modules."),
+        click.option("--budget-ms", type=float, help="Predicted decode latency budget on --target (ms)."),
+        click.option("--speedup", type=float, help="Predicted decode speed-up over dense on --target."),
+        click.option("--plan", "plan_text", help="Explicit groups of layers, e.g. 12-13,16-17."),
+        click.option("--top-k", type=int, default=1, show_default=True, help="Routed experts per token."),
+        click.option("--shared-expert", is_flag=True, help="Keep the kept layer's MLP always active."),
+        click.option("--no-normalize", is_flag=True, help="Scale experts by their softmax probability."),
+        click.option("--max-group", type=int, default=2, show_default=True, help="Most layers fused into one block."),
+        click.option("--calib-data", type=click.Path(), help="Calibration text (.txt or .jsonl); default: the "
+                                                             "built-in corpus, held-out part excluded."),
+        click.option("--calib-sequences", type=int, default=16, show_default=True),
+        click.option("--calib-length", type=int, default=256, show_default=True),
+    ]):
+        func = option(func)
+    return func
+
+
+def convert_options_from(target, method, remove_attention, budget_ms, speedup, plan_text, top_k, shared_expert,
+                         no_normalize, max_group, calib_data, calib_sequences, calib_length):
+    from d2mc.convert import ConvertOptions
+
+    return ConvertOptions(method=method, remove_attention=remove_attention, budget_ms=budget_ms, speedup=speedup,
+                          plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
+                          normalize_topk=not no_normalize, max_group=max_group, calib_data=calib_data,
+                          calib_sequences=calib_sequences, calib_length=calib_length)
+
+
+@click.command("convert")
+@model_argument
+@plan_options
+@click.option("--target", help="Device profile for --budget-ms / --speedup (name or .toml).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (Hugging Face format).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@quiet_option
+@json_option
+def command(model, target, output, overwrite, quiet, as_json, **plan):
+    """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
+    from d2mc.convert import convert, save_converted
+    from d2mc.loading import load_model
+
+    options = convert_options_from(target, **plan)
+    progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
+    loaded = load_model(model)
+    ctx = convert(loaded, options, progress=progress)
+    save_converted(ctx, output, overwrite=overwrite)
+    summary = ctx.report["conversion"]
+    if as_json:
+        print_json(summary)
+        return
+    out = console()
+    plan_info = summary["plan"]
+    out.print(f"plan: {plan_info['groups']} ({plan_info['reason']})")
+    for block, stats in summary["routers"].items():
+        out.print(f"  router of block {block}: agreement {stats['agreement']:.3f}, "
+                  f"load {[round(x, 3) for x in stats['load']]}")
+    params = summary["parameters"]
+    out.print(f"{params['total']:,} parameters, {params['active_per_token']:,} active per token; "
+              f"{summary['attention_blocks']} of {summary['blocks']} blocks keep attention")
+    out.print(f"wrote {output}")

@@ -1,0 +1,61 @@
+"""Plots, drawn with matplotlib (imported lazily, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    from d2mc.errors import require_module
+
+    matplotlib = require_module("matplotlib", "plotting", "matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roofline(result: dict, path: str | Path) -> Path:
+    """The device roofline with every operator of both phases placed on it (attainable FLOP/s vs intensity)."""
+    plt = _pyplot()
+    profile = result["profile"]
+    bandwidth = profile["achievable_bandwidth_gbps"] * 1e9
+    peak = profile["achievable_tflops"] * 1e12
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [10 ** (i / 10) for i in range(-20, 50)]
+    ax.plot(xs, [min(peak, x * bandwidth) for x in xs], color="black", label=f"{profile['name']} roof")
+    markers = {"prefill": "o", "decode": "x"}
+    for phase, data in result["phases"].items():
+        by_op: dict[str, list] = {}
+        for op in data["ops"]:
+            if op["flops"] and op["bytes"] and op["seconds"]:
+                by_op.setdefault(op["op"], []).append((op["intensity"], op["flops"] / op["seconds"]))
+        for name, points in by_op.items():
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=markers[phase], s=14,
+                       label=f"{phase}: {name}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("attained FLOP/s (predicted)")
+    ax.set_title(f"{result['model']} on {profile['name']}")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_redundancy(result: dict, path: str, title: str = "") -> None:
+    """A PNG of the three influences per layer."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for key in ("block", "attention", "mlp"):
+        ax.plot(result[key], marker="o", markersize=3, label=f"{key} influence")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("1 - cos(in, out)")
+    ax.set_title(f"redundancy {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
