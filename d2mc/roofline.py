@@ -108,7 +108,7 @@ def expected_distinct_experts(routed: int, top_k: int, tokens: int) -> float:
 def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings: RooflineSettings,
                    expert_load: dict[int, list[float]] | None = None) -> PhaseCost:
     """Cost of ``phase`` ("prefill" of ``settings.prefill`` tokens, or "decode" at ``settings.context``)."""
-    if settings.context + (1 if phase == "decode" else 0) > arch.max_position_embeddings and phase == "decode":
+    if phase == "decode" and settings.context + 1 > arch.max_position_embeddings:
         raise UserError(f"--context {settings.context} is past the model's maximum of "
                         f"{arch.max_position_embeddings} positions")
     if phase == "prefill" and settings.prefill > arch.max_position_embeddings:

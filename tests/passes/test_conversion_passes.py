@@ -63,12 +63,13 @@ def test_speedup_plan_meets_the_predicted_target(tiny_context):
 
     profile = load_profile("orin-agx")
     ctx = tiny_context(profile=profile)
-    dense = predict_decode_seconds(ctx.arch, profile)
-    run(ctx, ("analyze-redundancy", {}), ("plan-fusion", {"speedup": 1.1}), ("prune-attention", {}),
+    dense = predict_decode_seconds(ctx.arch, profile, context=256)
+    run(ctx, ("analyze-redundancy", {}), ("plan-fusion", {"speedup": 1.1, "context": 256}), ("prune-attention", {}),
         ("fuse-experts", {}))
-    assert predict_decode_seconds(ctx.arch, profile) <= dense / 1.1
+    assert predict_decode_seconds(ctx.arch, profile, context=256) <= dense / 1.1
     with pytest.raises(UserError, match="is unreachable"):
-        run(tiny_context(profile=profile), ("analyze-redundancy", {}), ("plan-fusion", {"speedup": 50}))
+        run(tiny_context(profile=profile), ("analyze-redundancy", {}),
+            ("plan-fusion", {"speedup": 50, "context": 256}))
 
 
 @pytest.mark.parametrize("text, message", [
