@@ -56,6 +56,10 @@ def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str
     With ``config_only`` no weights are read: the model is built on the meta device from its config, so
     parameter counts and the roofline work for models that were never downloaded.
     """
+    if not log.isEnabledFor(logging.INFO):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     spec = str(spec)
     if spec == EMBEDDED_NAME:
         return _load_directory(embedded_checkpoint(), spec, config_only, dtype, tokenizer)

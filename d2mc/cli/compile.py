@@ -1,0 +1,65 @@
+"""``d2mc compile``: dense checkpoint in, converted model, ONNX artifact and report out."""
+
+from __future__ import annotations
+
+import click
+
+from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
+from d2mc.cli.convert import convert_options_from, plan_options
+
+
+@click.command("compile")
+@model_argument
+@click.option("--target", default="orin-agx", show_default=True, help="Device profile (name or .toml).")
+@plan_options
+@click.option("--eval-tokens", type=int, default=4096, show_default=True,
+              help="Held-out tokens for perplexity before and after (0 to skip).")
+@click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
+@click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
+@click.option("--overwrite", is_flag=True)
+@quiet_option
+@json_option
+def command(model, target, eval_tokens, no_measure, output, overwrite, quiet, as_json, **plan):
+    """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
+
+    Without --remove-attention, --budget-ms, --speedup or --plan, the plan targets a 1.2x predicted decode
+    speed-up on the device.
+    """
+    import time
+    from pathlib import Path
+
+    from d2mc.compile import CompileOptions, check_output_free, compile_model
+
+    if not any(plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
+        plan["speedup"] = 1.2
+    output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
+    check_output_free(output, overwrite)
+    options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
+                             measure=not no_measure, overwrite=overwrite,
+                             conversion=convert_options_from(None, **plan))
+    err = stderr_console()
+    start = time.perf_counter()
+    progress = None if quiet or as_json else (lambda text: err.print(f"[{time.perf_counter() - start:6.1f}s] {text}"))
+    report = compile_model(options, progress)
+    if as_json:
+        print_json({k: v for k, v in report.items() if k != "sections"})
+        return
+    out = console()
+    p = report["predicted"]["decode"]
+    out.print(f"plan: {report['plan']['groups']} ({report['plan']['reason']})")
+    out.print(f"parameters: {report['parameters']['total']:,} total, {report['parameters']['active_per_token']:,} "
+              f"active per token (dense {report['parameters']['dense_total']:,})")
+    out.print(f"predicted decode on {report['target']}: {p['dense_s'] * 1e3:.3f} ms dense -> "
+              f"{p['converted_s'] * 1e3:.3f} ms ({p['speedup']:.2f}x)")
+    if report["measured"]:
+        m = report["measured"]["decode"]
+        out.print(f"measured decode here ({report['measured']['runtime']}): {m['measured_s'] * 1e3:.2f} ms, "
+                  f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%)")
+    ppl = report["perplexity"]
+    if ppl["dense"] is not None:
+        out.print(f"held-out perplexity ({ppl['tokens']} tokens): dense {ppl['dense']:.2f} -> converted "
+                  f"{ppl['converted']:.2f} (no recovery training)")
+    out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
+              f"(tolerance {report['verify']['tolerance']:g})")
+    out.print(f"engine: not built ({report['engine']['reason']})")
+    out.print(f"wrote {output}/ (model/, onnx/, report.md, report.json)  [{time.perf_counter() - start:.0f} s]")
