@@ -53,9 +53,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
 
+    from d2mc.targets.onnxruntime import export_onnx
+
     from d2mc.convert import ConvertOptions, convert
     from d2mc.loading import embedded_checkpoint, load_model
-    from d2mc.targets.onnxruntime import export_onnx
 
     work = Path(tempfile.mkdtemp(prefix="d2mc-bench-"))
     models, export_seconds = {}, {}

@@ -39,9 +39,10 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     """Run every step and return the report (also written as ``report.json`` and ``report.md``)."""
     say = progress or (lambda text: None)
     profile = load_profile(options.target)
-    conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target)
     settings = RooflineSettings(prefill=options.prefill, context=options.context,
                                 precision="fp16" if profile.kind == "gpu" else "fp32")
+    conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
+                                     context=options.context, precision=settings.precision)
     timings: dict[str, float] = {}
 
     def step(name: str):
@@ -179,7 +180,7 @@ def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, m
                                   f"{', kept MLP shared' if plan['shared_expert'] else ''}.",
          "columns": ["layer", "block influence", "attention influence", "mlp influence"],
          "rows": [[i, f"{b:.4f}", f"{a:.4f}", f"{m:.4f}"] for i, (b, a, m) in
-                  enumerate(zip(redundancy["block"], redundancy["attention"], redundancy["mlp"]))],
+                  enumerate(zip(redundancy["block"], redundancy["attention"], redundancy["mlp"], strict=False))],
          "image": "redundancy.png"},
         {"title": f"Blocks and their share of predicted decode time on {profile.name}",
          "columns": ["block", "attention of layer", "experts (layers)", "top-k", "decode share"],

@@ -32,7 +32,7 @@ class ConvertOptions:
     top_k: int = 1
     shared_expert: bool = False
     normalize_topk: bool = True
-    max_group: int = 2
+    max_group: int = 8
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256

@@ -58,7 +58,7 @@ def measure_torch(model, prefill: int = 128, context: int = 512, batch: int = 1,
 
     def decode_step():
         model(token, past_key_values=cache, use_cache=True)
-        cache.crop(context)  # keep the context fixed across repeats
+        cache.crop(-token.shape[1])  # drop the new token: the context stays fixed across repeats
 
     decode_s = _median_time(decode_step, warmup, repeats * 4, sync)
     return Measurement(f"pytorch-{device.type}", prefill_s, decode_s, prefill, context, repeats)

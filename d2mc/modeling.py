@@ -249,11 +249,11 @@ def parent_modules(model) -> dict[str, dict[int, nn.Module]]:
     """The dense parent's modules by layer number, from a dense model or a converted one."""
     found = {"attention": {}, "input_norm": {}, "mlp": {}, "post_norm": {}, "router": {}}
     if isinstance(model, D2MCMoEForCausalLM):
-        for block, plan in zip(model.model.layers, model.config.blocks):
+        for block, plan in zip(model.model.layers, model.config.blocks, strict=False):
             if plan.get("attention_layer") is not None:
                 found["attention"][plan["attention_layer"]] = block.self_attn
                 found["input_norm"][plan["attention_layer"]] = block.input_layernorm
-            for layer, expert in zip(plan["expert_layers"], block.experts):
+            for layer, expert in zip(plan["expert_layers"], block.experts, strict=False):
                 found["mlp"][layer] = expert.mlp
                 found["post_norm"][layer] = expert.post_attention_layernorm
             if block.router is not None:
@@ -280,7 +280,7 @@ def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
     modules = parent_modules(model)
     attention_config = converted.model.attention_config
     dtype = model.lm_head.weight.dtype
-    for block, plan in zip(converted.model.layers, blocks):
+    for block, plan in zip(converted.model.layers, blocks, strict=False):
         if block.self_attn is not None:
             attention = modules["attention"][plan["attention_layer"]]
             attention.layer_idx = block.self_attn.layer_idx

@@ -65,7 +65,7 @@ class OrtDecoder:
                  **cache}
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outputs))
+        result = dict(zip(names, outputs, strict=False))
         new_cache = {n: result[n.replace("past_key_values", "present")] for n in self.kv_names}
         return result["logits"], new_cache
 
@@ -86,7 +86,7 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
     past_torch = None
     tokens = ids
     with torch.no_grad():
-        for step in range(decode_steps + 1):
+        for _step in range(decode_steps + 1):
             out = model(tokens, past_key_values=past_torch, use_cache=True)
             past_torch = out.past_key_values
             ref = out.logits.float().numpy()

@@ -34,7 +34,7 @@ class InsertRouter(Pass):
         stats = {}
         if fused:
             inputs, targets = self._teacher_activations(ctx, [plan["expert_layers"] for _, plan in fused])
-            for (i, plan), h, y in zip(fused, inputs, targets):
+            for (i, plan), h, y in zip(fused, inputs, targets, strict=False):
                 stats[i] = self._fit_block(ctx.model.model.layers[i], h, y)
                 log.info("block %d (layers %s): router agreement %.3f, load %s", i, plan["expert_layers"],
                          stats[i]["agreement"], [round(x, 3) for x in stats[i]["load"]])

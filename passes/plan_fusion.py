@@ -30,7 +30,7 @@ class PlanFusion(Pass):
 
     def __init__(self, method: str = "lfuc", remove_attention: int | None = None, budget_ms: float | None = None,
                  speedup: float | None = None, plan: str | None = None, top_k: int = 1, shared_expert: bool = False,
-                 normalize_topk: bool = True, max_group: int = 2, context: int = 512, precision: str = "fp16"):
+                 normalize_topk: bool = True, max_group: int = 8, context: int = 512, precision: str = "fp16"):
         given = [k for k, v in {"--remove-attention": remove_attention, "--budget-ms": budget_ms,
                                 "--speedup": speedup, "--plan": plan}.items() if v is not None]
         if len(given) != 1:

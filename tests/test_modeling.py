@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 import d2mc  # noqa: F401
 from d2mc.arch import ModelArch
 from d2mc.inspection import count_parameters
-from d2mc.modeling import restructure, dense_plan
+from d2mc.modeling import dense_plan, restructure
 from tests.conftest import tiny_model
 
 

@@ -22,8 +22,8 @@ def test_wheel_installs_the_mapped_packages(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import d2mc, d2mc.passes, d2mc.targets, d2mc.device_profiles;"
             "from d2mc.profiles import builtin_profiles;"
-            "assert d2mc.__file__.startswith(%r), d2mc.__file__;"
-            "print(len(builtin_profiles()))" % str(site))
+            f"assert d2mc.__file__.startswith({str(site)!r}), d2mc.__file__;"
+            "print(len(builtin_profiles()))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -37,7 +37,7 @@ def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
         print_json(result)
         return
     rows = [[i, f"{b:.4f}", f"{a:.4f}", f"{m:.4f}"]
-            for i, (b, a, m) in enumerate(zip(result["block"], result["attention"], result["mlp"]))]
+            for i, (b, a, m) in enumerate(zip(result["block"], result["attention"], result["mlp"], strict=False))]
     console().print(table(f"redundancy of {model} (1 - cosine; low = redundant)",
                           ["layer", "block", "attention", "mlp"], rows))
     if plot:

@@ -14,12 +14,14 @@ from d2mc.cli.convert import convert_options_from, plan_options
 @plan_options
 @click.option("--eval-tokens", type=int, default=4096, show_default=True,
               help="Held-out tokens for perplexity before and after (0 to skip).")
+@click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
+@click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode phase.")
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
 @quiet_option
 @json_option
-def command(model, target, eval_tokens, no_measure, output, overwrite, quiet, as_json, **plan):
+def command(model, target, eval_tokens, prefill, context, no_measure, output, overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan targets a 1.2x predicted decode
@@ -35,7 +37,7 @@ def command(model, target, eval_tokens, no_measure, output, overwrite, quiet, as
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
-                             measure=not no_measure, overwrite=overwrite,
+                             measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
                              conversion=convert_options_from(None, **plan))
     err = stderr_console()
     start = time.perf_counter()

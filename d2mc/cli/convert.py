@@ -19,7 +19,7 @@ def plan_options(func):
         click.option("--top-k", type=int, default=1, show_default=True, help="Routed experts per token."),
         click.option("--shared-expert", is_flag=True, help="Keep the kept layer's MLP always active."),
         click.option("--no-normalize", is_flag=True, help="Scale experts by their softmax probability."),
-        click.option("--max-group", type=int, default=2, show_default=True, help="Most layers fused into one block."),
+        click.option("--max-group", type=int, default=8, show_default=True, help="Most layers fused into one block."),
         click.option("--calib-data", type=click.Path(), help="Calibration text (.txt or .jsonl); default: the "
                                                              "built-in corpus, held-out part excluded."),
         click.option("--calib-sequences", type=int, default=16, show_default=True),

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import click
 
-from d2mc.cli.common import (config_only_option, console, human_bytes, human_count, json_option, model_argument,
-                             print_json, table)
+from d2mc.cli.common import (
+    config_only_option,
+    console,
+    human_bytes,
+    human_count,
+    json_option,
+    model_argument,
+    print_json,
+    table,
+)
 from d2mc.inspection import COMPONENTS, WEIGHT_PRECISIONS, inspect_model
 from d2mc.loading import load_model
 

@@ -89,7 +89,7 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     blocks = _blocks_of(model)
     base = model.config.base_config if model.config.model_type == "d2mc_moe" else model.config
     eps = float(base.rms_norm_eps)
-    h, head_dim = arch.hidden_size, arch.head_dim
+    _h, head_dim = arch.hidden_size, arch.head_dim
     n_attention = len(arch.attention_blocks)
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from d2mc.targets.onnxruntime import export_onnx, read_artifact
 
 from d2mc.errors import UserError
-from d2mc.targets.onnxruntime import export_onnx, read_artifact
 from d2mc.verify import OrtDecoder
 from tests.conftest import tiny_model
 

@@ -1,0 +1,111 @@
+"""The commands end to end on a tiny model with a tokenizer: convert, export, run, profile, compile."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from d2mc.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_convert_export_run(tiny_checkpoint_with_tokenizer, tmp_path):
+    converted = tmp_path / "converted"
+    result = invoke("convert", tiny_checkpoint_with_tokenizer, "--remove-attention", "2", "--calib-sequences", "4",
+                    "--calib-length", "64", "-o", converted, "--quiet")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((converted / "d2mc_plan.json").read_text())
+    assert len(plan["plan"]["removed_attention"]) == 2
+    assert plan["parameters"]["active_per_token"] < plan["parameters"]["total"]
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    assert model.config.model_type == "d2mc_moe"
+
+    artifact = tmp_path / "artifact"
+    result = invoke("export", converted, "-o", artifact)
+    assert result.exit_code == 0 and "verified against PyTorch" in result.output
+    pytest.importorskip("onnxruntime_genai")
+    result = invoke("run", artifact, "The fire", "--max-new-tokens", "5")
+    assert result.exit_code == 0 and len(result.output.strip()) > 0
+
+
+def test_profile_config_only_and_measured(tiny_checkpoint_with_tokenizer, tmp_path):
+    result = invoke("profile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--config-only",
+                    "--context", "128", "--prefill", "32", "-o", tmp_path / "roofline")
+    assert result.exit_code == 0 and "decode at context 128" in result.output
+    data = json.loads((tmp_path / "roofline" / "roofline.json").read_text())
+    assert data["phases"]["decode"]["seconds"] < data["phases"]["prefill"]["seconds"]
+    assert (tmp_path / "roofline" / "roofline.png").stat().st_size > 1000
+    result = invoke("profile", tiny_checkpoint_with_tokenizer, "--target", "host-cpu", "--measure",
+                    "--context", "64", "--prefill", "16", "--json")
+    measured = json.loads(result.stdout)
+    assert measured["measured"]["decode"] > 0 and "decode" in measured["error"]
+
+
+def test_profile_errors_are_one_line(tiny_checkpoint_with_tokenizer):
+    from d2mc.cli import main
+
+    for args, _message in ((["--context", "-4"], "--context must be a positive whole number"),
+                          (["--context", "100000"], "past the model's maximum")):
+        with pytest.raises(SystemExit) as info:
+            main(["profile", str(tiny_checkpoint_with_tokenizer), "--config-only", *args])
+        assert info.value.code == 1
+
+
+@pytest.mark.slow
+def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--remove-attention", "2",
+                    "--calib-sequences", "4", "--calib-length", "64", "--eval-tokens", "1024", "--context", "256",
+                    "--prefill", "32", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["parameters"]["active_per_token"] <= report["parameters"]["total"]
+    assert report["predicted"]["decode"]["converted_s"] < report["predicted"]["decode"]["dense_s"]
+    assert report["verify"]["passed"] and report["perplexity"]["converted"] > 0
+    assert {"model/config.json", "onnx/model.onnx", "redundancy.png"} <= set(report["artifacts"])
+    assert "## Verification" in (out / "report.md").read_text()
+
+
+def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):
+    from d2mc.convert import ConvertOptions, convert
+    from d2mc.loading import load_model
+    from d2mc.profiles import load_profile
+    from d2mc.roofline import predict_decode_seconds
+
+    profile = load_profile("orin-agx")
+    latencies = []
+    for k in (0, 2, 4):
+        ctx = convert(load_model(tiny_checkpoint_with_tokenizer),
+                      ConvertOptions(remove_attention=k, calib_sequences=2, calib_length=32))
+        latencies.append(predict_decode_seconds(ctx.arch, profile, context=256))
+    assert latencies[0] > latencies[1] > latencies[2]
+
+
+def test_interrupted_compile_leaves_no_output(tiny_checkpoint_with_tokenizer, tmp_path, monkeypatch):
+    import d2mc.targets.onnxruntime
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(d2mc.targets.onnxruntime, "export_onnx", interrupt)
+    result = CliRunner().invoke(cli, [str(a) for a in (
+        "compile", tiny_checkpoint_with_tokenizer, "--remove-attention", "2", "--calib-sequences", "2",
+        "--calib-length", "32", "--eval-tokens", "0", "--context", "256", "-o", tmp_path / "out", "--quiet")])
+    assert result.exit_code != 0  # click turns the interrupt into an abort
+    assert not (tmp_path / "out").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_same_file_for_calibration_and_evaluation_is_refused(tiny_checkpoint_with_tokenizer):
+    from d2mc.data import corpus_path
+    from d2mc.errors import UserError
+
+    with pytest.raises(UserError, match="holds the evaluation text"):
+        from d2mc.data import training_ids
+        from tests.conftest import tiny_tokenizer
+
+        training_ids(tiny_tokenizer(), corpus_path())
