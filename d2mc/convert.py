@@ -33,6 +33,7 @@ class ConvertOptions:
     shared_expert: bool = False
     normalize_topk: bool = True
     max_group: int = 8
+    reconstruct_steps: int = 150
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
@@ -58,6 +59,8 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     passes.append(create_pass("prune-attention"))
     if options.method == "lfuc":
         passes += [create_pass("fuse-experts"), create_pass("insert-router")]
+        if options.reconstruct_steps:
+            passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps))
     return passes
 
 
@@ -97,6 +100,7 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "plan": ctx.results["plan"].to_dict(),
         "redundancy": ctx.results.get("redundancy"),
         "routers": ctx.results.get("routers", {}),
+        "reconstruction": ctx.results.get("reconstruction", {}),
         "parameters": {"total": arch.total_params, "active_per_token": arch.active_params},
         "attention_blocks": len(arch.attention_blocks),
         "blocks": len(arch.blocks),

@@ -20,6 +20,8 @@ def plan_options(func):
         click.option("--shared-expert", is_flag=True, help="Keep the kept layer's MLP always active."),
         click.option("--no-normalize", is_flag=True, help="Scale experts by their softmax probability."),
         click.option("--max-group", type=int, default=8, show_default=True, help="Most layers fused into one block."),
+        click.option("--reconstruct-steps", type=int, default=150, show_default=True,
+                     help="Block-wise reconstruction steps for the fused experts (0: routers only)."),
         click.option("--calib-data", type=click.Path(), help="Calibration text (.txt or .jsonl); default: the "
                                                              "built-in corpus, held-out part excluded."),
         click.option("--calib-sequences", type=int, default=16, show_default=True),
@@ -30,12 +32,13 @@ def plan_options(func):
 
 
 def convert_options_from(target, method, remove_attention, budget_ms, speedup, plan_text, top_k, shared_expert,
-                         no_normalize, max_group, calib_data, calib_sequences, calib_length):
+                         no_normalize, max_group, reconstruct_steps, calib_data, calib_sequences, calib_length):
     from d2mc.convert import ConvertOptions
 
     return ConvertOptions(method=method, remove_attention=remove_attention, budget_ms=budget_ms, speedup=speedup,
                           plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
-                          normalize_topk=not no_normalize, max_group=max_group, calib_data=calib_data,
+                          normalize_topk=not no_normalize, max_group=max_group,
+                          reconstruct_steps=reconstruct_steps, calib_data=calib_data,
                           calib_sequences=calib_sequences, calib_length=calib_length)
 
 

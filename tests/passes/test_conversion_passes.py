@@ -108,3 +108,11 @@ def test_plan_blocks_per_method():
     assert [b["expert_layers"] for b in plan.blocks("drop-layers")] == [[0], [1], [3], [5]]
     shared = FusionPlan(num_layers=6, groups=[(1, 2, 3)], shared_expert=True)
     assert shared.blocks("lfuc")[1]["shared_experts"] == 1
+
+
+def test_block_reconstruction_lowers_the_block_error(tiny_context):
+    ctx = tiny_context()
+    run(ctx, ("analyze-redundancy", {}), ("plan-fusion", {"plan": "2-4"}), ("prune-attention", {}),
+        ("fuse-experts", {}), ("insert-router", {}), ("reconstruct-blocks", {"steps": 60, "lr": 1e-3}))
+    (stats,) = ctx.results["reconstruction"].values()
+    assert stats["mse_after"] < stats["mse_before"]

@@ -1,0 +1,76 @@
+"""reconstruct-blocks: train each fused block to reproduce the dense group it replaced (block-wise recovery)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from d2mc.context import Context
+from d2mc.pipeline import Pass, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+
+@register_pass
+class ReconstructBlocks(Pass):
+    """The cheap first stage of recovery. For every fused block, on the dense parent's own activations: the
+    post-attention hidden state ``h`` of the group's first layer in, the group's output ``y`` out. The block's
+    experts are trained (Adam, routing held at the fitted router's choice) so that
+    ``h + experts(h)`` matches ``y``; each expert learns to stand in for the whole group on the tokens sent to
+    it. The router is refitted afterwards on the trained experts. Attention weights do not change."""
+
+    name = "reconstruct-blocks"
+    requires = ("model", "teacher", "calibration", "routers")
+    provides = ("reconstruction",)
+    transforms_model = True
+
+    def __init__(self, steps: int = 150, lr: float = 3e-4, batch_tokens: int = 512, seed: int = 0):
+        self.steps, self.lr, self.batch_tokens, self.seed = steps, lr, batch_tokens, seed
+
+    def run(self, ctx: Context) -> PassResult:
+        from d2mc.passes.insert_router import InsertRouter
+
+        fitter = InsertRouter()
+        fused = [(i, plan) for i, plan in enumerate(ctx.model.config.blocks)
+                 if ctx.model.model.layers[i].router is not None]
+        stats = {}
+        if fused and self.steps:
+            inputs, targets = fitter._teacher_activations(ctx, [plan["expert_layers"] for _, plan in fused])
+            for (i, _), h, y in zip(fused, inputs, targets, strict=True):
+                block = ctx.model.model.layers[i]
+                before, after = self._train(block, h, y)
+                ctx.results["routers"][i] = fitter._fit_block(block, h, y)
+                stats[i] = {"mse_before": before, "mse_after": after}
+                log.info("block %d: reconstruction error %.4g -> %.4g", i, before, after)
+        ctx.results["reconstruction"] = stats
+        return PassResult(modified=bool(stats), summary={"blocks": {str(k): v for k, v in stats.items()}})
+
+    def _train(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        params = [p for expert in block.experts for p in expert.parameters()]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        dtype = params[0].dtype
+        h, target = h.to(dtype), (y - h).to(dtype)
+
+        def loss_on(rows):
+            x = h[rows]
+            out = sum((e(x) for e in block.experts[: block.shared_experts]), torch.zeros_like(x))
+            out = out + block._dispatch(x, block.experts[block.shared_experts:])
+            return torch.nn.functional.mse_loss(out, target[rows])
+
+        with torch.no_grad():
+            before = float(loss_on(torch.arange(h.shape[0])))
+        for _ in range(self.steps):
+            rows = torch.randint(0, h.shape[0], (self.batch_tokens,), generator=generator)
+            optimizer.zero_grad()
+            loss_on(rows).backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = float(loss_on(torch.arange(h.shape[0])))
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        return before, after
