@@ -1,11 +1,19 @@
 """ONNX export and decode speed: the onnxruntime-genai model builder (the peer) against d2mc, in one run.
 
-SmolLM2-135M, fp32, ONNX Runtime CPU through onnxruntime-genai for every model, greedy, 128 new tokens after a
-13-token prompt. Rows: the peer's dense export, d2mc's dense export, d2mc's LF-UC model with 6 attention modules
-removed (standard-op dispatch, and the com.microsoft::MoE contrib op for comparison). Models are timed in turns,
-several rounds, and the medians reported; compare the ratios, which come from the same run.
+SmolLM2-135M, fp32, ONNX Runtime CPU. Rows: the peer's dense export, d2mc's dense export, d2mc's LF-UC model with
+6 attention modules removed (by default as 6 fused pairs, top-1: standard-op dispatch, and the com.microsoft::MoE
+contrib op for comparison). Two measurements of the same files:
 
-    python benchmarks/onnx_export.py [--rounds 3] [--new-tokens 128] [--json out.json]
+1. onnxruntime-genai generation (what ``d2mc run`` uses), greedy, 128 new tokens after a 13-token prompt:
+   prefill time and the median per-token decode latency.
+2. ONNX Runtime sessions driven by the same loop for every model (d2mc.measure.OnnxMeasurer): a prefill of 128
+   tokens and one decode step after 512 cached tokens, medians. This is where the MoE forms differ most.
+
+Models are timed in turns, several rounds, and the medians reported; compare the ratios, which come from the same
+run. Export times include d2mc's verification against PyTorch; the TensorRT flavour's export is timed too.
+The LF-UC model skips block-wise reconstruction: latency does not depend on the weights' values.
+
+    python benchmarks/onnx_export.py [--rounds 3] [--new-tokens 128] [--max-group 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--remove-attention", type=int, default=6)
+    parser.add_argument("--max-group", type=int, default=2, help="most layers per fused block (2: pairs)")
+    parser.add_argument("--prefill", type=int, default=128, help="prefill length of the session measurement")
+    parser.add_argument("--context", type=int, default=512, help="cached tokens before the timed decode step")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
 
@@ -57,48 +68,74 @@ def main() -> None:
 
     from d2mc.convert import ConvertOptions, convert
     from d2mc.loading import embedded_checkpoint, load_model
+    from d2mc.measure import OnnxMeasurer
 
+    peer = "peer dense (onnxruntime-genai builder)"
     work = Path(tempfile.mkdtemp(prefix="d2mc-bench-"))
-    models, export_seconds = {}, {}
+    models, export_seconds, verified = {}, {}, {}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(embedded_checkpoint()),
                     "-o", str(work / "peer"), "-p", "fp32", "-e", "cpu", "-c", str(work / "peer-cache")],
                    check=True, capture_output=True)
-    export_seconds["peer dense (onnxruntime-genai builder)"] = time.perf_counter() - start
-    models["peer dense (onnxruntime-genai builder)"] = work / "peer"
+    export_seconds[peer] = time.perf_counter() - start
+    models[peer] = work / "peer"
 
     loaded = load_model("smollm2-135m")
     result = export_onnx(loaded.model, loaded.tokenizer, work / "dense", source="smollm2-135m")
-    export_seconds["d2mc dense"] = result.seconds
+    export_seconds["d2mc dense"], verified["d2mc dense"] = result.seconds, result.verify["max_abs_diff"]
     models["d2mc dense"] = work / "dense"
 
-    ctx = convert(loaded, ConvertOptions(remove_attention=args.remove_attention))
+    ctx = convert(loaded, ConvertOptions(remove_attention=args.remove_attention, max_group=args.max_group,
+                                         reconstruct_steps=0))
+    blocks = sum(1 for b in ctx.model.config.blocks if len(b["expert_layers"]) > 1)
+    lfuc = f"d2mc LF-UC -{args.remove_attention} attn, {blocks} MoE blocks"
     for moe_op in ("dispatch", "contrib"):
-        name = f"d2mc LF-UC -{args.remove_attention} attn ({moe_op})"
+        name = f"{lfuc} ({moe_op})"
         result = export_onnx(ctx.model, ctx.tokenizer, work / f"lfuc-{moe_op}", moe_op=moe_op)
-        export_seconds[name] = result.seconds
+        export_seconds[name], verified[name] = result.seconds, result.verify["max_abs_diff"]
         models[name] = work / f"lfuc-{moe_op}"
+    trt_exports = {}
+    for label, model in (("dense", loaded.model), ("LF-UC", ctx.model)):
+        result = export_onnx(model, None, work / f"trt-{label}", flavour="tensorrt", precision="fp16")
+        trt_exports[label] = {"export_s": result.seconds, "max_abs_diff": result.verify["max_abs_diff"],
+                              "tolerance": result.verify["tolerance"]}
 
-    timings = {name: {"prefill": [], "decode": []} for name in models}
+    timings = {name: {"prefill": [], "decode": [], "session_prefill": [], "session_decode": []} for name in models}
+    measurers = {name: OnnxMeasurer(path / "model.onnx", loaded.arch.vocab_size) for name, path in models.items()}
     for _ in range(args.rounds):
         for name, path in models.items():
             prefill, decode = time_generation(path, args.new_tokens)
             timings[name]["prefill"].append(prefill)
             timings[name]["decode"].append(decode)
-    peer = statistics.median(timings["peer dense (onnxruntime-genai builder)"]["decode"])
+            m = measurers[name].measure(prefill=args.prefill, context=args.context, warmup=1, repeats=3)
+            timings[name]["session_prefill"].append(m.prefill_seconds)
+            timings[name]["session_decode"].append(m.decode_seconds)
+    med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
     rows, records = [], []
     for name in models:
-        decode = statistics.median(timings[name]["decode"])
-        prefill = statistics.median(timings[name]["prefill"])
-        rows.append([name, round(export_seconds[name], 1), round(prefill * 1e3, 1), round(decode * 1e3, 2),
-                     round(decode / peer, 3), round(peer / decode, 3)])
-        records.append({"model": name, "export_s": export_seconds[name], "prefill_ms": prefill * 1e3,
-                        "decode_ms_per_token": decode * 1e3, "latency_vs_peer": decode / peer,
-                        "speedup_vs_peer": peer / decode, "rounds": timings[name]})
-    print(f"SmolLM2-135M fp32, ONNX Runtime CPU via onnxruntime-genai, {args.new_tokens} new tokens, "
-          f"median of {args.rounds} rounds")
-    print_table(["model", "export s", "prefill ms", "decode ms/token", "latency / peer", "speed-up vs peer"], rows)
-    write_json(args.json, records)
+        m, p = med[name], med[peer]
+        rows.append([name, round(export_seconds[name], 1), f"{verified[name]:.2g}" if name in verified else "-",
+                     round(m["prefill"] * 1e3, 1), round(m["decode"] * 1e3, 2), round(m["decode"] / p["decode"], 3),
+                     round(p["decode"] / m["decode"], 3), round(m["session_prefill"] * 1e3, 1),
+                     round(m["session_decode"] * 1e3, 2), round(p["session_decode"] / m["session_decode"], 3)])
+        records.append({"model": name, "export_s": export_seconds[name], "verify_max_abs_diff": verified.get(name),
+                        "prefill_ms": m["prefill"] * 1e3, "decode_ms_per_token": m["decode"] * 1e3,
+                        "latency_vs_peer": m["decode"] / p["decode"], "speedup_vs_peer": p["decode"] / m["decode"],
+                        f"session_prefill_{args.prefill}_ms": m["session_prefill"] * 1e3,
+                        f"session_decode_at_{args.context}_ms": m["session_decode"] * 1e3,
+                        "rounds": timings[name]})
+    print(f"SmolLM2-135M fp32, ONNX Runtime CPU, median of {args.rounds} rounds. genai: onnxruntime-genai greedy, "
+          f"{args.new_tokens} new tokens after a 13-token prompt; session: prefill {args.prefill}, decode after "
+          f"{args.context} cached tokens")
+    print_table(["model", "export s", "verify max|diff|", "genai prefill ms", "genai decode ms/token",
+                 "latency / peer", "speed-up vs peer", f"session prefill-{args.prefill} ms",
+                 f"session decode@{args.context} ms", "session speed-up vs peer"], rows)
+    print()
+    print("TensorRT flavour (fp16, D2mcMoE plugin nodes; verified in ONNX Runtime with the plugin expanded)")
+    print_table(["model", "export s", "verify max|diff|", "tolerance"],
+                [[label, round(r["export_s"], 1), f"{r['max_abs_diff']:.2g}", f"{r['tolerance']:.3g}"]
+                 for label, r in trt_exports.items()])
+    write_json(args.json, {"rows": records, "tensorrt_flavour": trt_exports, "settings": vars(args)})
 
 
 if __name__ == "__main__":

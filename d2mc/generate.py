@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
-from d2mc.errors import require_module
+from d2mc.errors import UserError, require_module
 
 
-def stream_tokens(artifact, prompt: str, *, max_new_tokens: int = 64, sample: bool = False,
-                  temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, seed: int = 0,
-                  chat: bool = False) -> Iterator[str]:
-    """Yield the decoded text of each new token as it is generated."""
+def stream_tokens(artifact, prompt: str, **options) -> Iterator[str]:
+    """Yield the decoded text of each new token as it is generated (options as :func:`generate_ids`)."""
+    for _token, text in generate_ids(artifact, prompt, **options):
+        yield text
+
+
+def generate_ids(artifact, prompt: str, *, max_new_tokens: int = 64, sample: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, seed: int = 0,
+                 chat: bool = False) -> Iterator[tuple[int, str]]:
+    """Yield ``(token id, its text)`` for each new token (greedy, or sampled when ``sample``), as generated."""
     from d2mc.targets.onnxruntime import read_artifact
 
-    read_artifact(artifact)
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    info = read_artifact(artifact)
+    if info.get("target", "onnxruntime") != "onnxruntime":
+        raise UserError(f"'{artifact}' is a {info['target']} artifact (plugin ops onnxruntime-genai cannot run): "
+                        "export with --target onnxruntime to run it here")
     og = require_module("onnxruntime_genai", "d2mc run", "onnxruntime-genai")
-    model = og.Model(str(artifact))
-    tokenizer = og.Tokenizer(model)
+    try:
+        model = og.Model(str(artifact))
+        tokenizer = og.Tokenizer(model)
+    except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors for unreadable artifacts
+        raise UserError(f"onnxruntime-genai cannot load '{artifact}' ({str(exc).splitlines()[0][:160]}): the "
+                        "artifact is corrupt or incomplete; export it again") from None
     if chat:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(artifact))
+        hf = AutoTokenizer.from_pretrained(str(Path(artifact)))
+        if not hf.chat_template:
+            raise UserError(f"the tokenizer of '{artifact}' has no chat template: drop --chat")
         prompt = hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                         add_generation_prompt=True)
     ids = tokenizer.encode(prompt)
@@ -34,4 +52,5 @@ def stream_tokens(artifact, prompt: str, *, max_new_tokens: int = 64, sample: bo
     stream = tokenizer.create_stream()
     while not generator.is_done():
         generator.generate_next_token()
-        yield stream.decode(generator.get_next_tokens()[0])
+        token = int(generator.get_next_tokens()[0])
+        yield token, stream.decode(token)

@@ -1,34 +1,70 @@
 """Measured latency on the runtime at hand, next to the roofline's prediction.
 
-Two runtimes: PyTorch (CPU, or CUDA when a GPU is present) on a model in memory, and ONNX Runtime on an exported
-artifact. Each times a prefill of N tokens and one decode step at context L, with warm-up and repeats, and
-reports medians.
+A :class:`Measurer` times the two phases the roofline predicts: a prefill of N tokens (last-position logits, as
+generation keeps) and one decode step after L cached tokens, with warm-up and repeats, reporting medians; where
+the runtime can, it also times each block. Runtimes:
+
+- :class:`TorchMeasurer`: PyTorch eager on a model in memory (CPU, or CUDA when the model is on a GPU). The decode
+  step uses a preallocated (static) KV cache of exactly L + 1 positions, as a deployment runtime does: a growing
+  cache would copy itself on every step and time the copy rather than the model.
+- :class:`OnnxMeasurer`: ONNX Runtime on an exported artifact (no per-block times: the graph is one session).
+
+Other runtimes plug in by implementing :class:`Measurer` (``runtime`` and ``measure``).
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from d2mc.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Measurement:
+    """Medians of one runtime's prefill and decode, in seconds; ``blocks`` maps phase -> seconds per block."""
+
     runtime: str
     prefill_seconds: float
     decode_seconds: float
     prefill_tokens: int
     context: int
     repeats: int
+    batch: int = 1
+    warmup: int = 2
+    blocks: dict[str, list[float]] = field(default_factory=dict)
+
+    def seconds(self, phase: str) -> float:
+        return self.prefill_seconds if phase == "prefill" else self.decode_seconds
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        return asdict(self)
 
 
-def _median_time(fn, warmup: int, repeats: int, sync=lambda: None) -> float:
+@runtime_checkable
+class Measurer(Protocol):
+    """Anything that can time a prefill and a decode step of one model."""
+
+    runtime: str
+
+    def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
+                per_block: bool = False) -> Measurement:
+        ...
+
+
+def time_samples(fn: Callable[[], object], warmup: int, repeats: int,
+                 sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     sync()
@@ -38,42 +74,220 @@ def _median_time(fn, warmup: int, repeats: int, sync=lambda: None) -> float:
         fn()
         sync()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
 
 
-@torch.no_grad()
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    return statistics.median(time_samples(fn, warmup, repeats, sync))
+
+
+def quantile(samples: list[float], q: float) -> float:
+    """The ``q`` quantile of ``samples`` (linear interpolation; 0.5 is the median)."""
+    return float(np.quantile(np.asarray(samples), q))
+
+
+class OtherLoad:
+    """How much CPU other processes used while a block ran, in cores (Linux ``/proc/stat``; 0 elsewhere).
+
+    Timings on a shared machine are only as good as its quiet moments: a caller can re-measure when others
+    took a noticeable share of the cores (``with OtherLoad() as load: ...; load.cores``).
+    """
+
+    def __enter__(self):
+        self.cores = 0.0
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._sample()
+        if self._start and end:
+            busy = (end[0] - self._start[0]) / self._ticks
+            own = end[1] - self._start[1]
+            self.cores = max(0.0, busy - own) / max(end[2] - self._start[2], 1e-9)
+        return False
+
+    _ticks = 100
+
+    def _sample(self):
+        import os
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            self._ticks = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]) - idle, time.process_time(), time.perf_counter()
+
+
+def measure_quietly(fn: Callable[[], object], max_other_cores: float = 0.2, attempts: int = 4,
+                    wait_s: float = 10.0) -> tuple[object, float]:
+    """Run the timing ``fn`` until other processes used at most ``max_other_cores`` during it (up to ``attempts``
+    tries, ``wait_s`` apart); return its result from the quietest try and the cores others used then."""
+    best = None
+    for attempt in range(attempts):
+        with OtherLoad() as load:
+            result = fn()
+        if best is None or load.cores < best[1]:
+            best = (result, load.cores)
+        if load.cores <= max_other_cores:
+            break
+        log.info("other processes used %.2f cores while timing; trying again", load.cores)
+        if attempt + 1 < attempts:
+            time.sleep(wait_s)
+    return best
+
+
+def _check_lengths(prefill: int, context: int, batch: int, warmup: int, repeats: int) -> None:
+    for name, value in (("prefill", prefill), ("context", context), ("batch", batch), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"--{name} must be a positive whole number, not {value}")
+    if warmup < 0:
+        raise UserError(f"warm-up must be zero or more, not {warmup}")
+
+
+class TorchMeasurer:
+    """PyTorch eager timing of a causal LM (dense or converted) on the device its parameters live on."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.runtime = f"pytorch-{self.device.type}"
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def _blocks(self):
+        return self.model.model.layers
+
+    def _ids(self, batch: int, length: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.model.config.vocab_size, (batch, length), generator=generator).to(self.device)
+
+    def _decode_step(self, context: int, batch: int) -> Callable[[], object]:
+        """One decode step at a fixed ``context``, repeatable: the cache is rewound after each step."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=context + 1)
+        self.model(self._ids(batch, context, 1), past_key_values=cache, use_cache=True)
+        token = self._ids(batch, 1, 2)
+        position = torch.full((batch, 1), context, device=self.device)
+
+        def step():
+            out = self.model(token, past_key_values=cache, use_cache=True, position_ids=position)
+            for layer in cache.layers:  # the step wrote position `context`; write it again next time
+                layer.cumulative_length.sub_(1)
+            return out
+
+        return step
+
+    @torch.no_grad()
+    def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
+                per_block: bool = False) -> Measurement:
+        """Median prefill and decode seconds; per-block medians too when ``per_block`` (timed in separate runs,
+        so the hooks that time blocks do not slow the totals)."""
+        _check_lengths(prefill, context, batch, warmup, repeats)
+        prefill_s, prefill_blocks = self.time_prefill(prefill, batch, warmup, repeats, per_block)
+        decode_s, decode_blocks = self.time_decode(context, batch, warmup, repeats, per_block)
+        blocks = {"prefill": prefill_blocks, "decode": decode_blocks} if per_block else {}
+        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup, blocks)
+
+    @torch.no_grad()
+    def time_prefill(self, prefill: int, batch: int = 1, warmup: int = 2, repeats: int = 5,
+                     per_block: bool = False) -> tuple[float, list[float] | None]:
+        """Median seconds of a prefill of ``prefill`` tokens (and per block, when asked)."""
+        run_prefill = self._prefill_call(prefill, batch)
+        seconds = median_seconds(run_prefill, warmup, repeats, self._sync)
+        return seconds, self._time_blocks(run_prefill, warmup, repeats) if per_block else None
+
+    def _prefill_call(self, prefill: int, batch: int) -> Callable[[], object]:
+        ids = self._ids(batch, prefill, 0)
+        return lambda: self.model(ids, use_cache=True, logits_to_keep=1)
+
+    @torch.no_grad()
+    def samples(self, phase: str, length: int, batch: int = 1, warmup: int = 2, repeats: int = 5) -> list[float]:
+        """Raw wall times of ``repeats`` prefills of ``length`` tokens or decode steps at context ``length``."""
+        fn = self._prefill_call(length, batch) if phase == "prefill" else self._decode_step(length, batch)
+        return time_samples(fn, warmup, repeats, self._sync)
+
+    @torch.no_grad()
+    def time_decode(self, context: int, batch: int = 1, warmup: int = 2, repeats: int = 5,
+                    per_block: bool = False) -> tuple[float, list[float] | None]:
+        """Median seconds of one decode step after ``context`` cached tokens (and per block, when asked).
+
+        A step is short and noisier than a prefill: it warms up longer and takes four times the samples."""
+        decode = self._decode_step(context, batch)
+        seconds = median_seconds(decode, warmup * 4, repeats * 4, self._sync)
+        return seconds, self._time_blocks(decode, warmup * 4, repeats * 4) if per_block else None
+
+    def _time_blocks(self, fn, warmup: int, repeats: int) -> list[float]:
+        """Median seconds of each block over ``repeats`` runs of ``fn``, from forward pre/post hooks."""
+        blocks = self._blocks()
+        started: dict[int, float] = {}
+        samples: list[list[float]] = [[] for _ in blocks]
+
+        def before(i):
+            def hook(module, args, kwargs):
+                self._sync()
+                started[i] = time.perf_counter()
+            return hook
+
+        def after(i):
+            def hook(module, args, kwargs, output):
+                self._sync()
+                samples[i].append(time.perf_counter() - started[i])
+            return hook
+
+        handles = []
+        try:
+            for i, block in enumerate(blocks):
+                handles.append(block.register_forward_pre_hook(before(i), with_kwargs=True))
+                handles.append(block.register_forward_hook(after(i), with_kwargs=True))
+            for _ in range(warmup):
+                fn()
+            for s in samples:
+                s.clear()
+            for _ in range(repeats):
+                fn()
+        finally:
+            for h in handles:
+                h.remove()
+        return [statistics.median(s) for s in samples]
+
+
+class OnnxMeasurer:
+    """ONNX Runtime (CPU) timing of an exported artifact through its KV-cache inputs and outputs."""
+
+    runtime = "onnxruntime-cpu"
+
+    def __init__(self, onnx_path: str | Path, vocab: int):
+        from d2mc.verify import OrtDecoder
+
+        self.decoder = OrtDecoder(onnx_path)
+        self.vocab = vocab
+
+    def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
+                per_block: bool = False) -> Measurement:
+        _check_lengths(prefill, context, batch, warmup, repeats)
+        if per_block:
+            log.info("ONNX Runtime runs the graph as one session: no per-block times")
+        decoder = self.decoder
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, self.vocab, (batch, prefill))
+        prefill_s = median_seconds(lambda: decoder.step(ids, decoder.empty_cache(batch), 0), warmup, repeats)
+        _, cache = decoder.step(rng.integers(0, self.vocab, (batch, context)), decoder.empty_cache(batch), 0)
+        token = rng.integers(0, self.vocab, (batch, 1))
+        decode_s = median_seconds(lambda: decoder.step(token, cache, context), warmup * 4, repeats * 4)
+        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup)
+
+
 def measure_torch(model, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2,
-                  repeats: int = 5) -> Measurement:
+                  repeats: int = 5, per_block: bool = False) -> Measurement:
     """PyTorch eager: prefill of ``prefill`` tokens (last-position logits) and one decode step at ``context``."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, prefill), device=device)
-    prefill_s = _median_time(lambda: model(ids, use_cache=True, logits_to_keep=1), warmup, repeats, sync)
-    history = torch.randint(0, vocab, (batch, context), device=device)
-    cache = model(history, use_cache=True, past_key_values=DynamicCache(config=model.config)).past_key_values
-    token = torch.randint(0, vocab, (batch, 1), device=device)
-
-    def decode_step():
-        model(token, past_key_values=cache, use_cache=True)
-        cache.crop(-token.shape[1])  # drop the new token: the context stays fixed across repeats
-
-    decode_s = _median_time(decode_step, warmup, repeats * 4, sync)
-    return Measurement(f"pytorch-{device.type}", prefill_s, decode_s, prefill, context, repeats)
+    return TorchMeasurer(model).measure(prefill, context, batch, warmup, repeats, per_block)
 
 
 def measure_onnx(onnx_path, prefill: int = 128, context: int = 512, warmup: int = 2, repeats: int = 5,
                  vocab: int = 1000) -> Measurement:
     """ONNX Runtime (CPU): the same two phases through the artifact's KV-cache inputs."""
-    from d2mc.verify import OrtDecoder
-
-    decoder = OrtDecoder(onnx_path)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, (1, prefill))
-    prefill_s = _median_time(lambda: decoder.step(ids, decoder.empty_cache(1), 0), warmup, repeats)
-    _, cache = decoder.step(rng.integers(0, vocab, (1, context)), decoder.empty_cache(1), 0)
-    token = rng.integers(0, vocab, (1, 1))
-    decode_s = _median_time(lambda: decoder.step(token, cache, context), warmup, repeats * 4)
-    return Measurement("onnxruntime-cpu", prefill_s, decode_s, prefill, context, repeats)
+    return OnnxMeasurer(onnx_path, vocab).measure(prefill, context, 1, warmup, repeats)

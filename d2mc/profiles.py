@@ -38,6 +38,7 @@ from d2mc.errors import UserError
 KINDS = ("gpu", "cpu")
 _NUMBERS = ("memory_bandwidth_gbps", "memory_gb", "bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
 _EFFICIENCIES = ("bandwidth_efficiency", "compute_efficiency")
+OP_CLASSES = ("embedding", "norm", "qkv_proj", "attention", "o_proj", "router", "mlp", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,18 @@ class DeviceProfile:
     aliases: tuple[str, ...] = ()
     sm: str | None = None
     tensorrt_precisions: tuple[str, ...] = ()
+    # per operator class, a fraction of achievable_bandwidth for kernels that stream worse than a GEMV (optional)
+    op_bandwidth_efficiency: dict[str, float] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
     @property
     def achievable_bandwidth(self) -> float:
         """Bytes per second the roofline assumes a streaming kernel reaches."""
         return self.memory_bandwidth_gbps * 1e9 * self.bandwidth_efficiency
+
+    def bandwidth_for(self, op: str) -> float:
+        """Bytes per second the roofline assumes for operator class ``op``."""
+        return self.achievable_bandwidth * self.op_bandwidth_efficiency.get(op, 1.0)
 
     def achievable_flops(self, precision: str) -> float:
         """FLOP/s the roofline assumes a matrix kernel reaches at ``precision``."""
@@ -134,7 +141,7 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     for key in data:
         if key not in known:
             fail(key, f"is not a profile field (known: {', '.join(sorted(known))})")
-    optional = {"aliases", "sm", "tensorrt_precisions"}
+    optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency"}
     for key in sorted(known - optional):
         if key not in data:
             fail(key, "is missing")
@@ -161,6 +168,15 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         fail("tensorrt_precisions", f"must be a list drawn from {', '.join(BYTES_PER_ELEMENT)}")
     if "sm" in data and not (isinstance(data["sm"], str) and _is_sm(data["sm"])):
         fail("sm", "must be a compute capability string such as \"8.7\"")
+    op_efficiency = data.get("op_bandwidth_efficiency", {})
+    if not isinstance(op_efficiency, dict):
+        fail("op_bandwidth_efficiency", "must be a table of operator class = fraction")
+    for op, value in op_efficiency.items():
+        if op not in OP_CLASSES:
+            fail(f"op_bandwidth_efficiency.{op}", f"is not an operator class (known: {', '.join(OP_CLASSES)})")
+        _check_number(value, f"op_bandwidth_efficiency.{op}", fail)
+        if value > 1:
+            fail(f"op_bandwidth_efficiency.{op}", "must be a fraction in (0, 1]")
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         fail("aliases", "must be a list of strings")
@@ -168,7 +184,8 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     source = data["source"]
     if not isinstance(source, dict):
         fail("source", "must be a table naming where each figure comes from")
-    sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions") if k in data]
+    sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions", "op_bandwidth_efficiency")
+               if k in data]
     for key in sourced:
         if not isinstance(source.get(key), str) or not source[key].strip():
             fail(f"source.{key}", "is missing: say which datasheet or measurement the figure comes from")
@@ -180,7 +197,8 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         bandwidth_efficiency=float(data["bandwidth_efficiency"]),
         compute_efficiency=float(data["compute_efficiency"]),
         kernel_overhead_us=float(data["kernel_overhead_us"]), source=dict(source),
-        aliases=tuple(aliases), sm=data.get("sm"), tensorrt_precisions=tuple(precisions), path=path,
+        aliases=tuple(aliases), sm=data.get("sm"), tensorrt_precisions=tuple(precisions),
+        op_bandwidth_efficiency={k: float(v) for k, v in op_efficiency.items()}, path=path,
     )
 
 

@@ -7,65 +7,75 @@ from pathlib import Path
 from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.profiles import load_profile
-from d2mc.roofline import RooflineSettings, estimate
+from d2mc.roofline import RooflineSettings, analyze
 
 
-def is_artifact(spec: str) -> bool:
+def is_artifact(spec: str | Path) -> bool:
+    """An exported ONNX artifact directory (``d2mc export`` output)."""
     path = Path(spec).expanduser()
     return path.is_dir() and (path / "model.onnx").exists()
 
 
+def _artifact_config(spec: str) -> str:
+    """The config an artifact was exported from, for the roofline (ONNX files hold no architecture summary)."""
+    for candidate in (Path(spec) / "config.json", Path(spec) / "model" / "config.json"):
+        if candidate.exists():
+            return str(candidate)
+    return spec
+
+
 def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 512, batch: int = 1,
-                  precision: str | None = None, config_only: bool = False, measure: bool = False) -> dict:
-    """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured too when asked."""
+                  precision: str | None = None, kv_precision: str | None = None, config_only: bool = False,
+                  measure: bool = False, repeats: int = 5) -> dict:
+    """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured here too when asked.
+
+    The result is plain JSON: the roofline report (:meth:`d2mc.roofline.RooflineReport.to_dict`) plus, with
+    ``measure``, ``measured`` (seconds per phase and per block) and ``error`` ((predicted - measured) / measured).
+    A measurement runs on this machine, so it is compared with a prediction on the ``host-cpu`` profile unless
+    ``target`` is a CPU profile already.
+    """
     profile = load_profile(target)
     precision = precision or ("fp16" if profile.kind == "gpu" else "fp32")
+    settings = RooflineSettings(prefill=prefill, context=context, batch=batch, precision=precision,
+                                kv_precision=kv_precision)
     artifact = is_artifact(spec)
-    loaded = load_model(spec, config_only=config_only or artifact, tokenizer=False)
-    settings = RooflineSettings(prefill=prefill, context=context, batch=batch, precision=precision)
-    phases = estimate(loaded.arch, profile, settings)
-    result = {
-        "model": spec,
-        "profile": {"name": profile.name, "description": profile.description,
-                    "bandwidth_gbps": profile.memory_bandwidth_gbps,
-                    "achievable_bandwidth_gbps": profile.achievable_bandwidth / 1e9,
-                    "achievable_tflops": profile.achievable_flops(precision) / 1e12},
-        "settings": {"prefill": prefill, "context": context, "batch": batch, "precision": precision,
-                     "kv": settings.kv},
-        "moe_accounting": ("decode reads the shared experts plus the top-k routed experts per token; for a batch, "
-                           "the expected number of distinct experts under uniform routing"),
-        "phases": {name: {**cost.to_dict(), "blocks": _per_block(cost)} for name, cost in phases.items()},
-    }
+    if measure and config_only and not artifact:
+        raise UserError("--measure runs the model: drop --config-only")
+    loaded = load_model(_artifact_config(spec) if artifact else spec, config_only=config_only or artifact,
+                        tokenizer=False)
+    report = analyze(loaded.arch, profile, settings)
+    result = {"model": spec, "artifact": artifact, **report.to_dict()}
     if measure:
-        result["measured"], result["error"] = _measure(spec, loaded, artifact, prefill, context, batch, phases)
+        result.update(_measure(spec, loaded, artifact, profile, settings, repeats))
     return result
 
 
-def _per_block(cost) -> dict:
-    blocks: dict[str, dict] = {}
-    for op in cost.ops:
-        key = "embed+head" if op.block < 0 else str(op.block)
-        agg = blocks.setdefault(key, {"seconds": 0.0, "bytes": 0.0, "flops": 0.0, "memory_s": 0.0, "compute_s": 0.0})
-        agg["seconds"] += op.seconds
-        agg["bytes"] += op.bytes
-        agg["flops"] += op.flops
-        agg["memory_s" if op.bound == "memory" else "compute_s"] += op.seconds
-    for agg in blocks.values():
-        agg["bound"] = "memory" if agg.pop("memory_s") >= agg.pop("compute_s") else "compute"
-    return dict(sorted(blocks.items(), key=lambda kv: (kv[0] == "embed+head", int(kv[0]) if kv[0].isdigit() else 0)))
+def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, repeats: int) -> dict:
+    from d2mc.measure import OnnxMeasurer, TorchMeasurer
 
-
-def _measure(spec, loaded, artifact: bool, prefill: int, context: int, batch: int, phases) -> tuple[dict, dict]:
-    from d2mc.measure import measure_onnx, measure_torch
-
-    if loaded.config_only and not artifact:
-        raise UserError("--measure runs the model: drop --config-only")
     if artifact:
-        if batch != 1:
-            raise UserError("--measure on an ONNX artifact times batch 1")
-        m = measure_onnx(Path(spec) / "model.onnx", prefill, context, vocab=loaded.arch.vocab_size)
+        measurer = OnnxMeasurer(Path(spec) / "model.onnx", vocab=loaded.arch.vocab_size)
+        precision = "fp32"
     else:
-        m = measure_torch(loaded.model, prefill, context, batch)
-    measured = {**m.to_dict(), "prefill": m.prefill_seconds, "decode": m.decode_seconds}
-    error = {p: (phases[p].seconds - measured[p]) / measured[p] for p in ("prefill", "decode")}
-    return measured, error
+        measurer = TorchMeasurer(loaded.model)
+        precision = str(next(loaded.model.parameters()).dtype).removeprefix("torch.").replace("float", "fp")
+        precision = {"fp32": "fp32", "fp16": "fp16", "bfp16": "bf16"}.get(precision, "fp32")
+    here = profile
+    if measurer.runtime.endswith("cpu") and profile.kind != "cpu":
+        here = load_profile("host-cpu")
+    here_settings = RooflineSettings(prefill=settings.prefill, context=settings.context, batch=settings.batch,
+                                     precision=precision)
+    predicted = analyze(loaded.arch, here, here_settings)
+    m = measurer.measure(settings.prefill, settings.context, settings.batch, repeats=repeats, per_block=True)
+    phases = {}
+    for phase, cost in predicted.phases.items():
+        entry = {"predicted_s": cost.seconds, "measured_s": m.seconds(phase),
+                 "error": (cost.seconds - m.seconds(phase)) / m.seconds(phase)}
+        measured_blocks = m.blocks.get(phase)
+        if measured_blocks:
+            block_costs = [b for b in cost.blocks() if b.block >= 0]
+            entry["blocks"] = [{"block": b.block, "predicted_s": b.seconds, "measured_s": s,
+                                "error": (b.seconds - s) / s} for b, s in zip(block_costs, measured_blocks, strict=True)]
+        phases[phase] = entry
+    return {"measured": {"runtime": m.runtime, "profile": here.name, "precision": precision, "repeats": m.repeats,
+                         "warmup": m.warmup, "phases": phases}}

@@ -1,13 +1,19 @@
 """Roofline cost model: FLOPs, bytes moved and predicted time per operator, for prefill and decode.
 
 Each operator's time is ``max(FLOPs / achievable compute, bytes / achievable bandwidth)`` plus a fixed
-per-kernel overhead from the device profile. At batch-1 decode nearly every operator is memory-bound, so the
+per-kernel overhead from the device profile (an operator class may stream at a fraction of the achievable
+bandwidth: the profile's ``op_bandwidth_efficiency``, e.g. a decode attention kernel that reads the KV cache with
+few threads). At batch-1 decode nearly every operator is memory-bound, so the
 prediction is about the bytes read per token (weights of the active experts, the KV cache) over bandwidth.
 
+Operator classes per block: ``norm`` (input and post-attention RMSNorms), ``qkv_proj``, ``attention`` (the
+score and value products with their KV-cache reads and the cache write), ``o_proj``, ``router`` and ``mlp``
+(every expert evaluated); outside the blocks (block -1): ``embedding``, the final ``norm`` and ``lm_head``.
+
 MoE accounting: a decode step reads only the experts it uses. At batch 1 that is the shared experts plus top-k
-routed ones; for a batch of ``T`` tokens routed independently and uniformly over ``E`` experts it is the
-expected number of distinct experts, ``E * (1 - (1 - k/E) ** T)``, unless measured routing statistics (expert
-load fractions per block) are given.
+routed ones; for a batch of ``B`` tokens routed independently and uniformly over ``E`` experts it is the
+expected number of distinct experts, ``E * (1 - (1 - k/E) ** B)``, unless measured routing statistics (how
+often each expert is chosen, per block) are given. Prefill treats every prompt token the same way.
 """
 
 from __future__ import annotations
@@ -16,9 +22,15 @@ from dataclasses import asdict, dataclass, field
 
 from d2mc.arch import BlockSpec, ModelArch, bytes_per_element
 from d2mc.errors import UserError
-from d2mc.profiles import DeviceProfile
+from d2mc.profiles import OP_CLASSES, DeviceProfile  # noqa: F401  (OP_CLASSES is part of this module's API)
 
-OP_CLASSES = ("embedding", "norm", "qkv_proj", "attention", "o_proj", "router", "mlp", "lm_head")
+PHASES = ("prefill", "decode")
+OUTSIDE = -1  # block index of the embedding, the final norm and the LM head
+
+UNIFORM_ROUTING = ("decode reads the shared experts plus the top-k routed experts of each token; a batch of B tokens "
+                   "reads the expected number of distinct experts under uniform routing, E * (1 - (1 - k/E) ** B)")
+MEASURED_ROUTING = ("decode reads the shared experts plus the routed experts the batch uses; the expected number "
+                    "of distinct experts comes from measured routing statistics (per-expert selection rates)")
 
 
 @dataclass
@@ -37,6 +49,31 @@ class OpCost:
     def intensity(self) -> float:
         """Arithmetic intensity, FLOPs per byte."""
         return self.flops / self.bytes if self.bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "intensity": self.intensity}
+
+
+@dataclass
+class BlockCost:
+    """The operators of one block added up; ``bound`` is the bound of the operators that take most of its time."""
+
+    block: int
+    seconds: float
+    flops: float
+    bytes: float
+    bound: str
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    @property
+    def label(self) -> str:
+        return "embed+head" if self.block == OUTSIDE else str(self.block)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "label": self.label, "intensity": self.intensity}
 
 
 @dataclass
@@ -61,21 +98,55 @@ class PhaseCost:
     def bytes(self) -> float:
         return sum(o.bytes for o in self.ops)
 
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    @property
+    def bound(self) -> str:
+        memory = sum(o.seconds for o in self.ops if o.bound == "memory")
+        return "memory" if memory >= self.seconds / 2 else "compute"
+
     def per_block(self) -> dict[int, float]:
         """Predicted seconds per block (-1 gathers embedding, final norm and LM head)."""
-        out: dict[int, float] = {}
+        return {b.block: b.seconds for b in self.blocks()}
+
+    def blocks(self) -> list[BlockCost]:
+        """Per-block totals, blocks in order, then the embedding/final norm/LM head."""
+        grouped: dict[int, list[OpCost]] = {}
         for o in self.ops:
-            out[o.block] = out.get(o.block, 0.0) + o.seconds
+            grouped.setdefault(o.block, []).append(o)
+        out = []
+        for block in sorted(grouped, key=lambda b: (b == OUTSIDE, b)):
+            ops = grouped[block]
+            seconds = sum(o.seconds for o in ops)
+            memory = sum(o.seconds for o in ops if o.bound == "memory")
+            out.append(BlockCost(block, seconds, sum(o.flops for o in ops), sum(o.bytes for o in ops),
+                                 "memory" if memory >= seconds / 2 else "compute"))
+        return out
+
+    def per_op_class(self) -> dict[str, dict[str, float]]:
+        """Totals per operator class over all blocks."""
+        out: dict[str, dict[str, float]] = {}
+        for o in self.ops:
+            agg = out.setdefault(o.op, {"seconds": 0.0, "flops": 0.0, "bytes": 0.0})
+            agg["seconds"] += o.seconds
+            agg["flops"] += o.flops
+            agg["bytes"] += o.bytes
         return out
 
     def to_dict(self) -> dict:
         return {"phase": self.phase, "batch": self.batch, "tokens": self.tokens, "context": self.context,
-                "seconds": self.seconds, "flops": self.flops, "bytes": self.bytes,
-                "ops": [{**asdict(o), "intensity": o.intensity} for o in self.ops]}
+                "seconds": self.seconds, "flops": self.flops, "bytes": self.bytes, "intensity": self.intensity,
+                "bound": self.bound, "blocks": [b.to_dict() for b in self.blocks()],
+                "op_classes": self.per_op_class(), "ops": [o.to_dict() for o in self.ops]}
 
 
 @dataclass(frozen=True)
 class RooflineSettings:
+    """What to cost: a prefill of ``prefill`` tokens and one decode step after ``context`` cached tokens, for
+    ``batch`` sequences, with weights at ``precision`` and the KV cache at ``kv_precision``."""
+
     prefill: int = 128
     context: int = 512
     batch: int = 1
@@ -85,7 +156,7 @@ class RooflineSettings:
     def __post_init__(self):
         for name in ("prefill", "context", "batch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name} must be a positive whole number, not {value}")
         bytes_per_element(self.precision)
         if self.kv_precision:
@@ -97,6 +168,53 @@ class RooflineSettings:
             return self.kv_precision
         return self.precision if bytes_per_element(self.precision) >= 2 else "fp16"
 
+    def check_fits(self, arch: ModelArch, phases=("prefill", "decode")) -> None:
+        """Refuse lengths past the model's position limit (the decode step adds one token to the context)."""
+        limit = arch.max_position_embeddings
+        if "prefill" in phases and self.prefill > limit:
+            raise UserError(f"--prefill {self.prefill} is past the model's maximum of {limit} positions")
+        if "decode" in phases and self.context + 1 > limit:
+            raise UserError(f"--context {self.context} is past the model's maximum of {limit} positions "
+                            f"(the decode step needs one more: use --context {limit - 1} or less)")
+
+
+@dataclass
+class RooflineReport:
+    """Prefill and decode costs of one model on one device, with the inputs that produced them."""
+
+    profile: DeviceProfile
+    settings: RooflineSettings
+    phases: dict[str, PhaseCost]
+    params_total: int
+    params_active: int
+    routing: str
+
+    @property
+    def prefill(self) -> PhaseCost:
+        return self.phases["prefill"]
+
+    @property
+    def decode(self) -> PhaseCost:
+        return self.phases["decode"]
+
+    def to_dict(self) -> dict:
+        p, s = self.profile, self.settings
+        return {
+            "profile": {"name": p.name, "description": p.description, "kind": p.kind,
+                        "bandwidth_gbps": p.memory_bandwidth_gbps,
+                        "achievable_bandwidth_gbps": p.achievable_bandwidth / 1e9,
+                        "achievable_tflops": p.achievable_flops(s.precision) / 1e12,
+                        "kernel_overhead_us": p.kernel_overhead_us,
+                        "op_bandwidth_efficiency": p.op_bandwidth_efficiency,
+                        "source": "figures from " + (str(p.path.name) if p.path else p.name) + " ([source] says "
+                                  "which are datasheet and which measured)"},
+            "settings": {"prefill": s.prefill, "context": s.context, "batch": s.batch, "precision": s.precision,
+                         "kv": s.kv},
+            "parameters": {"total": self.params_total, "active_per_token": self.params_active},
+            "moe_accounting": self.routing,
+            "phases": {name: cost.to_dict() for name, cost in self.phases.items()},
+        }
+
 
 def expected_distinct_experts(routed: int, top_k: int, tokens: int) -> float:
     """Expected number of distinct experts a batch of ``tokens`` touches under uniform top-k routing."""
@@ -105,15 +223,34 @@ def expected_distinct_experts(routed: int, top_k: int, tokens: int) -> float:
     return routed * (1.0 - (1.0 - top_k / routed) ** tokens)
 
 
+def _selection_rates(arch: ModelArch, expert_load: dict[int, list[float]] | None) -> dict[int, list[float]]:
+    """Per MoE block, the probability that one token selects each routed expert (they add up to top_k).
+
+    ``expert_load`` may give counts or fractions per routed expert; they are rescaled to top_k per token.
+    """
+    if not expert_load:
+        return {}
+    rates = {}
+    for raw_index, load in expert_load.items():
+        i = int(raw_index)
+        if not 0 <= i < arch.num_blocks or not arch.blocks[i].has_router:
+            raise UserError(f"routing statistics given for block {i}, which has no router")
+        block = arch.blocks[i]
+        if len(load) != block.routed_experts or any(v < 0 for v in load) or not sum(load):
+            raise UserError(f"routing statistics of block {i} need {block.routed_experts} non-negative values, "
+                            f"not {list(load)}")
+        total = float(sum(load))
+        rates[i] = [min(1.0, block.top_k * v / total) for v in load]
+    return rates
+
+
 def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings: RooflineSettings,
                    expert_load: dict[int, list[float]] | None = None) -> PhaseCost:
     """Cost of ``phase`` ("prefill" of ``settings.prefill`` tokens, or "decode" at ``settings.context``)."""
-    if phase == "decode" and settings.context + 1 > arch.max_position_embeddings:
-        raise UserError(f"--context {settings.context} is past the model's maximum of "
-                        f"{arch.max_position_embeddings} positions")
-    if phase == "prefill" and settings.prefill > arch.max_position_embeddings:
-        raise UserError(f"--prefill {settings.prefill} is past the model's maximum of "
-                        f"{arch.max_position_embeddings} positions")
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+    settings.check_fits(arch, (phase,))
+    rates = _selection_rates(arch, expert_load)
     b = settings.batch
     n = settings.prefill if phase == "prefill" else 1
     past = 0 if phase == "prefill" else settings.context
@@ -129,63 +266,83 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     def add(block, op, flops, bytes_, kernels=1):
         ops.append(OpCost(block, op, float(flops), float(bytes_), kernels))
 
-    add(-1, "embedding", 0, tokens * h * (w + a))
+    add(OUTSIDE, "embedding", 0, tokens * h * (w + a))
     for i, block in enumerate(arch.blocks):
         if block.attention:
             add(i, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
             add(i, "qkv_proj", 2 * tokens * h * (q_dim + 2 * kv_dim),
                 h * (q_dim + 2 * kv_dim) * w + tokens * (h + q_dim + 2 * kv_dim) * a)
-            if phase == "prefill":  # causal: each query attends to the keys before it
+            if phase == "prefill":  # causal: each query attends to the keys before it; K and V come from qkv_proj
                 pairs = b * n * (n + 1) / 2
                 kv_read = tokens * 2 * kv_dim * a
-            else:
+            else:  # every cached position of every sequence is read once, plus the new one
                 pairs = b * (past + 1)
                 kv_read = b * (past + 1) * 2 * kv_dim * kvb
-            add(i, "attention", 4 * pairs * q_dim, kv_read + tokens * 2 * kv_dim * kvb + 2 * tokens * q_dim * a)
+            kv_write = tokens * 2 * kv_dim * kvb
+            add(i, "attention", 4 * pairs * q_dim, kv_read + kv_write + 2 * tokens * q_dim * a)
             add(i, "o_proj", 2 * tokens * q_dim * h, q_dim * h * w + tokens * (q_dim + h) * a)
-        _add_experts(add, i, block, tokens, h, inter, w, a, expert_load.get(i) if expert_load else None)
-    add(-1, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
+        _add_experts(add, i, block, tokens, h, inter, w, a, rates.get(i))
+    add(OUTSIDE, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
     logits_tokens = b  # generation keeps only the last position's logits
-    add(-1, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
+    add(OUTSIDE, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
         h * arch.vocab_size * w + logits_tokens * (h + arch.vocab_size) * a)
 
     flops_per_s = profile.achievable_flops(settings.precision)
-    bandwidth = profile.achievable_bandwidth
     for o in ops:
-        compute, memory = o.flops / flops_per_s, o.bytes / bandwidth
+        compute, memory = o.flops / flops_per_s, o.bytes / profile.bandwidth_for(o.op)
         o.bound = "compute" if compute > memory else "memory"
         o.seconds = max(compute, memory) + o.kernels * profile.kernel_overhead_us * 1e-6
     return cost
 
 
 def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, a: float,
-                 load: list[float] | None) -> None:
+                 rates: list[float] | None) -> None:
+    """Norms, router and MLPs of one block; the weights read are those of the experts the tokens use."""
     expert_weights = 3 * h * inter * w
     active_per_token = block.active_experts
     if block.has_router:
         add(i, "router", 2 * tokens * h * block.routed_experts, h * block.routed_experts * w + tokens * h * a)
-        if load:  # measured fraction of routed slots each expert receives
-            distinct = sum(1.0 - (1.0 - f) ** tokens for f in load if f > 0)
+        if rates:
+            distinct = sum(1.0 - (1.0 - p) ** tokens for p in rates)
         else:
             distinct = expected_distinct_experts(block.routed_experts, block.top_k, tokens)
         read = block.shared_experts + distinct
     else:
         read = block.experts
+    kernels = max(1, round(read))
     add(i, "norm", 4 * tokens * h * active_per_token, read * h * w + 2 * tokens * h * a * active_per_token,
-        kernels=max(1, round(read)))
+        kernels=kernels)
+    # gate, up and down projections: three weight matrices per expert read; SiLU and the product ride along
     add(i, "mlp", 2 * tokens * active_per_token * 3 * h * inter,
-        read * expert_weights + tokens * active_per_token * (2 * h + 3 * inter) * a, kernels=max(1, round(read)) * 3)
+        read * expert_weights + tokens * active_per_token * (2 * h + 3 * inter) * a, kernels=kernels * 3)
 
 
 def estimate(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings | None = None,
              expert_load: dict[int, list[float]] | None = None) -> dict[str, PhaseCost]:
     """Prefill and decode costs of ``arch`` on ``profile``."""
     settings = settings or RooflineSettings()
-    return {phase: estimate_phase(arch, profile, phase, settings, expert_load) for phase in ("prefill", "decode")}
+    return {phase: estimate_phase(arch, profile, phase, settings, expert_load) for phase in PHASES}
+
+
+def analyze(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings | None = None,
+            expert_load: dict[int, list[float]] | None = None) -> RooflineReport:
+    """Both phases with the inputs that produced them, ready for a report (:meth:`RooflineReport.to_dict`)."""
+    settings = settings or RooflineSettings()
+    phases = estimate(arch, profile, settings, expert_load)
+    return RooflineReport(profile, settings, phases, arch.total_params, arch.active_params,
+                          MEASURED_ROUTING if expert_load else UNIFORM_ROUTING)
 
 
 def predict_decode_seconds(arch: ModelArch, profile: DeviceProfile, context: int = 512,
-                           precision: str = "fp16", batch: int = 1) -> float:
+                           precision: str = "fp16", batch: int = 1, kv_precision: str | None = None,
+                           expert_load: dict[int, list[float]] | None = None) -> float:
     """Predicted seconds for one decode step at ``context`` (what latency budgets are planned against)."""
-    settings = RooflineSettings(context=context, precision=precision, batch=batch)
-    return estimate_phase(arch, profile, "decode", settings).seconds
+    settings = RooflineSettings(context=context, precision=precision, batch=batch, kv_precision=kv_precision)
+    return estimate_phase(arch, profile, "decode", settings, expert_load).seconds
+
+
+def predict_prefill_seconds(arch: ModelArch, profile: DeviceProfile, tokens: int = 128,
+                            precision: str = "fp16", batch: int = 1) -> float:
+    """Predicted seconds for a prefill of ``tokens`` prompt tokens."""
+    settings = RooflineSettings(prefill=tokens, precision=precision, batch=batch)
+    return estimate_phase(arch, profile, "prefill", settings).seconds

@@ -1,7 +1,11 @@
 """The ``onnxruntime`` target: export to an ONNX artifact that ONNX Runtime and onnxruntime-genai run.
 
-An artifact directory holds ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, the tokenizer files and
-``d2mc_artifact.json`` (what was exported, with the verification figure).
+An artifact directory holds ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, the tokenizer files,
+``config.json`` and ``d2mc_artifact.json`` (what was exported, with the verification figure).
+
+The same export writes the TensorRT flavour (``flavour="tensorrt"``, ``d2mc export --target tensorrt``): standard
+ops plus ``D2mcMoE`` plugin nodes, for ``d2mc build``; that artifact has no ``genai_config.json`` (onnxruntime-genai
+cannot run the plugin) and is verified with its plugin nodes expanded into standard ops.
 """
 
 from __future__ import annotations
@@ -27,15 +31,22 @@ class ExportResult:
 
 
 def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str = "dispatch",
-                verify: bool = True, overwrite: bool = False, source: str = "") -> ExportResult:
-    """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it."""
-    from d2mc.verify import verify_onnx
+                flavour: str = "onnxruntime", verify: bool = True, polygraphy: bool = False,
+                overwrite: bool = False, source: str = "") -> ExportResult:
+    """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it.
 
-    options = LoweringOptions(precision=precision, moe_op=moe_op)
+    Verification compares PyTorch and ONNX Runtime logits through a prefill and 8 cached decode steps and refuses
+    to write the artifact when they differ by more than :data:`d2mc.verify.TOLERANCE` for the precision;
+    ``polygraphy`` also runs the comparison through Polygraphy's Comparator (recorded, and enforced the same way).
+    """
+    from d2mc.verify import verify_onnx, verify_with_polygraphy
+
+    options = LoweringOptions(precision=precision, moe_op=moe_op, flavour=flavour)
     start = time.perf_counter()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         onnx_path = lower_to_onnx(model, tmp, options)
-        write_genai_config(model, tmp, precision)
+        if flavour == "onnxruntime":
+            write_genai_config(model, tmp, precision)
         model.config.save_pretrained(tmp)  # lets d2mc profile read the architecture of the artifact
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -46,9 +57,16 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
             if not result["passed"]:
                 raise UserError(f"verification failed: max |logit difference| {result['max_abs_diff']:.3g} exceeds "
                                 f"{result['tolerance']:g} ({precision}); the artifact was not written")
+        if polygraphy:
+            result = {**(result or {}), "polygraphy": verify_with_polygraphy(model, onnx_path, precision)}
+            if not result["polygraphy"]["passed"]:
+                raise UserError(f"Polygraphy comparison failed: max |logit difference| "
+                                f"{result['polygraphy']['max_abs_diff']:.3g} exceeds "
+                                f"{result['polygraphy']['tolerance']:.3g}; the artifact was not written")
         arch = ModelArch.from_config(model.config)
         (tmp / ARTIFACT_FILE).write_text(json.dumps({
-            "source": source, "target": "onnxruntime", "precision": precision, "moe_op": moe_op,
+            "source": source, "target": flavour, "precision": precision,
+            "moe_op": moe_op if flavour == "onnxruntime" else "plugin",
             "model_type": model.config.model_type, "attention_blocks": len(arch.attention_blocks),
             "blocks": arch.num_blocks, "export_seconds": round(seconds, 2), "verify": result}, indent=2) + "\n")
     return ExportResult(Path(out), seconds, result)
@@ -98,10 +116,15 @@ def read_artifact(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"no artifact directory at '{path}': export one with d2mc export")
-    missing = [f for f in ("model.onnx", "genai_config.json", ARTIFACT_FILE) if not (path / f).exists()]
+    if not (path / ARTIFACT_FILE).is_file():
+        raise UserError(f"'{path}' is not a complete d2mc artifact (missing {ARTIFACT_FILE}): export it again")
+    try:
+        info = json.loads((path / ARTIFACT_FILE).read_text())
+        target = info.get("target", "onnxruntime")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"'{path / ARTIFACT_FILE}' is corrupt: export the artifact again") from None
+    needed = ("model.onnx", "model.onnx.data") + (("genai_config.json",) if target == "onnxruntime" else ())
+    missing = [f for f in needed if not (path / f).exists()]
     if missing:
         raise UserError(f"'{path}' is not a complete d2mc artifact (missing {', '.join(missing)}): export it again")
-    try:
-        return json.loads((path / ARTIFACT_FILE).read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"'{path / ARTIFACT_FILE}' is corrupt: export the artifact again") from None
+    return info

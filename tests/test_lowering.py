@@ -83,3 +83,82 @@ def test_decode_step_costs_only_the_chosen_expert(tmp_path):
             feeds[i.name] = np.zeros((1, 2, 0, 16), np.float32)
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=False))
     assert sorted(outputs[name].shape[0] for name in gathers) == [0, 0, 1]
+
+
+# --- the TensorRT flavour: standard ops plus one D2mcMoE plugin node per MoE block
+
+PLUGIN_ATTRIBUTES = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "activation",
+                     "normalize", "plugin_version", "plugin_namespace"}
+
+
+def test_tensorrt_flavour_dense_matches_pytorch(family, tmp_path):
+    model = tiny_model(family)
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt")
+    onnx.checker.check_model(str(path))
+    graph = onnx.load(path, load_external_data=False).graph
+    assert {n.domain for n in graph.node} == {""}  # nothing but standard ops: ONNX Runtime runs it as is
+    assert {"Concat", "Softmax", "ReduceMean"} <= {n.op_type for n in graph.node}
+    result = verify_onnx(model, path, prefill=12, decode_steps=8)
+    assert result.max_abs_diff < 1e-4 and result.greedy_agreement == 1.0
+
+
+@pytest.mark.parametrize("top_k, normalize, shared", [(1, True, 0), (2, False, 0), (2, True, 1)])
+def test_tensorrt_flavour_plugin_nodes(tmp_path, top_k, normalize, shared):
+    """One plugin node per MoE block, with the documented attributes, passing onnx.checker and matching PyTorch
+    when the node is expanded into standard ops (which reads fc1/fc2 through the documented layout)."""
+    model = fused("llama", top_k, normalize, shared)
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt")
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} == {"", "d2mc"}
+    (node,) = [n for n in proto.graph.node if n.op_type == "D2mcMoE"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert set(attrs) == PLUGIN_ATTRIBUTES
+    assert attrs == {"num_experts": 3 - shared, "num_shared": shared, "top_k": top_k, "hidden_size": 64,
+                     "intermediate_size": 128, "activation": b"swiglu", "normalize": int(normalize),
+                     "plugin_version": b"1", "plugin_namespace": b"d2mc"}
+    weights = {i.name: i for i in proto.graph.initializer}
+    assert list(weights[node.input[2]].dims) == [3, 256, 64] and list(weights[node.input[3]].dims) == [3, 64, 128]
+    assert verify_onnx(model, path, prefill=12, decode_steps=8).max_abs_diff < 1e-4
+
+
+def test_tensorrt_flavour_is_what_the_engine_planner_reads(tmp_path):
+    from d2mc.engine.graph import read_graph
+
+    summary = read_graph(lower_to_onnx(fused("llama", 2, True, 1), tmp_path, flavour="tensorrt", precision="fp16"))
+    assert summary.unparsable_ops == [] and summary.precision == "fp16"
+    assert len(summary.moe_nodes) == 1 and len(summary.kv_inputs) == 8
+
+
+def test_tensorrt_flavour_fp16_within_its_tolerance(tmp_path):
+    model = fused("qwen3")
+    result = verify_onnx(model, lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16"), "fp16")
+    assert result.passed, result
+
+
+def test_tensorrt_flavour_masks_padding_and_keeps_the_window(tmp_path):
+    """Left padding in a batch and a sliding window: the standard-op attention masks what PyTorch masks."""
+    import onnxruntime as ort
+
+    model = tiny_model("mistral", sliding_window=5)
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    for i in session.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((2, 2, 0, 16), np.float32)
+    got = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    assert np.abs(got - ref)[mask.bool().numpy()].max() < 1e-4  # padded query rows are free to differ
+
+
+def test_unknown_flavour_is_one_line():
+    from d2mc.errors import UserError
+
+    with pytest.raises(UserError, match="unknown ONNX flavour 'tflite': choose one of onnxruntime, tensorrt"):
+        LoweringOptions(flavour="tflite")

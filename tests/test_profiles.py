@@ -83,3 +83,19 @@ def test_unknown_profile_lists_the_known_ones():
 def test_missing_profile_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_profile(tmp_path / "none.toml")
+
+
+def test_operator_bandwidth_efficiency_is_optional_and_checked(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD.replace('[source]', '[op_bandwidth_efficiency]\nattention = 0.5\n\n[source]')
+                    + 'op_bandwidth_efficiency = "fitted"\n')
+    profile = load_profile(path)
+    assert profile.bandwidth_for("attention") == pytest.approx(0.5 * profile.achievable_bandwidth)
+    assert profile.bandwidth_for("mlp") == profile.achievable_bandwidth
+    path.write_text(GOOD.replace('[source]', '[op_bandwidth_efficiency]\nsoftmax = 0.5\n\n[source]')
+                    + 'op_bandwidth_efficiency = "fitted"\n')
+    with pytest.raises(UserError, match="field 'op_bandwidth_efficiency.softmax' is not an operator class"):
+        load_profile(path)
+    path.write_text(GOOD.replace('[source]', '[op_bandwidth_efficiency]\nattention = 0.5\n\n[source]'))
+    with pytest.raises(UserError, match="field 'source.op_bandwidth_efficiency' is missing"):
+        load_profile(path)

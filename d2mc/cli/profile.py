@@ -3,51 +3,68 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from d2mc.cli.common import config_only_option, console, human_bytes, json_option, print_json, table
+from d2mc.cli.common import (
+    config_only_option,
+    console,
+    human_bytes,
+    json_option,
+    print_json,
+    stderr_console,
+    table,
+)
 
 
 @click.command("profile")
 @click.argument("model", required=False, metavar="MODEL|ARTIFACT")
 @click.option("--target", default="orin-agx", show_default=True, help="Device profile (name or .toml).")
 @click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
-@click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode step.")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--precision", default=None, help="Weight precision (fp32, fp16, int8, int4); default fp16 on GPUs, "
-                                                "fp32 on CPUs.")
+@click.option("--context", type=int, default=512, show_default=True, help="Cached tokens before the decode step.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--precision", default=None, help="Weight precision (fp32, fp16, bf16, fp8, int8, int4); default fp16 "
+                                                "on GPU profiles, fp32 on CPU ones.")
+@click.option("--kv-precision", default=None, help="KV-cache precision; default the weight precision, at least fp16.")
 @config_only_option
-@click.option("--measure", is_flag=True, help="Also run the model here (PyTorch, or ONNX Runtime for an "
-                                              "artifact) and print measured next to predicted.")
+@click.option("--measure", is_flag=True, help="Also run the model here (PyTorch, or ONNX Runtime for an artifact) "
+                                              "and print measured next to predicted, per phase and per block.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats per phase with --measure "
+                                                                        "(decode takes four times as many).")
 @click.option("--calibrate", is_flag=True, help="Measure this machine and write a device profile TOML.")
 @click.option("-o", "--output", type=click.Path(), help="Directory for roofline.json and roofline.png; with "
-                                                        "--calibrate, the TOML file to write.")
+                                                        "--calibrate, the TOML file to write (default host-cpu.toml).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
-def command(model, target, prefill, context, batch, precision, config_only, measure, calibrate, output, as_json):
+def command(model, target, prefill, context, batch, precision, kv_precision, config_only, measure, repeats, calibrate,
+            output, overwrite, as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
     from d2mc.errors import UserError
 
     if calibrate:
         from d2mc.calibrate import calibrate_host, write_profile
 
-        path = write_profile(calibrate_host(), output or "host-cpu.toml")
-        console().print(f"wrote {path}:\n{path.read_text()}")
+        status = stderr_console()
+        calibration = calibrate_host(progress=lambda text: status.print(f"measuring {text}..."))
+        path = write_profile(calibration, output or "host-cpu.toml")
+        if as_json:
+            print_json({"path": str(path), **vars(calibration)})
+        else:
+            console().print(f"wrote {path}:\n{path.read_text()}", markup=False)
         return
     if model is None:
         raise UserError("give a MODEL (or --calibrate)")
     from d2mc.profiling import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
-                           config_only=config_only, measure=measure)
+                           kv_precision=kv_precision, config_only=config_only, measure=measure, repeats=repeats)
     if output:
-        out_dir = Path(output)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "roofline.json").write_text(json.dumps(result, indent=2) + "\n")
+        from d2mc.outputs import atomic_output_dir
         from d2mc.plots import plot_roofline
 
-        plot_roofline(result, out_dir / "roofline.png")
+        with atomic_output_dir(output, overwrite=overwrite) as out_dir:
+            (out_dir / "roofline.json").write_text(json.dumps(result, indent=2) + "\n")
+            plot_roofline(result, out_dir / "roofline.png")
     if as_json:
         print_json(result)
         return
@@ -56,26 +73,41 @@ def command(model, target, prefill, context, batch, precision, config_only, meas
 
 def _print(result: dict, output) -> None:
     out = console()
-    s = result["settings"]
-    out.print(f"{result['model']} on {result['profile']['name']} ({result['profile']['description']}), "
-              f"{s['precision']} weights, {s['kv']} KV cache, batch {s['batch']}")
+    s, p = result["settings"], result["profile"]
+    out.print(f"{result['model']} on {p['name']} ({p['description']}): {p['achievable_bandwidth_gbps']:.1f} GB/s, "
+              f"{p['achievable_tflops']:.3g} TFLOP/s achievable; {s['precision']} weights, {s['kv']} KV cache, "
+              f"batch {s['batch']}")
+    out.print(f"MoE accounting: {result['moe_accounting']}", markup=False)
     for phase in ("prefill", "decode"):
-        p = result["phases"][phase]
+        cost = result["phases"][phase]
         label = f"prefill of {s['prefill']} tokens" if phase == "prefill" else f"decode at context {s['context']}"
-        rows = []
-        for block, agg in p["blocks"].items():
-            rows.append([block, f"{agg['seconds'] * 1e3:.4f}", human_bytes(agg["bytes"]), f"{agg['flops'] / 1e9:.3f}",
-                         f"{agg['flops'] / agg['bytes']:.1f}" if agg["bytes"] else "-", agg["bound"]])
-        rows.append(["total", f"{p['seconds'] * 1e3:.4f}", human_bytes(p["bytes"]), f"{p['flops'] / 1e9:.3f}",
-                     f"{p['flops'] / p['bytes']:.1f}", ""])
+        rows = [[b["label"], f"{b['seconds'] * 1e3:.4f}", human_bytes(b["bytes"]), f"{b['flops'] / 1e9:.4f}",
+                 f"{b['intensity']:.1f}", b["bound"]] for b in cost["blocks"]]
+        rows.append(["total", f"{cost['seconds'] * 1e3:.4f}", human_bytes(cost["bytes"]), f"{cost['flops'] / 1e9:.4f}",
+                     f"{cost['intensity']:.1f}", cost["bound"]])
         out.print()
-        out.print(table(label, ["block", "ms", "bytes", "GFLOP", "FLOP/B", "bound"], rows))
-    m = result.get("measured")
-    if m:
-        out.print()
-        rows = [[phase, f"{result['phases'][phase]['seconds'] * 1e3:.3f}", f"{m[phase] * 1e3:.3f}",
-                 f"{result['error'][phase] * 100:+.1f}%"] for phase in ("prefill", "decode")]
-        out.print(table(f"measured on {m['runtime']} (median of {m['repeats']})",
-                        ["phase", "predicted ms", "measured ms", "error"], rows))
+        out.print(table(f"{label} (predicted)", ["block", "ms", "bytes", "GFLOP", "FLOP/B", "bound"], rows))
+    measured = result.get("measured")
+    if measured:
+        _print_measured(out, measured)
     if output:
         out.print(f"\nwrote {output}/roofline.json and {output}/roofline.png")
+
+
+def _print_measured(out, measured: dict) -> None:
+    phases = measured["phases"]
+    title = (f"measured on {measured['runtime']} ({measured['precision']}, median of {measured['repeats']} after "
+             f"{measured['warmup']} warm-up) next to the {measured['profile']} roofline")
+    rows = [[phase, f"{v['predicted_s'] * 1e3:.3f}", f"{v['measured_s'] * 1e3:.3f}", f"{v['error'] * 100:+.1f}%"]
+            for phase, v in phases.items()]
+    out.print()
+    out.print(table(title, ["phase", "predicted ms", "measured ms", "error"], rows))
+    if all("blocks" in v for v in phases.values()):
+        rows = []
+        for pre, dec in zip(phases["prefill"]["blocks"], phases["decode"]["blocks"], strict=True):
+            rows.append([pre["block"], f"{pre['predicted_s'] * 1e3:.3f}", f"{pre['measured_s'] * 1e3:.3f}",
+                         f"{pre['error'] * 100:+.1f}%", f"{dec['predicted_s'] * 1e3:.3f}",
+                         f"{dec['measured_s'] * 1e3:.3f}", f"{dec['error'] * 100:+.1f}%"])
+        out.print()
+        out.print(table("per block (measured with forward hooks, which add their own small cost)",
+                        ["block", "prefill pred ms", "meas ms", "error", "decode pred ms", "meas ms", "error"], rows))

@@ -1,0 +1,108 @@
+"""What the engine builder reads from a TensorRT-flavoured ONNX: its inputs, its plugin nodes, its weights.
+
+Only the graph is loaded (external weight data stays on disk), so this runs on any machine in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from d2mc.engine.plugin_spec import PLUGIN_DOMAIN, PLUGIN_NAME, MoePluginAttributes
+from d2mc.errors import UserError
+
+# dtypes as the manifest, trtexec and the device profile name them
+ONNX_PRECISION = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+                  onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
+                  onnx.TensorProto.BOOL: "bool", onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
+# ONNX Runtime contrib ops: TensorRT's ONNX parser has no importer for these
+CONTRIB_DOMAINS = ("com.microsoft",)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    dims: tuple  # ints for fixed dimensions, strings for named dynamic ones
+
+
+@dataclass(frozen=True)
+class MoeNode:
+    name: str
+    attributes: MoePluginAttributes
+    inputs: tuple[str, ...]
+
+
+@dataclass
+class GraphSummary:
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    moe_nodes: list[MoeNode]
+    unparsable_ops: list[str]  # "domain::op" TensorRT cannot import
+    weight_bytes: int
+    precision: str  # the float type of the logits: a strongly typed network computes in the ONNX's types
+
+    @property
+    def kv_inputs(self) -> list[TensorSpec]:
+        return [t for t in self.inputs if t.name.startswith("past_key_values.")]
+
+
+def read_graph(onnx_path: str | Path) -> GraphSummary:
+    """Summarise ``onnx_path`` without loading its external weights."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UserError(f"no ONNX model at '{path}': export the tensorrt flavour with d2mc export --target tensorrt")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise UserError(f"'{path}' is not a readable ONNX model ({str(exc)[:120]}): export it again") from None
+    graph = model.graph
+    initializer_names = {i.name for i in graph.initializer}
+    inputs = [_spec(v) for v in graph.input if v.name not in initializer_names]
+    outputs = [_spec(v) for v in graph.output]
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    moe_nodes, unparsable = [], set()
+    for node in graph.node:
+        if node.op_type == PLUGIN_NAME and node.domain == PLUGIN_DOMAIN:
+            moe_nodes.append(_moe_node(node, shapes))
+        elif node.domain in CONTRIB_DOMAINS:
+            unparsable.add(f"{node.domain}::{node.op_type}")
+    logits = next((o for o in outputs if o.name == "logits"), outputs[0] if outputs else None)
+    if logits is None:
+        raise UserError(f"'{path}' has no outputs: export it again")
+    return GraphSummary(path, inputs, outputs, moe_nodes, sorted(unparsable), _weight_bytes(path, model),
+                        logits.dtype)
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
+    return TensorSpec(value.name, ONNX_PRECISION.get(tensor.elem_type, str(tensor.elem_type)), dims)
+
+
+def _moe_node(node: onnx.NodeProto, shapes: dict) -> MoeNode:
+    where = f"'{node.name}'"
+    attributes = MoePluginAttributes.from_onnx({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
+                                               where)
+    if len(node.input) != 4:
+        raise UserError(f"{PLUGIN_NAME} node {where} has {len(node.input)} inputs; the plugin takes 4 (hidden, "
+                        "router_logits, fc1, fc2)")
+    for name, expected in ((node.input[2], attributes.fc1_shape()), (node.input[3], attributes.fc2_shape())):
+        if name in shapes and shapes[name] != expected:
+            raise UserError(f"{PLUGIN_NAME} node {where}: weight '{name}' has shape {list(shapes[name])}, its "
+                            f"attributes say {list(expected)}")
+    return MoeNode(node.name, attributes, tuple(node.input))
+
+
+def _weight_bytes(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of weights: the external data files plus the initializers stored inline."""
+    files, inline = set(), 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in tensor.external_data if e.key == "location")
+        else:
+            inline += len(tensor.raw_data)
+    return inline + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).exists())

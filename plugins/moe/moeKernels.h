@@ -1,0 +1,42 @@
+// CUDA kernels of the D2mcMoE TensorRT plugin: routing, per-token GEMV experts (decode) and grouped experts
+// (prefill). The math is pinned by d2mc/engine/moe_reference.py; docs/tensorrt-plugin.md has the contract.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace d2mc
+{
+
+struct MoeShape
+{
+    int32_t tokens;       // T: rows of hidden (batch x sequence)
+    int32_t hidden;       // H
+    int32_t intermediate; // I
+    int32_t numExperts;   // E: routed experts
+    int32_t numShared;    // S: always-active experts, first in fc1/fc2
+    int32_t topK;
+    bool normalize;
+};
+
+enum class MoeDataType : int32_t
+{
+    kFLOAT = 0,
+    kHALF = 1
+};
+
+// Tokens at or below this count take the GEMV path (weights read once per token: the decode case); above it,
+// tokens are grouped by expert so each expert's weights are read once per tile of tokens (the prefill case).
+constexpr int32_t kGemvMaxTokens = 8;
+constexpr int32_t kMaxExperts = 64;
+constexpr int32_t kMaxTopK = 8;
+
+// Bytes of scratch memory enqueueMoe needs for `shape` (TensorRT hands it over as the plugin workspace).
+size_t moeWorkspaceSize(MoeShape const& shape, MoeDataType type);
+
+// out[T, H] = sum_{s < S} expert_s(x) + sum_{j < k} w_j * expert_{S + idx_j}(x); 0 on success, else a CUDA error.
+int32_t enqueueMoe(MoeShape const& shape, MoeDataType type, void const* hidden, void const* logits,
+    MoeDataType logitsType, void const* fc1, void const* fc2, void* out, void* workspace, cudaStream_t stream);
+
+} // namespace d2mc

@@ -1,0 +1,374 @@
+"""The tensorrt target: plugin contract, reference math, engine plan, manifest, device-side script.
+
+Everything here runs without a GPU; the tests that build or run an engine (or the CUDA kernels) skip with the
+reason where TensorRT or a GPU is missing.
+"""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from d2mc.engine.block_graph import block_reference, moe_block_onnx, plugin_weights, rms
+from d2mc.engine.build import plan_from_onnx, plugin_sources, trtexec_command
+from d2mc.engine.device import local_gpu, tensorrt_version
+from d2mc.engine.graph import read_graph
+from d2mc.engine.manifest import (
+    EngineManifest,
+    check_engine_file,
+    check_manifest,
+    read_manifest,
+    write_manifest,
+)
+from d2mc.engine.moe_reference import moe_reference
+from d2mc.engine.plan import EngineSettings, check_precision, plan_engine
+from d2mc.engine.plugin_spec import MoePluginAttributes
+from d2mc.engine.retarget import retarget_moe_nodes
+from d2mc.errors import UserError
+from d2mc.lowering import LoweringOptions, lower_to_onnx
+from d2mc.profiles import load_profile
+from tests.test_lowering import fused
+
+gs = pytest.importorskip("onnx_graphsurgeon")
+D2MC = str(Path(sys.executable).with_name("d2mc"))
+
+needs_engine_machine = pytest.mark.skipif(
+    tensorrt_version() is None or local_gpu() is None,
+    reason="building or running an engine needs TensorRT and a CUDA GPU (this machine has "
+           f"{'TensorRT ' + tensorrt_version() if tensorrt_version() else 'no TensorRT'} and "
+           f"{'a GPU' if local_gpu() else 'no GPU'})")
+
+
+def retargeted(tmp_path, precision="fp16", **plan):
+    """A tiny converted model's contrib lowering with its MoE nodes turned into D2mcMoE plugin nodes."""
+    model = fused("llama", **plan)
+    path = lower_to_onnx(model, tmp_path / "lowered", LoweringOptions(precision=precision, moe_op="contrib"))
+    proto = onnx.load(str(path), load_external_data=False)
+    assert retarget_moe_nodes(proto) == 1
+    out = tmp_path / "lowered" / "retargeted.onnx"
+    onnx.save(proto, out)
+    return model, out
+
+
+def block_artifact(tmp_path, precision="fp16", **plan):
+    """An artifact whose tensorrt flavour is one MoE block of a tiny converted model."""
+    model = fused("llama", **plan)
+    moe_block_onnx(model.model.layers[2], tmp_path / "artifact" / "tensorrt" / "model.onnx", precision)
+    return model, tmp_path / "artifact"
+
+
+def test_plugin_nodes_carry_the_documented_attributes(tmp_path):
+    _, path = retargeted(tmp_path, top_k=2, normalize=True, shared=1)
+    graph = gs.import_onnx(onnx.load(str(path)))
+    (node,) = [n for n in graph.nodes if n.op == "D2mcMoE"]
+    assert node.domain == "d2mc"
+    assert node.attrs == {"num_experts": 2, "num_shared": 0, "top_k": 2, "hidden_size": 64, "intermediate_size": 128,
+                          "activation": "swiglu", "normalize": 1, "plugin_version": "1", "plugin_namespace": "d2mc"}
+    hidden, logits, fc1, fc2 = node.inputs
+    assert isinstance(fc1, gs.Constant) and list(fc1.shape) == [2, 256, 64] and fc1.dtype == np.float16
+    assert isinstance(fc2, gs.Constant) and list(fc2.shape) == [2, 64, 128]
+    assert not [n for n in graph.nodes if n.domain == "com.microsoft" and n.op == "MoE"]
+
+
+def test_block_graph_holds_shared_experts_in_the_plugin(tmp_path):
+    _, artifact = block_artifact(tmp_path, top_k=1, shared=1)
+    model = onnx.load(str(artifact / "tensorrt" / "model.onnx"))
+    onnx.checker.check_model(model)
+    graph = gs.import_onnx(model)
+    (node,) = [n for n in graph.nodes if n.op == "D2mcMoE"]
+    assert (node.attrs["num_experts"], node.attrs["num_shared"]) == (2, 1)
+    assert list(node.inputs[2].shape) == [3, 256, 64] and list(node.inputs[3].shape) == [3, 64, 128]
+    assert {n.domain or "" for n in graph.nodes} == {"", "d2mc"}  # nothing TensorRT cannot parse
+
+
+def _captured_moe_tensors(path, model, tokens=12):
+    """Run the contrib lowering in ONNX Runtime and capture the MoE node's inputs and output."""
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    (node,) = [n for n in proto.graph.node if n.op_type == "MoE"]
+    for name in (node.input[0], node.input[1], node.output[0]):
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(0)).numpy()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(tokens)[None, :]}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((1, 2, 0, 16), np.float32)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return [torch.from_numpy(np.array(a)) for a in (outputs[node.input[0]], outputs[node.input[1]], weights[node.input[2]],
+                                          weights[node.input[4]], outputs[node.output[0]])]
+
+
+@pytest.mark.parametrize("top_k, normalize", [(1, True), (2, False), (2, True)])
+def test_reference_matches_the_onnxruntime_lowering_of_the_block(tmp_path, top_k, normalize):
+    model = fused("llama", top_k=top_k, normalize=normalize)
+    path = lower_to_onnx(model, tmp_path, LoweringOptions(moe_op="contrib"))
+    hidden, logits, fc1, fc2, expected = _captured_moe_tensors(path, model)
+    attributes = MoePluginAttributes(num_experts=3, num_shared=0, top_k=top_k, hidden_size=64,
+                                     intermediate_size=128, normalize=int(normalize))
+    got = moe_reference(hidden, logits, fc1, fc2, attributes)
+    assert (got - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("top_k, normalize, shared", [(1, True, 1), (2, False, 0), (2, True, 1)])
+def test_reference_matches_the_pytorch_block(top_k, normalize, shared):
+    block = fused("llama", top_k=top_k, normalize=normalize, shared=shared).model.layers[2]
+    fc1, fc2, attributes = plugin_weights(block)
+    hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+    eps = block.experts[0].post_attention_layernorm.variance_epsilon
+    with torch.no_grad():
+        logits = block.router(hidden)
+        got = hidden + moe_reference(rms(hidden, eps), logits, fc1, fc2, attributes)
+        expected = block_reference(block, hidden)
+        assert (got - expected).abs().max() < 1e-5
+        # fp16: the kernels' rounding points, against the fp32 block
+        half = moe_reference(rms(hidden, eps).half(), logits.half(), fc1.half(), fc2.half(), attributes)
+        assert half.dtype == torch.float16
+        assert ((hidden + half.float()) - expected).abs().max() < 2e-2
+
+
+def test_engine_profiles_from_the_tiny_model_onnx(tmp_path):
+    _, path = retargeted(tmp_path)
+    graph = read_graph(path)
+    assert graph.precision == "fp16" and len(graph.moe_nodes) == 1 and graph.weight_bytes > 0
+    plan = plan_engine(graph, load_profile("orin-agx"), EngineSettings(max_input=64, max_kv=255, opt_kv=100), 512)
+    prefill, decode = plan.shapes["prefill"], plan.shapes["decode"]
+    assert (prefill["input_ids"].min, prefill["input_ids"].opt, prefill["input_ids"].max) == ((1, 1), (1, 64), (1, 64))
+    assert prefill["past_key_values.0.key"].max == (1, 2, 0, 16)  # no past in a prefill
+    assert (decode["input_ids"].min, decode["input_ids"].max) == ((1, 1), (1, 1))
+    assert (decode["past_key_values.3.value"].min, decode["past_key_values.3.value"].opt,
+            decode["past_key_values.3.value"].max) == ((1, 2, 0, 16), (1, 2, 100, 16), (1, 2, 255, 16))
+    assert decode["attention_mask"].max == (1, 256)  # past + the new token
+    assert len(prefill) == 3 + 2 * 4  # ids, mask, positions and 4 attention blocks' K and V
+    # 4 blocks x K,V x 2 KV heads x 16 x 256 tokens x fp16, past in and present out
+    assert plan.kv_bytes == 2 * 8 * 2 * 16 * 256 * 2
+    assert plan.workspace_bytes == int(64e9 * 0.25)
+    profiles = plan.polygraphy_profiles()
+    assert [tuple(p.keys()) for p in profiles] == [tuple(prefill), tuple(decode)]
+    assert profiles[1]["past_key_values.0.key"].max == (1, 2, 255, 16)
+
+
+def test_unsupported_precisions_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(UserError, match=r"^orin-agx \(SM 8\.7\) has no TensorRT fp8: it supports fp32, fp16, bf16, "
+                                        r"int8, int4 \(source: TensorRT Support Matrix"):
+        check_precision(load_profile("orin-agx"), "fp8")
+    with pytest.raises(UserError, match=r"int8 engines need a quantised \(Q/DQ\) ONNX"):
+        check_precision(load_profile("orin-agx"), "int8")
+    with pytest.raises(UserError, match="has no TensorRT"):
+        check_precision(load_profile("host-cpu"), "fp16")
+    check_precision(load_profile("thor"), "fp16")
+    _, path = retargeted(tmp_path)
+    with pytest.raises(UserError, match="computes in fp16 but fp32 was asked: .* export it with --precision fp32"):
+        plan_engine(read_graph(path), load_profile("orin-agx"), EngineSettings(precision="fp32"))
+
+
+def test_memory_of_the_device_bounds_the_plan(tmp_path):
+    _, path = retargeted(tmp_path)
+    graph = read_graph(path)
+    small = dataclasses.replace(load_profile("orin-agx"), memory_gb=0.2)
+    with pytest.raises(UserError, match=r"^orin-agx has 0.2 GB; weights \(0.00 GB\) and the KV cache at 511 past "
+                                        r"tokens, batch 1000 \(0.52 GB\) leave no room for TensorRT's workspace: "
+                                        r"lower --max-kv or --max-batch$"):
+        plan_engine(graph, small, EngineSettings(max_kv=511, max_batch=1000), 512)
+    assert plan_engine(graph, small, EngineSettings(max_kv=16), 512).workspace_bytes == int(0.2e9 * 0.25)
+    plan = plan_engine(graph, small, EngineSettings(max_kv=16, workspace_gb=1), 512)
+    assert plan.workspace_bytes < 0.2e9 * 0.9 and "capped" in plan.notes[0]
+    with pytest.raises(UserError, match="exceed the model's context of 512 tokens"):
+        plan_engine(graph, load_profile("orin-agx"), EngineSettings(max_kv=600), 512)
+
+
+def test_the_onnxruntime_flavour_is_refused_in_one_line(tmp_path):
+    path = lower_to_onnx(fused("llama"), tmp_path)
+    with pytest.raises(UserError, match=r"is the onnxruntime flavour: TensorRT cannot parse "
+                                        r"com\.microsoft::GroupQueryAttention.*d2mc export MODEL --target tensorrt"):
+        plan_from_onnx(path, load_profile("orin-agx"))
+
+
+def test_build_writes_the_device_side_script_and_says_so(tmp_path):
+    from d2mc.cli import main
+
+    _, artifact = block_artifact(tmp_path, top_k=2, shared=1)
+    if tensorrt_version() is not None and local_gpu() is not None:
+        pytest.skip("this machine could build the engine itself")
+    result = subprocess.run([D2MC, "build", str(artifact), "--target", "orin-agx",
+                             "--max-input", "256"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    out = artifact / "engine-orin-agx"
+    assert lines == [f"engine not built here (TensorRT is not installed here); on the orin-agx run: bash "
+                     f"{out.resolve()}/build.sh"] and not result.stderr
+    assert {p.name for p in out.iterdir()} == {"plan.json", "build.sh", "plugin"}
+    assert (out / "plugin" / "CMakeLists.txt").is_file() and (out / "plugin" / "moeKernels.cu").is_file()
+    script = (out / "build.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(out / "build.sh")]).returncode == 0
+    assert "-DCMAKE_CUDA_ARCHITECTURES=87" in script
+    assert "exec d2mc build .. --target orin-agx --precision fp16 --max-input 256 --max-kv 4095 --max-batch 1" in script
+    trtexec = script[script.index('"$TRTEXEC"'):]
+    for expected in ("--onnx=../tensorrt/model.onnx", "--saveEngine=model.engine", "--stronglyTyped",
+                     "--profile=0", "--minShapes=hidden:1x1x64", "--optShapes=hidden:1x128x64",
+                     "--maxShapes=hidden:1x256x64", "--profile=1", "--maxShapes=hidden:1x1x64",
+                     "--dynamicPlugins=plugin/build/libd2mc_moe_plugin.so",
+                     "--setPluginsToSerialize=plugin/build/libd2mc_moe_plugin.so", "--memPoolSize=workspace:"):
+        assert expected in trtexec, expected
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["device"] == "orin-agx" and plan["moe_nodes"][0]["top_k"] == 2
+    # the same through the Python API, and an unknown target is one line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", str(artifact), "--target", "nope"])
+    assert exit_info.value.code == 1
+
+
+def test_trtexec_command_lists_both_profiles_for_every_input(tmp_path):
+    _, path = retargeted(tmp_path)
+    plan = plan_engine(read_graph(path), load_profile("orin-nano-8gb"), EngineSettings(max_input=32, max_kv=127), 512)
+    args = trtexec_command(plan, "model.onnx", "model.engine", None)
+    assert args.count("--profile=0") == args.count("--profile=1") == 1
+    decode_max = args[args.index("--profile=1") + 3]
+    assert decode_max.startswith("--maxShapes=input_ids:1x1,attention_mask:1x128,position_ids:1x1,")
+    assert "past_key_values.3.value:1x2x127x16" in decode_max
+    assert not any(a.startswith("--dynamicPlugins") for a in args)
+
+
+def _manifest(**overrides):
+    values = dict(tensorrt_version="10.3.0", device="orin-agx", gpu="Orin", sm="8.7", precision="fp16",
+                  profiles={}, max_input=256, max_kv=511, max_batch=1, workspace_bytes=1 << 30,
+                  onnx={"path": "../tensorrt/model.onnx", "sha256": "0"},
+                  engine={"file": "model.engine", "sha256": "0", "bytes": 5}, plugin=None)
+    values.update(overrides)
+    return EngineManifest(**values)
+
+
+def test_manifest_round_trip_and_its_mismatch_errors(tmp_path):
+    from d2mc.engine.manifest import sha256_of
+
+    (tmp_path / "model.engine").write_bytes(b"plan!")
+    manifest = _manifest(engine={"file": "model.engine", "sha256": sha256_of(tmp_path / "model.engine"), "bytes": 5})
+    write_manifest(manifest, tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    check_manifest(manifest, "10.3.0", "8.7", tmp_path)
+    check_engine_file(manifest, tmp_path)
+    with pytest.raises(UserError) as error:
+        check_manifest(manifest, "11.4.0", "9.0", tmp_path)
+    assert str(error.value) == (f"the engine in '{tmp_path}' was built with TensorRT 10.3.0, this machine has 11.4.0 "
+                                f"and for SM 8.7 (Orin), this machine has SM 9.0: rebuild it on this machine with "
+                                f"d2mc build")
+    with pytest.raises(UserError, match=r"built with SM 8\.7 \(Orin\), this machine has no CUDA GPU"):
+        check_manifest(manifest, "10.3.0", None, tmp_path)
+    (tmp_path / "model.engine").write_bytes(b"plan?")
+    with pytest.raises(UserError, match="does not match its manifest"):
+        check_engine_file(manifest, tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="is corrupt"):
+        read_manifest(tmp_path)
+    with pytest.raises(UserError, match="no manifest.json in .*: build the engine with d2mc build"):
+        read_manifest(tmp_path / "none")
+
+
+@pytest.mark.skipif(tensorrt_version() is not None and local_gpu() is not None, reason="this machine runs engines")
+def test_verify_tensorrt_without_tensorrt_is_one_line(tmp_path):
+    _, artifact = block_artifact(tmp_path)
+    engine_dir = artifact / "engine-orin-agx"
+    engine_dir.mkdir()
+    write_manifest(_manifest(), engine_dir)
+    result = subprocess.run([D2MC, "verify", str(artifact), "--backend", "tensorrt"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: verify --backend tensorrt runs the engine on its device (orin-agx, SM 8.7): TensorRT is not "
+        "installed here"]
+
+
+def test_plugin_sources_ship_with_the_package():
+    names = {p.name for p in plugin_sources().iterdir()}
+    assert {"CMakeLists.txt", "d2mcMoePlugin.cpp", "d2mcMoePlugin.h", "moeKernels.cu", "moeKernels.h"} <= names
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the CUDA compiler (nvcc) is not installed")
+def test_cuda_kernels_compile_for_jetson_orin(tmp_path):
+    result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_87", "-c", str(plugin_sources() / "moeKernels.cu"),
+                             "-o", str(tmp_path / "moe.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "moe.o").stat().st_size > 0
+
+
+def _tensorrt_headers():
+    import os
+    from pathlib import Path
+
+    for root in (os.environ.get("TENSORRT_ROOT"), "/usr", "/usr/local/tensorrt"):
+        if root:
+            for include in (Path(root) / "include", Path(root) / "include" / "x86_64-linux-gnu",
+                            Path(root) / "include" / "aarch64-linux-gnu"):
+                if (include / "NvInferRuntime.h").is_file():
+                    return Path(root)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_tensorrt_headers() is None or shutil.which("cmake") is None or shutil.which("nvcc") is None,
+                    reason="the plugin build needs cmake, nvcc and TensorRT headers (set TENSORRT_ROOT)")
+def test_plugin_library_builds_and_passes_its_host_checks(tmp_path):
+    build = tmp_path / "build"
+    configure = subprocess.run(["cmake", "-S", str(plugin_sources()), "-B", str(build), "-DD2MC_PLUGIN_TESTS=ON",
+                                f"-DTENSORRT_ROOT={_tensorrt_headers()}", "-DCMAKE_CUDA_ARCHITECTURES=87",
+                                f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}"], capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stderr
+    compiled = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stdout[-2000:]
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(build / "libd2mc_moe_plugin.so")],
+                             capture_output=True, text=True).stdout
+    assert " T getCreators" in symbols and " T setLoggerFinder" in symbols
+    checks = subprocess.run([str(build / "plugin_host_checks")], capture_output=True, text=True)
+    assert checks.returncode == 0 and checks.stdout.startswith("ok "), checks.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on a CUDA GPU; this machine has none")
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 100])
+@pytest.mark.parametrize("top_k, normalize, shared", [(1, True, 0), (2, False, 1), (2, True, 1)])
+def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
+    from torch.utils.cpp_extension import load
+
+    source = plugin_sources()
+    kernels = load("d2mc_moe_kernels", [str(source / "tests" / "torchBinding.cpp"), str(source / "moeKernels.cu")],
+                   extra_include_paths=[str(source)])
+    block = fused("llama", top_k=top_k, normalize=normalize, shared=shared).model.layers[2]
+    fc1, fc2, attributes = plugin_weights(block)
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, 64, generator=generator).half()
+    logits = torch.randn(tokens, attributes.num_experts, generator=generator)
+    expected = moe_reference(hidden, logits, fc1.half(), fc2.half(), attributes)
+    got = kernels.moe(hidden.cuda(), logits.cuda(), fc1.half().cuda(), fc2.half().cuda(), attributes.num_experts,
+                      attributes.num_shared, attributes.top_k, bool(attributes.normalize)).cpu()
+    assert (got.float() - expected.float()).abs().max() < 1e-2
+
+
+@needs_engine_machine
+def test_block_engine_matches_the_pytorch_block(tmp_path):
+    from polygraphy.backend.trt import TrtRunner
+
+    from d2mc.engine.build import prepare_engine_build
+    from d2mc.engine.manifest import load_engine
+
+    model, artifact = block_artifact(tmp_path, top_k=2, shared=1)
+    # the GPU at hand stands in for the Orin: same plugin, same kernels, its own SM
+    profile = dataclasses.replace(load_profile("orin-agx"), sm=local_gpu().sm)
+    result = prepare_engine_build(artifact / "tensorrt", profile, artifact / "engine", EngineSettings(max_input=128))
+    assert result.built, result.reason
+    engine, manifest = load_engine(result.out_dir)
+    assert manifest.plugin["sha256"] and manifest.sm == local_gpu().sm
+    block = model.model.layers[2]
+    hidden = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(3))
+    for profile_index, rows in ((0, hidden), (1, hidden[:, :1])):  # grouped path, then the GEMV path
+        with TrtRunner(engine, optimization_profile=profile_index) as runner:
+            got = runner.infer({"hidden": rows.half().numpy()})["output"]
+        expected = block_reference(block, rows).numpy()
+        assert np.abs(got.astype(np.float32) - expected).max() < 5e-2
