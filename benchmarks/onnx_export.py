@@ -19,6 +19,7 @@ The LF-UC model skips block-wise reconstruction: latency does not depend on the 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def main() -> None:
     export_seconds["d2mc dense"], verified["d2mc dense"] = result.seconds, result.verify["max_abs_diff"]
     models["d2mc dense"] = work / "dense"
 
-    ctx = convert(loaded, ConvertOptions(remove_attention=args.remove_attention, max_group=args.max_group,
+    source = copy.copy(loaded)  # conversion moves the parent's modules: keep `loaded` dense for the exports below
+    source.model = copy.deepcopy(loaded.model)
+    ctx = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=args.max_group,
                                          reconstruct_steps=0))
     blocks = sum(1 for b in ctx.model.config.blocks if len(b["expert_layers"]) > 1)
     lfuc = f"d2mc LF-UC -{args.remove_attention} attn, {blocks} MoE blocks"

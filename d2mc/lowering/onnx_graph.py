@@ -437,7 +437,11 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
         weights, indices = g.op("TopK", [probs, g.const([top_k])], 2, axis=-1)
         if block["normalize"]:
             weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
+    # ONNX Runtime's CPU ScatterND adds only in fp32: an fp16 graph accumulates the experts' outputs in fp32
+    fp16 = g.onnx_dtype == TensorProto.FLOAT16
     accumulated = g.op1("Mul", [flat_x, g.const(np.zeros(1), g.np_dtype)])  # zeros shaped like the tokens
+    if fp16:
+        accumulated = g.op1("Cast", [accumulated], to=TensorProto.FLOAT)
     for e, expert in enumerate(routed):
         chosen = g.op1("Equal", [indices, g.const([e])])  # [T, k]
         where = g.op1("Transpose", [g.op1("NonZero", [chosen])], perm=[1, 0])  # [n, 2]: token, slot
@@ -447,7 +451,11 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
         if weights is not None:
             picked = g.op1("Unsqueeze", [g.op1("GatherND", [weights, where]), g.const([1])])  # [n, 1]
             out = g.op1("Mul", [out, picked])
+        if fp16:
+            out = g.op1("Cast", [out], to=TensorProto.FLOAT)
         accumulated = g.op1("ScatterND", [accumulated, token, out], reduction="add")
+    if fp16:
+        accumulated = g.op1("Cast", [accumulated], to=g.onnx_dtype)
     return g.op1("Reshape", [accumulated, g.op1("Shape", [residual])])
 
 
