@@ -26,17 +26,22 @@ class BlockSpec:
     """One block of the model: an optional attention, then one or more MLP experts.
 
     A dense layer is ``BlockSpec()``. A fused Dense2MoE block has ``experts > 1``; ``shared_experts`` of them
-    are always active and the rest are routed, ``top_k`` of the routed ones per token.
+    are always active and the rest are routed, ``top_k`` of the routed ones per token. ``expert_intermediate``
+    is the intermediate size of each of the block's experts when it differs from the model's (experts split from
+    an MLP's neurons, e.g. by split-experts); ``None`` means the model's own.
     """
 
     attention: bool = True
     experts: int = 1
     top_k: int = 1
     shared_experts: int = 0
+    expert_intermediate: int | None = None
 
     def __post_init__(self):
         if self.experts < 1:
             raise ValueError("a block needs at least one MLP")
+        if self.expert_intermediate is not None and self.expert_intermediate < 1:
+            raise ValueError("expert_intermediate must be positive")
         if not 0 <= self.shared_experts <= self.experts:
             raise ValueError("shared_experts must be between 0 and experts")
         if self.routed_experts and not 1 <= self.top_k <= self.routed_experts:
@@ -132,7 +137,16 @@ class ModelArch:
 
     @property
     def mlp_params(self) -> int:
+        """Parameters of one MLP of the model's own size."""
         return 3 * self.hidden_size * self.intermediate_size
+
+    def expert_intermediate(self, block: BlockSpec) -> int:
+        """Intermediate size of each expert of ``block``."""
+        return block.expert_intermediate or self.intermediate_size
+
+    def expert_params(self, block: BlockSpec) -> int:
+        """Parameters of one expert of ``block`` (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.expert_intermediate(block)
 
     def router_params(self, block: BlockSpec) -> int:
         return self.hidden_size * block.routed_experts if block.has_router else 0
@@ -146,7 +160,7 @@ class ModelArch:
             if b.attention:
                 counts["attention"] += self.attention_params
                 counts["norms"] += h
-            counts["mlp"] += b.experts * self.mlp_params
+            counts["mlp"] += b.experts * self.expert_params(b)
             counts["norms"] += b.experts * h
             counts["router"] += self.router_params(b)
         return counts
@@ -155,7 +169,7 @@ class ModelArch:
         """Parameters one token touches, by component (the embedding row read is not counted as a matrix)."""
         counts = self.param_counts()
         h = self.hidden_size
-        counts["mlp"] = sum(b.active_experts * self.mlp_params for b in self.blocks)
+        counts["mlp"] = sum(b.active_experts * self.expert_params(b) for b in self.blocks)
         counts["norms"] = h + sum(h * (b.attention + b.active_experts) for b in self.blocks)
         return counts
 
@@ -177,13 +191,15 @@ def block_spec_from_plan(plan: dict) -> BlockSpec:
     """The :class:`BlockSpec` of one entry of a converted model's ``config.blocks``.
 
     An entry is ``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int,
-    "top_k": int, "normalize_topk": bool}``; layer numbers refer to the dense parent.
+    "top_k": int, "normalize_topk": bool}`` with optionally ``"expert_intermediate": int`` and
+    ``"routing_weights": "softmax" | "ones"`` (see :mod:`d2mc.modeling`); layer numbers refer to the dense parent.
     """
     return BlockSpec(
         attention=plan.get("attention_layer") is not None,
         experts=len(plan["expert_layers"]),
         top_k=plan.get("top_k", 1),
         shared_experts=plan.get("shared_experts", 0),
+        expert_intermediate=plan.get("expert_intermediate"),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2mc.convert import ConvertOptions, convert
+from d2mc.convert import ConvertOptions, convert, method_lines
 from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
@@ -112,7 +112,8 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         engine = _engine_step(profile)
         from d2mc.plots import plot_redundancy
 
-        plot_redundancy(ctx.results["redundancy"], out / "redundancy.png", title=options.model)
+        if "redundancy" in ctx.results:
+            plot_redundancy(ctx.results["redundancy"], out / "redundancy.png", title=options.model)
         report = _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, converted_cost,
                          dense_ppl, converted_ppl, exported, measured, engine, timings, out)
         from d2mc.report import write_report
@@ -152,6 +153,8 @@ def _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, con
         "settings": dataclasses.asdict(settings),
         "options": {**dataclasses.asdict(options.conversion), "eval_tokens": options.eval_tokens},
         "plan": plan,
+        "split": conversion.get("split"),
+        "upcycle": conversion.get("upcycle"),
         "redundancy": conversion["redundancy"],
         "routers": conversion["routers"],
         "blocks": blocks,
@@ -174,14 +177,20 @@ def _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, con
 def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, measured, dense_ppl, converted_ppl,
               verify, engine, artifacts, options) -> list[dict]:
     redundancy = conversion["redundancy"]
-    sections = [
-        {"title": "Plan", "text": f"{plan['reason']}. Groups (first layer keeps its attention, every MLP becomes an "
-                                  f"expert): {plan['groups']}; top-{plan['top_k']} routing"
-                                  f"{', kept MLP shared' if plan['shared_expert'] else ''}.",
-         "columns": ["layer", "block influence", "attention influence", "mlp influence"],
-         "rows": [[i, f"{b:.4f}", f"{a:.4f}", f"{m:.4f}"] for i, (b, a, m) in
-                  enumerate(zip(redundancy["block"], redundancy["attention"], redundancy["mlp"], strict=False))],
-         "image": "redundancy.png"},
+    sections = []
+    if plan:
+        sections.append(
+            {"title": "Plan", "text": f"{plan['reason']}. Groups (first layer keeps its attention, every MLP becomes "
+                                      f"an expert): {plan['groups']}; top-{plan['top_k']} routing"
+                                      f"{', kept MLP shared' if plan['shared_expert'] else ''}.",
+             "columns": ["layer", "block influence", "attention influence", "mlp influence"],
+             "rows": [[i, f"{b:.4f}", f"{a:.4f}", f"{m:.4f}"] for i, (b, a, m) in
+                      enumerate(zip(redundancy["block"], redundancy["attention"], redundancy["mlp"], strict=False))],
+             "image": "redundancy.png"})
+    split_lines = method_lines({"split": conversion.get("split"), "upcycle": conversion.get("upcycle")})
+    if split_lines:
+        sections.append({"title": "Experts cut from MLPs", "text": " ".join(f"{line}." for line in split_lines)})
+    sections += [
         {"title": f"Blocks and their share of predicted decode time on {profile.name}",
          "columns": ["block", "attention of layer", "experts (layers)", "top-k", "decode share"],
          "rows": [[b["block"], b["attention_layer"] if b["attention_layer"] is not None else "-", b["experts"],

@@ -15,13 +15,16 @@ from d2mc.errors import UserError
 from d2mc.loading import LoadedModel
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import Pass, PassManager, create_pass
-from d2mc.plan import METHODS
+from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 
 
 @dataclass
 class ConvertOptions:
-    """What to convert and how; exactly one of the four plan sources must be set."""
+    """What to convert and how. Methods that remove layers (lfuc, drop-layers, drop-attention, lfuc-split) need
+    exactly one of the four plan sources; split-experts and upcycle take none. ``experts``, ``active_fraction``,
+    ``split_shared`` and ``layers`` shape split-experts (and the split of lfuc-split); ``experts``, ``top_k``,
+    ``upcycle_init`` and ``layers`` shape upcycle."""
 
     method: str = "lfuc"
     remove_attention: int | None = None
@@ -40,28 +43,62 @@ class ConvertOptions:
     seed: int = 0
     context: int = 512
     precision: str = "fp16"
+    experts: int = 8
+    active_fraction: float = 0.5
+    split_shared: int = 1
+    layers: str | None = None
+    upcycle_init: str = "copy"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.method not in PLANNED_METHODS:
+            given = [k for k, v in {"--remove-attention": self.remove_attention, "--budget-ms": self.budget_ms,
+                                    "--speedup": self.speedup, "--plan": self.plan}.items() if v is not None]
+            if given:
+                raise UserError(f"{given[0]} does not apply to {self.method}, which keeps every layer: "
+                                + ("choose the active share with --active-fraction" if self.method == "split-experts"
+                                   else "choose --experts and --top-k"))
+            if self.shared_expert:
+                raise UserError(f"--shared-expert keeps an LF-UC block's own MLP active and does not apply to "
+                                f"{self.method}" + (" (--split-shared keeps experts always active)"
+                                                    if self.method == "split-experts" else ""))
+        if self.method == "split-experts" and self.top_k != 1:
+            raise UserError("--top-k does not apply to split-experts: the experts active per token follow from "
+                            "--active-fraction")
 
 
 def conversion_passes(options: ConvertOptions) -> list[Pass]:
     """The passes of a method, in the order the method description reads."""
+    if options.method == "split-experts":
+        return [_split_pass(options)]
+    if options.method == "upcycle":
+        return [create_pass("upcycle", experts=options.experts, top_k=options.top_k, init=options.upcycle_init,
+                            layers=options.layers, normalize_topk=options.normalize_topk, seed=options.seed)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
                        top_k=options.top_k, shared_expert=options.shared_expert,
                        normalize_topk=options.normalize_topk, max_group=options.max_group,
-                       context=options.context, precision=options.precision)
+                       context=options.context, precision=options.precision,
+                       **({"experts": options.experts, "active_fraction": options.active_fraction,
+                           "split_shared": options.split_shared, "layers": options.layers}
+                          if options.method == "lfuc-split" else {}))
     passes = [create_pass("analyze-redundancy"), plan]
     if options.method == "drop-layers":
         return passes + [create_pass("drop-layers")]
     passes.append(create_pass("prune-attention"))
-    if options.method == "lfuc":
+    if options.method in ("lfuc", "lfuc-split"):
         passes += [create_pass("fuse-experts"), create_pass("insert-router")]
         if options.reconstruct_steps:
             passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps))
+    if options.method == "lfuc-split":
+        passes.append(_split_pass(options))
     return passes
+
+
+def _split_pass(options: ConvertOptions) -> Pass:
+    return create_pass("split-experts", experts=options.experts, active_fraction=options.active_fraction,
+                       shared=options.split_shared, layers=options.layers, seed=options.seed)
 
 
 def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
@@ -76,7 +113,7 @@ def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
                                     options.calib_data, options.seed)
     profile = load_profile(options.target) if options.target else None
     ctx = Context.from_loaded(loaded, profile=profile, calibration=calibration)
-    if options.method == "lfuc":
+    if options.method in ("lfuc", "lfuc-split"):
         ctx.teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     return ctx
 
@@ -97,7 +134,9 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
     return {
         "source": ctx.source,
         "options": asdict(options),
-        "plan": ctx.results["plan"].to_dict(),
+        "plan": ctx.results["plan"].to_dict() if "plan" in ctx.results else None,
+        "split": ctx.results.get("split"),
+        "upcycle": ctx.results.get("upcycled"),
         "redundancy": ctx.results.get("redundancy"),
         "routers": ctx.results.get("routers", {}),
         "reconstruction": ctx.results.get("reconstruction", {}),
@@ -105,6 +144,23 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "attention_blocks": len(arch.attention_blocks),
         "blocks": len(arch.blocks),
     }
+
+
+def method_lines(summary: dict) -> list[str]:
+    """What the conversion did, in a line or two: the fusion plan, the split, the upcycling."""
+    lines = []
+    if summary.get("plan"):
+        lines.append(f"plan: {summary['plan']['groups']} ({summary['plan']['reason']})")
+    if summary.get("split"):
+        s = summary["split"]
+        lines.append(f"split: {len(s['blocks'])} blocks, each MLP into {s['experts_per_mlp']} experts of "
+                     f"{s['expert_intermediate']} neurons ({s['shared_per_mlp']} always active), "
+                     f"{s['active_fraction']:.0%} of the neurons active per token")
+    if summary.get("upcycle"):
+        u = summary["upcycle"]
+        lines.append(f"upcycled: {len(u['blocks'])} MLPs into {u['experts']} experts ({u['init']}, "
+                     f"{u['expert_intermediate']} neurons each), top-{u['top_k']}")
+    return lines
 
 
 def save_converted(ctx: Context, out: str | Path, overwrite: bool = False) -> Path:

@@ -15,6 +15,14 @@ keep attention hold a KV-cache entry: their attention ``layer_idx`` counts atten
 ``config.blocks[i]`` records where each piece came from in the dense parent:
 ``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int, "top_k": int,
 "normalize_topk": bool}``; the first ``shared_experts`` entries of ``expert_layers`` are the shared ones.
+Two optional entries describe experts cut from an MLP's neurons (split-experts, upcycle):
+
+- ``"expert_intermediate": int``: the intermediate size of every expert of the block (default: the parent's).
+  A layer may then appear several times in ``expert_layers``: each occurrence is one expert made from that
+  layer's MLP, a copy of it (same size) or one slice of its neurons (``occurrences x size`` = the MLP's size).
+- ``"routing_weights": "ones"``: every chosen expert counts in full (``w = 1``), so the experts cut from an MLP
+  add up to it exactly when all are chosen; ``"softmax"`` (default) is the rule above. Under ``"ones"`` the
+  weight carries the router's gradient (``1 + p - p.detach()``) for recovery training.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_FAMILIES
+
+ROUTING_WEIGHTS = ("softmax", "ones")
 
 _CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 _MIRRORED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -105,14 +115,21 @@ class D2MCBlock(nn.Module):
         self.shared_experts = plan.get("shared_experts", 0)
         self.top_k = plan.get("top_k", 1)
         self.normalize_topk = plan.get("normalize_topk", True)
+        self.routing_weights = plan.get("routing_weights", "softmax")
+        if self.routing_weights not in ROUTING_WEIGHTS:
+            raise ValueError(f"routing_weights must be one of {ROUTING_WEIGHTS}, not {self.routing_weights!r}")
         if attention_idx is None:
             self.input_layernorm = None
             self.self_attn = None
         else:
             self.input_layernorm = classes["RMSNorm"](hidden, eps=eps)
             self.self_attn = classes["Attention"](attention_config, layer_idx=attention_idx)
+        expert_config = attention_config
+        if plan.get("expert_intermediate"):
+            expert_config = copy.deepcopy(attention_config)
+            expert_config.intermediate_size = plan["expert_intermediate"]
         self.experts = nn.ModuleList(
-            D2MCExpert(classes["RMSNorm"](hidden, eps=eps), classes["MLP"](attention_config))
+            D2MCExpert(classes["RMSNorm"](hidden, eps=eps), classes["MLP"](expert_config))
             for _ in plan["expert_layers"])
         routed = len(self.experts) - self.shared_experts
         self.router = nn.Linear(hidden, routed, bias=False) if routed > 1 else None
@@ -125,7 +142,9 @@ class D2MCBlock(nn.Module):
         """Weights and indices (into the routed experts) of the top-k experts for each token: ``[..., k]``."""
         probs = torch.softmax(self.router(hidden).float(), dim=-1)
         weights, indices = probs.topk(self.top_k, dim=-1)
-        if self.normalize_topk:
+        if self.routing_weights == "ones":  # exactly 1 in value; the gradient reaches the router through p
+            weights = 1.0 + (weights - weights.detach())
+        elif self.normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(hidden.dtype), indices
 
@@ -245,19 +264,29 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-def parent_modules(model) -> dict[str, dict[int, nn.Module]]:
-    """The dense parent's modules by layer number, from a dense model or a converted one."""
-    found = {"attention": {}, "input_norm": {}, "mlp": {}, "post_norm": {}, "router": {}}
+def parent_modules(model) -> dict[str, dict]:
+    """The dense parent's modules by layer number, from a dense model or a converted one.
+
+    ``"mlp"``/``"post_norm"`` hold the whole MLPs (with their norms) by layer; an MLP that a converted model holds
+    as several experts (copies or slices) is found only under ``"blocks"``, which maps each converted block's
+    :func:`expert_signature` to its experts and router, so an unchanged block is carried over as it is.
+    """
+    found = {"attention": {}, "input_norm": {}, "mlp": {}, "post_norm": {}, "router": {}, "blocks": {}}
     if isinstance(model, D2MCMoEForCausalLM):
         for block, plan in zip(model.model.layers, model.config.blocks, strict=False):
             if plan.get("attention_layer") is not None:
                 found["attention"][plan["attention_layer"]] = block.self_attn
                 found["input_norm"][plan["attention_layer"]] = block.input_layernorm
-            for layer, expert in zip(plan["expert_layers"], block.experts, strict=False):
-                found["mlp"][layer] = expert.mlp
-                found["post_norm"][layer] = expert.post_attention_layernorm
+            layers = plan["expert_layers"]
+            whole = not plan.get("expert_intermediate")
+            for layer, expert in zip(layers, block.experts, strict=False):
+                if whole and layers.count(layer) == 1:
+                    found["mlp"][layer] = expert.mlp
+                    found["post_norm"][layer] = expert.post_attention_layernorm
+            signature = expert_signature(plan)
+            found["blocks"][signature] = list(block.experts)
             if block.router is not None:
-                found["router"][tuple(plan["expert_layers"])] = block.router
+                found["router"][signature] = block.router
     else:
         for i, layer in enumerate(model.model.layers):
             found["attention"][i], found["input_norm"][i] = layer.self_attn, layer.input_layernorm
@@ -265,12 +294,19 @@ def parent_modules(model) -> dict[str, dict[int, nn.Module]]:
     return found
 
 
+def expert_signature(plan: dict) -> tuple:
+    """What makes two blocks' experts the same: their parent layers, sizes and shared count."""
+    return (tuple(plan["expert_layers"]), plan.get("expert_intermediate"), plan.get("shared_experts", 0))
+
+
 def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
     """Assemble a converted model with the block plan ``blocks`` from the modules of ``model``.
 
     ``model`` is a dense model or a converted one; its modules are moved, not copied, so it must not be used
-    afterwards. A block keeps its router when its experts are unchanged; a new router starts at zero (uniform
-    routing) until a pass fits it.
+    afterwards. A block whose experts are unchanged keeps them and its router; otherwise each expert is made from
+    its layer's whole MLP: the MLP itself, a copy when the layer gives several experts of its full size, or
+    consecutive slices of its neurons when it gives ``n`` experts of ``1/n`` of its size (a down-projection bias,
+    if any, goes to the first slice). A new router starts at zero (uniform routing) until a pass fits it.
     """
     base = model.config.base_config if isinstance(model, D2MCMoEForCausalLM) else _plain_base_config(model.config)
     config = D2MCMoEConfig(base_config=base, blocks=blocks)
@@ -280,7 +316,7 @@ def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
     modules = parent_modules(model)
     attention_config = converted.model.attention_config
     dtype = model.lm_head.weight.dtype
-    for block, plan in zip(converted.model.layers, blocks, strict=False):
+    for b, (block, plan) in enumerate(zip(converted.model.layers, blocks, strict=False)):
         if block.self_attn is not None:
             attention = modules["attention"][plan["attention_layer"]]
             attention.layer_idx = block.self_attn.layer_idx
@@ -290,10 +326,13 @@ def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
                 attention.sliding_window = block.self_attn.sliding_window
             block.self_attn = attention
             block.input_layernorm = modules["input_norm"][plan["attention_layer"]]
-        for i, layer in enumerate(plan["expert_layers"]):
-            block.experts[i] = D2MCExpert(modules["post_norm"][layer], modules["mlp"][layer])
+        signature = expert_signature(plan)
+        if signature in modules["blocks"]:
+            block.experts = nn.ModuleList(modules["blocks"][signature])
+        else:
+            _experts_from_mlps(b, block, plan, modules, dtype)
         if block.router is not None:
-            router = modules["router"].get(tuple(plan["expert_layers"]))
+            router = modules["router"].get(signature)
             if router is None:
                 router = nn.Linear(config.hidden_size, block.router.out_features, bias=False, dtype=dtype)
                 nn.init.zeros_(router.weight)
@@ -306,6 +345,44 @@ def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
     if config.tie_word_embeddings:
         converted.lm_head.weight = converted.model.embed_tokens.weight
     return converted.eval()
+
+
+def _experts_from_mlps(b: int, block: D2MCBlock, plan: dict, modules: dict, dtype: torch.dtype) -> None:
+    """Fill ``block.experts`` from whole parent MLPs: the MLP itself, copies of it, or slices of its neurons."""
+    layers = plan["expert_layers"]
+    seen: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        if layer not in modules["mlp"]:
+            raise ValueError(f"block {b}: layer {layer}'s MLP is not available whole in the source model (it is "
+                             "already split into experts there)")
+        mlp, norm = modules["mlp"][layer], modules["post_norm"][layer]
+        occurrence = seen[layer] = seen.get(layer, -1) + 1
+        count = layers.count(layer)
+        whole = mlp.gate_proj.out_features
+        size = plan.get("expert_intermediate") or whole
+        if size == whole:
+            block.experts[i] = D2MCExpert(norm if occurrence == 0 else copy.deepcopy(norm),
+                                          mlp if occurrence == 0 else copy.deepcopy(mlp))
+        elif size * count == whole:
+            template = block.experts[i].mlp.to_empty(device=mlp.gate_proj.weight.device).to(dtype)
+            _copy_slice(template, mlp, occurrence * size, (occurrence + 1) * size, first=occurrence == 0)
+            block.experts[i] = D2MCExpert(copy.deepcopy(norm), template)
+        else:
+            raise ValueError(f"block {b}: {count} expert(s) of {size} neurons from layer {layer}'s MLP of {whole}: "
+                             f"experts are copies ({whole} neurons) or a partition ({count} x {size} = {whole})")
+
+
+@torch.no_grad()
+def _copy_slice(target: nn.Module, source: nn.Module, start: int, stop: int, first: bool) -> None:
+    """Neurons ``start:stop`` of the SwiGLU MLP ``source`` into the smaller MLP ``target``."""
+    for name in ("gate_proj", "up_proj"):
+        src, dst = getattr(source, name), getattr(target, name)
+        dst.weight.copy_(src.weight[start:stop])
+        if src.bias is not None:
+            dst.bias.copy_(src.bias[start:stop])
+    target.down_proj.weight.copy_(source.down_proj.weight[:, start:stop])
+    if source.down_proj.bias is not None:
+        target.down_proj.bias.copy_(source.down_proj.bias if first else torch.zeros_like(source.down_proj.bias))
 
 
 def dense_plan(num_layers: int) -> list[dict]:

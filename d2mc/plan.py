@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from d2mc.errors import UserError
 
-METHODS = ("lfuc", "drop-layers", "drop-attention")
+METHODS = ("lfuc", "drop-layers", "drop-attention", "split-experts", "lfuc-split", "upcycle")
+PLANNED_METHODS = ("lfuc", "drop-layers", "drop-attention", "lfuc-split")  # those that remove layers by a plan
+UPCYCLE_INITS = ("copy", "partition")
 
 
 @dataclass
@@ -39,8 +41,8 @@ class FusionPlan:
             return [_block(i, [i]) for i in range(self.num_layers) if i not in dropped]
         if method == "drop-attention":
             return [_block(None if i in removed else i, [i]) for i in range(self.num_layers)]
-        if method != "lfuc":
-            raise UserError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+        if method not in ("lfuc", "lfuc-split"):
+            raise UserError(f"unknown method '{method}': choose one of {', '.join(PLANNED_METHODS)}")
         starts = {g[0]: g for g in self.groups}
         blocks = []
         for i in range(self.num_layers):
@@ -126,3 +128,130 @@ def _runs(layers: set[int]) -> list[list[int]]:
         else:
             runs.append([layer])
     return runs
+
+
+# ---- experts cut from MLPs: split-experts (ToMoE / MoEfication) and upcycle --------------------------------------
+
+def parse_layers(text: str | None, num_layers: int) -> list[int]:
+    """Parse ``"2-27"`` or ``"3,5,8-9"`` into layer numbers (``None``: every layer), refusing bad ranges."""
+    if text is None:
+        return list(range(num_layers))
+    layers: set[int] = set()
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        first, sep, last = part.partition("-")
+        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+            raise UserError(f"bad layer range '{part}': write layers as 3,5 or FIRST-LAST, e.g. 2-27")
+        a, b = int(first), int(last) if sep else int(first)
+        if b < a or b >= num_layers:
+            raise UserError(f"layer range '{part}' is out of range: the model has layers 0-{num_layers - 1}")
+        layers.update(range(a, b + 1))
+    if not layers:
+        raise UserError("no layers given: write them as 3,5 or FIRST-LAST, e.g. 2-27")
+    return sorted(layers)
+
+
+def check_expert_count(experts: int, intermediate: int, option: str = "--experts") -> int:
+    """The neurons per expert when an MLP of ``intermediate`` neurons is cut into ``experts`` equal slices."""
+    if experts < 2:
+        raise UserError(f"{option} must be at least 2, not {experts}")
+    if experts > intermediate:
+        raise UserError(f"{option} {experts} is more than the {intermediate} neurons of each MLP")
+    if intermediate % experts:
+        raise UserError(f"{option} {experts} does not divide the {intermediate} neurons of each MLP into equal "
+                        f"experts: choose a divisor of {intermediate}")
+    return intermediate // experts
+
+
+def active_mlps(block: dict) -> tuple[list[int], int]:
+    """Positions (in ``expert_layers``) of a block's always-active MLPs, and how many MLPs a token uses."""
+    layers, shared = block["expert_layers"], block.get("shared_experts", 0)
+    routed = len(layers) - shared
+    if routed <= 1:
+        return list(range(len(layers))), len(layers)
+    return list(range(shared)), shared + block.get("top_k", 1)
+
+
+def split_block(block: dict, intermediate: int, experts: int, active_fraction: float, shared: int = 0,
+                where: str = "") -> dict:
+    """The block split-experts makes of ``block``: every MLP cut into ``experts`` experts of equal size, routed
+    together with weight 1 each, ``active_fraction`` of the neurons the block used per token still active.
+
+    ``shared`` experts of every always-active MLP (a dense layer's MLP, an LF-UC shared expert) stay always active
+    and count towards the active share. In ``expert_layers`` the shared experts come first, then each MLP's routed
+    experts in the order of its layers; each layer's experts are consecutive slices of its (permuted) neurons.
+    """
+    where = where or f"block of layers {block['expert_layers']}"
+    size = check_expert_count(experts, intermediate)
+    if not 0 < active_fraction <= 1:
+        raise UserError(f"--active-fraction {active_fraction:g} is out of range: give the share of each MLP's "
+                        "neurons that stays active per token, in (0, 1]")
+    if block.get("expert_intermediate"):
+        raise UserError(f"{where} is already split into experts")
+    layers = block["expert_layers"]
+    always, used = active_mlps(block)
+    if len(always) < len(layers) and not (block.get("top_k", 1) == 1 and block.get("normalize_topk", True)
+                                          and block.get("routing_weights", "softmax") == "softmax"):
+        raise UserError(f"{where} weights its experts by their softmax probability (top-k above 1 or no "
+                        "normalisation): splitting needs experts that count in full (top-1, normalised)")
+    active = active_fraction * experts * used
+    if abs(active - round(active)) > 1e-6:
+        raise UserError(f"--active-fraction {active_fraction:g} of {experts} experts per MLP is {active:g} experts: "
+                        f"choose a multiple of 1/{experts}")
+    if not 0 <= shared < experts:
+        raise UserError(f"--split-shared {shared} must be between 0 and {experts - 1} (of {experts} experts)")
+    n_shared = shared * len(always)
+    top_k = round(active) - n_shared
+    if top_k < 1:
+        raise UserError(f"--split-shared {shared} keeps {n_shared} experts always active, which leaves none of the "
+                        f"{round(active)} active experts to route: lower --split-shared or raise --active-fraction")
+    shared_layers = [layers[i] for i in always for _ in range(shared)]
+    routed_layers = [layer for i, layer in enumerate(layers) for _ in range(experts - (shared if i in always else 0))]
+    return {"attention_layer": block.get("attention_layer"), "expert_layers": shared_layers + routed_layers,
+            "shared_experts": n_shared, "top_k": top_k, "normalize_topk": True, "expert_intermediate": size,
+            "routing_weights": "ones"}
+
+
+def split_plan(blocks: list[dict], intermediate: int, experts: int, active_fraction: float, shared: int = 0,
+               layers: list[int] | None = None) -> tuple[list[dict], list[int]]:
+    """``blocks`` with every block whose MLPs all come from ``layers`` (default: all) split by :func:`split_block`;
+    also returns the indices of the split blocks."""
+    chosen = None if layers is None else set(layers)
+    targets = [i for i, b in enumerate(blocks) if chosen is None or set(b["expert_layers"]) <= chosen]
+    if not targets:
+        raise UserError(f"no block has all its MLPs in layers {_fmt_layers(layers)}: nothing to split")
+    out = list(blocks)
+    for i in targets:
+        out[i] = split_block(blocks[i], intermediate, experts, active_fraction, shared, where=f"block {i}")
+    return out, targets
+
+
+def _fmt_layers(layers) -> str:
+    return ",".join(str(x) for x in layers) if layers else "(none)"
+
+
+def upcycle_block(block: dict, intermediate: int, experts: int, top_k: int, init: str = "copy",
+                  normalize_topk: bool = True) -> dict:
+    """The block upcycle makes of a dense layer's ``block``: its MLP as ``experts`` experts, ``top_k`` per token.
+
+    ``init="copy"``: full copies, weighted by their (renormalised) softmax probability, so a fresh upcycled model
+    computes what the dense one did; ``"partition"``: consecutive slices of the neurons, each counting in full.
+    """
+    if init not in UPCYCLE_INITS:
+        raise UserError(f"unknown upcycling init '{init}': choose one of {', '.join(UPCYCLE_INITS)}")
+    if len(block["expert_layers"]) != 1:
+        raise UserError(f"upcycling starts from dense layers; layers {block['expert_layers']} are already fused")
+    if init == "copy":
+        if experts < 2:
+            raise UserError(f"--experts must be at least 2, not {experts}")
+        size = None
+    else:
+        size = check_expert_count(experts, intermediate)
+    if not 1 <= top_k <= experts:
+        raise UserError(f"--top-k {top_k} is more than the {experts} experts" if top_k > experts
+                        else f"--top-k must be at least 1, not {top_k}")
+    layer = block["expert_layers"][0]
+    planned = {"attention_layer": block.get("attention_layer"), "expert_layers": [layer] * experts,
+               "shared_experts": 0, "top_k": top_k, "normalize_topk": normalize_topk}
+    if size is not None:
+        planned.update(expert_intermediate=size, routing_weights="ones")
+    return planned

@@ -13,7 +13,15 @@ score and value products with their KV-cache reads and the cache write), ``o_pro
 MoE accounting: a decode step reads only the experts it uses. At batch 1 that is the shared experts plus top-k
 routed ones; for a batch of ``B`` tokens routed independently and uniformly over ``E`` experts it is the
 expected number of distinct experts, ``E * (1 - (1 - k/E) ** B)``, unless measured routing statistics (how
-often each expert is chosen, per block) are given. Prefill treats every prompt token the same way.
+often each expert is chosen, per block) are given. Prefill treats every prompt token the same way. Experts may be
+smaller than the model's MLP (``BlockSpec.expert_intermediate``: experts cut from an MLP's neurons); bytes and
+FLOPs are those of the experts' own size.
+
+Kernel launches of an MoE block follow its lowering on the device: on a device with TensorRT the block is one
+``D2mcMoE`` plugin node, which normalises once and runs every chosen expert in a fixed number of kernels (route,
+gate/up, down on the GEMV path of up to 8 tokens; eight on the grouped path), however many experts there are; on
+a device without TensorRT (ONNX Runtime, expert dispatch through standard ops) each expert read is its own norm
+and three projections.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from d2mc.arch import BlockSpec, ModelArch, bytes_per_element
+from d2mc.engine.plugin_spec import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
 from d2mc.errors import UserError
 from d2mc.profiles import OP_CLASSES, DeviceProfile  # noqa: F401  (OP_CLASSES is part of this module's API)
 
@@ -258,7 +267,7 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     w = bytes_per_element(settings.precision)
     a = max(w, 2.0) if profile.kind == "gpu" else 4.0  # activations stay in a float format
     kvb = bytes_per_element(settings.kv)
-    h, inter = arch.hidden_size, arch.intermediate_size
+    h = arch.hidden_size
     q_dim, kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     cost = PhaseCost(phase, b, n, past)
     ops = cost.ops
@@ -281,7 +290,8 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
             kv_write = tokens * 2 * kv_dim * kvb
             add(i, "attention", 4 * pairs * q_dim, kv_read + kv_write + 2 * tokens * q_dim * a)
             add(i, "o_proj", 2 * tokens * q_dim * h, q_dim * h * w + tokens * (q_dim + h) * a)
-        _add_experts(add, i, block, tokens, h, inter, w, a, rates.get(i))
+        _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), w, a, rates.get(i),
+                     fused_moe=bool(profile.tensorrt_precisions))
     add(OUTSIDE, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
     logits_tokens = b  # generation keeps only the last position's logits
     add(OUTSIDE, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
@@ -296,8 +306,9 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
 
 
 def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, a: float,
-                 rates: list[float] | None) -> None:
-    """Norms, router and MLPs of one block; the weights read are those of the experts the tokens use."""
+                 rates: list[float] | None, fused_moe: bool = False) -> None:
+    """Norms, router and MLPs of one block (``inter``: each expert's intermediate size); the weights read are those
+    of the experts the tokens use. ``fused_moe``: a routed block runs as one plugin node (see the module text)."""
     expert_weights = 3 * h * inter * w
     active_per_token = block.active_experts
     if block.has_router:
@@ -310,11 +321,14 @@ def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int,
     else:
         read = block.experts
     kernels = max(1, round(read))
+    norm_kernels, mlp_kernels = kernels, kernels * 3
+    if fused_moe and block.has_router:
+        norm_kernels, mlp_kernels = 1, GEMV_KERNELS if tokens <= GEMV_MAX_TOKENS else GROUPED_KERNELS
     add(i, "norm", 4 * tokens * h * active_per_token, read * h * w + 2 * tokens * h * a * active_per_token,
-        kernels=kernels)
+        kernels=norm_kernels)
     # gate, up and down projections: three weight matrices per expert read; SiLU and the product ride along
     add(i, "mlp", 2 * tokens * active_per_token * 3 * h * inter,
-        read * expert_weights + tokens * active_per_token * (2 * h + 3 * inter) * a, kernels=kernels * 3)
+        read * expert_weights + tokens * active_per_token * (2 * h + 3 * inter) * a, kernels=mlp_kernels)
 
 
 def estimate(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings | None = None,

@@ -9,7 +9,7 @@ from d2mc.arch import block_spec_from_plan
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.pipeline import Pass, PassResult, register_pass
-from d2mc.plan import FusionPlan, choose_groups, parse_plan
+from d2mc.plan import FusionPlan, choose_groups, parse_layers, parse_plan, split_plan
 from d2mc.roofline import predict_decode_seconds
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,8 @@ class PlanFusion(Pass):
     profile), ``speedup`` (predicted decode S times faster than dense) or ``plan`` ("12-13,16-17").
 
     Counts and budgets pick the layers with the lowest block influence (analyze-redundancy); budgets take the
-    smallest number of removals whose roofline prediction meets the target.
+    smallest number of removals whose roofline prediction meets the target. For ``lfuc-split`` the prediction is
+    that of the fused blocks after split-experts (``experts``, ``active_fraction``, ``split_shared``, ``layers``).
     """
 
     name = "plan-fusion"
@@ -30,7 +31,8 @@ class PlanFusion(Pass):
 
     def __init__(self, method: str = "lfuc", remove_attention: int | None = None, budget_ms: float | None = None,
                  speedup: float | None = None, plan: str | None = None, top_k: int = 1, shared_expert: bool = False,
-                 normalize_topk: bool = True, max_group: int = 8, context: int = 512, precision: str = "fp16"):
+                 normalize_topk: bool = True, max_group: int = 8, context: int = 512, precision: str = "fp16",
+                 experts: int = 8, active_fraction: float = 0.5, split_shared: int = 0, layers: str | None = None):
         given = [k for k, v in {"--remove-attention": remove_attention, "--budget-ms": budget_ms,
                                 "--speedup": speedup, "--plan": plan}.items() if v is not None]
         if len(given) != 1:
@@ -47,6 +49,7 @@ class PlanFusion(Pass):
         self.method, self.remove_attention, self.budget_ms, self.speedup = method, remove_attention, budget_ms, speedup
         self.plan, self.top_k, self.shared_expert, self.normalize_topk = plan, top_k, shared_expert, normalize_topk
         self.max_group, self.context, self.precision = max_group, context, precision
+        self.split = {"experts": experts, "active_fraction": active_fraction, "shared": split_shared, "layers": layers}
 
     def run(self, ctx: Context) -> PassResult:
         n = ctx.arch.num_blocks
@@ -84,7 +87,7 @@ class PlanFusion(Pass):
                 plan = self._plan_for(k, scores, options)
             except UserError:
                 break
-            predicted = predict_decode_seconds(_arch_of(ctx.arch, plan, self.method), ctx.profile, self.context,
+            predicted = predict_decode_seconds(self._arch_of(ctx.arch, plan), ctx.profile, self.context,
                                                self.precision)
             best = (plan, predicted)
             if predicted <= target:
@@ -96,9 +99,14 @@ class PlanFusion(Pass):
         raise UserError(f"the budget of {target * 1e3:.3f} ms on {ctx.profile.name} is unreachable: the most this "
                         f"method can remove under the guards predicts {reached} (dense {dense * 1e3:.3f} ms)")
 
-
-def _arch_of(arch, plan: FusionPlan, method: str):
-    return dataclasses.replace(arch, blocks=tuple(block_spec_from_plan(b) for b in plan.blocks(method)))
+    def _arch_of(self, arch, plan: FusionPlan):
+        blocks = plan.blocks(self.method)
+        if self.method == "lfuc-split":
+            s = self.split
+            layers = parse_layers(s["layers"], arch.num_blocks) if s["layers"] is not None else None
+            blocks, _ = split_plan(blocks, arch.intermediate_size, s["experts"], s["active_fraction"], s["shared"],
+                                   layers)
+        return dataclasses.replace(arch, blocks=tuple(block_spec_from_plan(b) for b in blocks))
 
 
 def _check_top_k(plan: FusionPlan) -> None:

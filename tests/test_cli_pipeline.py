@@ -32,6 +32,47 @@ def test_convert_export_run(tiny_checkpoint_with_tokenizer, tmp_path):
     assert result.exit_code == 0 and len(result.output.strip()) > 0
 
 
+@pytest.mark.parametrize("method, extra", [("split-experts", ["--active-fraction", "0.75"]),
+                                           ("lfuc-split", ["--remove-attention", "2", "--reconstruct-steps", "0"]),
+                                           ("upcycle", ["--experts", "4", "--top-k", "2"])])
+def test_convert_with_experts_cut_from_mlps(tiny_checkpoint_with_tokenizer, tmp_path, method, extra):
+    out = tmp_path / method
+    result = invoke("convert", tiny_checkpoint_with_tokenizer, "--method", method, *extra, "--calib-sequences", "2",
+                    "--calib-length", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "d2mc_plan.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    blocks = model.config.blocks
+    if method == "upcycle":
+        assert "upcycled: 8 MLPs into 4 experts (copy, 128 neurons each), top-2" in result.output
+        assert summary["parameters"]["total"] > summary["parameters"]["active_per_token"]
+    else:
+        assert "split:" in result.output and summary["split"]["experts_per_mlp"] == 8
+        assert all(b["routing_weights"] == "ones" for b in blocks)
+    if method == "lfuc-split":
+        assert summary["plan"]["removed_attention"] and max(len(b["expert_layers"]) for b in blocks) == 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "split-experts", "--experts", "1000"], "error: split-experts: --experts 1000 is more than the 128 "
+                                                         "neurons of each MLP"),
+    (["--method", "split-experts", "--active-fraction", "1.5"], "error: --active-fraction 1.5 is out of range"),
+    (["--method", "split-experts", "--speedup", "1.2"], "error: --speedup does not apply to split-experts"),
+    (["--method", "split-experts", "--top-k", "2"], "error: --top-k does not apply to split-experts"),
+    (["--method", "upcycle", "--experts", "4", "--top-k", "5"], "error: upcycle: --top-k 5 is more than the 4 "
+                                                                "experts"),
+])
+def test_convert_refusals_are_one_line(tiny_checkpoint_with_tokenizer, tmp_path, capsys, args, message):
+    from d2mc.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(tiny_checkpoint_with_tokenizer), *args, "--calib-sequences", "2", "--calib-length", "32",
+              "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_profile_config_only_and_measured(tiny_checkpoint_with_tokenizer, tmp_path):
     result = invoke("profile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--config-only",
                     "--context", "128", "--prefill", "32", "-o", tmp_path / "roofline")

@@ -39,6 +39,23 @@ def test_converted_families_export(family, tmp_path):
     assert verify_onnx(model, lower_to_onnx(model, tmp_path)).max_abs_diff < 1e-4
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_unit_weight_blocks_in_the_contrib_form(tmp_path, top_k):
+    """ONNX Runtime's MoE op weights by softmax only: a block whose chosen experts count in full hands it logits
+    that make the top-k equally likely and down projections scaled by k; the result is the PyTorch block's."""
+    plan = dense_plan(6)
+    plan[3] = {"attention_layer": 3, "expert_layers": [3] * 4, "shared_experts": 0, "top_k": top_k,
+               "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}
+    model = restructure(tiny_model("llama"), plan)
+    torch.nn.init.normal_(model.model.layers[3].router.weight, std=0.5)
+    for moe_op in ("contrib", "dispatch"):
+        path = lower_to_onnx(model, tmp_path / moe_op, LoweringOptions(moe_op=moe_op))
+        result = verify_onnx(model, path, prefill=12, decode_steps=8)
+        assert result.passed and result.max_abs_diff < 1e-4, (moe_op, result)
+    graph = onnx.load(path, load_external_data=False).graph
+    assert "Mul" not in {n.op_type for n in graph.node if n.name.startswith("GatherND")}  # dispatch: no weights
+
+
 def test_kv_entries_only_for_blocks_with_attention(tmp_path):
     graph = onnx.load(lower_to_onnx(fused("llama"), tmp_path), load_external_data=False).graph
     past = [i.name for i in graph.input if i.name.startswith("past_key_values")]

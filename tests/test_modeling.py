@@ -57,6 +57,53 @@ def test_save_load_round_trip_and_parameter_counts(tmp_path, family):
     assert arch.blocks[2].experts == 2 and arch.blocks[2].active_experts == 2 and not arch.blocks[2].has_router
 
 
+def test_experts_cut_from_an_mlp_round_trip_with_their_size(tmp_path):
+    """Two layers' MLPs each as 4 slices of 32 neurons with weight 1; all 8 chosen: the sum of the two MLPs."""
+    plan = dense_plan(6)
+    plan[2:4] = [{"attention_layer": None, "expert_layers": [2] * 4 + [3] * 4, "shared_experts": 0, "top_k": 8,
+                  "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}]
+    dense = tiny_model("llama")
+    model = restructure(tiny_model("llama"), plan)
+    block = model.model.layers[2]
+    assert [e.mlp.gate_proj.out_features for e in block.experts] == [32] * 8
+    hidden = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        expected = hidden + dense.model.layers[2].mlp(dense.model.layers[2].post_attention_layernorm(hidden)) \
+            + dense.model.layers[3].mlp(dense.model.layers[3].post_attention_layernorm(hidden))
+        assert (block(hidden) - expected).abs().max() < 1e-5
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.model.layers[2].experts[7].mlp.down_proj.in_features == 32
+    arch = ModelArch.from_config(reloaded.config)
+    assert arch.param_counts() == count_parameters(reloaded)
+    assert arch.blocks[2].expert_intermediate == 32 and arch.blocks[2].active_experts == 8
+
+
+def test_copies_and_unchanged_blocks_through_restructure():
+    """A layer giving several experts of its full size gives copies; restructuring a converted model again keeps a
+    split block as it is (its slices cannot be remade from a whole MLP, which no longer exists)."""
+    plan = dense_plan(6)
+    plan[1] = {"attention_layer": 1, "expert_layers": [1, 1], "shared_experts": 0, "top_k": 1, "normalize_topk": True}
+    plan[4] = {"attention_layer": 4, "expert_layers": [4] * 4, "shared_experts": 0, "top_k": 2,
+               "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}
+    model = restructure(tiny_model("llama"), plan)
+    copies = model.model.layers[1].experts
+    assert copies[0].mlp is not copies[1].mlp and torch.equal(copies[0].mlp.up_proj.weight, copies[1].mlp.up_proj.weight)
+    slices = list(model.model.layers[4].experts)
+    router = model.model.layers[4].router
+    again = restructure(model, plan)
+    assert list(again.model.layers[4].experts) == slices and again.model.layers[4].router is router
+    bad = dense_plan(6)
+    bad[3] = {**plan[4], "attention_layer": 3, "expert_layers": [3] * 3, "top_k": 1}
+    with pytest.raises(ValueError, match=r"3 expert\(s\) of 32 neurons from layer 3's MLP of 128: experts are "
+                                         r"copies \(128 neurons\) or a partition \(3 x 32 = 96\)"):
+        restructure(tiny_model("llama"), bad)
+    resplit = list(plan)
+    resplit[4] = {**plan[4], "expert_layers": [4] * 2, "expert_intermediate": 64}
+    with pytest.raises(ValueError, match="layer 4's MLP is not available whole in the source model"):
+        restructure(restructure(tiny_model("llama"), plan), resplit)
+
+
 def test_top_k_beyond_routed_experts_is_refused():
     with pytest.raises(ValueError, match="top_k=3 must be between 1 and the 2 routed experts"):
         ModelArch.from_config(restructure(tiny_model("llama"), fused_plan(top_k=3)).config)

@@ -103,6 +103,32 @@ def test_moe_decode_reads_only_the_chosen_experts():
     assert shared["mlp"].bytes == 2 * 3 * 8 * 16 * 2 + 2 * (16 + 48) * 2
 
 
+def test_smaller_experts_read_and_compute_their_own_size():
+    """Experts of 4 neurons cut from an MLP of 16: top-2 of 4 reads and computes two 4-neuron experts."""
+    profile = load_profile("orin-agx")
+    split = ops(estimate_phase(arch([BlockSpec(experts=4, top_k=2, expert_intermediate=4)]), profile, "decode",
+                               RooflineSettings()))
+    assert split["mlp"].flops == 2 * 2 * 3 * 8 * 4
+    assert split["mlp"].bytes == 2 * 3 * 8 * 4 * 2 + 2 * (16 + 3 * 4) * 2
+    a = arch([BlockSpec(experts=4, top_k=2, expert_intermediate=4), BlockSpec()])
+    assert a.param_counts()["mlp"] == 4 * 3 * 8 * 4 + 3 * 8 * 16
+    assert a.active_param_counts()["mlp"] == 2 * 3 * 8 * 4 + 3 * 8 * 16
+
+
+def test_an_moe_block_is_one_plugin_node_on_a_tensorrt_device():
+    """On a TensorRT device the experts run inside one D2mcMoE node (route, gate/up, down on the GEMV path; 8 kernels
+    on the grouped path) and the block normalises once; ONNX Runtime dispatch launches per expert."""
+    block = arch([BlockSpec(experts=8, top_k=4, expert_intermediate=2)])
+    orin, host = load_profile("orin-agx"), load_profile("host-cpu")
+    decode = estimate_phase(block, orin, "decode", RooflineSettings())
+    assert ops(decode)["mlp"].kernels == 3 and [n.kernels for n in norms(decode)] == [1, 1]
+    assert ops(estimate_phase(block, orin, "prefill", RooflineSettings(prefill=64)))["mlp"].kernels == 8
+    cpu = estimate_phase(block, host, "decode", RooflineSettings(precision="fp32"))
+    assert ops(cpu)["mlp"].kernels == 4 * 3 and [n.kernels for n in norms(cpu)] == [1, 4]
+    dense = estimate_phase(arch(), orin, "decode", RooflineSettings())
+    assert ops(dense)["mlp"].kernels == 3  # a dense MLP is unchanged
+
+
 def test_a_block_without_attention_has_no_attention_operators():
     profile = load_profile("orin-agx")
     cost = estimate_phase(arch([BlockSpec(attention=False, experts=2)]), profile, "decode", RooflineSettings())

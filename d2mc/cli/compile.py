@@ -24,15 +24,18 @@ from d2mc.cli.convert import convert_options_from, plan_options
 def command(model, target, eval_tokens, prefill, context, no_measure, output, overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
-    Without --remove-attention, --budget-ms, --speedup or --plan, the plan targets a 1.2x predicted decode
-    speed-up on the device.
+    Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
+    a 1.2x predicted decode speed-up on the device.
     """
     import time
     from pathlib import Path
 
     from d2mc.compile import CompileOptions, check_output_free, compile_model
+    from d2mc.convert import method_lines
+    from d2mc.plan import PLANNED_METHODS
 
-    if not any(plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
+    if plan["method"] in PLANNED_METHODS and not any(
+            plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
@@ -48,7 +51,8 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
         return
     out = console()
     p = report["predicted"]["decode"]
-    out.print(f"plan: {report['plan']['groups']} ({report['plan']['reason']})")
+    for line in method_lines(report):
+        out.print(line)
     out.print(f"parameters: {report['parameters']['total']:,} total, {report['parameters']['active_per_token']:,} "
               f"active per token (dense {report['parameters']['dense_total']:,})")
     out.print(f"predicted decode on {report['target']}: {p['dense_s'] * 1e3:.3f} ms dense -> "

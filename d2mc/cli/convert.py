@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
+from d2mc.plan import METHODS, UPCYCLE_INITS
 
 
 def plan_options(func):
     """The options that choose what to remove, shared by convert and compile."""
     for option in reversed([
-        click.option("--method", type=click.Choice(["lfuc", "drop-layers", "drop-attention"]), default="lfuc",
-                     show_default=True, help="Dense2MoE layer fusion, or a baseline on the same plan."),
+        click.option("--method", type=click.Choice(METHODS), default="lfuc", show_default=True,
+                     help="Dense2MoE layer fusion, a baseline on the same plan, MLPs split into experts "
+                          "(split-experts; lfuc-split: LF-UC, then split), or sparse upcycling."),
         click.option("--remove-attention", type=int, help="Remove this many attention modules."),
         click.option("--budget-ms", type=float, help="Predicted decode latency budget on --target (ms)."),
         click.option("--speedup", type=float, help="Predicted decode speed-up over dense on --target."),
@@ -22,6 +24,16 @@ def plan_options(func):
         click.option("--max-group", type=int, default=8, show_default=True, help="Most layers fused into one block."),
         click.option("--reconstruct-steps", type=int, default=150, show_default=True,
                      help="Block-wise reconstruction steps for the fused experts (0: routers only)."),
+        click.option("--experts", type=int, default=8, show_default=True,
+                     help="split-experts, lfuc-split, upcycle: experts made of each MLP."),
+        click.option("--active-fraction", type=float, default=0.5, show_default=True,
+                     help="split-experts, lfuc-split: share of each MLP's neurons active per token."),
+        click.option("--split-shared", type=int, default=1, show_default=True,
+                     help="split-experts, lfuc-split: experts of each always-active MLP kept always active."),
+        click.option("--layers", help="split-experts, lfuc-split, upcycle: parent layers to convert, e.g. 2-27 "
+                                      "(default: all)."),
+        click.option("--upcycle-init", type=click.Choice(UPCYCLE_INITS), default="copy", show_default=True,
+                     help="upcycle: experts as copies of the MLP or slices of its neurons."),
         click.option("--calib-data", type=click.Path(), help="Calibration text (.txt or .jsonl); default: the "
                                                              "built-in corpus, held-out part excluded."),
         click.option("--calib-sequences", type=int, default=16, show_default=True),
@@ -32,14 +44,17 @@ def plan_options(func):
 
 
 def convert_options_from(target, method, remove_attention, budget_ms, speedup, plan_text, top_k, shared_expert,
-                         no_normalize, max_group, reconstruct_steps, calib_data, calib_sequences, calib_length):
+                         no_normalize, max_group, reconstruct_steps, experts, active_fraction, split_shared, layers,
+                         upcycle_init, calib_data, calib_sequences, calib_length):
     from d2mc.convert import ConvertOptions
 
     return ConvertOptions(method=method, remove_attention=remove_attention, budget_ms=budget_ms, speedup=speedup,
                           plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
                           normalize_topk=not no_normalize, max_group=max_group,
                           reconstruct_steps=reconstruct_steps, calib_data=calib_data,
-                          calib_sequences=calib_sequences, calib_length=calib_length)
+                          calib_sequences=calib_sequences, calib_length=calib_length, experts=experts,
+                          active_fraction=active_fraction, split_shared=split_shared, layers=layers,
+                          upcycle_init=upcycle_init)
 
 
 @click.command("convert")
@@ -65,8 +80,10 @@ def command(model, target, output, overwrite, quiet, as_json, **plan):
         print_json(summary)
         return
     out = console()
-    plan_info = summary["plan"]
-    out.print(f"plan: {plan_info['groups']} ({plan_info['reason']})")
+    from d2mc.convert import method_lines
+
+    for line in method_lines(summary):
+        out.print(line)
     for block, stats in summary["routers"].items():
         out.print(f"  router of block {block}: agreement {stats['agreement']:.3f}, "
                   f"load {[round(x, 3) for x in stats['load']]}")

@@ -36,7 +36,7 @@ def plugin_weights(block) -> tuple[torch.Tensor, torch.Tensor, MoePluginAttribut
     attributes = MoePluginAttributes(
         num_experts=len(block.experts) - block.shared_experts, num_shared=block.shared_experts, top_k=block.top_k,
         hidden_size=first.gate_proj.weight.shape[1], intermediate_size=first.gate_proj.weight.shape[0],
-        normalize=int(block.normalize_topk))
+        normalize=2 if block.routing_weights == "ones" else int(block.normalize_topk))
     return torch.stack(fc1).detach(), torch.stack(fc2).detach(), attributes
 
 

@@ -13,13 +13,16 @@ import torch
 from d2mc.engine.plugin_spec import MoePluginAttributes
 
 
-def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (fp32) and indices of the top_k routed experts per token, ``[T, top_k]`` each."""
+def route(router_logits: torch.Tensor, top_k: int, normalize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (fp32) and indices of the top_k routed experts per token, ``[T, top_k]`` each (``normalize``: 0
+    softmax probability, 1 renormalised, 2 weight 1)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
     # torch.topk does not promise an order among equal values; the kernel takes the lower index first
     order = torch.argsort(-probs, dim=-1, stable=True)[:, :top_k]
     weights = probs.gather(-1, order)
-    if normalize:
+    if normalize == 2:
+        weights = torch.ones_like(weights)
+    elif normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, order
 
@@ -46,7 +49,7 @@ def moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.
     out = torch.zeros(x.shape[0], a.hidden_size, dtype=torch.float32)
     for s in range(a.num_shared):
         out += expert_outputs(x, fc1, fc2, s)
-    weights, indices = route(logits, a.top_k, bool(a.normalize))
+    weights, indices = route(logits, a.top_k, a.normalize)
     for e in range(a.num_experts):
         token, slot = torch.where(indices == e)
         if token.numel():

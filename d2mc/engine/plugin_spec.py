@@ -6,14 +6,15 @@ One node per MoE block (docs/tensorrt-plugin.md has the full text)::
         -> out (the shape and type of hidden)
 
     domain "d2mc"; attributes plugin_version="1", plugin_namespace="d2mc", num_experts=E (routed),
-    num_shared=S, top_k, hidden_size=H, intermediate_size=I, activation="swiglu", normalize (0 or 1)
+    num_shared=S, top_k, hidden_size=H, intermediate_size=I, activation="swiglu", normalize (0, 1 or 2)
 
 ``hidden`` is the block's RMS-normalised hidden state *without* a norm weight: each expert's own
 post-attention norm weight is folded into its rows of ``fc1`` (as the ONNX Runtime lowering does).
 ``fc1`` interleaves gate and up rows (row ``2i`` is gate_i, row ``2i+1`` is up_i: the layout of ONNX Runtime's
 ``com.microsoft::MoE`` with ``swiglu_fusion=1``), shared experts first. Routing: ``p = softmax(logits)`` in fp32
 over the E routed experts, the top_k largest (lower index first on ties), renormalised to sum to 1 when
-``normalize`` is 1, else scaled by their full-softmax probability. Shared experts always run with weight 1.
+``normalize`` is 1, scaled by their full-softmax probability when it is 0, and weighted 1 each when it is 2 (experts
+cut from one MLP's neurons, which add up to it). Shared experts always run with weight 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ PLUGIN_INPUTS = ("hidden", "router_logits", "fc1", "fc2")
 ACTIVATIONS = ("swiglu",)
 MAX_EXPERTS = 64  # the routing kernel keeps one token's logits in one warp's registers (two per lane)
 MAX_TOP_K = 8
+GEMV_MAX_TOKENS = 8  # kGemvMaxTokens: up to this many tokens the GEMV path runs (route, gate/up, down kernels)
+GEMV_KERNELS = 3
+GROUPED_KERNELS = 8  # route, memset, count, scan, scatter, grouped gate/up, grouped down, combine
+NORMALIZE = {0: "softmax probability", 1: "renormalised over the top-k", 2: "weight 1 for every chosen expert"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,8 @@ class MoePluginAttributes:
             problems.append("hidden_size and intermediate_size must be positive")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation '{self.activation}' is not one of {', '.join(ACTIVATIONS)}")
-        if self.normalize not in (0, 1):
-            problems.append(f"normalize={self.normalize} must be 0 or 1")
+        if self.normalize not in NORMALIZE:
+            problems.append(f"normalize={self.normalize} must be 0, 1 or 2")
         if self.plugin_version != PLUGIN_VERSION:
             problems.append(f"plugin_version '{self.plugin_version}' is not {PLUGIN_VERSION}")
         if self.plugin_namespace != PLUGIN_NAMESPACE:

@@ -183,11 +183,12 @@ def _blocks_of(model) -> list[dict]:
         for block in model.model.layers:
             out.append({"attention": block.self_attn, "input_norm": getattr(block.input_layernorm, "weight", None),
                         "experts": list(block.experts), "shared": block.shared_experts, "router": block.router,
-                        "top_k": block.top_k, "normalize": block.normalize_topk})
+                        "top_k": block.top_k, "normalize": block.normalize_topk,
+                        "ones": block.routing_weights == "ones"})
         return out
     return [{"attention": layer.self_attn, "input_norm": layer.input_layernorm.weight,
-             "experts": [_DenseExpert(layer)], "shared": 1, "router": None, "top_k": 1, "normalize": True}
-            for layer in model.model.layers]
+             "experts": [_DenseExpert(layer)], "shared": 1, "router": None, "top_k": 1, "normalize": True,
+             "ones": False} for layer in model.model.layers]
 
 
 class _DenseExpert:
@@ -430,12 +431,14 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
     top_k = block["top_k"]
     weights = None
-    if top_k == 1 and block["normalize"]:
+    if top_k == 1 and (block["normalize"] or block["ones"]):
         indices = g.op1("ArgMax", [logits], axis=-1, keepdims=1)  # [T, 1], weight 1
     else:
         probs = g.op1("Softmax", [logits], axis=-1)
         weights, indices = g.op("TopK", [probs, g.const([top_k])], 2, axis=-1)
-        if block["normalize"]:
+        if block["ones"]:  # every chosen expert with weight 1: nothing to multiply
+            weights = None
+        elif block["normalize"]:
             weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
     # ONNX Runtime's CPU ScatterND adds only in fp32: an fp16 graph accumulates the experts' outputs in fp32
     fp16 = g.onnx_dtype == TensorProto.FLOAT16
@@ -467,7 +470,7 @@ def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str
     first = experts[0].mlp.gate_proj.weight
     attributes = MoePluginAttributes(
         num_experts=len(experts) - block["shared"], num_shared=block["shared"], top_k=block["top_k"],
-        hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=int(block["normalize"]))
+        hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=plugin_normalize(block))
     logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
     out = g.name("moe")
     g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, g.weight(f"{name}.moe.fc1", fc1),
@@ -475,23 +478,46 @@ def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str
     return out
 
 
-def _expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fc1 [E, 2I, H]`` (gate and up rows interleaved, norm weights folded in) and ``fc2 [E, H, I]``."""
+def plugin_normalize(block) -> int:
+    """The plugin's ``normalize`` attribute for a block: 2 when every chosen expert counts with weight 1."""
+    return 2 if block["ones"] else int(block["normalize"])
+
+
+def _expert_weights(experts, routed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fc1 [E, 2I, H]`` (gate and up rows interleaved, norm weights folded in) and ``fc2 [E, H, I]`` (the down
+    projections times ``routed_scale``)."""
     fc1, fc2 = [], []
     for expert in experts:
         gate_w, up_w = _folded(expert.mlp, expert.post_attention_layernorm.weight)  # [H, I]
         fc1.append(torch.stack([gate_w.T, up_w.T], dim=1).reshape(-1, gate_w.shape[0]))  # rows g0, u0, g1, ...
-        fc2.append(expert.mlp.down_proj.weight)
+        down = expert.mlp.down_proj.weight
+        fc2.append(down * routed_scale if routed_scale != 1.0 else down)
     return torch.stack(fc1), torch.stack(fc2)
+
+
+def _chosen_only(g, logits: str, top_k: int) -> str:
+    """ONNX Runtime's MoE op knows only softmax weights. For a block whose chosen experts count with weight 1 it
+    gets logits that keep the router's top-k choice and make the chosen experts equally likely: 0 for the chosen,
+    ``-1e4`` (``exp`` underflows to 0 in fp32, and fp16 holds it) elsewhere, so each gets ``1 / k`` after
+    normalisation, and the experts' down projections carry a factor ``k``. The choice is the top-k of the
+    softmax, as PyTorch makes it."""
+    probs = g.op1("Softmax", [logits], axis=-1)
+    _, indices = g.op("TopK", [probs, g.const([top_k])], 2, axis=-1)
+    masked = g.op1("Add", [g.op1("Mul", [logits, g.const(np.zeros(1), g.np_dtype)]), g.const(-1e4, g.np_dtype)])
+    zeros = g.op1("Mul", [g.op1("Cast", [indices], to=g.onnx_dtype), g.const(np.zeros(1), g.np_dtype)])
+    return g.op1("ScatterElements", [masked, indices, zeros], axis=-1)
 
 
 def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
     """ONNX Runtime's fused MoE op (CPU form: swiglu with interleaved gate/up rows, no fc3)."""
     _, logits = _router_logits(g, block, residual, arch, name)
+    if block["ones"]:
+        logits = _chosen_only(g, logits, block["top_k"])
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
-    fc1, fc2 = _expert_weights(routed)
+    fc1, fc2 = _expert_weights(routed, routed_scale=float(block["top_k"]) if block["ones"] else 1.0)
     out = g.op1("MoE", [flat_x, logits, g.weight(f"{name}.moe.fc1", fc1), "",
                         g.weight(f"{name}.moe.fc2", fc2)], MS_DOMAIN,
                 k=block["top_k"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                activation_beta=0.0, swiglu_limit=1e9, normalize_routing_weights=int(block["normalize"]))
+                activation_beta=0.0, swiglu_limit=1e9,
+                normalize_routing_weights=int(block["normalize"] or block["ones"]))
     return g.op1("Reshape", [out, g.op1("Shape", [residual])])

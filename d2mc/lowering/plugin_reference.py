@@ -83,7 +83,9 @@ class _Expansion:
         indices = self._name("indices")
         self.nodes.append(helper.make_node("TopK", [probs, self.const([a.top_k])], [top, indices], name=top, axis=-1))
         weights = top
-        if a.normalize:
+        if a.normalize == 2:
+            weights = self.op("Add", [self.op("Mul", [top, self.const(0.0, np.float32)]), self.const(1.0, np.float32)])
+        elif a.normalize:
             weights = self.op("Div", [top, self.op("ReduceSum", [top, self.const([-1])], keepdims=1)])
         total = None
         for s in range(a.num_shared):

@@ -102,8 +102,8 @@ std::string MoeParams::validate() const
         problems << "top_k=" << topK << " must be in 1..min(num_experts, " << kMaxTopK << "); ";
     if (hiddenSize < 1 || intermediateSize < 1)
         problems << "hidden_size and intermediate_size must be positive; ";
-    if (normalize != 0 && normalize != 1)
-        problems << "normalize must be 0 or 1; ";
+    if (normalize < 0 || normalize > 2)
+        problems << "normalize must be 0, 1 or 2; ";
     if (activation != "swiglu")
         problems << "activation '" << activation << "' is not swiglu; ";
     return problems.str();
@@ -304,7 +304,7 @@ int32_t MoePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, Di
 MoeShape MoePlugin::shapeFor(int32_t tokens) const noexcept
 {
     return MoeShape{tokens, mParams.hiddenSize, mParams.intermediateSize, mParams.numExperts, mParams.numShared,
-        mParams.topK, mParams.normalize != 0};
+        mParams.topK, mParams.normalize};
 }
 
 size_t MoePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t /*nbInputs*/,

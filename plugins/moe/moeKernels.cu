@@ -74,7 +74,7 @@ __device__ __forceinline__ float warpMax(float v)
 }
 
 // One warp per token: softmax over E <= 64 logits (two per lane), top-k by repeated warp argmax (the lower index
-// wins ties, like a stable sort), optional renormalisation.
+// wins ties, like a stable sort), then the weights as `normalize` says (probability, renormalised, or 1).
 template <typename L>
 __global__ void routeKernel(L const* logits, MoeShape s, int32_t* topIdx, float* topW)
 {
@@ -136,7 +136,8 @@ __global__ void routeKernel(L const* logits, MoeShape s, int32_t* topIdx, float*
             if (j < s.topK)
             {
                 topIdx[token * s.topK + j] = indices[j];
-                topW[token * s.topK + j] = s.normalize ? weights[j] / picked : weights[j];
+                topW[token * s.topK + j]
+                    = s.normalize == 2 ? 1.0f : (s.normalize == 1 ? weights[j] / picked : weights[j]);
             }
         }
     }

@@ -17,7 +17,7 @@ struct MoeShape
     int32_t numExperts;   // E: routed experts
     int32_t numShared;    // S: always-active experts, first in fc1/fc2
     int32_t topK;
-    bool normalize;
+    int32_t normalize; // 0: softmax probability; 1: renormalised over the top-k; 2: every chosen expert weight 1
 };
 
 enum class MoeDataType : int32_t

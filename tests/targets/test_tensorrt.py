@@ -136,6 +136,43 @@ def test_reference_matches_the_pytorch_block(top_k, normalize, shared):
         assert ((hidden + half.float()) - expected).abs().max() < 2e-2
 
 
+def split_block_model(shared=1, top_k=2):
+    """A tiny model whose block 2 is layer 2's MLP cut into 4 experts of 32 neurons, each chosen one weighted 1."""
+    from d2mc.modeling import dense_plan, restructure
+    from tests.conftest import tiny_model
+
+    plan = dense_plan(6)
+    plan[2] = {"attention_layer": 2, "expert_layers": [2] * 4, "shared_experts": shared, "top_k": top_k,
+               "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}
+    model = restructure(tiny_model("llama"), plan)
+    torch.nn.init.normal_(model.model.layers[2].router.weight, std=0.5)
+    return model
+
+
+def test_unit_weights_reach_the_plugin_as_normalize_2(tmp_path):
+    """Experts cut from one MLP count in full: the plugin node says normalize=2 and its reference (and the
+    standard-op expansion ONNX Runtime runs) match the PyTorch block."""
+    model = split_block_model()
+    block = model.model.layers[2]
+    fc1, fc2, attributes = plugin_weights(block)
+    assert (attributes.num_experts, attributes.num_shared, attributes.top_k, attributes.intermediate_size,
+            attributes.normalize) == (3, 1, 2, 32, 2)
+    hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+    eps = block.experts[0].post_attention_layernorm.variance_epsilon
+    with torch.no_grad():
+        got = hidden + moe_reference(rms(hidden, eps), block.router(hidden), fc1, fc2, attributes)
+        assert (got - block_reference(block, hidden)).abs().max() < 1e-5
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt")
+    (node,) = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "D2mcMoE"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["normalize"], attrs["intermediate_size"], attrs["top_k"]) == (2, 32, 2)
+    from d2mc.verify import verify_onnx
+
+    assert verify_onnx(model, path, prefill=12, decode_steps=6).max_abs_diff < 1e-4
+    with pytest.raises(UserError, match="normalize=3 must be 0, 1 or 2"):
+        dataclasses.replace(attributes, normalize=3)
+
+
 def test_engine_profiles_from_the_tiny_model_onnx(tmp_path):
     _, path = retargeted(tmp_path)
     graph = read_graph(path)
@@ -347,7 +384,7 @@ def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
     logits = torch.randn(tokens, attributes.num_experts, generator=generator)
     expected = moe_reference(hidden, logits, fc1.half(), fc2.half(), attributes)
     got = kernels.moe(hidden.cuda(), logits.cuda(), fc1.half().cuda(), fc2.half().cuda(), attributes.num_experts,
-                      attributes.num_shared, attributes.top_k, bool(attributes.normalize)).cpu()
+                      attributes.num_shared, attributes.top_k, attributes.normalize).cpu()
     assert (got.float() - expected.float()).abs().max() < 1e-2
 
 

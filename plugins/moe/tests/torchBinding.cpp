@@ -15,7 +15,7 @@ d2mc::MoeDataType typeOf(torch::Tensor const& t)
 } // namespace
 
 torch::Tensor moe(torch::Tensor hidden, torch::Tensor logits, torch::Tensor fc1, torch::Tensor fc2, int64_t numExperts,
-    int64_t numShared, int64_t topK, bool normalize)
+    int64_t numShared, int64_t topK, int64_t normalize)
 {
     TORCH_CHECK(hidden.is_cuda() && logits.is_cuda() && fc1.is_cuda() && fc2.is_cuda(), "CUDA tensors only");
     auto x = hidden.contiguous();
@@ -25,7 +25,7 @@ torch::Tensor moe(torch::Tensor hidden, torch::Tensor logits, torch::Tensor fc1,
     int64_t const hiddenSize = x.size(-1);
     d2mc::MoeShape const shape{static_cast<int32_t>(x.numel() / hiddenSize), static_cast<int32_t>(hiddenSize),
         static_cast<int32_t>(w2.size(2)), static_cast<int32_t>(numExperts), static_cast<int32_t>(numShared),
-        static_cast<int32_t>(topK), normalize};
+        static_cast<int32_t>(topK), static_cast<int32_t>(normalize)};
     auto const type = typeOf(x);
     auto workspace = torch::empty(
         {static_cast<int64_t>(d2mc::moeWorkspaceSize(shape, type))}, x.options().dtype(torch::kUInt8));

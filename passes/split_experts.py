@@ -1,0 +1,268 @@
+"""split-experts: cut each MLP's neurons into experts by co-activation and route each token to a few of them."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from d2mc.activations import batches, hooks
+from d2mc.arch import MOE_MODEL_TYPE
+from d2mc.context import Context
+from d2mc.errors import UserError
+from d2mc.modeling import dense_plan, restructure
+from d2mc.pipeline import Pass, PassResult, register_pass
+from d2mc.plan import active_mlps, parse_layers, split_plan
+
+log = logging.getLogger(__name__)
+
+MIN_TOKENS = 64  # fewest calibration tokens to group an MLP's neurons on
+
+
+@register_pass
+class SplitExperts(Pass):
+    """ToMoE / MoEfication without training. On calibration text, each MLP's neurons are grouped by co-activation:
+    a neuron's pattern is the size of its contribution to the output on every token (``|silu(g) u| * |down col|``),
+    normalised, and balanced k-means on those patterns cuts the MLP into ``experts`` equal groups
+    (neurons that fire together share an expert). Each group becomes an expert (a slice of the MLP's weights), all
+    counting with weight 1, so with every expert chosen the block computes the dense MLP exactly.
+
+    A router (a linear map of the block's hidden state, as in every d2mc MoE block) is fitted to the dense
+    activations: for each token the experts that hold most of its contribution are the targets (soft
+    cross-entropy on the experts' output norms), and the top ``k`` run, ``k / experts = active_fraction``.
+    ``shared`` experts per always-active MLP hold the neurons with the largest mean contribution and are never
+    routed (they count towards the active share).
+
+    On a converted model every MLP of a block is split and the block routes among all their experts: the active
+    share is a fraction of the MLPs the block used per token (an LF-UC block with top-1 routing over two fused MLPs
+    and ``active_fraction=0.5`` keeps ``0.5 * experts`` of ``2 * experts`` active), and the targets are the
+    experts of the MLPs its own router chose. ``layers`` limits the split to blocks whose MLPs all come from those
+    parent layers (default: every block).
+    """
+
+    name = "split-experts"
+    requires = ("model", "calibration")
+    provides = ("split", "routers")
+    transforms_model = True
+
+    def __init__(self, experts: int = 8, active_fraction: float = 0.5, shared: int = 0, layers: str | None = None,
+                 batch_size: int = 4, iterations: int = 100, cluster_iterations: int = 30, seed: int = 0):
+        if experts < 2:
+            raise UserError(f"--experts must be at least 2, not {experts}")
+        if not 0 < active_fraction <= 1:
+            raise UserError(f"--active-fraction {active_fraction:g} is out of range: give the share of each MLP's "
+                            "neurons that stays active per token, in (0, 1]")
+        self.experts, self.active_fraction, self.shared, self.layers = experts, active_fraction, shared, layers
+        self.batch_size, self.iterations, self.cluster_iterations, self.seed = (batch_size, iterations,
+                                                                                cluster_iterations, seed)
+
+    def run(self, ctx: Context) -> PassResult:
+        model = ctx.model
+        converted = model.config.model_type == MOE_MODEL_TYPE
+        base = model.config.base_config if converted else model.config
+        sources = [dict(b) for b in model.config.blocks] if converted else dense_plan(base.num_hidden_layers)
+        layers = parse_layers(self.layers, base.num_hidden_layers) if self.layers is not None else None
+        blocks, targets = split_plan(sources, base.intermediate_size, self.experts, self.active_fraction,
+                                     self.shared, layers)
+        for i in targets:
+            for _, mlp in _mlps(model, i, converted):
+                if getattr(mlp.down_proj, "bias", None) is not None:
+                    raise UserError("the MLPs have a down-projection bias (mlp_bias): split-experts supports "
+                                    "bias-free MLPs only")
+        generator = torch.Generator().manual_seed(self.seed)
+        inputs = self._block_inputs(model, targets, converted, ctx.calibration)
+        activity = {}
+        for i, h in zip(targets, inputs, strict=True):
+            activity[i] = _source_activity(model, i, sources[i], h, converted)
+            always = set(active_mlps(sources[i])[0])
+            for m, (norm, mlp) in enumerate(_mlps(model, i, converted)):
+                shared = self.shared if m in always else 0
+                used = activity[i][m]  # an LF-UC expert is grouped on the tokens routed to it, if there are enough
+                order = self._cluster(norm, mlp, h[used] if used.sum() >= MIN_TOKENS else h, shared, generator)
+                _permute_neurons(mlp, order)
+        ctx.model = restructure(model, blocks)
+        stats = {}
+        for i, h in zip(targets, inputs, strict=True):
+            stats[i] = self._fit_router(ctx.model.model.layers[i], blocks[i], sources[i], h, activity[i])
+            log.info("block %d: %d experts of %d neurons, top-%d (+%d shared); router agreement %.3f, mass recall "
+                     "%.3f", i, len(blocks[i]["expert_layers"]), blocks[i]["expert_intermediate"],
+                     blocks[i]["top_k"], blocks[i]["shared_experts"], stats[i]["agreement"], stats[i]["mass_recall"])
+        ctx.results.setdefault("routers", {}).update(stats)
+        ctx.results["split"] = {"blocks": targets, "experts_per_mlp": self.experts,
+                                "active_fraction": self.active_fraction, "shared_per_mlp": self.shared,
+                                "expert_intermediate": blocks[targets[0]]["expert_intermediate"]}
+        summary = {"split_blocks": len(targets), "experts_per_mlp": self.experts,
+                   "active_fraction": self.active_fraction, "shared_per_mlp": self.shared,
+                   "mean_agreement": sum(s["agreement"] for s in stats.values()) / len(stats),
+                   "mean_mass_recall": sum(s["mass_recall"] for s in stats.values()) / len(stats)}
+        return PassResult(modified=True, summary=summary)
+
+    @torch.no_grad()
+    def _block_inputs(self, model, targets: list[int], converted: bool, calibration) -> list[torch.Tensor]:
+        """The hidden state each target block hands its MLPs (and its router), before their norms: ``[T, H]``."""
+        recorded: dict[int, list[torch.Tensor]] = {i: [] for i in targets}
+        handles = []
+        for i in targets:
+            norm = _mlps(model, i, converted)[0][0]
+            handles.append(norm.register_forward_pre_hook(
+                lambda module, args, i=i: recorded[i].append(args[0].reshape(-1, args[0].shape[-1]).float())))
+        with hooks(handles):
+            for batch in batches(calibration, self.batch_size):
+                model(batch, use_cache=False)
+        return [torch.cat(recorded[i]) for i in targets]
+
+    @torch.no_grad()
+    def _cluster(self, norm, mlp, h: torch.Tensor, shared: int, generator) -> torch.Tensor:
+        """A permutation of the MLP's neurons: ``shared`` groups of the largest mean contribution first, then the
+        routed groups from balanced k-means on the neurons' contribution patterns."""
+        contribution = _contributions(norm, mlp, h)  # [T, I]
+        neurons = contribution.shape[1]
+        size = neurons // self.experts
+        first = torch.empty(0, dtype=torch.long)
+        rest = torch.arange(neurons)
+        if shared:
+            first = contribution.mean(0).topk(shared * size).indices.sort().values
+            keep = torch.ones(neurons, dtype=torch.bool)
+            keep[first] = False
+            rest = rest[keep]
+        patterns = contribution[:, rest].T  # [neurons, tokens]
+        patterns = patterns / patterns.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        labels = balanced_kmeans(patterns, self.experts - shared, self.cluster_iterations, generator)
+        groups = [rest[labels == c] for c in range(self.experts - shared)]
+        return torch.cat([first, *groups])
+
+    def _fit_router(self, block, plan: dict, source: dict, h: torch.Tensor, activity: list[torch.Tensor]) -> dict:
+        """Fit the block's router to the experts that hold most of each token's contribution."""
+        shared = block.shared_experts
+        routed = block.experts[shared:]
+        source_mlp = _source_mlp_of(plan, source)[shared:]
+        with torch.no_grad():
+            dtype = block.router.weight.dtype
+            mass = torch.stack([e(h.to(dtype)).float().norm(dim=-1) for e in routed], 1)  # [T, R]
+            for e, m in enumerate(source_mlp):  # experts of MLPs the source block did not use carry nothing
+                mass[:, e] *= activity[m].float()
+        n = h.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        train, held = perm[: int(0.8 * n)], perm[int(0.8 * n):]
+        x = h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)  # top-k does not depend on the token's scale
+        scale = x[train].std(0).clamp_min(1e-6)
+        target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = _fit_soft_targets(x[train] / scale, target[train], self.iterations)
+        with torch.no_grad():
+            block.router.weight.copy_((weights / scale).to(dtype))
+            k = block.top_k
+            chosen = block.router(x.to(dtype)).float().topk(k, dim=-1).indices
+            oracle = mass.topk(k, dim=-1).indices
+            overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().sum(-1) / k
+            captured = mass.gather(1, chosen).sum(-1)
+            best = mass.gather(1, oracle).sum(-1).clamp_min(1e-12)
+            load = torch.bincount(chosen.reshape(-1), minlength=len(routed)).float() / chosen.numel()
+        return {"agreement": float(overlap[held].mean()), "mass_recall": float((captured / best)[held].mean()),
+                "load": load.tolist(), "tokens": n, "top_k": k, "routed_experts": len(routed)}
+
+
+def _mlps(model, i: int, converted: bool) -> list[tuple]:
+    """(post-attention norm, MLP) of every MLP of block ``i``."""
+    if converted:
+        return [(e.post_attention_layernorm, e.mlp) for e in model.model.layers[i].experts]
+    layer = model.model.layers[i]
+    return [(layer.post_attention_layernorm, layer.mlp)]
+
+
+@torch.no_grad()
+def _source_activity(model, i: int, source: dict, h: torch.Tensor, converted: bool) -> list[torch.Tensor]:
+    """For each MLP of the source block, which tokens use it (its router's choice; always-active MLPs: all)."""
+    always, _ = active_mlps(source)
+    count = len(source["expert_layers"])
+    active = [torch.ones(h.shape[0], dtype=torch.bool) for _ in range(count)]
+    if len(always) < count:
+        block = model.model.layers[i]
+        _, indices = block.route(h.to(block.router.weight.dtype))
+        for r in range(count - source.get("shared_experts", 0)):
+            active[source.get("shared_experts", 0) + r] = (indices == r).any(-1)
+    return active
+
+
+def _source_mlp_of(plan: dict, source: dict) -> list[int]:
+    """For each expert of the split block, the index of the source MLP it was cut from."""
+    position = {layer: m for m, layer in enumerate(source["expert_layers"])}
+    return [position[layer] for layer in plan["expert_layers"]]
+
+
+def _contributions(norm, mlp, h: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """``|silu(gate(x)) * up(x)| * |down column|`` per token and neuron, ``x = norm(h)``: ``[T, I]`` in fp32."""
+    dtype = mlp.gate_proj.weight.dtype
+    column = mlp.down_proj.weight.float().norm(dim=0)
+    out = []
+    for start in range(0, h.shape[0], chunk):
+        x = norm(h[start: start + chunk].to(dtype))
+        act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        out.append(act.float().abs() * column)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _permute_neurons(mlp, order: torch.Tensor) -> None:
+    """Reorder the MLP's intermediate neurons (its function does not change)."""
+    for name in ("gate_proj", "up_proj"):
+        linear = getattr(mlp, name)
+        linear.weight.copy_(linear.weight[order])
+        if linear.bias is not None:
+            linear.bias.copy_(linear.bias[order])
+    mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, order])
+
+
+def balanced_kmeans(points: torch.Tensor, clusters: int, iterations: int, generator) -> torch.Tensor:
+    """Cluster unit-norm rows of ``points`` into ``clusters`` groups of equal size by cosine similarity.
+
+    Spherical k-means whose assignment step fills each cluster to exactly ``len(points) / clusters`` members:
+    points propose to their most similar centroid with room left; a full centroid keeps its most similar
+    proposers. Returns the cluster of each point.
+    """
+    n = points.shape[0]
+    size = n // clusters
+    centroids = points[torch.randperm(n, generator=generator)[:clusters]].clone()
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(max(1, iterations)):
+        new = _balanced_assign(points @ centroids.T, size)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for c in range(clusters):
+            mean = points[labels == c].mean(0)
+            centroids[c] = mean / mean.norm().clamp_min(1e-12)
+    return labels
+
+
+def _balanced_assign(similarity: torch.Tensor, size: int) -> torch.Tensor:
+    n, clusters = similarity.shape
+    similarity = similarity.clone()
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = [size] * clusters
+    while (labels < 0).any():
+        free = (labels < 0).nonzero().squeeze(1)
+        choice = similarity[free].argmax(1)
+        for c in choice.unique().tolist():
+            proposers = free[choice == c]
+            take = min(room[c], proposers.numel())
+            best = proposers[similarity[proposers, c].argsort(descending=True)[:take]]
+            labels[best] = c
+            room[c] -= take
+            if room[c] == 0:
+                similarity[:, c] = float("-inf")
+    return labels
+
+
+def _fit_soft_targets(x: torch.Tensor, target: torch.Tensor, iterations: int) -> torch.Tensor:
+    """A linear map without bias whose softmax matches ``target`` (cross-entropy with soft labels, LBFGS)."""
+    w = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -(target * torch.log_softmax(x @ w.T, -1)).sum(-1).mean() + 1e-4 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach()
