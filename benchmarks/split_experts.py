@@ -4,7 +4,8 @@ SmolLM2-135M; held-out text of the built-in corpus (never used for calibration),
 split-experts (ToMoE / MoEfication without training: every MLP cut into 8 experts by co-activation, a fitted
 router, 50% and 75% of the neurons active per token), LF-UC planned by the same roofline for the speed-up each
 split predicts, LF-UC followed by a split of its fused experts, and sparse upcycling (copies, and slices with a
-random router). The "with recovery" column runs the ``recover`` pass when this d2mc has one (``--recover``).
+random router). split-experts keeps 2 of the 8 experts of each MLP always active by default; the rows without
+shared experts show what that buys. The "with recovery" column runs the ``recover`` pass when this d2mc has one (``--recover``).
 
     python benchmarks/split_experts.py [--eval-tokens 8192] [--recover] [--json out.json]
 """
@@ -22,7 +23,11 @@ from _common import print_table, write_json  # noqa: E402
 
 SPLITS = [("split-experts 50%", {"method": "split-experts", "active_fraction": 0.5}),
           ("split-experts 75%", {"method": "split-experts", "active_fraction": 0.75})]
-OTHERS = [("LF-UC 6 attention removed + split 75%", {"method": "lfuc-split", "remove_attention": 6,
+OTHERS = [("split-experts 50%, no shared experts", {"method": "split-experts", "active_fraction": 0.5,
+                                                    "split_shared": 0}),
+          ("split-experts 75%, no shared experts", {"method": "split-experts", "active_fraction": 0.75,
+                                                    "split_shared": 0}),
+          ("LF-UC 6 attention removed + split 75%", {"method": "lfuc-split", "remove_attention": 6,
                                                      "active_fraction": 0.75}),
           ("upcycle, 8 copies, top-1", {"method": "upcycle", "experts": 8, "top_k": 1}),
           ("upcycle, 8 slices, top-4, random router", {"method": "upcycle", "experts": 8, "top_k": 4,

@@ -45,7 +45,7 @@ class ConvertOptions:
     precision: str = "fp16"
     experts: int = 8
     active_fraction: float = 0.5
-    split_shared: int = 1
+    split_shared: int | None = None
     layers: str | None = None
     upcycle_init: str = "copy"
 
@@ -153,8 +153,9 @@ def method_lines(summary: dict) -> list[str]:
         lines.append(f"plan: {summary['plan']['groups']} ({summary['plan']['reason']})")
     if summary.get("split"):
         s = summary["split"]
+        shared = "/".join(str(n) for n in sorted(set(s["shared_per_block"])))
         lines.append(f"split: {len(s['blocks'])} blocks, each MLP into {s['experts_per_mlp']} experts of "
-                     f"{s['expert_intermediate']} neurons ({s['shared_per_mlp']} always active), "
+                     f"{s['expert_intermediate']} neurons ({shared} always active per block), "
                      f"{s['active_fraction']:.0%} of the neurons active per token")
     if summary.get("upcycle"):
         u = summary["upcycle"]

@@ -31,7 +31,7 @@ class SplitExperts(Pass):
     activations: for each token the experts that hold most of its contribution are the targets (soft
     cross-entropy on the experts' output norms), and the top ``k`` run, ``k / experts = active_fraction``.
     ``shared`` experts per always-active MLP hold the neurons with the largest mean contribution and are never
-    routed (they count towards the active share).
+    routed (they count towards the active share); by default a quarter of them, leaving at least one to route.
 
     On a converted model every MLP of a block is split and the block routes among all their experts: the active
     share is a fraction of the MLPs the block used per token (an LF-UC block with top-1 routing over two fused MLPs
@@ -45,7 +45,8 @@ class SplitExperts(Pass):
     provides = ("split", "routers")
     transforms_model = True
 
-    def __init__(self, experts: int = 8, active_fraction: float = 0.5, shared: int = 0, layers: str | None = None,
+    def __init__(self, experts: int = 8, active_fraction: float = 0.5, shared: int | None = None,
+                 layers: str | None = None,
                  batch_size: int = 4, iterations: int = 100, cluster_iterations: int = 30, seed: int = 0):
         if experts < 2:
             raise UserError(f"--experts must be at least 2, not {experts}")
@@ -75,8 +76,9 @@ class SplitExperts(Pass):
         for i, h in zip(targets, inputs, strict=True):
             activity[i] = _source_activity(model, i, sources[i], h, converted)
             always = set(active_mlps(sources[i])[0])
+            per_mlp = blocks[i]["shared_experts"] // max(len(always), 1)
             for m, (norm, mlp) in enumerate(_mlps(model, i, converted)):
-                shared = self.shared if m in always else 0
+                shared = per_mlp if m in always else 0
                 used = activity[i][m]  # an LF-UC expert is grouped on the tokens routed to it, if there are enough
                 order = self._cluster(norm, mlp, h[used] if used.sum() >= MIN_TOKENS else h, shared, generator)
                 _permute_neurons(mlp, order)
@@ -88,11 +90,12 @@ class SplitExperts(Pass):
                      "%.3f", i, len(blocks[i]["expert_layers"]), blocks[i]["expert_intermediate"],
                      blocks[i]["top_k"], blocks[i]["shared_experts"], stats[i]["agreement"], stats[i]["mass_recall"])
         ctx.results.setdefault("routers", {}).update(stats)
+        shared = [blocks[i]["shared_experts"] for i in targets]
         ctx.results["split"] = {"blocks": targets, "experts_per_mlp": self.experts,
-                                "active_fraction": self.active_fraction, "shared_per_mlp": self.shared,
+                                "active_fraction": self.active_fraction, "shared_per_block": shared,
                                 "expert_intermediate": blocks[targets[0]]["expert_intermediate"]}
         summary = {"split_blocks": len(targets), "experts_per_mlp": self.experts,
-                   "active_fraction": self.active_fraction, "shared_per_mlp": self.shared,
+                   "active_fraction": self.active_fraction, "shared_per_block": sorted(set(shared)),
                    "mean_agreement": sum(s["agreement"] for s in stats.values()) / len(stats),
                    "mean_mass_recall": sum(s["mass_recall"] for s in stats.values()) / len(stats)}
         return PassResult(modified=True, summary=summary)

@@ -28,8 +28,9 @@ def plan_options(func):
                      help="split-experts, lfuc-split, upcycle: experts made of each MLP."),
         click.option("--active-fraction", type=float, default=0.5, show_default=True,
                      help="split-experts, lfuc-split: share of each MLP's neurons active per token."),
-        click.option("--split-shared", type=int, default=1, show_default=True,
-                     help="split-experts, lfuc-split: experts of each always-active MLP kept always active."),
+        click.option("--split-shared", type=int,
+                     help="split-experts, lfuc-split: experts of each always-active MLP kept always active "
+                          "(default: a quarter of --experts, leaving at least one to route)."),
         click.option("--layers", help="split-experts, lfuc-split, upcycle: parent layers to convert, e.g. 2-27 "
                                       "(default: all)."),
         click.option("--upcycle-init", type=click.Choice(UPCYCLE_INITS), default="copy", show_default=True,
