@@ -21,7 +21,8 @@ from d2mc.errors import UserError
 from d2mc.profiles import load_profile
 
 # where an artifact's ONNX files may be, in the order they are looked for
-ONNX_PLACES = (".", "tensorrt", "onnx-tensorrt", "onnx")
+TENSORRT_ONNX_DIR = "onnx-tensorrt"  # where d2mc compile writes the TensorRT flavour
+ONNX_PLACES = (".", "tensorrt", TENSORRT_ONNX_DIR, "onnx")
 
 
 def _flavour(onnx_path: Path) -> str:
