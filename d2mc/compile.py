@@ -101,7 +101,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
 
             step("measure (ONNX Runtime, this machine)")
             m = measure_onnx(out / "onnx" / "model.onnx", options.prefill, options.context, vocab=arch.vocab_size)
-            host = load_profile("host-cpu")
+            host = load_profile("host-cpu").for_runtime(m.runtime)
             host_settings = dataclasses.replace(settings, precision="fp32")
             predicted_host = estimate(arch, host, host_settings)
             measured = {"runtime": m.runtime, "profile": host.name,

@@ -63,6 +63,7 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
     here = profile
     if measurer.runtime.endswith("cpu") and profile.kind != "cpu":
         here = load_profile("host-cpu")
+    here = here.for_runtime(measurer.runtime)
     here_settings = RooflineSettings(prefill=settings.prefill, context=settings.context, batch=settings.batch,
                                      precision=precision)
     predicted = analyze(loaded.arch, here, here_settings)
@@ -77,5 +78,6 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
             entry["blocks"] = [{"block": b.block, "predicted_s": b.seconds, "measured_s": s,
                                 "error": (b.seconds - s) / s} for b, s in zip(block_costs, measured_blocks, strict=True)]
         phases[phase] = entry
-    return {"measured": {"runtime": m.runtime, "profile": here.name, "precision": precision, "repeats": m.repeats,
+    return {"measured": {"runtime": m.runtime, "profile": here.name, "profile_runtime": here.runtime,
+                         "precision": precision, "repeats": m.repeats,
                          "warmup": m.warmup, "phases": phases}}

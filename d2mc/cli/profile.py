@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -48,7 +49,7 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
         calibration = calibrate_host(progress=lambda text: status.print(f"measuring {text}..."))
         path = write_profile(calibration, output or "host-cpu.toml")
         if as_json:
-            print_json({"path": str(path), **vars(calibration)})
+            print_json({"path": str(path), **dataclasses.asdict(calibration)})
         else:
             console().print(f"wrote {path}:\n{path.read_text()}", markup=False)
         return
