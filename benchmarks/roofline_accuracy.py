@@ -122,7 +122,8 @@ def main() -> None:
             with runtime_measurer(runtime, model) as measurer:
                 points = [("decode", 8, c) for c in contexts] + [("prefill", n, 8) for n in prefills]
                 for phase, prefill, context in points:
-                    settings = RooflineSettings(prefill=prefill, context=context, precision="fp32")
+                    settings = RooflineSettings(prefill=prefill, context=context, precision="fp32",
+                                                all_logits=measurer.all_logits)
                     cost = estimate_phase(arch, seen, phase, settings)
                     length = context if phase == "decode" else prefill
                     repeats = args.repeats * 12 if phase == "decode" else args.repeats + 4

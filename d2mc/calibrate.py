@@ -178,6 +178,7 @@ class FitPoint:
     kernels: int
     measured_s: float
     attention_bytes: float = 0.0  # KV-cache reads and writes, part of ``bytes``
+    all_logits: bool = False  # the runtime's prefill computes logits at every position
 
 
 def _fit_models():
@@ -220,13 +221,15 @@ def measure_fit_points(say=log.info, runtime: str = RUNTIMES[0]) -> list[FitPoin
         arch = ModelArch.from_config(model.config)
         with runtime_measurer(runtime, model) as measurer:
             for phase, length in FIT_POINTS[name]:
-                settings = RooflineSettings(prefill=length, context=length, precision="fp32")
+                settings = RooflineSettings(prefill=length, context=length, precision="fp32",
+                                            all_logits=measurer.all_logits)
                 cost = estimate_phase(arch, unit, phase, settings)
                 repeats = 40 if phase == "decode" else 7
                 samples, _ = measure_quietly(partial(measurer.samples, phase, length, warmup=4, repeats=repeats))
                 seconds = quantile(samples, QUIET_QUANTILE)
                 points.append(FitPoint(name, phase, length, cost.bytes, cost.flops, sum(o.kernels for o in cost.ops),
-                                       seconds, sum(o.bytes for o in cost.ops if o.op == "attention")))
+                                       seconds, sum(o.bytes for o in cost.ops if o.op == "attention"),
+                                       measurer.all_logits))
     return points
 
 
@@ -278,7 +281,8 @@ def fit_compute(points: list[FitPoint], bandwidth_gbps: float, overhead_us: floa
                 mid = (low * high) ** 0.5
                 cost = estimate_phase(arch, _unit_profile(bandwidth_gbps, mid, overhead_us, attention_fraction),
                                       "prefill",
-                                      RooflineSettings(prefill=p.tokens, precision="fp32"))
+                                      RooflineSettings(prefill=p.tokens, precision="fp32",
+                                                       all_logits=p.all_logits))
                 low, high = (mid, high) if cost.seconds > p.measured_s else (low, mid)
             rates.append((low * high) ** 0.5)
     return sorted(rates)[len(rates) // 2]

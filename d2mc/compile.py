@@ -40,8 +40,9 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     """Run every step and return the report (also written as ``report.json`` and ``report.md``)."""
     say = progress or (lambda text: None)
     profile = load_profile(options.target)
+    # the artifacts' prefill computes logits at every prompt position: predict what they compute
     settings = RooflineSettings(prefill=options.prefill, context=options.context,
-                                precision="fp16" if profile.kind == "gpu" else "fp32")
+                                precision="fp16" if profile.kind == "gpu" else "fp32", all_logits=True)
     conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
                                      context=options.context, precision=settings.precision)
     timings: dict[str, float] = {}

@@ -155,6 +155,7 @@ class TorchMeasurer:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.runtime = f"pytorch-{self.device.type}"
+        self.all_logits = False  # prefill keeps the last position's logits, as generate() does
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     def _blocks(self):
@@ -265,6 +266,7 @@ class OnnxMeasurer:
 
         self.decoder = OrtDecoder(onnx_path)
         self.vocab = vocab
+        self.all_logits = True  # the graph's prefill computes logits at every position
 
     def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
                 per_block: bool = False) -> Measurement:

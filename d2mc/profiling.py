@@ -65,7 +65,7 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
         here = load_profile("host-cpu")
     here = here.for_runtime(measurer.runtime)
     here_settings = RooflineSettings(prefill=settings.prefill, context=settings.context, batch=settings.batch,
-                                     precision=precision)
+                                     precision=precision, all_logits=measurer.all_logits)
     predicted = analyze(loaded.arch, here, here_settings)
     m = measurer.measure(settings.prefill, settings.context, settings.batch, repeats=repeats, per_block=True)
     phases = {}
