@@ -98,8 +98,8 @@ def measure(artifact: str | Path, target: str = "orin-agx", prefill: int = 128, 
     profile = load_profile(target)
     measurer = TrtMeasurer(engine_dir(artifact, target), _vocab(artifact))
     m = measurer.measure(prefill, context, repeats=repeats)
-    predicted = estimate(_arch(artifact), profile, RooflineSettings(prefill=prefill, context=context,
-                                                                   precision=measurer.manifest.precision))
+    predicted = estimate(_arch(artifact), profile.for_runtime(measurer.runtime), RooflineSettings(
+        prefill=prefill, context=context, precision=measurer.manifest.precision, all_logits=True))
     return {"runtime": m.runtime, "profile": profile.name, "precision": measurer.manifest.precision,
             "phases": {phase: {"predicted_s": predicted[phase].seconds, "measured_s": m.seconds(phase),
                                "error": (predicted[phase].seconds - m.seconds(phase)) / m.seconds(phase)}
