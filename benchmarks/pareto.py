@@ -65,8 +65,12 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [p for p in points if p["k"] == 0]
     for method in dict.fromkeys(p["method"] for p in points):
-        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["latency_ms"])
+        mine = [p for p in points if p["method"] == method]
+        if method not in (PEER, "dense"):
+            mine += dense  # every method's line starts at the dense model (K=0)
+        mine.sort(key=lambda p: p["latency_ms"])
         marker = "*" if method == PEER else "o"
         ax.plot([p["latency_ms"] for p in mine], [p["perplexity"] for p in mine], marker=marker, label=method,
                 linestyle="-" if len(mine) > 1 else "none", markersize=10 if method == PEER else 5)
@@ -78,6 +82,8 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
     ax.plot([p["latency_ms"] for p in frontier], [p["perplexity"] for p in frontier], color="black",
             linestyle=":", linewidth=1, label="Pareto frontier")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("decode ms/token, ONNX Runtime on this machine (context 512)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("SmolLM2-135M: latency against perplexity")
