@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="cached tokens before the timed decode step")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="d2mc-bench-") as tmp:
+        run(args, Path(tmp))
 
+
+def run(args, work: Path) -> None:
     from d2mc.targets.onnxruntime import export_onnx
 
     from d2mc.convert import ConvertOptions, convert
@@ -72,7 +76,6 @@ def main() -> None:
     from d2mc.measure import OnnxMeasurer
 
     peer = "peer dense (onnxruntime-genai builder)"
-    work = Path(tempfile.mkdtemp(prefix="d2mc-bench-"))
     models, export_seconds, verified = {}, {}, {}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(embedded_checkpoint()),

@@ -1,22 +1,29 @@
 """Measure the machine d2mc runs on and write a device profile for it (``d2mc profile --calibrate``).
 
-Three figures, each measured the way the roofline uses it:
+Figures, each measured the way the roofline uses it:
 
-- memory bandwidth: the rate at which matrix-vector products stream weight matrices of decoder shapes (what a
-  batch-1 decode step does), over a working set far larger than the caches;
+- memory bandwidth: the faster of a plain streaming read and the rate at which matrix-vector products stream
+  weight matrices of decoder shapes (what a batch-1 decode step does), over a working set far larger than the
+  caches;
 - matrix throughput per precision: matrix products of prefill shapes (a few hundred tokens against decoder
   weights);
-- efficiencies and per-operator overhead: fitted to PyTorch eager runs of three random "fit models" (one whose
-  decode step is nearly all framework overhead, two whose steps are nearly all weight reads): the fraction of the
-  microbenchmark bandwidth and throughput that a whole model reaches, and the cost per modeled kernel. The models
-  the roofline is judged on (``benchmarks/roofline_accuracy.py``) are not among them.
+- per runtime (ONNX Runtime, which runs d2mc's artifacts here, and PyTorch eager): the efficiencies and the
+  per-operator overhead, fitted to runs of three random "fit models" (one whose decode step is nearly all
+  runtime overhead, two whose steps are nearly all weight reads): the fraction of the memory bandwidth and of the
+  matrix throughput that a whole model reaches on that runtime, and its cost per modeled kernel. The models the
+  roofline is judged on (``benchmarks/roofline_accuracy.py``) are not among them.
+
+The profile's own figures describe the first runtime of :data:`RUNTIMES`; the others become ``[runtimes.NAME]``
+tables (:meth:`d2mc.profiles.DeviceProfile.for_runtime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,54 +55,83 @@ FIT_POINTS = {"h64x16": (("decode", 64),),
 # by a third; the low percentile is the machine undisturbed, and it is stable from run to run where the median is not
 QUIET_QUANTILE = 0.2
 CALIBRATED_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUNTIMES = ("onnxruntime-cpu", "pytorch-cpu")  # the first is the one the profile's own figures describe
+
+
+@dataclass
+class RuntimeFit:
+    """What one runtime reaches on this machine: achievable bandwidth and fp32 throughput, per-kernel overhead, and
+    the attention kernel's fraction of the bandwidth, with the points they were fitted on."""
+
+    runtime: str
+    bandwidth_gbps: float
+    tflops: float
+    overhead_us: float
+    attention_fraction: float = 1.0
+    points: list = field(default_factory=list)
 
 
 @dataclass
 class Calibration:
-    """What ``calibrate_host`` measured."""
+    """What ``calibrate_host`` measured: the machine's raw figures and one fit per runtime (``fits``, in the order
+    of :data:`RUNTIMES`: the first becomes the profile's own efficiencies)."""
 
     bandwidth_gbps: float
     tflops: dict[str, float]
-    overhead_us: float
     memory_gb: float
     threads: int
-    stream_gbps: float  # a plain reduction over a large buffer, for reference
-    bandwidth_efficiency: float = 1.0
-    compute_efficiency: float = 1.0
-    attention_bandwidth_efficiency: float = 1.0
-    fit_points: list = field(default_factory=list)
+    stream_gbps: float  # a plain reduction over a large buffer
+    fits: list[RuntimeFit] = field(default_factory=list)
+
+    def _efficiencies(self, fit: RuntimeFit) -> dict[str, float]:
+        return {"bandwidth_efficiency": min(1.0, fit.bandwidth_gbps / self.bandwidth_gbps),
+                "compute_efficiency": min(1.0, fit.tflops / self.tflops["fp32"]),
+                "kernel_overhead_us": fit.overhead_us, "attention": fit.attention_fraction}
 
     def to_toml(self, name: str = "host-cpu") -> str:
         peaks = "\n".join(f"{p} = {v:.4f}" for p, v in self.tflops.items())
         shapes = ", ".join(f"{o}x{i}" for o, i in GEMV_SHAPES)
         fit_names = ", ".join(FIT_MODELS)
+        main, others = self.fits[0], self.fits[1:]
+        e = self._efficiencies(main)
+        tables = ""
+        for fit in others:
+            o = self._efficiencies(fit)
+            tables += (f"\n[runtimes.{fit.runtime}]\nbandwidth_efficiency = {o['bandwidth_efficiency']:.3f}\n"
+                       f"compute_efficiency = {o['compute_efficiency']:.3f}\n"
+                       f"kernel_overhead_us = {o['kernel_overhead_us']:.1f}\n"
+                       f"op_bandwidth_efficiency = {{ attention = {o['attention']:.3f} }}\n")
+        runtimes_source = (f'runtimes = "fitted like the figures above, on {", ".join(f.runtime for f in others)} '
+                           f'runs of the same models"\n') if others else ""
         return f'''name = "{name}"
 aliases = ["cpu"]
-description = "{platform.machine()} host, {os.cpu_count()} cores, measured by d2mc profile --calibrate (PyTorch, {self.threads} threads)"
+description = "{platform.machine()} host, {os.cpu_count()} cores, measured by d2mc profile --calibrate ({self.threads} threads)"
 kind = "cpu"
+runtime = "{main.runtime}"
 memory_bandwidth_gbps = {self.bandwidth_gbps:.2f}
 memory_gb = {self.memory_gb:.0f}
 tensorrt_precisions = []
-bandwidth_efficiency = {self.bandwidth_efficiency:.3f}
-compute_efficiency = {self.compute_efficiency:.3f}
-kernel_overhead_us = {self.overhead_us:.1f}
+bandwidth_efficiency = {e['bandwidth_efficiency']:.3f}
+compute_efficiency = {e['compute_efficiency']:.3f}
+kernel_overhead_us = {e['kernel_overhead_us']:.1f}
 
 [peak_tflops]
 {peaks}
 
 [op_bandwidth_efficiency]
-attention = {self.attention_bandwidth_efficiency:.3f}
-
+attention = {e['attention']:.3f}
+{tables}
 [source]
-memory_bandwidth_gbps = "measured: fp32 matrix-vector products streaming 256 MB of {shapes} weights, median (a plain reduction reads {self.stream_gbps:.1f} GB/s)"
+runtime = "the runtime d2mc's artifacts run on here; the efficiencies and the overhead above are its own"
+memory_bandwidth_gbps = "measured: the faster of a plain reduction over 512 MB ({self.stream_gbps:.1f} GB/s) and fp32 matrix-vector products streaming 256 MB of {shapes} weights, medians, {self.threads} threads"
 memory_gb = "measured: physical memory reported by the operating system"
 tensorrt_precisions = "TensorRT does not run on CPUs"
 peak_tflops = "measured: torch matrix products of 128 and 512 tokens against 512-2816 wide MLP weights, {self.threads} threads, median"
-bandwidth_efficiency = "fitted: least squares over PyTorch eager decode steps (20th percentile of 40) of {fit_names} (random weights; not the models the roofline is judged on)"
-compute_efficiency = "fitted: PyTorch eager prefills of the same models, median"
+bandwidth_efficiency = "fitted: least squares over {main.runtime} decode steps (20th percentile of 40) of {fit_names} (random weights; not the models the roofline is judged on)"
+compute_efficiency = "fitted: {main.runtime} prefills of the same models, median"
 kernel_overhead_us = "fitted with bandwidth_efficiency (per modeled kernel)"
 op_bandwidth_efficiency = "fitted with bandwidth_efficiency: decode steps of the same models at contexts 64 to 2048 separate the KV-cache reads of the attention kernel"
-'''
+{runtimes_source}'''
 
 
 def measure_gemv_bandwidth(megabytes: int = 256, dtype=torch.float32) -> float:
@@ -142,6 +178,7 @@ class FitPoint:
     kernels: int
     measured_s: float
     attention_bytes: float = 0.0  # KV-cache reads and writes, part of ``bytes``
+    all_logits: bool = False  # the runtime's prefill computes logits at every position
 
 
 def _fit_models():
@@ -154,26 +191,45 @@ def _fit_models():
         yield name, LlamaForCausalLM(config).eval()
 
 
-def measure_fit_points(say=log.info) -> list[FitPoint]:
-    """Decode and prefill times of the fit models in PyTorch eager, with their roofline bytes, FLOPs and kernels."""
+@contextlib.contextmanager
+def runtime_measurer(runtime: str, model):
+    """A measurer of ``model`` on ``runtime``: PyTorch eager as it is, ONNX Runtime through d2mc's own lowering
+    (written to a temporary directory for the measurer's lifetime)."""
+    from d2mc.measure import OnnxMeasurer, TorchMeasurer
+
+    if runtime == "pytorch-cpu":
+        yield TorchMeasurer(model)
+    elif runtime == "onnxruntime-cpu":
+        from d2mc.lowering import lower_to_onnx
+
+        with tempfile.TemporaryDirectory(prefix="d2mc-calibrate-") as tmp:
+            yield OnnxMeasurer(lower_to_onnx(model, tmp), model.config.vocab_size)
+    else:
+        raise ValueError(f"no measurer for runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+
+
+def measure_fit_points(say=log.info, runtime: str = RUNTIMES[0]) -> list[FitPoint]:
+    """Decode and prefill times of the fit models on ``runtime``, with their roofline bytes, FLOPs and kernels."""
     from d2mc.arch import ModelArch
-    from d2mc.measure import TorchMeasurer, measure_quietly, quantile
+    from d2mc.measure import measure_quietly, quantile
     from d2mc.roofline import RooflineSettings, estimate_phase
 
     unit = _unit_profile()
     points = []
     for name, model in _fit_models():
-        say(f"fit model {name}")
+        say(f"fit model {name} on {runtime}")
         arch = ModelArch.from_config(model.config)
-        measurer = TorchMeasurer(model)
-        for phase, length in FIT_POINTS[name]:
-            settings = RooflineSettings(prefill=length, context=length, precision="fp32")
-            cost = estimate_phase(arch, unit, phase, settings)
-            repeats = 40 if phase == "decode" else 7
-            samples, _ = measure_quietly(partial(measurer.samples, phase, length, warmup=4, repeats=repeats))
-            seconds = quantile(samples, QUIET_QUANTILE)
-            points.append(FitPoint(name, phase, length, cost.bytes, cost.flops, sum(o.kernels for o in cost.ops),
-                                   seconds, sum(o.bytes for o in cost.ops if o.op == "attention")))
+        with runtime_measurer(runtime, model) as measurer:
+            for phase, length in FIT_POINTS[name]:
+                settings = RooflineSettings(prefill=length, context=length, precision="fp32",
+                                            all_logits=measurer.all_logits)
+                cost = estimate_phase(arch, unit, phase, settings)
+                repeats = 40 if phase == "decode" else 7
+                samples, _ = measure_quietly(partial(measurer.samples, phase, length, warmup=4, repeats=repeats))
+                seconds = quantile(samples, QUIET_QUANTILE)
+                points.append(FitPoint(name, phase, length, cost.bytes, cost.flops, sum(o.kernels for o in cost.ops),
+                                       seconds, sum(o.bytes for o in cost.ops if o.op == "attention"),
+                                       measurer.all_logits))
     return points
 
 
@@ -225,32 +281,35 @@ def fit_compute(points: list[FitPoint], bandwidth_gbps: float, overhead_us: floa
                 mid = (low * high) ** 0.5
                 cost = estimate_phase(arch, _unit_profile(bandwidth_gbps, mid, overhead_us, attention_fraction),
                                       "prefill",
-                                      RooflineSettings(prefill=p.tokens, precision="fp32"))
+                                      RooflineSettings(prefill=p.tokens, precision="fp32",
+                                                       all_logits=p.all_logits))
                 low, high = (mid, high) if cost.seconds > p.measured_s else (low, mid)
             rates.append((low * high) ** 0.5)
     return sorted(rates)[len(rates) // 2]
 
 
-def calibrate_host(progress=None) -> Calibration:
-    """Measure this machine (GEMV bandwidth, matrix throughput per precision) and fit the roofline's efficiencies
-    and per-kernel overhead to PyTorch eager runs of the fit models."""
+def calibrate_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> Calibration:
+    """Measure this machine (memory bandwidth, matrix throughput per precision) and fit the roofline's efficiencies
+    and per-kernel overhead to runs of the fit models on each runtime."""
     say = progress or log.info
-    say("memory bandwidth (matrix-vector products)")
-    bandwidth = measure_gemv_bandwidth()
+    say("memory bandwidth (matrix-vector products and a streaming read)")
     stream = measure_stream_bandwidth()
+    bandwidth = max(measure_gemv_bandwidth(), stream)
     tflops = {}
     for name, dtype in CALIBRATED_PRECISIONS.items():
         say(f"matrix throughput ({name})")
         tflops[name] = measure_matmul_tflops(dtype)
-    points = measure_fit_points(say)
-    achievable_bandwidth, overhead, attention_fraction = fit_decode(points)
-    achievable_flops = fit_compute(points, achievable_bandwidth, overhead, attention_fraction)
+    fits = []
+    for runtime in runtimes:
+        points = measure_fit_points(say, runtime)
+        achievable_bandwidth, overhead, attention_fraction = fit_decode(points)
+        achievable_flops = fit_compute(points, achievable_bandwidth, overhead, attention_fraction)
+        fits.append(RuntimeFit(runtime, achievable_bandwidth, achievable_flops, overhead, attention_fraction, points))
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    # the profile keeps the raw figure and the fitted fraction of it; a fit above the raw figure raises the figure
-    bandwidth = max(bandwidth, achievable_bandwidth)
-    tflops["fp32"] = max(tflops["fp32"], achievable_flops)
-    return Calibration(bandwidth, tflops, overhead, memory_gb, torch.get_num_threads(), stream,
-                       achievable_bandwidth / bandwidth, achievable_flops / tflops["fp32"], attention_fraction, points)
+    # the profile keeps the raw figures and each runtime's fraction of them: a fit above a raw figure raises it
+    bandwidth = max([bandwidth] + [f.bandwidth_gbps for f in fits])
+    tflops["fp32"] = max([tflops["fp32"]] + [f.tflops for f in fits])
+    return Calibration(bandwidth, tflops, memory_gb, torch.get_num_threads(), stream, fits)
 
 
 def write_profile(calibration: Calibration | str, path: str | Path, name: str = "host-cpu") -> Path:

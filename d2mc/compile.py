@@ -20,6 +20,7 @@ from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
 from d2mc.profiles import load_profile
 from d2mc.roofline import RooflineSettings, estimate
+from d2mc.targets.tensorrt import TENSORRT_ONNX_DIR, engine_dir
 
 
 @dataclass
@@ -39,8 +40,9 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     """Run every step and return the report (also written as ``report.json`` and ``report.md``)."""
     say = progress or (lambda text: None)
     profile = load_profile(options.target)
+    # the artifacts' prefill computes logits at every prompt position: predict what they compute
     settings = RooflineSettings(prefill=options.prefill, context=options.context,
-                                precision="fp16" if profile.kind == "gpu" else "fp32")
+                                precision="fp16" if profile.kind == "gpu" else "fp32", all_logits=True)
     conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
                                      context=options.context, precision=settings.precision)
     timings: dict[str, float] = {}
@@ -100,7 +102,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
 
             step("measure (ONNX Runtime, this machine)")
             m = measure_onnx(out / "onnx" / "model.onnx", options.prefill, options.context, vocab=arch.vocab_size)
-            host = load_profile("host-cpu")
+            host = load_profile("host-cpu").for_runtime(m.runtime)
             host_settings = dataclasses.replace(settings, precision="fp32")
             predicted_host = estimate(arch, host, host_settings)
             measured = {"runtime": m.runtime, "profile": host.name,
@@ -109,7 +111,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
                            for phase, value in (("prefill", m.prefill_seconds), ("decode", m.decode_seconds))}}
             done("measure (ONNX Runtime, this machine)")
 
-        engine = _engine_step(profile)
+        engine = _engine_step(ctx.model, profile, out, Path(options.output), step, done)
         from d2mc.plots import plot_redundancy
 
         if "redundancy" in ctx.results:
@@ -122,12 +124,28 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     return report
 
 
-def _engine_step(profile) -> dict:
-    """What the engine step did on this machine."""
+def _engine_step(model, profile, out: Path, final: Path, step, done) -> dict:
+    """The TensorRT step: the TensorRT-flavoured ONNX (verified) and the engine for the profile, built here when
+    this machine has TensorRT and the profile's GPU, else the device-side build script (``engine-<profile>/``)."""
     if not profile.tensorrt_precisions:
-        return {"built": False, "reason": f"{profile.name} has no TensorRT"}
-    return {"built": False, "reason": "building TensorRT engines is not part of this version of d2mc; the ONNX "
-                                      "artifact in onnx/ runs with ONNX Runtime"}
+        return {"built": False, "reason": f"{profile.name} has no TensorRT", "summary": "no TensorRT on the target"}
+    from d2mc.engine.build import prepare_engine_build
+    from d2mc.engine.plan import EngineSettings
+    from d2mc.targets.onnxruntime import export_onnx
+
+    precision = "fp16" if "fp16" in profile.tensorrt_precisions else "fp32"
+    step("lower to ONNX (TensorRT flavour) and verify")
+    exported = export_onnx(model, None, out / TENSORRT_ONNX_DIR, flavour="tensorrt", precision=precision)
+    done("lower to ONNX (TensorRT flavour) and verify")
+    step(f"engine for {profile.name}")
+    result = prepare_engine_build(out / TENSORRT_ONNX_DIR, profile, engine_dir(out, profile.name),
+                                  EngineSettings(precision=precision), artifact=out)
+    done(f"engine for {profile.name}")
+    script = engine_dir(final, profile.name) / result.script_path.name
+    summary = (f"built {engine_dir(final, profile.name)} in {result.seconds:.0f} s" if result.built else
+               f"not built here ({result.reason}); on the {profile.name} run: bash {script}")
+    return {**result.to_dict(), "summary": summary, "script": str(script), "precision": precision,
+            "onnx_verify": exported.verify}
 
 
 def _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, converted_cost, dense_ppl,
@@ -223,7 +241,13 @@ def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, m
         f"{verify['decode_steps']} decode steps through the KV cache: max |logit difference| "
         f"{verify['max_abs_diff']:.3g} (tolerance {verify['tolerance']:g}, {verify['precision']}), greedy "
         f"agreement {verify['greedy_agreement'] * 100:.0f}%.")})
-    sections.append({"title": "Engine", "text": f"Not built: {engine['reason']}."})
+    engine_text = f"TensorRT engine for {profile.name}: {engine['summary']}."
+    if engine.get("onnx_verify"):
+        v = engine["onnx_verify"]
+        engine_text += (f" Its ONNX (`{TENSORRT_ONNX_DIR}/`, {engine['precision']}, one D2mcMoE plugin node per MoE "
+                        f"block) was verified against PyTorch with the plugin nodes expanded into standard ops: max "
+                        f"|logit difference| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}).")
+    sections.append({"title": "Engine", "text": engine_text})
     sections.append({"title": "Artifacts", "columns": ["file", "bytes"],
                      "rows": [[name, f"{size:,}"] for name, size in artifacts.items()]})
     return sections

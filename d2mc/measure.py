@@ -155,6 +155,7 @@ class TorchMeasurer:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.runtime = f"pytorch-{self.device.type}"
+        self.all_logits = False  # prefill keeps the last position's logits, as generate() does
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     def _blocks(self):
@@ -265,20 +266,27 @@ class OnnxMeasurer:
 
         self.decoder = OrtDecoder(onnx_path)
         self.vocab = vocab
+        self.all_logits = True  # the graph's prefill computes logits at every position
 
     def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
                 per_block: bool = False) -> Measurement:
         _check_lengths(prefill, context, batch, warmup, repeats)
         if per_block:
             log.info("ONNX Runtime runs the graph as one session: no per-block times")
+        prefill_s = statistics.median(self.samples("prefill", prefill, batch, warmup, repeats))
+        decode_s = statistics.median(self.samples("decode", context, batch, warmup * 4, repeats * 4))
+        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup)
+
+    def samples(self, phase: str, length: int, batch: int = 1, warmup: int = 2, repeats: int = 5) -> list[float]:
+        """Raw wall times of ``repeats`` prefills of ``length`` tokens or decode steps at context ``length``."""
         decoder = self.decoder
         rng = np.random.default_rng(0)
-        ids = rng.integers(0, self.vocab, (batch, prefill))
-        prefill_s = median_seconds(lambda: decoder.step(ids, decoder.empty_cache(batch), 0), warmup, repeats)
-        _, cache = decoder.step(rng.integers(0, self.vocab, (batch, context)), decoder.empty_cache(batch), 0)
+        if phase == "prefill":
+            ids = rng.integers(0, self.vocab, (batch, length))
+            return time_samples(lambda: decoder.step(ids, decoder.empty_cache(batch), 0), warmup, repeats)
+        _, cache = decoder.step(rng.integers(0, self.vocab, (batch, length)), decoder.empty_cache(batch), 0)
         token = rng.integers(0, self.vocab, (batch, 1))
-        decode_s = median_seconds(lambda: decoder.step(token, cache, context), warmup * 4, repeats * 4)
-        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup)
+        return time_samples(lambda: decoder.step(token, cache, length), warmup, repeats)
 
 
 def measure_torch(model, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2,

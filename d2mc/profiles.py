@@ -23,10 +23,20 @@ A profile file looks like::
     ...
 
 Every figure needs an entry in ``[source]`` saying where it came from (a datasheet, or a measurement).
+
+The efficiencies and the per-kernel overhead describe one runtime on the device (``runtime``, optional: TensorRT on
+a Jetson, ONNX Runtime on a host CPU). A calibrated profile may add others that reach the same memory and compute
+differently, each a table of overrides read by :meth:`DeviceProfile.for_runtime`::
+
+    runtime = "onnxruntime-cpu"
+    [runtimes.pytorch-cpu]
+    bandwidth_efficiency = 0.55
+    kernel_overhead_us = 68.0
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -39,6 +49,8 @@ KINDS = ("gpu", "cpu")
 _NUMBERS = ("memory_bandwidth_gbps", "memory_gb", "bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
 _EFFICIENCIES = ("bandwidth_efficiency", "compute_efficiency")
 OP_CLASSES = ("embedding", "norm", "qkv_proj", "attention", "o_proj", "router", "mlp", "lm_head")
+# what a [runtimes.NAME] table may override
+RUNTIME_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us", "op_bandwidth_efficiency")
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,17 @@ class DeviceProfile:
     tensorrt_precisions: tuple[str, ...] = ()
     # per operator class, a fraction of achievable_bandwidth for kernels that stream worse than a GEMV (optional)
     op_bandwidth_efficiency: dict[str, float] = field(default_factory=dict)
+    runtime: str | None = None  # the runtime the efficiencies and the overhead describe
+    runtimes: dict[str, dict] = field(default_factory=dict)  # other runtimes: overrides of RUNTIME_FIELDS
     path: Path | None = field(default=None, compare=False)
+
+    def for_runtime(self, runtime: str) -> DeviceProfile:
+        """The profile as ``runtime`` sees it: its own fitted efficiencies and overhead where the profile has
+        them, else the profile's (which describe ``self.runtime``)."""
+        override = self.runtimes.get(runtime)
+        if not override:
+            return self
+        return dataclasses.replace(self, runtime=runtime, **override)
 
     @property
     def achievable_bandwidth(self) -> float:
@@ -141,7 +163,7 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     for key in data:
         if key not in known:
             fail(key, f"is not a profile field (known: {', '.join(sorted(known))})")
-    optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency"}
+    optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency", "runtime", "runtimes"}
     for key in sorted(known - optional):
         if key not in data:
             fail(key, "is missing")
@@ -153,9 +175,20 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         fail("kind", f"must be one of {', '.join(KINDS)}")
     for key in _NUMBERS:
         _check_number(data[key], key, fail)
-    for key in _EFFICIENCIES:
-        if not 0 < data[key] <= 1:
-            fail(key, "must be a fraction in (0, 1]")
+    _check_efficiencies(data, "", fail)
+    if "runtime" in data and (not isinstance(data["runtime"], str) or not data["runtime"]):
+        fail("runtime", "must be a runtime name such as \"onnxruntime-cpu\"")
+    runtimes = data.get("runtimes", {})
+    if not isinstance(runtimes, dict) or not all(isinstance(v, dict) for v in runtimes.values()):
+        fail("runtimes", "must be tables [runtimes.NAME] of " + ", ".join(RUNTIME_FIELDS))
+    for runtime, override in runtimes.items():
+        for key in override:
+            if key not in RUNTIME_FIELDS:
+                fail(f"runtimes.{runtime}.{key}", f"cannot be set per runtime (known: {', '.join(RUNTIME_FIELDS)})")
+        for key in ("kernel_overhead_us", *_EFFICIENCIES):
+            if key in override:
+                _check_number(override[key], f"runtimes.{runtime}.{key}", fail)
+        _check_efficiencies(override, f"runtimes.{runtime}.", fail)
     peaks = data["peak_tflops"]
     if not isinstance(peaks, dict) or not peaks:
         fail("peak_tflops", "must be a table of precision = TFLOP/s")
@@ -168,15 +201,6 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         fail("tensorrt_precisions", f"must be a list drawn from {', '.join(BYTES_PER_ELEMENT)}")
     if "sm" in data and not (isinstance(data["sm"], str) and _is_sm(data["sm"])):
         fail("sm", "must be a compute capability string such as \"8.7\"")
-    op_efficiency = data.get("op_bandwidth_efficiency", {})
-    if not isinstance(op_efficiency, dict):
-        fail("op_bandwidth_efficiency", "must be a table of operator class = fraction")
-    for op, value in op_efficiency.items():
-        if op not in OP_CLASSES:
-            fail(f"op_bandwidth_efficiency.{op}", f"is not an operator class (known: {', '.join(OP_CLASSES)})")
-        _check_number(value, f"op_bandwidth_efficiency.{op}", fail)
-        if value > 1:
-            fail(f"op_bandwidth_efficiency.{op}", "must be a fraction in (0, 1]")
     aliases = data.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         fail("aliases", "must be a list of strings")
@@ -184,8 +208,8 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     source = data["source"]
     if not isinstance(source, dict):
         fail("source", "must be a table naming where each figure comes from")
-    sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions", "op_bandwidth_efficiency")
-               if k in data]
+    sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions", "op_bandwidth_efficiency",
+                           "runtime", "runtimes") if k in data]
     for key in sourced:
         if not isinstance(source.get(key), str) or not source[key].strip():
             fail(f"source.{key}", "is missing: say which datasheet or measurement the figure comes from")
@@ -198,8 +222,32 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         compute_efficiency=float(data["compute_efficiency"]),
         kernel_overhead_us=float(data["kernel_overhead_us"]), source=dict(source),
         aliases=tuple(aliases), sm=data.get("sm"), tensorrt_precisions=tuple(precisions),
-        op_bandwidth_efficiency={k: float(v) for k, v in op_efficiency.items()}, path=path,
+        op_bandwidth_efficiency=_op_efficiency(data), runtime=data.get("runtime"),
+        runtimes={name: {**{k: float(v) for k, v in o.items() if k != "op_bandwidth_efficiency"},
+                         **({"op_bandwidth_efficiency": _op_efficiency(o)} if "op_bandwidth_efficiency" in o else {})}
+                  for name, o in runtimes.items()},
+        path=path,
     )
+
+
+def _check_efficiencies(data: dict, prefix: str, fail) -> None:
+    """The efficiencies present in ``data`` (top level or a runtime's table) are fractions in (0, 1]."""
+    for key in _EFFICIENCIES:
+        if key in data and not 0 < data[key] <= 1:
+            fail(f"{prefix}{key}", "must be a fraction in (0, 1]")
+    op_efficiency = data.get("op_bandwidth_efficiency", {})
+    if not isinstance(op_efficiency, dict):
+        fail(f"{prefix}op_bandwidth_efficiency", "must be a table of operator class = fraction")
+    for op, value in op_efficiency.items():
+        if op not in OP_CLASSES:
+            fail(f"{prefix}op_bandwidth_efficiency.{op}", f"is not an operator class (known: {', '.join(OP_CLASSES)})")
+        _check_number(value, f"{prefix}op_bandwidth_efficiency.{op}", fail)
+        if value > 1:
+            fail(f"{prefix}op_bandwidth_efficiency.{op}", "must be a fraction in (0, 1]")
+
+
+def _op_efficiency(data: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in data.get("op_bandwidth_efficiency", {}).items()}
 
 
 def _check_number(value, key: str, fail) -> None:

@@ -11,9 +11,11 @@ from d2mc.roofline import RooflineSettings, analyze
 
 
 def is_artifact(spec: str | Path) -> bool:
-    """An exported ONNX artifact directory (``d2mc export`` output)."""
+    """An exported ONNX artifact directory (``d2mc export`` or ``d2mc compile`` output)."""
+    from d2mc.targets.tensorrt import ONNX_PLACES
+
     path = Path(spec).expanduser()
-    return path.is_dir() and (path / "model.onnx").exists()
+    return path.is_dir() and any((path / place / "model.onnx").exists() for place in ONNX_PLACES)
 
 
 def _artifact_config(spec: str) -> str:
@@ -26,13 +28,14 @@ def _artifact_config(spec: str) -> str:
 
 def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 512, batch: int = 1,
                   precision: str | None = None, kv_precision: str | None = None, config_only: bool = False,
-                  measure: bool = False, repeats: int = 5) -> dict:
+                  measure: bool = False, repeats: int = 5, engine: bool = False) -> dict:
     """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured here too when asked.
 
     The result is plain JSON: the roofline report (:meth:`d2mc.roofline.RooflineReport.to_dict`) plus, with
     ``measure``, ``measured`` (seconds per phase and per block) and ``error`` ((predicted - measured) / measured).
     A measurement runs on this machine, so it is compared with a prediction on the ``host-cpu`` profile unless
-    ``target`` is a CPU profile already.
+    ``target`` is a CPU profile already. With ``engine``, the artifact's TensorRT engine for ``target`` is timed
+    instead (on the device it was built for), next to the prediction on ``target``.
     """
     profile = load_profile(target)
     precision = precision or ("fp16" if profile.kind == "gpu" else "fp32")
@@ -45,7 +48,14 @@ def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 
                         tokenizer=False)
     report = analyze(loaded.arch, profile, settings)
     result = {"model": spec, "artifact": artifact, **report.to_dict()}
-    if measure:
+    if engine and not (measure and artifact):
+        raise UserError("--engine times an artifact's TensorRT engine: give an ARTIFACT and --measure")
+    if engine:
+        from d2mc.targets import tensorrt
+
+        result["measured"] = {**tensorrt.measure(spec, target, prefill, context, repeats), "repeats": repeats,
+                              "warmup": 2}
+    elif measure:
         result.update(_measure(spec, loaded, artifact, profile, settings, repeats))
     return result
 
@@ -54,7 +64,9 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
     from d2mc.measure import OnnxMeasurer, TorchMeasurer
 
     if artifact:
-        measurer = OnnxMeasurer(Path(spec) / "model.onnx", vocab=loaded.arch.vocab_size)
+        from d2mc.targets.tensorrt import find_onnx
+
+        measurer = OnnxMeasurer(find_onnx(spec, "onnxruntime"), vocab=loaded.arch.vocab_size)
         precision = "fp32"
     else:
         measurer = TorchMeasurer(loaded.model)
@@ -63,8 +75,9 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
     here = profile
     if measurer.runtime.endswith("cpu") and profile.kind != "cpu":
         here = load_profile("host-cpu")
+    here = here.for_runtime(measurer.runtime)
     here_settings = RooflineSettings(prefill=settings.prefill, context=settings.context, batch=settings.batch,
-                                     precision=precision)
+                                     precision=precision, all_logits=measurer.all_logits)
     predicted = analyze(loaded.arch, here, here_settings)
     m = measurer.measure(settings.prefill, settings.context, settings.batch, repeats=repeats, per_block=True)
     phases = {}
@@ -77,5 +90,6 @@ def _measure(spec, loaded, artifact: bool, profile, settings: RooflineSettings, 
             entry["blocks"] = [{"block": b.block, "predicted_s": b.seconds, "measured_s": s,
                                 "error": (b.seconds - s) / s} for b, s in zip(block_costs, measured_blocks, strict=True)]
         phases[phase] = entry
-    return {"measured": {"runtime": m.runtime, "profile": here.name, "precision": precision, "repeats": m.repeats,
+    return {"measured": {"runtime": m.runtime, "profile": here.name, "profile_runtime": here.runtime,
+                         "precision": precision, "repeats": m.repeats,
                          "warmup": m.warmup, "phases": phases}}

@@ -154,13 +154,17 @@ class PhaseCost:
 @dataclass(frozen=True)
 class RooflineSettings:
     """What to cost: a prefill of ``prefill`` tokens and one decode step after ``context`` cached tokens, for
-    ``batch`` sequences, with weights at ``precision`` and the KV cache at ``kv_precision``."""
+    ``batch`` sequences, with weights at ``precision`` and the KV cache at ``kv_precision``.
+
+    ``all_logits``: the prefill computes logits at every prompt position, as exported graphs do (their ``logits``
+    output is ``[batch, sequence, vocab]``); ``generate()`` keeps only the last position's."""
 
     prefill: int = 128
     context: int = 512
     batch: int = 1
     precision: str = "fp16"
     kv_precision: str | None = None  # defaults to the weight precision, at least fp16
+    all_logits: bool = False
 
     def __post_init__(self):
         for name in ("prefill", "context", "batch"):
@@ -293,7 +297,7 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
         _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), w, a, rates.get(i),
                      fused_moe=bool(profile.tensorrt_precisions))
     add(OUTSIDE, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
-    logits_tokens = b  # generation keeps only the last position's logits
+    logits_tokens = tokens if settings.all_logits else b
     add(OUTSIDE, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
         h * arch.vocab_size * w + logits_tokens * (h + arch.vocab_size) * a)
 

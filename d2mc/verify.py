@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -63,9 +64,10 @@ class OrtDecoder:
             raise UserError(f"ONNX Runtime cannot load '{path}' ({str(exc).splitlines()[0][:200]}): the artifact "
                             "is corrupt or incomplete; export it again") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
         self.kv_names = sorted(n for n in inputs if n.startswith("past_key_values."))
         first = inputs[self.kv_names[0]] if self.kv_names else None
-        self.kv_heads, self.head_dim = (first.shape[1], first.shape[3]) if first else (1, 1)
+        self.kv_heads, self.head_dim = _kv_dims(path, first.shape) if first else (1, 1)
         self.dtype = np.float16 if first is not None and "float16" in first.type else np.float32
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
@@ -77,11 +79,24 @@ class OrtDecoder:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, past + length), np.int64),
                  "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)).astype(np.int64),
                  **cache}
-        outputs = self.session.run(None, feeds)
+        outputs = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outputs, strict=False))
         new_cache = {n: result[n.replace("past_key_values", "present")] for n in self.kv_names}
         return result["logits"], new_cache
+
+
+def _kv_dims(path: Path, shape: list) -> tuple[int, int]:
+    """KV heads and head size of a ``past_key_values`` input ``[B, heads, past, head_dim]``; graphs from other
+    exporters may leave them symbolic, in which case the ``genai_config.json`` beside the model says."""
+    heads, head_dim = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        return heads, head_dim
+    config = path.with_name("genai_config.json")
+    if not config.is_file():
+        raise UserError(f"'{path}' leaves its KV-cache dimensions symbolic and has no genai_config.json beside it")
+    decoder = json.loads(config.read_text())["model"]["decoder"]
+    return decoder["num_key_value_heads"], decoder["head_size"]
 
 
 @contextlib.contextmanager

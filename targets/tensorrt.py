@@ -21,7 +21,8 @@ from d2mc.errors import UserError
 from d2mc.profiles import load_profile
 
 # where an artifact's ONNX files may be, in the order they are looked for
-ONNX_PLACES = (".", "tensorrt", "onnx-tensorrt", "onnx")
+TENSORRT_ONNX_DIR = "onnx-tensorrt"  # where d2mc compile writes the TensorRT flavour
+ONNX_PLACES = (".", "tensorrt", TENSORRT_ONNX_DIR, "onnx")
 
 
 def _flavour(onnx_path: Path) -> str:
@@ -97,8 +98,8 @@ def measure(artifact: str | Path, target: str = "orin-agx", prefill: int = 128, 
     profile = load_profile(target)
     measurer = TrtMeasurer(engine_dir(artifact, target), _vocab(artifact))
     m = measurer.measure(prefill, context, repeats=repeats)
-    predicted = estimate(_arch(artifact), profile, RooflineSettings(prefill=prefill, context=context,
-                                                                   precision=measurer.manifest.precision))
+    predicted = estimate(_arch(artifact), profile.for_runtime(measurer.runtime), RooflineSettings(
+        prefill=prefill, context=context, precision=measurer.manifest.precision, all_logits=True))
     return {"runtime": m.runtime, "profile": profile.name, "precision": measurer.manifest.precision,
             "phases": {phase: {"predicted_s": predicted[phase].seconds, "measured_s": m.seconds(phase),
                                "error": (predicted[phase].seconds - m.seconds(phase)) / m.seconds(phase)}

@@ -109,8 +109,14 @@ def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
     assert report["parameters"]["active_per_token"] <= report["parameters"]["total"]
     assert report["predicted"]["decode"]["converted_s"] < report["predicted"]["decode"]["dense_s"]
     assert report["verify"]["passed"] and report["perplexity"]["converted"] > 0
-    assert {"model/config.json", "onnx/model.onnx", "redundancy.png"} <= set(report["artifacts"])
+    assert {"model/config.json", "onnx/model.onnx", "redundancy.png", "onnx-tensorrt/model.onnx",
+            "engine-orin-agx/build.sh", "engine-orin-agx/plan.json"} <= set(report["artifacts"])
     assert "## Verification" in (out / "report.md").read_text()
+    # no TensorRT here: the engine step leaves the device-side build and says where, relative to the final output
+    engine = report["engine"]
+    assert not engine["built"] and engine["onnx_verify"]["passed"]
+    assert engine["summary"].endswith(f"on the orin-agx run: bash {out / 'engine-orin-agx' / 'build.sh'}")
+    assert "d2mc build .. --target orin-agx" in (out / "engine-orin-agx" / "build.sh").read_text()
 
 
 def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from d2mc.calibrate import Calibration, FitPoint, fit_decode, write_profile
+from d2mc.calibrate import Calibration, FitPoint, RuntimeFit, fit_decode, write_profile
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.measure import Measurer, OtherLoad, TorchMeasurer, measure_quietly, quantile
@@ -83,15 +83,22 @@ def test_decode_fit_recovers_bandwidth_overhead_and_attention_fraction():
     assert fit_decode(_synthetic_points(12e9, 80.0, 1.0))[2] == pytest.approx(1.0)
 
 
-def test_calibration_writes_a_valid_profile(tmp_path):
-    calibration = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12, "bf16": 0.02}, overhead_us=70.0,
-                              memory_gb=24, threads=2, stream_gbps=27.0, bandwidth_efficiency=0.8,
-                              compute_efficiency=0.9, attention_bandwidth_efficiency=0.3)
+def test_calibration_writes_a_valid_profile_with_one_fit_per_runtime(tmp_path):
+    calibration = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12, "bf16": 0.02}, memory_gb=24, threads=2,
+                              stream_gbps=16.0, fits=[RuntimeFit("onnxruntime-cpu", 12.8, 0.108, 5.0, 0.3),
+                                                      RuntimeFit("pytorch-cpu", 8.0, 0.06, 70.0, 0.5)])
     profile = load_profile(write_profile(calibration, tmp_path / "mine.toml"))
-    assert profile.kind == "cpu" and profile.achievable_bandwidth == pytest.approx(12.8e9)
+    assert profile.kind == "cpu" and profile.runtime == "onnxruntime-cpu"
+    assert profile.achievable_bandwidth == pytest.approx(12.8e9)
     assert profile.achievable_flops("fp32") == pytest.approx(0.108e12)
     assert profile.bandwidth_for("attention") == pytest.approx(0.3 * 12.8e9)
+    assert profile.kernel_overhead_us == pytest.approx(5.0)
     assert profile.source["kernel_overhead_us"].startswith("fitted")
+    torch_view = profile.for_runtime("pytorch-cpu")
+    assert torch_view.runtime == "pytorch-cpu" and torch_view.kernel_overhead_us == pytest.approx(70.0)
+    assert torch_view.achievable_bandwidth == pytest.approx(8e9)
+    assert torch_view.bandwidth_for("attention") == pytest.approx(0.5 * 8e9)
+    assert profile.for_runtime("tensorrt") is profile  # no fit of its own: the profile's figures
 
 
 def test_roofline_pass_provides_a_report(tiny_checkpoint):
@@ -141,8 +148,8 @@ def test_profile_cli_table_and_calibrate(tiny_checkpoint, tmp_path, monkeypatch)
 
     import d2mc.calibrate
 
-    fake = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12}, overhead_us=70.0, memory_gb=24, threads=2,
-                       stream_gbps=27.0)
+    fake = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12}, memory_gb=24, threads=2, stream_gbps=16.0,
+                       fits=[RuntimeFit("onnxruntime-cpu", 12.0, 0.1, 5.0)])
     monkeypatch.setattr(d2mc.calibrate, "calibrate_host", lambda progress=None: fake)
     out = tmp_path / "host.toml"
     result = CliRunner().invoke(cli, ["profile", "--calibrate", "-o", str(out)], catch_exceptions=False)

@@ -70,6 +70,11 @@ def test_hand_computed_prefill_costs():
     assert o["mlp"].flops == 6 * 2 * 3 * 8 * 16
     head = [op for op in cost.ops if op.op == "lm_head"][0]
     assert head.flops == 2 * 8 * 32  # only the last position's logits are computed
+    # an exported graph computes the logits of every prompt position
+    graph = estimate_phase(arch(), load_profile("orin-agx"), "prefill",
+                           RooflineSettings(prefill=6, precision="fp16", all_logits=True))
+    head = [op for op in graph.ops if op.op == "lm_head"][0]
+    assert head.flops == 6 * 2 * 8 * 32 and head.bytes == 8 * 32 * 2 + 6 * (8 + 32) * 2
 
 
 def test_weight_and_kv_precision_scale_the_bytes():

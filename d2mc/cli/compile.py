@@ -67,5 +67,6 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
                   f"{ppl['converted']:.2f} (no recovery training)")
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
-    out.print(f"engine: not built ({report['engine']['reason']})")
-    out.print(f"wrote {output}/ (model/, onnx/, report.md, report.json)  [{time.perf_counter() - start:.0f} s]")
+    out.print(f"engine: {report['engine']['summary']}")
+    out.print(f"wrote {output}/ ({', '.join(sorted({a.split('/')[0] for a in report['artifacts']}))})  "
+              f"[{time.perf_counter() - start:.0f} s]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -29,6 +30,8 @@ from d2mc.cli.common import (
 @config_only_option
 @click.option("--measure", is_flag=True, help="Also run the model here (PyTorch, or ONNX Runtime for an artifact) "
                                               "and print measured next to predicted, per phase and per block.")
+@click.option("--engine", is_flag=True, help="With --measure on an ARTIFACT: time its TensorRT engine for --target "
+                                             "(d2mc build), on the device, instead of ONNX Runtime here.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats per phase with --measure "
                                                                         "(decode takes four times as many).")
 @click.option("--calibrate", is_flag=True, help="Measure this machine and write a device profile TOML.")
@@ -36,8 +39,8 @@ from d2mc.cli.common import (
                                                         "--calibrate, the TOML file to write (default host-cpu.toml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
-def command(model, target, prefill, context, batch, precision, kv_precision, config_only, measure, repeats, calibrate,
-            output, overwrite, as_json):
+def command(model, target, prefill, context, batch, precision, kv_precision, config_only, measure, engine, repeats,
+            calibrate, output, overwrite, as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
     from d2mc.errors import UserError
 
@@ -48,7 +51,7 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
         calibration = calibrate_host(progress=lambda text: status.print(f"measuring {text}..."))
         path = write_profile(calibration, output or "host-cpu.toml")
         if as_json:
-            print_json({"path": str(path), **vars(calibration)})
+            print_json({"path": str(path), **dataclasses.asdict(calibration)})
         else:
             console().print(f"wrote {path}:\n{path.read_text()}", markup=False)
         return
@@ -57,7 +60,8 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
     from d2mc.profiling import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
-                           kv_precision=kv_precision, config_only=config_only, measure=measure, repeats=repeats)
+                           kv_precision=kv_precision, config_only=config_only, measure=measure, repeats=repeats,
+                           engine=engine)
     if output:
         from d2mc.outputs import atomic_output_dir
         from d2mc.plots import plot_roofline

@@ -99,6 +99,7 @@ class TrtMeasurer:
     """TensorRT timing of a built engine (the :class:`d2mc.measure.Measurer` protocol)."""
 
     runtime = "tensorrt"
+    all_logits = True  # the engine's prefill computes logits at every position, as its ONNX does
 
     def __init__(self, engine_dir: str | Path, vocab: int):
         require_engine_machine(engine_dir, "measuring the engine")

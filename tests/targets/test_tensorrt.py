@@ -324,6 +324,20 @@ def test_verify_tensorrt_without_tensorrt_is_one_line(tmp_path):
         "installed here"]
 
 
+def test_profile_measure_engine_without_tensorrt_is_one_line(tmp_path):
+    model, artifact = block_artifact(tmp_path)
+    model.config.save_pretrained(artifact)
+    engine_dir = artifact / "engine-orin-agx"
+    engine_dir.mkdir()
+    write_manifest(_manifest(), engine_dir)
+    result = subprocess.run([D2MC, "profile", str(artifact), "--target", "orin-agx", "--context", "64", "--measure",
+                             "--engine"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: measuring the engine runs the engine on its device (orin-agx, SM 8.7): TensorRT is not installed here"]
+
+
 def test_plugin_sources_ship_with_the_package():
     names = {p.name for p in plugin_sources().iterdir()}
     assert {"CMakeLists.txt", "d2mcMoePlugin.cpp", "d2mcMoePlugin.h", "moeKernels.cu", "moeKernels.h"} <= names
