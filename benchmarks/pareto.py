@@ -2,7 +2,8 @@
 
 SmolLM2-135M. For K attention modules removed in {0, 2, 4, 6, 8, 10}, every method converts the model from the same
 redundancy analysis (LF-UC: the K layers fused as experts of their kept neighbours, top-1; drop-layers: the K whole
-layers of lowest block influence, ShortGPT; drop-attention: the attention of the same K layers). Each point gets:
+layers of lowest block influence, ShortGPT; drop-attention: the attention of the same K layers), and split-experts
+keeps every layer with a share of each MLP's neurons active per token (``--split-fractions``). Each point gets:
 
 - held-out perplexity: text never used for calibration or training (the built-in corpus's held-out tail, 512-token
   windows);
@@ -14,8 +15,8 @@ layers of lowest block influence, ShortGPT; drop-attention: the attention of the
 The dense model exported by the onnxruntime-genai model builder is the peer point. Writes the table (Markdown), a
 Pareto plot (measured latency against perplexity, frontier marked) and JSON.
 
-    python benchmarks/pareto.py [--ks 0,2,4,6,8,10] [--methods lfuc,drop-layers,drop-attention] [--rounds 3]
-                                [--plot pareto.png] [--json out.json]
+    python benchmarks/pareto.py [--ks 0,2,4,6,8,10] [--methods lfuc,drop-layers,drop-attention]
+                                [--split-fractions 0.5,0.75] [--rounds 3] [--plot pareto.png] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,15 +49,19 @@ def pareto_front(points: list[dict]) -> set[int]:
     return front
 
 
-def convert_point(base, method: str, k: int, args):
+def convert_point(base, method: str, k: int, args, fraction: float | None = None):
     """The converted model of one point (K=0: the dense parent itself, as a converted model of one block per
-    layer, so that every point goes through the same export)."""
+    layer, so that every point goes through the same export; split-experts: ``fraction`` of the neurons active)."""
     from d2mc.convert import ConvertOptions, convert
 
     loaded = copy.copy(base)
     loaded.model = copy.deepcopy(base.model)
-    options = ConvertOptions(method=method, remove_attention=k, calib_sequences=args.calib_sequences,
-                             calib_length=args.calib_length)
+    if method == "split-experts":
+        options = ConvertOptions(method=method, active_fraction=fraction, calib_sequences=args.calib_sequences,
+                                 calib_length=args.calib_length)
+    else:
+        options = ConvertOptions(method=method, remove_attention=k, calib_sequences=args.calib_sequences,
+                                 calib_length=args.calib_length)
     return convert(loaded, options)
 
 
@@ -76,7 +81,8 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
                 linestyle="-" if len(mine) > 1 else "none", markersize=10 if method == PEER else 5)
         for p in mine:
             if p.get("k") is not None:
-                ax.annotate(f"K={p['k']}", (p["latency_ms"], p["perplexity"]), fontsize=6,
+                label = f"{p['fraction']:.0%}" if p.get("fraction") else f"K={p['k']}"
+                ax.annotate(label, (p["latency_ms"], p["perplexity"]), fontsize=6,
                             textcoords="offset points", xytext=(3, 3))
     frontier = sorted((points[i] for i in front), key=lambda p: p["latency_ms"])
     ax.plot([p["latency_ms"] for p in frontier], [p["perplexity"] for p in frontier], color="black",
@@ -98,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="0,2,4,6,8,10", help="attention modules removed, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--split-fractions", default="0.5,0.75",
+                        help="split-experts points: shares of the MLP neurons active per token ('' for none)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calib-sequences", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=256)
@@ -132,23 +140,23 @@ def run(args, work: Path) -> None:
     dense_ppl = perplexity(base.model, windows)
     points = [{"method": PEER, "k": None, "perplexity": dense_ppl, "onnx": work / "peer" / "model.onnx",
                "predicted_ms": predict_decode_seconds(base.arch, profile, args.context) * 1e3}]
-    for k in (int(x) for x in args.ks.split(",")):
-        for method in args.methods.split(","):
-            if k == 0 and method != METHODS[0]:
-                continue  # K=0 is the dense model whatever the method
-            ctx = convert_point(base, method, k, args)
-            name = "dense" if k == 0 else method
-            ppl = perplexity(ctx.model, windows)
-            out = work / f"{method}-{k}"
-            export_onnx(ctx.model, None, out)
-            points.append({"method": name, "k": k, "perplexity": ppl, "onnx": out / "model.onnx",
-                           "predicted_ms": predict_decode_seconds(ctx.arch, profile, args.context) * 1e3,
-                           "attention_blocks": len(ctx.arch.attention_blocks),
-                           "active_params": ctx.arch.active_params, "total_params": ctx.arch.total_params,
-                           "plan": ctx.results["plan"].to_dict()})
-            print(f"K={k:>2} {name:>15}: perplexity {ppl:8.2f}, predicted {points[-1]['predicted_ms']:.3f} ms "
-                  f"[{time.perf_counter() - started:.0f} s]", flush=True)
-            del ctx
+    grid = [(k, method, None) for k in (int(x) for x in args.ks.split(",")) for method in args.methods.split(",")
+            if k != 0 or method == METHODS[0]]  # K=0 is the dense model whatever the method
+    grid += [(0, "split-experts", float(f)) for f in args.split_fractions.split(",") if f.strip()]
+    for k, method, fraction in grid:
+        ctx = convert_point(base, method, k, args, fraction)
+        name = "dense" if k == 0 and fraction is None else method
+        ppl = perplexity(ctx.model, windows)
+        out = work / f"{method}-{k}-{fraction}"
+        export_onnx(ctx.model, None, out)
+        points.append({"method": name, "k": k, "fraction": fraction, "perplexity": ppl, "onnx": out / "model.onnx",
+                       "predicted_ms": predict_decode_seconds(ctx.arch, profile, args.context) * 1e3,
+                       "attention_blocks": len(ctx.arch.attention_blocks),
+                       "active_params": ctx.arch.active_params, "total_params": ctx.arch.total_params,
+                       "plan": ctx.results["plan"].to_dict() if "plan" in ctx.results else None})
+        print(f"K={k:>2} {name:>15}{f' {fraction:.0%}' if fraction else ''}: perplexity {ppl:8.2f}, predicted "
+              f"{points[-1]['predicted_ms']:.3f} ms [{time.perf_counter() - started:.0f} s]", flush=True)
+        del ctx
 
     rounds: dict[int, list[float]] = {i: [] for i in range(len(points))}
     measurers = [OnnxMeasurer(p["onnx"], base.arch.vocab_size) for p in points]
@@ -165,7 +173,8 @@ def run(args, work: Path) -> None:
     rows = []
     for i, p in sorted(enumerate(points), key=lambda ip: (ip[1]["k"] if ip[1]["k"] is not None else -1,
                                                             ip[1]["method"])):
-        rows.append([p["method"], "-" if p["k"] is None else p["k"], f"{p['perplexity']:.2f}",
+        rows.append([p["method"] + (f" {p['fraction']:.0%}" if p.get("fraction") else ""),
+                     "-" if p["k"] is None else p["k"], f"{p['perplexity']:.2f}",
                      f"{p['latency_ms']:.2f}", f"{peer_ms / p['latency_ms']:.3f}", f"{p['predicted_ms']:.3f}",
                      "yes" if i in front else ""])
     print(f"\nSmolLM2-135M, held-out perplexity on {windows.numel()} tokens; decode latency measured on ONNX Runtime "
