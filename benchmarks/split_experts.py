@@ -7,7 +7,7 @@ split predicts, LF-UC followed by a split of its fused experts, and sparse upcyc
 random router). split-experts keeps 2 of the 8 experts of each MLP always active by default; the rows without
 shared experts show what that buys. The "with recovery" column runs the ``recover`` pass when this d2mc has one (``--recover``).
 
-    python benchmarks/split_experts.py [--eval-tokens 8192] [--recover] [--json out.json]
+    python benchmarks/split_experts.py [--eval-tokens 8192] [--recover [--recover-steps N]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ OTHERS = [("split-experts 50%, no shared experts", {"method": "split-experts", "
                                                        "upcycle_init": "partition"})]
 
 
-def recover(ctx, teacher) -> bool:
-    """The hook of the "with recovery" column: run the recover pass on the converted model, if d2mc has one."""
+def recover(ctx, teacher, steps: int | None) -> bool:
+    """The hook of the "with recovery" column: run the recover pass (distillation from the dense parent, the same
+    for every method) on the converted model, if this d2mc has one."""
     from d2mc.pipeline import PassManager, create_pass, registered_passes
 
     if "recover" not in registered_passes():
         return False
     ctx.teacher = teacher
-    PassManager([create_pass("recover")]).run(ctx)
+    PassManager([create_pass("recover", **({"steps": steps} if steps is not None else {}))]).run(ctx)
     return True
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--target", default="orin-agx")
     parser.add_argument("--recover", action="store_true", help="also run the recover pass (the last column)")
+    parser.add_argument("--recover-steps", type=int, help="training steps of the recover pass (default: its own)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -84,7 +86,8 @@ def main() -> None:
         predicted = predict_decode_seconds(arch, profile) * 1e3
         ppl = perplexity(ctx.model, windows)
         recovered = None
-        if args.recover and recover(ctx, copy.deepcopy(base.model).eval().requires_grad_(False)):
+        if args.recover and recover(ctx, copy.deepcopy(base.model).eval().requires_grad_(False),
+                                    args.recover_steps):
             recovered = perplexity(ctx.model, windows)
         active_mlp = arch.active_param_counts()["mlp"] / dense_mlp
         rows.append([name, _setting(options), f"{arch.total_params / 1e6:.1f}M", f"{active_mlp:.0%}",

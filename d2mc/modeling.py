@@ -369,7 +369,8 @@ def _experts_from_mlps(b: int, block: D2MCBlock, plan: dict, modules: dict, dtyp
             block.experts[i] = D2MCExpert(copy.deepcopy(norm), template)
         else:
             raise ValueError(f"block {b}: {count} expert(s) of {size} neurons from layer {layer}'s MLP of {whole}: "
-                             f"experts are copies ({whole} neurons) or a partition ({count} x {size} = {whole})")
+                             f"a layer gives copies ({whole} neurons each) or a partition ({count} x {size} = "
+                             f"{count * size}, not {whole})")
 
 
 @torch.no_grad()

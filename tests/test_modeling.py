@@ -95,8 +95,8 @@ def test_copies_and_unchanged_blocks_through_restructure():
     assert list(again.model.layers[4].experts) == slices and again.model.layers[4].router is router
     bad = dense_plan(6)
     bad[3] = {**plan[4], "attention_layer": 3, "expert_layers": [3] * 3, "top_k": 1}
-    with pytest.raises(ValueError, match=r"3 expert\(s\) of 32 neurons from layer 3's MLP of 128: experts are "
-                                         r"copies \(128 neurons\) or a partition \(3 x 32 = 96\)"):
+    with pytest.raises(ValueError, match=r"block 3: 3 expert\(s\) of 32 neurons from layer 3's MLP of 128: a layer "
+                                         r"gives copies \(128 neurons each\) or a partition \(3 x 32 = 96, not 128\)"):
         restructure(tiny_model("llama"), bad)
     resplit = list(plan)
     resplit[4] = {**plan[4], "expert_layers": [4] * 2, "expert_intermediate": 64}
