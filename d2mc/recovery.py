@@ -497,6 +497,7 @@ def run_recovery(model, teacher, tokenizer, options: RecoveryOptions,
     if teacher.config.vocab_size != model.config.vocab_size:
         raise UserError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the model's "
                         f"({model.config.vocab_size}): give the dense parent the model was converted from")
+    trainable_parameters(model, options.train)  # refuse an impossible choice before any work
     say = progress or (lambda text: None)
     world = _world_size()
     needed = options.steps * options.tokens_per_step * world

@@ -32,7 +32,7 @@ from d2mc.recovery_data import (
     generate_windows,
     source_text,
 )
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
 
 TEXT = ("The council said the new bridge would open next year after a long delay. Fire crews worked through the "
         "night as strong winds pushed the blaze towards the town. The minister met union leaders on Tuesday to "
@@ -290,3 +290,24 @@ def test_two_processes_on_the_gloo_backend(tmp_path):
     assert (tmp_path / "out" / "recovery_curve.png").exists()
     assert not (tmp_path / "out.checkpoints").exists()
     assert [p.name for p in Path(tmp_path).iterdir() if p.name.startswith(".out")] == []
+
+
+@pytest.mark.real_model
+@requires_real_model
+def test_recovery_on_smollm2():
+    """A few steps on the real model lower the training objective on the batch it trained on."""
+    from d2mc.convert import convert
+    from d2mc.loading import load_model
+
+    loaded = load_model("smollm2-135m")
+    teacher = copy.deepcopy(loaded.model)
+    ctx = convert(loaded, ConvertOptions(method="drop-attention", plan="12-13,16-17", calib_sequences=2,
+                                         calib_length=64))
+    from d2mc.recovery_data import training_windows
+
+    data = training_windows(loaded.tokenizer, None, 64)[:2]
+    before = objective(ctx.model, teacher, data)
+    summary = train_recovery(ctx.model, teacher, WindowDataset(data),
+                             RecoveryOptions(steps=3, seq_len=64, batch_size=2, lr=1e-3, warmup=0))
+    assert objective(ctx.model, teacher, data) < before
+    assert summary["blocks"] == [13, 17] and summary["trainable_parameters"] == 2 * (3 * 576 * 1536 + 576)
