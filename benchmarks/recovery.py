@@ -10,7 +10,7 @@ windows): on a small slice every ``--eval-every`` steps (perplexity against trai
 ``--eval-tokens`` tokens after conversion and at the end.
 
     python benchmarks/recovery.py [--steps 400] [--json out.json]       # the comparison
-    python benchmarks/recovery.py --choices [--choice-steps 40]         # what each training choice buys
+    python benchmarks/recovery.py --choices [--choice-steps 40]         # first, what each training choice buys
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Bench:
         self.plan = args.plan or self._plan(args.remove_attention, args.max_group)
         log(f"plan for every method: {self.plan}")
         self._data: dict[int, tuple] = {}
+        self.records: dict = {}
 
     def _plan(self, remove: int, max_group: int) -> str:
         from d2mc.context import Context
@@ -139,7 +140,8 @@ def compare(bench: Bench, args) -> None:
                                    "active_params": ctx.arch.active_params,
                                    "recovery": {k: v for k, v in summary.items() if k != "options"},
                                    "options": summary["options"]})
-        write_json(args.json, records)  # keep what is done if a later method fails
+        bench.records["comparison"] = records
+        write_json(args.json, bench.records)  # keep what is done if a later method fails
         del ctx
     o = recovery_options(args)
     print(f"\nSmolLM2-135M, plan {bench.plan} for every method; recovery budget {o.steps} steps x {o.batch_size} x "
@@ -154,7 +156,7 @@ def compare(bench: Bench, args) -> None:
           f"dense {_ppl_on(bench, bench.curve_windows):.2f})")
     print_table(["training tokens", *curves], [[f"{t:,}", *(f"{c[t]:.2f}" if t in c else "-" for c in curves.values())]
                                                for t in tokens])
-    write_json(args.json, records)
+    write_json(args.json, bench.records)
 
 
 def _ppl_on(bench: Bench, windows) -> float:
@@ -217,7 +219,8 @@ def choices(bench: Bench, args) -> None:
                         "convert_seconds": convert_s, "before": before, "after": after,
                         "seconds": summary["seconds"], "tokens": summary["tokens"], "final": summary["final"],
                         "trainable_parameters": summary["trainable_parameters"]})
-        write_json(args.json, {"plan": bench.plan, "dense": dense, "choices": records})
+        bench.records["choices"] = {"plan": bench.plan, "dense": dense, "runs": records}
+        write_json(args.json, bench.records)
     o = recovery_options(args, steps=args.choice_steps)
     print(f"\nWhat each choice buys: SmolLM2-135M, plan {bench.plan}, {o.steps} steps of {o.tokens_per_step:,} "
           f"tokens each from the reference (train '{o.train}', lr {o.lr}); held-out perplexity on "
@@ -240,7 +243,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--curve-tokens", type=int, default=2048)
     parser.add_argument("--methods", nargs="*", help="A subset of: drop-layers drop-attention LF-UC")
-    parser.add_argument("--choices", action="store_true", help="Short runs: what each training choice buys.")
+    parser.add_argument("--choices", action="store_true", help="First, short runs: what each training choice buys.")
+    parser.add_argument("--no-compare", action="store_true", help="Only the short runs, not the comparison.")
     parser.add_argument("--choice-steps", type=int, default=40)
     parser.add_argument("--choice-eval-tokens", type=int, default=4096)
     parser.add_argument("--only", nargs="*", help="With --choices: run the choices whose name has one of these words.")
@@ -252,7 +256,10 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     bench = Bench(args)
-    (choices if args.choices else compare)(bench, args)
+    if args.choices:
+        choices(bench, args)
+    if not args.no_compare:
+        compare(bench, args)
 
 
 if __name__ == "__main__":

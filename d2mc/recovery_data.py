@@ -33,8 +33,11 @@ PROMPTS = (
 
 
 def is_file_source(source: str) -> bool:
-    """Whether ``source`` names a file (existing, or written like a path) rather than a ``datasets`` name."""
+    """Whether ``source`` names a text file (existing, or written like a file path) rather than a ``datasets``
+    name (a hub name, or a local dataset directory)."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        return False
     return path.exists() or source.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES
 
 
