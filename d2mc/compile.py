@@ -263,7 +263,8 @@ def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, m
                       f"{measured[p]['error'] * 100:+.1f}%"] for p in ("prefill", "decode")]})
     if dense_ppl is not None:
         sections.append({"title": "Held-out perplexity", "text": (
-            f"{options.eval_tokens} tokens of the held-out text in 512-token windows (never used for calibration). "
+            f"{options.eval_tokens} tokens of the held-out text in 512-token windows (never used for calibration or "
+            "training). "
             f"No recovery training was run."),
             "values": {"dense": f"{dense_ppl:.2f}", "converted": f"{converted_ppl:.2f}"}})
     sections.append({"title": "Verification", "text": (
