@@ -262,6 +262,18 @@ def test_the_teacher_writes_training_text_itself():
     assert first[0, :len(prompt)].tolist() == prompt and len(set(first[:, -1].tolist())) > 1
 
 
+def test_recovery_with_no_data_at_all():
+    """``data="generate"``: the teacher writes the training text; one sequence per step and batch slot."""
+    from d2mc.recovery import run_recovery
+
+    tokenizer = tiny_tokenizer()
+    ctx = converted(vocab=len(tokenizer))
+    summary = run_recovery(ctx.model, ctx.teacher, tokenizer,
+                           RecoveryOptions(steps=2, seq_len=16, batch_size=2, data="generate"))
+    assert summary["data"]["source"] == "generate" and summary["data"]["sequences"] == 4
+    assert summary["steps"] == 2 and summary["final"]["loss"] > 0
+
+
 @pytest.mark.slow
 def test_two_processes_on_the_gloo_backend(tmp_path):
     """``torchrun --nproc_per_node 2 -m d2mc recover``: DDP over gloo on this CPU; the first process writes."""
