@@ -166,7 +166,8 @@ def _ppl_on(bench: Bench, windows) -> float:
 
 
 CHOICES = [
-    # name, method, conversion changes, recovery changes
+    # name, method, conversion changes, recovery changes (from the reference: train "blocks", --lr, --seq-len,
+    # --batch-size, --teacher-topk)
     ("reference: LF-UC, blocks, seq 256, cached top-64 teacher", "lfuc", {}, {}),
     ("teacher run every step (no cache)", "lfuc", {}, {"teacher_topk": 0}),
     ("cached top-16 teacher", "lfuc", {}, {"teacher_topk": 16}),
@@ -204,7 +205,7 @@ def choices(bench: Bench, args) -> None:
             log(f"{method} {convert_changes}: converted in {seconds:.0f} s, perplexity {converted[key][1]:.2f}")
         model, before, convert_s = converted[key]
         model = copy.deepcopy(model)
-        options = recovery_options(args, steps=args.choice_steps, eval_every=0, **changes)
+        options = recovery_options(args, steps=args.choice_steps, eval_every=0, **{"train": "blocks", **changes})
         options = dataclasses.replace(options, batch_size=changes.get("batch_size", args.batch_size
                                                                       * args.seq_len // options.seq_len))
         log(f"choice: {name}")
@@ -221,7 +222,7 @@ def choices(bench: Bench, args) -> None:
                         "trainable_parameters": summary["trainable_parameters"]})
         bench.records["choices"] = {"plan": bench.plan, "dense": dense, "runs": records}
         write_json(args.json, bench.records)
-    o = recovery_options(args, steps=args.choice_steps)
+    o = recovery_options(args, steps=args.choice_steps, train="blocks")
     print(f"\nWhat each choice buys: SmolLM2-135M, plan {bench.plan}, {o.steps} steps of {o.tokens_per_step:,} "
           f"tokens each from the reference (train '{o.train}', lr {o.lr}); held-out perplexity on "
           f"{windows.numel()} tokens (dense {dense:.2f})")
@@ -237,7 +238,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--train", default="blocks", choices=["routers", "blocks", "all"])
+    parser.add_argument("--train", default="all", choices=["routers", "blocks", "all"])
     parser.add_argument("--teacher-topk", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-tokens", type=int, default=8192)

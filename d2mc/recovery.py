@@ -59,7 +59,7 @@ class RecoveryOptions:
     kl_weight: float = 1.0
     temperature: float = 1.0
     balance_weight: float = 0.01
-    train: str = "blocks"
+    train: str = "all"  # measured best for the held-out perplexity (docs/recovery.md)
     data: str | None = None  # None: built-in corpus (training part); a .txt/.jsonl file; a datasets name; "generate"
     data_split: str = "train"
     data_field: str = "text"

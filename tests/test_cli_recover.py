@@ -31,7 +31,7 @@ def test_convert_with_recovery(tiny_checkpoint_with_tokenizer, train_text, tmp_p
     assert result.exit_code == 0, result.output
     assert "recovery: 3 steps, 192 tokens" in result.output
     plan = json.loads((out / "d2mc_plan.json").read_text())
-    assert plan["recovery"]["steps"] == 3 and plan["recovery"]["trained"] == "blocks"
+    assert plan["recovery"]["steps"] == 3 and plan["recovery"]["trained"] == "all"
     curve = json.loads((out / "recovery_curve.json").read_text())["curve"]
     assert [c["step"] for c in curve] == [1, 3] and all(c["loss"] > 0 for c in curve)
     assert (out / "recovery_curve.png").stat().st_size > 1000

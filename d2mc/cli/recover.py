@@ -17,7 +17,7 @@ def pipeline_recovery_options(func):
     for option in reversed([
         click.option("--recover-steps", type=int, default=0, show_default=True,
                      help="Recovery training steps after conversion (0: none)."),
-        click.option("--recover-train", type=click.Choice(["routers", "blocks", "all"]), default="blocks",
+        click.option("--recover-train", type=click.Choice(["routers", "blocks", "all"]), default="all",
                      show_default=True, help=TRAIN_HELP),
         click.option("--recover-data", help=DATA_HELP),
         click.option("--recover-seq-len", type=int, default=256, show_default=True),
@@ -53,7 +53,7 @@ def pop_recovery_options(kwargs: dict, output: str):
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
               default="cosine", show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up: a fraction of the steps, or steps.")
-@click.option("--train", type=click.Choice(["routers", "blocks", "all"]), default="blocks", show_default=True,
+@click.option("--train", type=click.Choice(["routers", "blocks", "all"]), default="all", show_default=True,
               help=TRAIN_HELP)
 @click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of next-token cross-entropy.")
 @click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of KL to the teacher.")

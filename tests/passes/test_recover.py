@@ -320,6 +320,7 @@ def test_recovery_on_smollm2():
     data = training_windows(loaded.tokenizer, None, 64)[:2]
     before = objective(ctx.model, teacher, data)
     summary = train_recovery(ctx.model, teacher, WindowDataset(data),
-                             RecoveryOptions(steps=3, seq_len=64, batch_size=2, lr=1e-3, warmup=0))
+                             RecoveryOptions(steps=3, seq_len=64, batch_size=2, lr=1e-3, warmup=0,
+                                             train="blocks"))
     assert objective(ctx.model, teacher, data) < before
     assert summary["blocks"] == [13, 17] and summary["trainable_parameters"] == 2 * (3 * 576 * 1536 + 576)
