@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2mc.convert import ConvertOptions, convert, method_lines
+from d2mc.convert import ConvertOptions, convert, method_lines, recovers
 from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
@@ -72,7 +72,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
             done("held-out perplexity (dense)")
 
         step("convert")
-        ctx = convert(loaded, conversion, progress=lambda text: say(f"  {text}"))
+        ctx = convert(loaded, conversion, progress=lambda text: say(f"  {text}"), recover=False)
         done("convert")
         arch = ctx.arch
         converted_cost = estimate(arch, profile, settings)
@@ -83,11 +83,12 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
             step("held-out perplexity (converted)")
             converted_ppl = perplexity(ctx.model, eval_windows)
             done("held-out perplexity (converted)")
+        recovery, recovered_ppl = _recovery_step(ctx, conversion, eval_windows, step, done, say, out)
 
         step("save model")
         ctx.model.save_pretrained(out / "model")
         ctx.tokenizer.save_pretrained(out / "model")
-        (out / "model" / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2) + "\n")
+        (out / "model" / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2, default=str) + "\n")
         done("save model")
 
         from d2mc.targets.onnxruntime import export_onnx
@@ -118,10 +119,66 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
             plot_redundancy(ctx.results["redundancy"], out / "redundancy.png", title=options.model)
         report = _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, converted_cost,
                          dense_ppl, converted_ppl, exported, measured, engine, timings, out)
+        _add_recovery(report, recovery, recovered_ppl, options.eval_tokens)
         from d2mc.report import write_report
 
         write_report(report, out)
+    if recovery:
+        from d2mc.recovery import remove_checkpoints
+
+        remove_checkpoints(conversion.recovery)
     return report
+
+
+def _recovery_step(ctx, conversion: ConvertOptions, eval_windows, step, done, say, out: Path):
+    """Recovery training when the options ask for it; its summary and the held-out perplexity after it."""
+    if not recovers(conversion):
+        return None, None
+    from d2mc.pipeline import PassManager, create_pass
+    from d2mc.recovery import brief, write_recovery_outputs
+
+    step("recovery training")
+    PassManager([create_pass("recover", options=conversion.recovery, progress=lambda text: say(f"  {text}"))]
+                ).run(ctx)
+    done("recovery training")
+    summary = ctx.results["recovery"]
+    ctx.report["conversion"]["recovery"] = brief(summary)
+    write_recovery_outputs(summary, out)
+    recovered_ppl = None
+    if eval_windows is not None:
+        from d2mc.data import perplexity
+
+        step("held-out perplexity (after recovery)")
+        recovered_ppl = perplexity(ctx.model, eval_windows)
+        done("held-out perplexity (after recovery)")
+    return summary, recovered_ppl
+
+
+def _add_recovery(report: dict, summary: dict | None, recovered_ppl: float | None, eval_tokens: int) -> None:
+    """The recovery figures in the report, and perplexity after recovery beside dense and converted."""
+    report["perplexity"]["recovered"] = recovered_ppl
+    report["recovery"] = None
+    if summary is None:
+        return
+    from d2mc.recovery import brief
+
+    report["recovery"] = brief(summary)
+    sections = report["sections"]
+    ppl = next((s for s in sections if s["title"] == "Held-out perplexity"), None)
+    if ppl is not None:
+        ppl["text"] = ppl["text"].replace("No recovery training was run.", "Recovery training as below.")
+        if recovered_ppl is not None:
+            ppl["values"]["after recovery"] = f"{recovered_ppl:.2f}"
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
+    at = next((i for i, s in enumerate(sections) if s["title"] == "Verification"), len(sections))
+    sections.insert(at, {
+        "title": "Recovery training",
+        "text": (f"Distillation from the dense parent: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+                 f"{summary['seconds']:.0f} s; trained {summary['trained']} ({summary['trainable_parameters']:,} "
+                 f"parameters) on {summary['data']['source']}, teacher {summary['teacher']}."),
+        "values": {"final loss": final or "-", "tokens per second": f"{summary['tokens'] / summary['seconds']:.0f}"
+                   if summary["seconds"] else "-"},
+        "image": "recovery_curve.png"})
 
 
 def _engine_step(model, profile, out: Path, final: Path, step, done) -> dict:
@@ -182,7 +239,7 @@ def _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, con
         "predicted": phases,
         "measured": measured,
         "perplexity": {"dense": dense_ppl, "converted": converted_ppl, "tokens": options.eval_tokens,
-                       "text": "held-out part of the built-in corpus, never used for calibration"},
+                       "text": "held-out part of the built-in corpus, never used for calibration or training"},
         "verify": exported.verify,
         "engine": engine,
         "artifacts": artifacts,
@@ -233,7 +290,8 @@ def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, m
                       f"{measured[p]['error'] * 100:+.1f}%"] for p in ("prefill", "decode")]})
     if dense_ppl is not None:
         sections.append({"title": "Held-out perplexity", "text": (
-            f"{options.eval_tokens} tokens of the held-out text in 512-token windows (never used for calibration). "
+            f"{options.eval_tokens} tokens of the held-out text in 512-token windows (never used for calibration or "
+            "training). "
             f"No recovery training was run."),
             "values": {"dense": f"{dense_ppl:.2f}", "converted": f"{converted_ppl:.2f}"}})
     sections.append({"title": "Verification", "text": (

@@ -17,6 +17,7 @@ from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import Pass, PassManager, create_pass
 from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
+from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ConvertOptions:
     split_shared: int | None = None
     layers: str | None = None
     upcycle_init: str = "copy"
+    recovery: RecoveryOptions | None = None  # recovery training after the conversion (None or 0 steps: none)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -101,6 +103,11 @@ def _split_pass(options: ConvertOptions) -> Pass:
                        shared=options.split_shared, layers=options.layers, seed=options.seed)
 
 
+def recovers(options: ConvertOptions) -> bool:
+    """Whether the options ask for recovery training."""
+    return options.recovery is not None and options.recovery.steps > 0
+
+
 def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
     """A context with calibration text, the device profile and (for LF-UC) a frozen copy of the dense parent."""
     if loaded.config_only:
@@ -113,17 +120,22 @@ def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
                                     options.calib_data, options.seed)
     profile = load_profile(options.target) if options.target else None
     ctx = Context.from_loaded(loaded, profile=profile, calibration=calibration)
-    if options.method in ("lfuc", "lfuc-split"):
+    if options.method in ("lfuc", "lfuc-split") or recovers(options):
         ctx.teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     return ctx
 
 
-def convert(loaded: LoadedModel, options: ConvertOptions, progress: Callable[[str], None] | None = None) -> Context:
-    """Run the method's passes over ``loaded``; the converted model is ``ctx.model``."""
+def convert(loaded: LoadedModel, options: ConvertOptions, progress: Callable[[str], None] | None = None,
+            recover: bool = True) -> Context:
+    """Run the method's passes over ``loaded``; the converted model is ``ctx.model``. With ``recover=False``
+    the recovery training the options ask for is left to the caller (the teacher is kept for it)."""
     if loaded.config.model_type == "d2mc_moe":
         raise UserError(f"'{loaded.source}' is already converted: convert its dense parent")
     ctx = conversion_context(loaded, options)
-    PassManager(conversion_passes(options), progress=progress).run(ctx)
+    passes = conversion_passes(options)
+    if recover and recovers(options):
+        passes.append(create_pass("recover", options=options.recovery, progress=progress))
+    PassManager(passes, progress=progress).run(ctx)
     ctx.report["conversion"] = conversion_summary(ctx, options)
     return ctx
 
@@ -140,6 +152,7 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "redundancy": ctx.results.get("redundancy"),
         "routers": ctx.results.get("routers", {}),
         "reconstruction": ctx.results.get("reconstruction", {}),
+        "recovery": brief(ctx.results["recovery"]) if "recovery" in ctx.results else None,
         "parameters": {"total": arch.total_params, "active_per_token": arch.active_params},
         "attention_blocks": len(arch.attention_blocks),
         "blocks": len(arch.blocks),
@@ -170,5 +183,7 @@ def save_converted(ctx: Context, out: str | Path, overwrite: bool = False) -> Pa
         ctx.model.save_pretrained(tmp)
         if ctx.tokenizer is not None:
             ctx.tokenizer.save_pretrained(tmp)
-        (tmp / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2) + "\n")
+        (tmp / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2, default=str) + "\n")
+        if "recovery" in ctx.results:
+            write_recovery_outputs(ctx.results["recovery"], tmp)
     return Path(out)

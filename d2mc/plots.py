@@ -59,3 +59,29 @@ def plot_redundancy(result: dict, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_recovery_curve(summary: dict, path: str | Path) -> Path:
+    """Training loss (and its CE and KL parts) against trained tokens, with held-out perplexity when scored."""
+    plt = _pyplot()
+    curve = summary["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens = [c["tokens"] for c in curve]
+    for key in ("loss", "ce", "kl"):
+        if any(key in c for c in curve):
+            ax.plot(tokens, [c.get(key) for c in curve], marker="o", markersize=2, label=key)
+    ax.set_xlabel("trained tokens")
+    ax.set_ylabel("training loss")
+    heldout = summary.get("heldout_curve") or []
+    if heldout:
+        right = ax.twinx()
+        right.plot([h["tokens"] for h in heldout], [h["heldout_perplexity"] for h in heldout], color="black",
+                   marker="s", markersize=3, label="held-out perplexity")
+        right.set_ylabel("held-out perplexity")
+        right.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(f"recovery: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -11,7 +11,8 @@ import click
 from d2mc import __version__
 from d2mc.errors import UserError
 
-COMMAND_MODULES = ("inspect", "targets", "profile", "analyze", "convert", "export", "run", "compile", "build", "verify")
+COMMAND_MODULES = ("inspect", "targets", "profile", "analyze", "convert", "recover", "export", "run", "compile", "build",
+                   "verify")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

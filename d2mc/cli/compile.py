@@ -6,6 +6,7 @@ import click
 
 from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
 from d2mc.cli.convert import convert_options_from, plan_options
+from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 
 
 @click.command("compile")
@@ -19,6 +20,7 @@ from d2mc.cli.convert import convert_options_from, plan_options
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
+@pipeline_recovery_options
 @quiet_option
 @json_option
 def command(model, target, eval_tokens, prefill, context, no_measure, output, overwrite, quiet, as_json, **plan):
@@ -39,9 +41,11 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
         plan["speedup"] = 1.2
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
+    recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
                              measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
                              conversion=convert_options_from(None, **plan))
+    options.conversion.recovery = recovery
     err = stderr_console()
     start = time.perf_counter()
     progress = None if quiet or as_json else (lambda text: err.print(f"[{time.perf_counter() - start:6.1f}s] {text}"))
@@ -63,8 +67,14 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
                   f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%)")
     ppl = report["perplexity"]
     if ppl["dense"] is not None:
+        after = (f" -> after recovery {ppl['recovered']:.2f}" if ppl["recovered"] is not None
+                 else " (no recovery training)")
         out.print(f"held-out perplexity ({ppl['tokens']} tokens): dense {ppl['dense']:.2f} -> converted "
-                  f"{ppl['converted']:.2f} (no recovery training)")
+                  f"{ppl['converted']:.2f}{after}")
+    if report["recovery"]:
+        r = report["recovery"]
+        out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items()))
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
     out.print(f"engine: {report['engine']['summary']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
+from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 from d2mc.plan import METHODS, UPCYCLE_INITS
 
 
@@ -64,18 +65,24 @@ def convert_options_from(target, method, remove_attention, budget_ms, speedup, p
 @click.option("--target", help="Device profile for --budget-ms / --speedup (name or .toml).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (Hugging Face format).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@pipeline_recovery_options
 @quiet_option
 @json_option
 def command(model, target, output, overwrite, quiet, as_json, **plan):
     """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
     from d2mc.convert import convert, save_converted
     from d2mc.loading import load_model
+    from d2mc.recovery import remove_checkpoints
 
+    recovery = pop_recovery_options(plan, output)
     options = convert_options_from(target, **plan)
+    options.recovery = recovery
     progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
     loaded = load_model(model)
     ctx = convert(loaded, options, progress=progress)
     save_converted(ctx, output, overwrite=overwrite)
+    if recovery:
+        remove_checkpoints(recovery)
     summary = ctx.report["conversion"]
     if as_json:
         print_json(summary)
@@ -91,4 +98,8 @@ def command(model, target, output, overwrite, quiet, as_json, **plan):
     params = summary["parameters"]
     out.print(f"{params['total']:,} parameters, {params['active_per_token']:,} active per token; "
               f"{summary['attention_blocks']} of {summary['blocks']} blocks keep attention")
+    if summary["recovery"]:
+        r = summary["recovery"]
+        out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items()))
     out.print(f"wrote {output}")
