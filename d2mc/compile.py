@@ -131,11 +131,16 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
 
 
 def _recovery_step(ctx, conversion: ConvertOptions, eval_windows, step, done, say, out: Path):
-    """Recovery training when the options ask for it; its summary and the held-out perplexity after it."""
+    """Recovery training when the options ask for it; its summary and the held-out perplexity after it. A
+    recipe's own ``recover`` pass has already run inside the conversion (its perplexity is the converted one)."""
+    from d2mc.recovery import brief, write_recovery_outputs
+
+    if "recovery" in ctx.results:
+        write_recovery_outputs(ctx.results["recovery"], out)
+        return ctx.results["recovery"], None
     if not recovers(conversion):
         return None, None
     from d2mc.pipeline import PassManager, create_pass
-    from d2mc.recovery import brief, write_recovery_outputs
 
     step("recovery training")
     PassManager([create_pass("recover", options=conversion.recovery, progress=lambda text: say(f"  {text}"))]

@@ -14,7 +14,7 @@ from d2mc.data import calibration_batch
 from d2mc.errors import UserError
 from d2mc.loading import LoadedModel
 from d2mc.outputs import atomic_output_dir
-from d2mc.pipeline import Pass, PassManager, create_pass
+from d2mc.pipeline import Pass, PassManager, create_pass, load_recipe
 from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs
@@ -50,8 +50,11 @@ class ConvertOptions:
     layers: str | None = None
     upcycle_init: str = "copy"
     recovery: RecoveryOptions | None = None  # recovery training after the conversion (None or 0 steps: none)
+    recipe: str | None = None  # a TOML recipe whose passes replace the method's (see conversion_passes)
 
     def __post_init__(self):
+        if self.recipe is not None:
+            self.method = recipe_method(load_recipe(self.recipe), self.recipe)
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
         if self.method not in PLANNED_METHODS:
@@ -71,7 +74,9 @@ class ConvertOptions:
 
 
 def conversion_passes(options: ConvertOptions) -> list[Pass]:
-    """The passes of a method, in the order the method description reads."""
+    """The passes of a method, in the order the method description reads; or those of the recipe."""
+    if options.recipe is not None:
+        return load_recipe(options.recipe)
     if options.method == "split-experts":
         return [_split_pass(options)]
     if options.method == "upcycle":
@@ -103,13 +108,25 @@ def _split_pass(options: ConvertOptions) -> Pass:
                        shared=options.split_shared, layers=options.layers, seed=options.seed)
 
 
+def recipe_method(passes: list[Pass], path: str) -> str:
+    """The method a recipe carries out: plan-fusion's ``method``, else split-experts or upcycle."""
+    names = [p.name for p in passes]
+    method = next((p.method for p in passes if p.name == "plan-fusion"), None)
+    method = method or next((n for n in ("split-experts", "upcycle") if n in names), None)
+    if method is None:
+        raise UserError(f"recipe '{path}' converts nothing: it needs 'plan-fusion', 'split-experts' or 'upcycle' "
+                        f"among its passes")
+    return method
+
+
 def recovers(options: ConvertOptions) -> bool:
     """Whether the options ask for recovery training."""
     return options.recovery is not None and options.recovery.steps > 0
 
 
-def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
-    """A context with calibration text, the device profile and (for LF-UC) a frozen copy of the dense parent."""
+def conversion_context(loaded: LoadedModel, options: ConvertOptions, passes: list[Pass]) -> Context:
+    """A context with calibration text, the device profile and, when a pass or the recovery needs it, a frozen
+    copy of the dense parent (the teacher)."""
     if loaded.config_only:
         raise UserError("conversion needs the weights: drop --config-only")
     if loaded.tokenizer is None:
@@ -120,7 +137,7 @@ def conversion_context(loaded: LoadedModel, options: ConvertOptions) -> Context:
                                     options.calib_data, options.seed)
     profile = load_profile(options.target) if options.target else None
     ctx = Context.from_loaded(loaded, profile=profile, calibration=calibration)
-    if options.method in ("lfuc", "lfuc-split") or recovers(options):
+    if recovers(options) or any("teacher" in p.requires for p in passes):
         ctx.teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     return ctx
 
@@ -131,8 +148,10 @@ def convert(loaded: LoadedModel, options: ConvertOptions, progress: Callable[[st
     the recovery training the options ask for is left to the caller (the teacher is kept for it)."""
     if loaded.config.model_type == "d2mc_moe":
         raise UserError(f"'{loaded.source}' is already converted: convert its dense parent")
-    ctx = conversion_context(loaded, options)
     passes = conversion_passes(options)
+    if recovers(options) and any(p.name == "recover" for p in passes):
+        raise UserError("the recipe has a 'recover' pass: set its options in [options.recover], not --recover-*")
+    ctx = conversion_context(loaded, options, passes)
     if recover and recovers(options):
         passes.append(create_pass("recover", options=options.recovery, progress=progress))
     PassManager(passes, progress=progress).run(ctx)

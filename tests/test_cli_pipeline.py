@@ -160,3 +160,66 @@ def test_same_file_for_calibration_and_evaluation_is_refused(tiny_checkpoint_wit
         from tests.conftest import tiny_tokenizer
 
         training_ids(tiny_tokenizer(), corpus_path())
+
+
+RECIPE = """\
+passes = ["analyze-redundancy", "plan-fusion", "prune-attention", "fuse-experts", "insert-router"]
+
+[options.plan-fusion]
+method = "lfuc"
+remove_attention = 2
+max_group = 2
+top_k = 1
+"""
+
+
+def test_convert_from_a_recipe(tiny_checkpoint_with_tokenizer, tmp_path):
+    recipe = tmp_path / "lfuc.toml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    result = invoke("convert", tiny_checkpoint_with_tokenizer, "--recipe", recipe, "--calib-sequences", "2",
+                    "--calib-length", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "d2mc_plan.json").read_text())
+    assert summary["options"]["recipe"] == str(recipe) and summary["options"]["method"] == "lfuc"
+    assert len(summary["plan"]["removed_attention"]) == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(b["attention_layer"] is None for b in model.config.blocks) == 0  # attention-less layers are fused
+    assert len(model.config.blocks) == 8 - 2
+
+
+@pytest.mark.parametrize("recipe_text, extra, message", [
+    (RECIPE, ["--remove-attention", "3"], "error: --remove-attention and --recipe"),
+    (RECIPE, ["--method", "drop-layers"], "error: --method and --recipe"),
+    ('passes = ["analyze-redundancy"]\n', [], "error: recipe '{path}' converts nothing"),
+    (RECIPE.replace("insert-router", "insert-routers"), [], "error: unknown pass 'insert-routers'"),
+])
+def test_recipe_refusals_are_one_line(tiny_checkpoint_with_tokenizer, tmp_path, capsys, recipe_text, extra, message):
+    from d2mc.cli import main
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text)
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(tiny_checkpoint_with_tokenizer), "--recipe", str(recipe), *extra, "-o",
+              str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert info.value.code == 1 and err[-1].startswith(message.format(path=recipe)), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_documented_recipe_runs(tiny_checkpoint_with_tokenizer, tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    text = doc.split("```toml\n")[1].split("```")[0]
+    text = text.replace("remove_attention = 6", "remove_attention = 2").replace("steps = 150", "steps = 2")
+    text = text.replace("steps = 200", "steps = 2\nseq_len = 16\nbatch_size = 2")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    result = invoke("convert", tiny_checkpoint_with_tokenizer, "--recipe", recipe, "--calib-sequences", "2",
+                    "--calib-length", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "d2mc_plan.json").read_text())
+    assert summary["recovery"]["steps"] == 2 and len(summary["plan"]["removed_attention"]) == 2
+    assert max(len(g) for g in summary["plan"]["groups"]) == 2

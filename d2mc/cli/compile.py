@@ -36,7 +36,7 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
 
-    if plan["method"] in PLANNED_METHODS and not any(
+    if plan["recipe"] is None and plan["method"] in PLANNED_METHODS and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")

@@ -36,6 +36,8 @@ def plan_options(func):
                                       "(default: all)."),
         click.option("--upcycle-init", type=click.Choice(UPCYCLE_INITS), default="copy", show_default=True,
                      help="upcycle: experts as copies of the MLP or slices of its neurons."),
+        click.option("--recipe", type=click.Path(), help="A TOML recipe: its passes and their options replace "
+                                                         "--method and the options above (docs/recipes.md)."),
         click.option("--calib-data", type=click.Path(), help="Calibration text (.txt or .jsonl); default: the "
                                                              "built-in corpus, held-out part excluded."),
         click.option("--calib-sequences", type=int, default=16, show_default=True),
@@ -47,8 +49,11 @@ def plan_options(func):
 
 def convert_options_from(target, method, remove_attention, budget_ms, speedup, plan_text, top_k, shared_expert,
                          no_normalize, max_group, reconstruct_steps, experts, active_fraction, split_shared, layers,
-                         upcycle_init, calib_data, calib_sequences, calib_length):
+                         upcycle_init, recipe, calib_data, calib_sequences, calib_length):
     from d2mc.convert import ConvertOptions
+
+    if recipe is not None:
+        _refuse_plan_options_beside(recipe)
 
     return ConvertOptions(method=method, remove_attention=remove_attention, budget_ms=budget_ms, speedup=speedup,
                           plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
@@ -56,7 +61,22 @@ def convert_options_from(target, method, remove_attention, budget_ms, speedup, p
                           reconstruct_steps=reconstruct_steps, calib_data=calib_data,
                           calib_sequences=calib_sequences, calib_length=calib_length, experts=experts,
                           active_fraction=active_fraction, split_shared=split_shared, layers=layers,
-                          upcycle_init=upcycle_init)
+                          upcycle_init=upcycle_init, recipe=recipe)
+
+
+def _refuse_plan_options_beside(recipe: str) -> None:
+    """A recipe replaces the method and plan options: one given on the command line too is a mistake."""
+    from click.core import ParameterSource
+
+    from d2mc.errors import UserError
+
+    ctx = click.get_current_context()
+    recipe_decides = {p.name for p in plan_options(lambda: None).__click_params__} - {
+        "recipe", "calib_data", "calib_sequences", "calib_length"}
+    for param in ctx.command.params:
+        if param.name in recipe_decides and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:
+            raise UserError(f"{param.opts[0]} and --recipe {recipe}: the recipe's passes decide this; "
+                                   f"set it in the recipe's [options] instead")
 
 
 @click.command("convert")
