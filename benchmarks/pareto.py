@@ -12,11 +12,16 @@ keeps every layer with a share of each MLP's neurons active per token (``--split
   rounds (median of the rounds) so that the ratios come from one run;
 - predicted decode latency on orin-agx (roofline, fp16, context 512).
 
+With ``--recover-steps N`` every point, the dense model (K=0) included, then gets the same recovery training
+(distillation from the dense parent on the built-in corpus's training part, the same windows in the same order),
+so that what training alone buys (the dense row) is told apart from what it repairs.
+
 The dense model exported by the onnxruntime-genai model builder is the peer point. Writes the table (Markdown), a
 Pareto plot (measured latency against perplexity, frontier marked) and JSON.
 
     python benchmarks/pareto.py [--ks 0,2,4,6,8,10] [--methods lfuc,drop-layers,drop-attention]
-                                [--split-fractions 0.5,0.75] [--rounds 3] [--plot pareto.png] [--json out.json]
+                                [--split-fractions 0.5,0.75] [--recover-steps 20] [--rounds 3]
+                                [--plot pareto.png] [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,6 +68,19 @@ def convert_point(base, method: str, k: int, args, fraction: float | None = None
         options = ConvertOptions(method=method, remove_attention=k, calib_sequences=args.calib_sequences,
                                  calib_length=args.calib_length)
     return convert(loaded, options)
+
+
+def recover_point(ctx, teacher, args) -> dict:
+    """The same recovery budget for every point: ``--recover-steps`` steps of ``--recover-batch`` sequences of
+    ``--recover-seq-len`` tokens, distillation from the dense parent (online teacher)."""
+    from d2mc.pipeline import PassManager, create_pass
+    from d2mc.recovery import RecoveryOptions, brief
+
+    ctx.teacher = teacher
+    options = RecoveryOptions(steps=args.recover_steps, seq_len=args.recover_seq_len,
+                              batch_size=args.recover_batch, seed=0)
+    PassManager([create_pass("recover", options=options)]).run(ctx)
+    return brief(ctx.results["recovery"])
 
 
 def plot(points: list[dict], front: set[int], path: str) -> None:
@@ -113,6 +131,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30, help="decode steps timed per round")
     parser.add_argument("--target", default="orin-agx")
+    parser.add_argument("--recover-steps", type=int, default=0, help="recovery steps for every point (0: none)")
+    parser.add_argument("--recover-seq-len", type=int, default=256)
+    parser.add_argument("--recover-batch", type=int, default=4)
     parser.add_argument("--plot", default="pareto.png")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -138,6 +159,7 @@ def run(args, work: Path) -> None:
                     "-o", str(work / "peer"), "-p", "fp32", "-e", "cpu", "-c", str(work / "peer-cache")],
                    check=True, capture_output=True)
     dense_ppl = perplexity(base.model, windows)
+    teacher = base.model.eval().requires_grad_(False)  # every point converts a copy: the parent stays as it is
     points = [{"method": PEER, "k": None, "perplexity": dense_ppl, "onnx": work / "peer" / "model.onnx",
                "predicted_ms": predict_decode_seconds(base.arch, profile, args.context) * 1e3}]
     grid = [(k, method, None) for k in (int(x) for x in args.ks.split(",")) for method in args.methods.split(",")
@@ -146,15 +168,19 @@ def run(args, work: Path) -> None:
     for k, method, fraction in grid:
         ctx = convert_point(base, method, k, args, fraction)
         name = "dense" if k == 0 and fraction is None else method
-        ppl = perplexity(ctx.model, windows)
+        converted_ppl = perplexity(ctx.model, windows)
+        recovery = recover_point(ctx, teacher, args) if args.recover_steps else None
+        ppl = perplexity(ctx.model, windows) if recovery else converted_ppl
         out = work / f"{method}-{k}-{fraction}"
         export_onnx(ctx.model, None, out)
-        points.append({"method": name, "k": k, "fraction": fraction, "perplexity": ppl, "onnx": out / "model.onnx",
+        points.append({"method": name, "k": k, "fraction": fraction, "perplexity": ppl,
+                       "converted_perplexity": converted_ppl, "recovery": recovery, "onnx": out / "model.onnx",
                        "predicted_ms": predict_decode_seconds(ctx.arch, profile, args.context) * 1e3,
                        "attention_blocks": len(ctx.arch.attention_blocks),
                        "active_params": ctx.arch.active_params, "total_params": ctx.arch.total_params,
                        "plan": ctx.results["plan"].to_dict() if "plan" in ctx.results else None})
-        print(f"K={k:>2} {name:>15}{f' {fraction:.0%}' if fraction else ''}: perplexity {ppl:8.2f}, predicted "
+        print(f"K={k:>2} {name:>15}{f' {fraction:.0%}' if fraction else ''}: perplexity {converted_ppl:8.2f}"
+              + (f" -> {ppl:.2f} after recovery" if recovery else "") + ", predicted "
               f"{points[-1]['predicted_ms']:.3f} ms [{time.perf_counter() - started:.0f} s]", flush=True)
         del ctx
 
@@ -171,16 +197,21 @@ def run(args, work: Path) -> None:
     front = pareto_front(points)
     peer_ms = points[0]["latency_ms"]
     rows = []
+    recovered = args.recover_steps > 0
     for i, p in sorted(enumerate(points), key=lambda ip: (ip[1]["k"] if ip[1]["k"] is not None else -1,
                                                             ip[1]["method"])):
         rows.append([p["method"] + (f" {p['fraction']:.0%}" if p.get("fraction") else ""),
-                     "-" if p["k"] is None else p["k"], f"{p['perplexity']:.2f}",
+                     "-" if p["k"] is None else p["k"],
+                     *([f"{p['converted_perplexity']:.2f}" if p.get("recovery") else "-"] if recovered else []),
+                     f"{p['perplexity']:.2f}",
                      f"{p['latency_ms']:.2f}", f"{peer_ms / p['latency_ms']:.3f}", f"{p['predicted_ms']:.3f}",
                      "yes" if i in front else ""])
     print(f"\nSmolLM2-135M, held-out perplexity on {windows.numel()} tokens; decode latency measured on ONNX Runtime "
           f"here (fp32, step after {args.context} cached tokens, median of {args.rounds} rounds of the 20th "
-          f"percentile of {args.repeats} steps) and predicted on {profile.name} (fp16); no recovery training")
-    print_table(["method", "K", "perplexity", "measured ms", "speed-up vs peer", f"predicted {profile.name} ms",
+          f"percentile of {args.repeats} steps) and predicted on {profile.name} (fp16); "
+          + (f"every point but the peer after {args.recover_steps} recovery steps of {args.recover_batch} x "
+             f"{args.recover_seq_len} tokens" if recovered else "no recovery training"))
+    print_table(["method", "K", *(["perplexity before recovery"] if recovered else []), "perplexity", "measured ms", "speed-up vs peer", f"predicted {profile.name} ms",
                  "on frontier"], rows)
     plot(points, front, args.plot)
     write_json(args.json, {"points": points, "front": sorted(front), "settings": vars(args)})
