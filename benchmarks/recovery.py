@@ -1,15 +1,17 @@
 """Recovery training: held-out perplexity of every method after the same recovery budget.
 
 SmolLM2-135M with 6 attention modules removed. One plan for every method: the groups that block influence
-chooses (analyze-redundancy, plan-fusion), given to each method as an explicit plan, so drop-layers,
-drop-attention and LF-UC remove the same layers' attention. Every method then gets the same recovery budget
+chooses (analyze-redundancy, plan-fusion; pairs by default, ``--max-group``), given to each method as an
+explicit plan, so drop-layers, drop-attention and LF-UC remove the same layers' attention. Pairs, because under
+a short recovery a top-1 block of many experts trains each expert on a small share of the tokens: with one
+group of 7 layers (``--max-group 8``) LF-UC converts better but recovers worse than drop-layers (README). Every method then gets the same recovery budget
 (steps x batch x sequence length, distillation from the dense parent, the same training windows in the same
 order) on the training part of the built-in corpus; the teacher's top-k log-probabilities are computed once
 and shared. Held-out perplexity is scored on text never trained on (the corpus's held-out tail, 512-token
 windows): on a small slice every ``--eval-every`` steps (perplexity against training tokens), and on
 ``--eval-tokens`` tokens after conversion and at the end.
 
-    python benchmarks/recovery.py [--steps 400] [--json out.json]       # the comparison
+    python benchmarks/recovery.py [--steps 80] [--json out.json]        # the comparison (about 35 min here)
     python benchmarks/recovery.py --choices [--choice-steps 40]         # first, what each training choice buys
 """
 
@@ -232,9 +234,9 @@ def choices(bench: Bench, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--remove-attention", type=int, default=6)
-    parser.add_argument("--max-group", type=int, default=8)
+    parser.add_argument("--max-group", type=int, default=2, help="most layers per group of the shared plan")
     parser.add_argument("--plan", help="An explicit plan for every method instead of the one block influence picks.")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
