@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from d2mc.errors import UserError
+from d2mc.modeling import CACHE_ARG
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,12 @@ class TorchMeasurer:
         from transformers import StaticCache
 
         cache = StaticCache(config=self.model.config, max_cache_len=context + 1)
-        self.model(self._ids(batch, context, 1), past_key_values=cache, use_cache=True)
+        self.model(self._ids(batch, context, 1), use_cache=True, **{CACHE_ARG: cache})
         token = self._ids(batch, 1, 2)
         position = torch.full((batch, 1), context, device=self.device)
 
         def step():
-            out = self.model(token, past_key_values=cache, use_cache=True, position_ids=position)
+            out = self.model(token, use_cache=True, position_ids=position, **{CACHE_ARG: cache})
             for layer in cache.layers:  # the step wrote position `context`; write it again next time
                 layer.cumulative_length.sub_(1)
             return out

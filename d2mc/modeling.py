@@ -28,6 +28,7 @@ Two optional entries describe experts cut from an MLP's neurons (split-experts, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 
 import torch
@@ -41,6 +42,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_FAMILIES
 
 ROUTING_WEIGHTS = ("softmax", "ones")
+# transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache``; the model
+# accepts both names and hands the cache on under the name the installed version reads.
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+CACHE_ARG = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 _CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 _MIRRORED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -148,12 +153,12 @@ class D2MCBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(hidden.dtype), indices
 
-    def forward(self, hidden, attention_mask=None, position_embeddings=None, position_ids=None,
-                past_key_values=None, **kwargs):
+    def forward(self, hidden, attention_mask=None, position_embeddings=None, position_ids=None, cache=None,
+                **kwargs):
         if self.self_attn is not None:
             attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden), attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=past_key_values,
-                                         position_embeddings=position_embeddings, **kwargs)
+                                         position_ids=position_ids, position_embeddings=position_embeddings,
+                                         **{CACHE_ARG: cache}, **kwargs)
             hidden = hidden + attended
         out = hidden
         for expert in self.experts[: self.shared_experts]:
@@ -183,7 +188,7 @@ class D2MCMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["D2MCBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -208,20 +213,21 @@ class D2MCMoEModel(D2MCMoEPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        cache = past_key_values if cache is None else cache
         self.attention_config._attn_implementation = self.config._attn_implementation
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
         mask_kwargs = dict(config=self.attention_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           past_key_values=past_key_values, position_ids=position_ids)
+                           position_ids=position_ids, **{CACHE_ARG: cache})
         masks = {}
         for block in self.layers:
             kind = block.attention_type
@@ -233,9 +239,8 @@ class D2MCMoEModel(D2MCMoEPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for block in self.layers:
             hidden = block(hidden, attention_mask=masks.get(block.attention_type), position_ids=position_ids,
-                           position_embeddings=position_embeddings, past_key_values=past_key_values,
-                           use_cache=use_cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+                           position_embeddings=position_embeddings, cache=cache, use_cache=use_cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_ARG: cache})
 
 
 class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
@@ -250,10 +255,10 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             cache=past_key_values if cache is None else cache, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -261,7 +266,7 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: getattr(outputs, CACHE_ARG)})
 
 
 def parent_modules(model) -> dict[str, dict]:

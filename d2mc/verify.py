@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from d2mc.errors import UserError, require_module
+from d2mc.modeling import CACHE_ARG
 
 # max |logit difference| accepted against the fp32 PyTorch model: absolute in fp32; in fp16 relative to the largest
 # |logit| of the reference (fp16 weights and an fp16 residual stream round at about 1e-3 relative per step:
@@ -161,8 +162,8 @@ def _compare(model, decoder: OrtDecoder, precision: str, prefill: int, decode_st
     tokens = ids
     with torch.no_grad():
         for _step in range(decode_steps + 1):
-            out = model(tokens, past_key_values=past_torch, use_cache=True)
-            past_torch = out.past_key_values
+            out = model(tokens, use_cache=True, **{CACHE_ARG: past_torch})
+            past_torch = getattr(out, CACHE_ARG)
             ref = out.logits.float().numpy()
             scale = max(scale, float(np.abs(ref).max()))
             got, cache = decoder.step(tokens.numpy(), cache, past_ort)
@@ -218,8 +219,8 @@ def verify_with_polygraphy(model, onnx_path: str | Path, precision: str = "fp32"
             past = feed_dict["attention_mask"].shape[1] - ids.shape[1]
             start = time.perf_counter()
             with torch.no_grad():
-                cache = model(prefix[:, :past], use_cache=True).past_key_values if past else None
-                logits = model(ids, past_key_values=cache, use_cache=True).logits
+                cache = getattr(model(prefix[:, :past], use_cache=True), CACHE_ARG) if past else None
+                logits = model(ids, use_cache=True, **{CACHE_ARG: cache}).logits
             self.inference_time = time.perf_counter() - start
             return {"logits": logits.float().numpy()}
 
