@@ -2,8 +2,10 @@
 
 SmolLM2-135M. For K attention modules removed in {0, 2, 4, 6, 8, 10}, every method converts the model from the same
 redundancy analysis (LF-UC: the K layers fused as experts of their kept neighbours, top-1; drop-layers: the K whole
-layers of lowest block influence, ShortGPT; drop-attention: the attention of the same K layers), and split-experts
-keeps every layer with a share of each MLP's neurons active per token (``--split-fractions``). Each point gets:
+layers of lowest block influence, ShortGPT; drop-attention: the attention of the same K layers); split-experts
+keeps every layer with a share of each MLP's neurons active per token (``--split-fractions``), and sparse upcycling
+makes each MLP ``--upcycle-experts`` copies with a router, top-1 (as many active parameters as dense, more in
+total). Each point gets:
 
 - held-out perplexity: text never used for calibration or training (the built-in corpus's held-out tail, 512-token
   windows);
@@ -20,7 +22,8 @@ The dense model exported by the onnxruntime-genai model builder is the peer poin
 Pareto plot (measured latency against perplexity, frontier marked) and JSON.
 
     python benchmarks/pareto.py [--ks 0,2,4,6,8,10] [--methods lfuc,drop-layers,drop-attention]
-                                [--split-fractions 0.5,0.75] [--recover-steps 20] [--rounds 3]
+                                [--split-fractions 0.5,0.75] [--upcycle-experts 4] [--recover-steps 20]
+                                [--rounds 3]
                                 [--plot pareto.png] [--json out.json]
 """
 
@@ -64,6 +67,8 @@ def convert_point(base, method: str, k: int, args, fraction: float | None = None
     if method == "split-experts":
         options = ConvertOptions(method=method, active_fraction=fraction, calib_sequences=args.calib_sequences,
                                  calib_length=args.calib_length)
+    elif method == "upcycle":
+        options = ConvertOptions(method=method, experts=args.upcycle_experts)
     else:
         options = ConvertOptions(method=method, remove_attention=k, calib_sequences=args.calib_sequences,
                                  calib_length=args.calib_length)
@@ -88,7 +93,7 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense = [p for p in points if p["k"] == 0]
+    dense = [p for p in points if p["method"] == "dense"]
     for method in dict.fromkeys(p["method"] for p in points):
         mine = [p for p in points if p["method"] == method]
         if method not in (PEER, "dense"):
@@ -99,7 +104,8 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
                 linestyle="-" if len(mine) > 1 else "none", markersize=10 if method == PEER else 5)
         for p in mine:
             if p.get("k") is not None:
-                label = f"{p['fraction']:.0%}" if p.get("fraction") else f"K={p['k']}"
+                label = (f"{p['fraction']:.0%}" if p.get("fraction") else
+                         f"{p['copies']} copies" if p.get("copies") else f"K={p['k']}")
                 ax.annotate(label, (p["latency_ms"], p["perplexity"]), fontsize=6,
                             textcoords="offset points", xytext=(3, 3))
     frontier = sorted((points[i] for i in front), key=lambda p: p["latency_ms"])
@@ -124,6 +130,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--split-fractions", default="0.5,0.75",
                         help="split-experts points: shares of the MLP neurons active per token ('' for none)")
+    parser.add_argument("--upcycle-experts", type=int, default=4,
+                        help="the upcycling point: copies of each MLP, top-1 (0 for none)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calib-sequences", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=256)
@@ -165,15 +173,17 @@ def run(args, work: Path) -> None:
     grid = [(k, method, None) for k in (int(x) for x in args.ks.split(",")) for method in args.methods.split(",")
             if k != 0 or method == METHODS[0]]  # K=0 is the dense model whatever the method
     grid += [(0, "split-experts", float(f)) for f in args.split_fractions.split(",") if f.strip()]
+    grid += [(0, "upcycle", None)] if args.upcycle_experts else []
     for k, method, fraction in grid:
         ctx = convert_point(base, method, k, args, fraction)
-        name = "dense" if k == 0 and fraction is None else method
+        name = "dense" if k == 0 and method in METHODS else method
         converted_ppl = perplexity(ctx.model, windows)
         recovery = recover_point(ctx, teacher, args) if args.recover_steps else None
         ppl = perplexity(ctx.model, windows) if recovery else converted_ppl
         out = work / f"{method}-{k}-{fraction}"
         export_onnx(ctx.model, None, out)
         points.append({"method": name, "k": k, "fraction": fraction, "perplexity": ppl,
+                       "copies": args.upcycle_experts if method == "upcycle" else None,
                        "converted_perplexity": converted_ppl, "recovery": recovery, "onnx": out / "model.onnx",
                        "predicted_ms": predict_decode_seconds(ctx.arch, profile, args.context) * 1e3,
                        "attention_blocks": len(ctx.arch.attention_blocks),
