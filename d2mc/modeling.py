@@ -144,9 +144,13 @@ class D2MCBlock(nn.Module):
         return getattr(self.self_attn, "layer_type", None) or "full_attention"
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights and indices (into the routed experts) of the top-k experts for each token: ``[..., k]``."""
-        probs = torch.softmax(self.router(hidden).float(), dim=-1)
-        weights, indices = probs.topk(self.top_k, dim=-1)
+        """Weights and indices (into the routed experts) of the top-k experts for each token: ``[..., k]``.
+
+        The choice is made on the logits: a trained router can saturate the softmax, and probabilities that round
+        to the same value (0 or 1) would leave the choice to each runtime's tie-breaking."""
+        logits = self.router(hidden).float()
+        indices = logits.topk(self.top_k, dim=-1).indices
+        weights = torch.softmax(logits, dim=-1).gather(-1, indices)
         if self.routing_weights == "ones":  # exactly 1 in value; the gradient reaches the router through p
             weights = 1.0 + (weights - weights.detach())
         elif self.normalize_topk:

@@ -194,8 +194,9 @@ def router_gradients(model, enabled: bool = True):
 
 
 def _route_with_gate_gradient(self, hidden: torch.Tensor):
-    probs = torch.softmax(self.router(hidden).float(), dim=-1)
-    top, indices = probs.topk(1, dim=-1)
+    logits = self.router(hidden).float()
+    indices = logits.argmax(-1, keepdim=True)
+    top = torch.softmax(logits, dim=-1).gather(-1, indices)
     return (top / top.detach()).to(hidden.dtype), indices
 
 

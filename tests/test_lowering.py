@@ -56,6 +56,21 @@ def test_unit_weight_blocks_in_the_contrib_form(tmp_path, top_k):
     assert "Mul" not in {n.op_type for n in graph.node if n.name.startswith("GatherND")}  # dispatch: no weights
 
 
+@pytest.mark.parametrize("routing_weights", ["ones", "softmax"])
+def test_saturated_router_chooses_the_same_experts(tmp_path, routing_weights):
+    """A router whose softmax saturates (probabilities of exactly 0 below the best expert) still chooses its
+    top-k the same way in PyTorch and ONNX Runtime: by the logits, never by the tied probabilities."""
+    plan = dense_plan(6)
+    plan[3] = {"attention_layer": 3, "expert_layers": [3] * 4, "shared_experts": 0, "top_k": 2,
+               "normalize_topk": False, "expert_intermediate": 32, "routing_weights": routing_weights}
+    model = restructure(tiny_model("llama"), plan)
+    torch.nn.init.normal_(model.model.layers[3].router.weight, std=500.0)
+    for moe_op in ("dispatch", "contrib") if routing_weights == "ones" else ("dispatch",):
+        path = lower_to_onnx(model, tmp_path / moe_op, LoweringOptions(moe_op=moe_op))
+        result = verify_onnx(model, path, prefill=12, decode_steps=8)
+        assert result.passed and result.max_abs_diff < 1e-4, (moe_op, result)
+
+
 def test_kv_entries_only_for_blocks_with_attention(tmp_path):
     graph = onnx.load(lower_to_onnx(fused("llama"), tmp_path), load_external_data=False).graph
     past = [i.name for i in graph.input if i.name.startswith("past_key_values")]

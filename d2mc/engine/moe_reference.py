@@ -16,9 +16,11 @@ from d2mc.engine.plugin_spec import MoePluginAttributes
 def route(router_logits: torch.Tensor, top_k: int, normalize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (fp32) and indices of the top_k routed experts per token, ``[T, top_k]`` each (``normalize``: 0
     softmax probability, 1 renormalised, 2 weight 1)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    # torch.topk does not promise an order among equal values; the kernel takes the lower index first
-    order = torch.argsort(-probs, dim=-1, stable=True)[:, :top_k]
+    logits = router_logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    # chosen by the logits (a saturated softmax ties); torch.topk does not promise an order among equal values,
+    # the kernel takes the lower index first
+    order = torch.argsort(-logits, dim=-1, stable=True)[:, :top_k]
     weights = probs.gather(-1, order)
     if normalize == 2:
         weights = torch.ones_like(weights)

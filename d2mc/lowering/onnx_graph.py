@@ -433,13 +433,12 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
     weights = None
     if top_k == 1 and (block["normalize"] or block["ones"]):
         indices = g.op1("ArgMax", [logits], axis=-1, keepdims=1)  # [T, 1], weight 1
-    else:
-        probs = g.op1("Softmax", [logits], axis=-1)
-        weights, indices = g.op("TopK", [probs, g.const([top_k])], 2, axis=-1)
-        if block["ones"]:  # every chosen expert with weight 1: nothing to multiply
-            weights = None
-        elif block["normalize"]:
-            weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
+    else:  # chosen on the logits, as in PyTorch: saturated probabilities can tie
+        indices = g.op("TopK", [logits, g.const([top_k])], 2, axis=-1)[1]
+        if not block["ones"]:  # "ones": every chosen expert with weight 1, nothing to multiply
+            weights = g.op1("GatherElements", [g.op1("Softmax", [logits], axis=-1), indices], axis=-1)
+            if block["normalize"]:
+                weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
     # ONNX Runtime's CPU ScatterND adds only in fp32: an fp16 graph accumulates the experts' outputs in fp32
     fp16 = g.onnx_dtype == TensorProto.FLOAT16
     accumulated = g.op1("Mul", [flat_x, g.const(np.zeros(1), g.np_dtype)])  # zeros shaped like the tokens
@@ -500,9 +499,8 @@ def _chosen_only(g, logits: str, top_k: int) -> str:
     gets logits that keep the router's top-k choice and make the chosen experts equally likely: 0 for the chosen,
     ``-1e4`` (``exp`` underflows to 0 in fp32, and fp16 holds it) elsewhere, so each gets ``1 / k`` after
     normalisation, and the experts' down projections carry a factor ``k``. The choice is the top-k of the
-    softmax, as PyTorch makes it."""
-    probs = g.op1("Softmax", [logits], axis=-1)
-    _, indices = g.op("TopK", [probs, g.const([top_k])], 2, axis=-1)
+    logits, as PyTorch makes it."""
+    _, indices = g.op("TopK", [logits, g.const([top_k])], 2, axis=-1)
     masked = g.op1("Add", [g.op1("Mul", [logits, g.const(np.zeros(1), g.np_dtype)]), g.const(-1e4, g.np_dtype)])
     zeros = g.op1("Mul", [g.op1("Cast", [indices], to=g.onnx_dtype), g.const(np.zeros(1), g.np_dtype)])
     return g.op1("ScatterElements", [masked, indices, zeros], axis=-1)

@@ -73,8 +73,9 @@ __device__ __forceinline__ float warpMax(float v)
     return v;
 }
 
-// One warp per token: softmax over E <= 64 logits (two per lane), top-k by repeated warp argmax (the lower index
-// wins ties, like a stable sort), then the weights as `normalize` says (probability, renormalised, or 1).
+// One warp per token: softmax over E <= 64 logits (two per lane), top-k by repeated warp argmax of the logits (a
+// saturated softmax rounds probabilities to equal values; the lower index wins ties, like a stable sort), then the
+// weights as `normalize` says (probability, renormalised, or 1).
 template <typename L>
 __global__ void routeKernel(L const* logits, MoeShape s, int32_t* topIdx, float* topW)
 {
@@ -91,8 +92,10 @@ __global__ void routeKernel(L const* logits, MoeShape s, int32_t* topIdx, float*
     float const e0 = lane < s.numExperts ? __expf(v0 - m) : 0.0f;
     float const e1 = lane + kWarp < s.numExperts ? __expf(v1 - m) : 0.0f;
     float const sum = warpSum(e0 + e1);
-    float p0 = lane < s.numExperts ? e0 / sum : -1.0f; // -1: below every probability, never picked
-    float p1 = lane + kWarp < s.numExperts ? e1 / sum : -1.0f;
+    float const p0 = e0 / sum;
+    float const p1 = e1 / sum;
+    float l0 = v0; // the logits left to choose from; -inf: never picked
+    float l1 = v1;
 
     float weights[kMaxTopK];
     int32_t indices[kMaxTopK];
@@ -102,29 +105,32 @@ __global__ void routeKernel(L const* logits, MoeShape s, int32_t* topIdx, float*
     {
         if (j < s.topK)
         {
-            float best = p1 > p0 ? p1 : p0;
-            int32_t bestIdx = p1 > p0 ? lane + kWarp : lane;
+            float best = l1 > l0 ? l1 : l0;
+            float bestP = l1 > l0 ? p1 : p0;
+            int32_t bestIdx = l1 > l0 ? lane + kWarp : lane;
 #pragma unroll
             for (int32_t offset = kWarp / 2; offset > 0; offset >>= 1)
             {
                 float const other = __shfl_xor_sync(0xffffffffu, best, offset);
+                float const otherP = __shfl_xor_sync(0xffffffffu, bestP, offset);
                 int32_t const otherIdx = __shfl_xor_sync(0xffffffffu, bestIdx, offset);
                 if (other > best || (other == best && otherIdx < bestIdx))
                 {
                     best = other;
+                    bestP = otherP;
                     bestIdx = otherIdx;
                 }
             }
-            weights[j] = best;
+            weights[j] = bestP;
             indices[j] = bestIdx;
-            picked += best;
+            picked += bestP;
             if (bestIdx == lane)
             {
-                p0 = -1.0f;
+                l0 = -CUDART_INF_F;
             }
             if (bestIdx == lane + kWarp)
             {
-                p1 = -1.0f;
+                l1 = -CUDART_INF_F;
             }
         }
     }
