@@ -78,5 +78,5 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
     out.print(f"engine: {report['engine']['summary']}")
-    out.print(f"wrote {output}/ ({', '.join(sorted({a.split('/')[0] for a in report['artifacts']}))})  "
+    out.print(f"wrote {output}/ ({', '.join(sorted({a.split('/')[0] for a in report['artifacts']} | {'report.md', 'report.json'}))})  "
               f"[{time.perf_counter() - start:.0f} s]")
