@@ -2,7 +2,7 @@
 
 A Dense2MoE block is built from three consecutive SmolLM2 layers (their MLPs become the experts, the router
 fitted to nothing: random weights, which exercise every expert). The table reports, per routing setting:
-- the plugin reference (d2mc/engine/moe_reference.py) in fp32 against the PyTorch block, and against ONNX
+- the plugin reference (tests/moe_reference.py) in fp32 against the PyTorch block, and against ONNX
   Runtime's com.microsoft::MoE op on the same tensors (the onnxruntime lowering's form);
 - the reference at the kernels' fp16 rounding points against the fp32 block (what fp16 costs);
 - on a CUDA GPU: the kernels against the fp16 reference, and their time for a decode token (GEMV path) and a
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the plugin's references live with its tests
 from _common import print_table, write_json  # noqa: E402
 
 
@@ -42,8 +43,7 @@ def ort_moe(hidden, logits, fc1, fc2, top_k: int, normalize: bool) -> torch.Tens
 
 
 def kernel_rows(kernels, block, attributes, fc1, fc2, eps: float, bandwidth_gbps: float) -> list[dict]:
-    from d2mc.engine.block_graph import rms
-    from d2mc.engine.moe_reference import moe_reference
+    from tests.moe_reference import moe_reference, rms
 
     rows = []
     w1, w2 = fc1.half().cuda(), fc2.half().cuda()
@@ -81,10 +81,9 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    from d2mc.engine.block_graph import block_reference, plugin_weights, rms
-    from d2mc.engine.moe_reference import moe_reference
     from d2mc.loading import load_model
     from d2mc.modeling import dense_plan, restructure
+    from tests.moe_reference import block_reference, moe_reference, plugin_weights, rms
 
     loaded = load_model(args.model, tokenizer=False)
     layers = loaded.model.config.num_hidden_layers

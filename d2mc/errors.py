@@ -7,9 +7,30 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 
 class UserError(Exception):
     """A mistake in what the user asked for; the message says what to do about it."""
+
+
+class OptionError(UserError):
+    """A bad option value, named by its option key (``precision``, ``max_kv``: a keyword argument, a recipe key).
+
+    The message is written with each key in braces (``"{max_kv} must be at least 1"``). In Python it reads with the
+    keys themselves; the command line names the flags that set them instead (:meth:`naming`), so a recipe user and
+    a command-line user each read the name they typed.
+    """
+
+    def __init__(self, template: str):
+        self.template = template
+        self.keys = tuple(re.findall(r"\{(\w+)\}", template))
+        super().__init__(self.naming({}))
+
+    def naming(self, names: Mapping[str, str]) -> str:
+        """The message with each key replaced by ``names[key]`` (the key itself where ``names`` has none)."""
+        return re.sub(r"\{(\w+)\}", lambda m: names.get(m[1], m[1]), self.template)
 
 
 class MissingDependencyError(UserError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from d2mc.errors import UserError, require_module
+from d2mc.errors import OptionError, UserError, require_module
 
 
 def stream_tokens(artifact, prompt: str, **options) -> Iterator[str]:
@@ -18,14 +18,14 @@ def generate_ids(artifact, prompt: str, *, max_new_tokens: int = 64, sample: boo
                  temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, seed: int = 0,
                  chat: bool = False) -> Iterator[tuple[int, str]]:
     """Yield ``(token id, its text)`` for each new token (greedy, or sampled when ``sample``), as generated."""
-    from d2mc.targets.onnxruntime import read_artifact
+    from d2mc.artifact import read_artifact
 
     if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+        raise OptionError(f"{{max_new_tokens}} must be at least 1 (got {max_new_tokens})")
     info = read_artifact(artifact)
-    if info.get("target", "onnxruntime") != "onnxruntime":
-        raise UserError(f"'{artifact}' is a {info['target']} artifact (plugin ops onnxruntime-genai cannot run): "
-                        "export with --target onnxruntime to run it here")
+    if info.get("flavour", "onnxruntime") != "onnxruntime":
+        raise UserError(f"'{artifact}' is a {info['flavour']} artifact (plugin ops onnxruntime-genai cannot run): "
+                        "export with --format onnxruntime to run it here")
     og = require_module("onnxruntime_genai", "d2mc run", "onnxruntime-genai")
     try:
         model = og.Model(str(artifact))
@@ -38,7 +38,7 @@ def generate_ids(artifact, prompt: str, *, max_new_tokens: int = 64, sample: boo
 
         hf = AutoTokenizer.from_pretrained(str(Path(artifact)))
         if not hf.chat_template:
-            raise UserError(f"the tokenizer of '{artifact}' has no chat template: drop --chat")
+            raise OptionError(f"the tokenizer of '{artifact}' has no chat template: drop {{chat}}")
         prompt = hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                         add_generation_prompt=True)
     ids = tokenizer.encode(prompt)

@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from d2mc.errors import UserError
+from d2mc.errors import OptionError
 from d2mc.modeling import CACHE_ARG
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,9 @@ def measure_quietly(fn: Callable[[], object], max_other_cores: float = 0.2, atte
 def _check_lengths(prefill: int, context: int, batch: int, warmup: int, repeats: int) -> None:
     for name, value in (("prefill", prefill), ("context", context), ("batch", batch), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"--{name} must be a positive whole number, not {value}")
+            raise OptionError(f"{{{name}}} must be a positive whole number, not {value}")
     if warmup < 0:
-        raise UserError(f"warm-up must be zero or more, not {warmup}")
+        raise OptionError(f"{{warmup}} must be zero or more, not {warmup}")
 
 
 class TorchMeasurer:

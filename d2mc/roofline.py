@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from d2mc.arch import BlockSpec, ModelArch, bytes_per_element
-from d2mc.engine.plugin_spec import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
 from d2mc.errors import UserError
+from d2mc.ops.moe import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
 from d2mc.profiles import OP_CLASSES, DeviceProfile  # noqa: F401  (OP_CLASSES is part of this module's API)
 
 PHASES = ("prefill", "decode")

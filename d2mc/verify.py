@@ -61,7 +61,7 @@ class OrtDecoder:
         except Exception as exc:  # ORT raises its own exception types for corrupt files
             if "D2mcMoE" in str(exc):
                 raise UserError(f"'{path}' is the TensorRT flavour (D2mcMoE plugin nodes), which ONNX Runtime cannot "
-                                "run: verify it with d2mc.verify.verify_onnx or export --target onnxruntime") from None
+                                "run: verify it with d2mc.verify.verify_onnx or export --format onnxruntime") from None
             raise UserError(f"ONNX Runtime cannot load '{path}' ({str(exc).splitlines()[0][:200]}): the artifact "
                             "is corrupt or incomplete; export it again") from None
         inputs = {i.name: i for i in self.session.get_inputs()}

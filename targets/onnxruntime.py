@@ -1,9 +1,9 @@
 """The ``onnxruntime`` target: export to an ONNX artifact that ONNX Runtime and onnxruntime-genai run.
 
-An artifact directory holds ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, the tokenizer files,
-``config.json`` and ``d2mc_artifact.json`` (what was exported, with the verification figure).
+An artifact directory (:mod:`d2mc.artifact`) holds ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``,
+the tokenizer files, ``config.json`` and ``d2mc_artifact.json`` (what was exported, with the verification figure).
 
-The same export writes the TensorRT flavour (``flavour="tensorrt"``, ``d2mc export --target tensorrt``): standard
+The same export writes the TensorRT flavour (``flavour="tensorrt"``, ``d2mc export --format tensorrt``): standard
 ops plus ``D2mcMoE`` plugin nodes, for ``d2mc build``; that artifact has no ``genai_config.json`` (onnxruntime-genai
 cannot run the plugin) and is verified with its plugin nodes expanded into standard ops.
 """
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2mc.arch import ModelArch
-from d2mc.errors import UserError
+from d2mc.artifact import MODEL_DIR, artifact_info, find_onnx, write_artifact_info
+from d2mc.errors import OptionError, UserError
 from d2mc.lowering import LoweringOptions, lower_to_onnx
 from d2mc.outputs import atomic_output_dir
-
-ARTIFACT_FILE = "d2mc_artifact.json"
 
 
 @dataclass
@@ -64,12 +63,28 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
                                 f"{result['polygraphy']['max_abs_diff']:.3g} exceeds "
                                 f"{result['polygraphy']['tolerance']:.3g}; the artifact was not written")
         arch = ModelArch.from_config(model.config)
-        (tmp / ARTIFACT_FILE).write_text(json.dumps({
-            "source": source, "target": flavour, "precision": precision,
+        write_artifact_info(tmp, {
+            "source": source, "flavour": flavour, "precision": precision,
             "moe_op": moe_op if flavour == "onnxruntime" else "plugin",
             "model_type": model.config.model_type, "attention_blocks": len(arch.attention_blocks),
-            "blocks": arch.num_blocks, "export_seconds": round(seconds, 2), "verify": result}, indent=2) + "\n")
+            "blocks": arch.num_blocks, "export_seconds": round(seconds, 2), "verify": result})
     return ExportResult(Path(out), seconds, result)
+
+
+def verify(artifact: str | Path, model: str | None = None, prefill: int = 16) -> dict:
+    """The artifact's onnxruntime-flavoured ONNX against its PyTorch source (``model``, else the converted model a
+    compile output holds, else the source its export recorded) on the same tokens."""
+    from d2mc.loading import load_model
+    from d2mc.verify import verify_onnx
+
+    onnx_path = find_onnx(artifact, "onnxruntime")
+    info = artifact_info(onnx_path.parent)
+    compiled = Path(artifact) / MODEL_DIR
+    source = model or (str(compiled) if compiled.is_dir() else info.get("source"))
+    if not source:
+        raise OptionError(f"'{artifact}' does not name its source model: pass {{model}}")
+    loaded = load_model(source, tokenizer=False)
+    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill).to_dict()
 
 
 def write_genai_config(model, out_dir: Path, precision: str) -> Path:
@@ -109,22 +124,3 @@ def write_genai_config(model, out_dir: Path, precision: str) -> Path:
     path = out_dir / "genai_config.json"
     path.write_text(json.dumps(data, indent=4) + "\n")
     return path
-
-
-def read_artifact(path: str | Path) -> dict:
-    """The description of an exported artifact, refusing directories that are not complete artifacts."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"no artifact directory at '{path}': export one with d2mc export")
-    if not (path / ARTIFACT_FILE).is_file():
-        raise UserError(f"'{path}' is not a complete d2mc artifact (missing {ARTIFACT_FILE}): export it again")
-    try:
-        info = json.loads((path / ARTIFACT_FILE).read_text())
-        target = info.get("target", "onnxruntime")
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"'{path / ARTIFACT_FILE}' is corrupt: export the artifact again") from None
-    needed = ("model.onnx", "model.onnx.data") + (("genai_config.json",) if target == "onnxruntime" else ())
-    missing = [f for f in needed if not (path / f).exists()]
-    if missing:
-        raise UserError(f"'{path}' is not a complete d2mc artifact (missing {', '.join(missing)}): export it again")
-    return info

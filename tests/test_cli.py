@@ -47,3 +47,25 @@ def test_user_errors_are_one_line_with_exit_code_1(args, message, capsys):
 def test_inspect_embedded_model():
     result = invoke("inspect", "smollm2-135m", "--config-only")
     assert "134.5M parameters" in result.output
+
+
+def test_option_errors_name_option_keys_in_python_and_flags_on_the_command_line(tiny_checkpoint, capsys):
+    from d2mc.cli import build, export
+    from d2mc.cli.common import option_flags_of
+    from d2mc.errors import OptionError
+    from d2mc.latency import profile_model
+
+    error = OptionError("lower {max_kv} or {max_batch} (not {2, 3})")
+    assert str(error) == "lower max_kv or max_batch (not {2, 3})" and error.keys == ("max_kv", "max_batch")
+    assert option_flags_of(build.command)["max_kv"] == "--max-kv"
+    assert option_flags_of(export.command)["flavour"] == "--format"
+    assert "legacy_flavour" not in option_flags_of(export.command)  # the hidden old spelling is not offered
+    path = str(tiny_checkpoint("llama"))
+    with pytest.raises(OptionError, match=r"^engine times an artifact's TensorRT engine: give an ARTIFACT and "
+                                          r"measure$"):
+        profile_model(path, "orin-agx", context=64, config_only=True, engine=True)
+    with pytest.raises(SystemExit) as info:
+        main(["profile", path, "--context", "64", "--config-only", "--engine"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == ("error: --engine times an artifact's TensorRT engine: give an ARTIFACT and "
+                                       "--measure\n")

@@ -45,9 +45,9 @@ def test_measure_times_phases_and_blocks_of_dense_and_converted_models():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"context": -3}, "--context must be a positive whole number, not -3"),
-    ({"prefill": 0}, "--prefill must be a positive whole number, not 0"),
-    ({"repeats": 0}, "--repeats must be a positive whole number"),
+    ({"context": -3}, "^context must be a positive whole number, not -3"),
+    ({"prefill": 0}, "^prefill must be a positive whole number, not 0"),
+    ({"repeats": 0}, "^repeats must be a positive whole number"),
 ])
 def test_bad_measurement_lengths_are_one_line(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -9,13 +9,31 @@ import sys
 import click
 
 from d2mc import __version__
-from d2mc.errors import UserError
+from d2mc.cli.common import option_flags_of
+from d2mc.errors import OptionError, UserError
 
 COMMAND_MODULES = ("inspect", "targets", "profile", "analyze", "convert", "recover", "export", "run", "compile", "build",
                    "verify")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class Commands(click.Group):
+    """The d2mc group: an :class:`OptionError` from the library is reworded with the flags of the command that ran,
+    so that a message names what the user typed (``--max-kv``; ``max_kv`` in Python and recipes)."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["d2mc.command"] = command
+        return name, command, rest
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OptionError as exc:
+            command = ctx.meta.get("d2mc.command")
+            raise UserError(exc.naming(option_flags_of(command) if command else {})) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="d2mc")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
 def cli(verbose: bool) -> None:

@@ -8,6 +8,24 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+
+class Command(click.Command):
+    """A command whose flags are not all spelled like the option keys they set: ``option_flags`` names those
+    (``{"flavour": "--format"}``) for :func:`option_flags_of`."""
+
+    def __init__(self, *args, option_flags: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.option_flags = option_flags or {}
+
+
+def option_flags_of(command: click.Command) -> dict[str, str]:
+    """Option key -> the flag of ``command`` that sets it: an option's key is its parameter name (``--max-kv`` sets
+    ``max_kv``) unless the command says otherwise (:class:`Command`). The CLI names these flags in the
+    :class:`~d2mc.errors.OptionError` messages of the library."""
+    flags = {p.name: max(p.opts, key=len) for p in command.params if isinstance(p, click.Option) and not p.hidden}
+    return {**flags, **getattr(command, "option_flags", {})}
+
+
 model_argument = click.argument("model", metavar="MODEL")
 config_only_option = click.option(
     "--config-only", is_flag=True,

@@ -57,7 +57,7 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
         return
     if model is None:
         raise UserError("give a MODEL (or --calibrate)")
-    from d2mc.profiling import profile_model
+    from d2mc.latency import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
                            kv_precision=kv_precision, config_only=config_only, measure=measure, repeats=repeats,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from d2mc.cli.common import console, json_option, print_json
@@ -27,30 +24,15 @@ def command(artifact, backend, target, model, measure, prefill, context, as_json
 
         result = {"verify": tensorrt.verify(artifact, target, prefill, context)}
         if measure:
-            result["measured"] = tensorrt.measure(artifact, target, prefill, context)
+            result["measured"] = tensorrt.measure(artifact, target, prefill, context).to_dict()
     else:
-        result = {"verify": _verify_onnxruntime(artifact, model, prefill)}
+        from d2mc.targets import onnxruntime
+
+        result = {"verify": onnxruntime.verify(artifact, model, prefill)}
     if as_json:
         print_json(result)
         return
     _print(result, backend)
-
-
-def _verify_onnxruntime(artifact: str, model: str | None, prefill: int) -> dict:
-    from d2mc.errors import UserError
-    from d2mc.loading import load_model
-    from d2mc.targets.tensorrt import find_onnx
-    from d2mc.verify import verify_onnx
-
-    onnx_path = find_onnx(artifact, "onnxruntime")
-    info_path = onnx_path.parent / "d2mc_artifact.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    compiled = Path(artifact) / "model"
-    source = model or (str(compiled) if compiled.is_dir() else info.get("source"))
-    if not source:
-        raise UserError(f"'{artifact}' does not name its source model: pass --model")
-    loaded = load_model(source, tokenizer=False)
-    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill).to_dict()
 
 
 def _print(result: dict, backend: str) -> None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from d2mc.artifact import onnx_context_length
 from d2mc.engine.device import import_tensorrt, local_gpu, why_not_here
 from d2mc.engine.graph import GraphSummary, read_graph
 from d2mc.engine.manifest import (
@@ -28,7 +29,7 @@ from d2mc.engine.manifest import (
     write_manifest,
 )
 from d2mc.engine.plan import PHASES, EnginePlan, EngineSettings, plan_engine
-from d2mc.errors import UserError, require_module
+from d2mc.errors import OptionError, UserError, require_module
 from d2mc.outputs import atomic_output_dir
 from d2mc.profiles import DeviceProfile
 
@@ -82,31 +83,18 @@ def cuda_architecture(sm: str | None) -> str:
     return sm.replace(".", "")
 
 
-def find_onnx_config(onnx_path: Path) -> int | None:
-    """The model's context length from the ``config.json`` beside the ONNX (or in the artifact above it)."""
-    for directory in (onnx_path.parent, onnx_path.parent.parent):
-        config = directory / "config.json"
-        if config.is_file():
-            data = json.loads(config.read_text())
-            value = data.get("max_position_embeddings") or (data.get("base_config") or {}).get(
-                "max_position_embeddings")
-            if value:
-                return int(value)
-    return None
-
-
 def plan_from_onnx(onnx_path: str | Path, profile: DeviceProfile, settings: EngineSettings | None = None) -> EnginePlan:
     """Read the ONNX and plan its engine; ONNX Runtime-only ops are refused here, before any device work."""
     graph = read_graph(onnx_path)
     _refuse_unparsable(graph)
-    return plan_engine(graph, profile, settings, find_onnx_config(Path(onnx_path)))
+    return plan_engine(graph, profile, settings, onnx_context_length(Path(onnx_path)))
 
 
 def _refuse_unparsable(graph: GraphSummary) -> None:
     if graph.unparsable_ops:
         raise UserError(f"'{graph.path}' is the onnxruntime flavour: TensorRT cannot parse "
                         f"{', '.join(graph.unparsable_ops)}; export the tensorrt flavour with "
-                        "d2mc export MODEL --target tensorrt")
+                        "d2mc export MODEL --format tensorrt")
 
 
 def trtexec_command(plan: EnginePlan, onnx: str, engine: str, plugin: str | None, trtexec: str = "trtexec") -> list[str]:
@@ -211,7 +199,7 @@ def build_engine(plan: EnginePlan, out_dir: Path, plugin_library: Path | None) -
     plugin = None
     if plan.graph.moe_nodes:
         if plugin_library is None:
-            raise UserError("the ONNX has D2mcMoE nodes: give the plugin library (--plugin) or let d2mc build it")
+            raise OptionError("the ONNX has D2mcMoE nodes: give the plugin library ({plugin}) or let d2mc build it")
         plugin = out_dir / PLUGIN_LIBRARY
         if Path(plugin_library).resolve() != plugin.resolve():
             shutil.copy2(plugin_library, plugin)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from d2mc.engine.plugin_spec import PLUGIN_DOMAIN, PLUGIN_NAME, MoePluginAttributes
 from d2mc.errors import UserError
+from d2mc.ops.moe import PLUGIN_DOMAIN, PLUGIN_NAME, MoePluginAttributes
 
 # dtypes as the manifest, trtexec and the device profile name them
 ONNX_PRECISION = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
@@ -54,7 +54,7 @@ def read_graph(onnx_path: str | Path) -> GraphSummary:
     """Summarise ``onnx_path`` without loading its external weights."""
     path = Path(onnx_path)
     if not path.is_file():
-        raise UserError(f"no ONNX model at '{path}': export the tensorrt flavour with d2mc export --target tensorrt")
+        raise UserError(f"no ONNX model at '{path}': export the tensorrt flavour with d2mc export --format tensorrt")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from d2mc.arch import BYTES_PER_ELEMENT
 from d2mc.engine.graph import GraphSummary, TensorSpec
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 from d2mc.profiles import DeviceProfile
 
 PHASES = ("prefill", "decode")
@@ -42,9 +42,9 @@ class EngineSettings:
         for name in ("max_input", "max_kv"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+                raise OptionError(f"{{{name}}} must be at least 1, not {value}")
         if self.max_batch < 1:
-            raise UserError(f"--max-batch must be at least 1, not {self.max_batch}")
+            raise OptionError(f"{{max_batch}} must be at least 1, not {self.max_batch}")
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,9 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
     usable = profile.memory_gb * 1e9 * MEMORY_HEADROOM
     left = usable - weight_bytes - kv_bytes
     if left < MIN_WORKSPACE:
-        raise UserError(f"{profile.name} has {profile.memory_gb:g} GB; weights ({weight_bytes / 1e9:.2f} GB) and the "
+        raise OptionError(f"{profile.name} has {profile.memory_gb:g} GB; weights ({weight_bytes / 1e9:.2f} GB) and the "
                         f"KV cache at {max_kv} past tokens, batch {settings.max_batch} ({kv_bytes / 1e9:.2f} GB) "
-                        f"leave no room for TensorRT's workspace: lower --max-kv or --max-batch")
+                        f"leave no room for TensorRT's workspace: lower {{max_kv}} or {{max_batch}}")
     wanted = settings.workspace_gb * GIB if settings.workspace_gb else profile.memory_gb * 1e9 * DEFAULT_WORKSPACE_SHARE
     workspace = int(min(wanted, left))
     if workspace < wanted:

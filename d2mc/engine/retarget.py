@@ -12,8 +12,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from d2mc.engine.plugin_spec import PLUGIN_DOMAIN, MoePluginAttributes, moe_plugin_node
 from d2mc.errors import UserError
+from d2mc.ops.moe import PLUGIN_DOMAIN, MoePluginAttributes, moe_plugin_node
 
 
 def retarget_moe_nodes(model: onnx.ModelProto) -> int:

@@ -22,7 +22,7 @@ RMSNorm as ``Pow, ReduceMean, Add, Sqrt, Div`` in fp32 then the weight; rotary f
 ``position_ids``; the new keys and values concatenated to the past (``Concat`` on the sequence axis gives
 ``present``); grouped-query attention as broadcast ``MatMul`` over ``[B, kv_heads, group, S, T]`` with a causal
 (and sliding-window) mask built from ``attention_mask``, softmax in fp32. Each MoE block is one ``d2mc::D2mcMoE``
-plugin node whose inputs and attributes follow :mod:`d2mc.engine.plugin_spec` (docs/tensorrt-plugin.md):
+plugin node whose inputs and attributes follow :mod:`d2mc.ops.moe` (docs/tensorrt-plugin.md):
 ``D2mcMoE(rms(h), router(h), fc1, fc2)``, gate/up rows interleaved, shared experts first, each expert's norm weight
 folded into fc1. ONNX Runtime cannot run the plugin: :func:`d2mc.lowering.plugin_reference.expand_plugin_nodes`
 rewrites it into standard ops so that the flavour is verified against PyTorch like the other.
@@ -39,6 +39,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from d2mc.errors import UserError
+from d2mc.ops.moe import folded_gate_up, moe_plugin_node, normalize_mode, pack_experts, plugin_attributes
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 MS_DOMAIN = "com.microsoft"
@@ -403,18 +404,10 @@ def _experts(g, block: dict, residual: str, delta: str | None, arch, eps: float,
     return total, residual
 
 
-def _folded(mlp, gamma) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate and up weights ``[in, out]`` with the expert's norm weight folded into their input columns."""
-    gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
-    if gamma is not None:
-        gate, up = gate * gamma[None, :], up * gamma[None, :]
-    return gate.T, up.T
-
-
 def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
-    gate_w, up_w = _folded(mlp, gamma)
-    gate = g.op1("MatMul", [x, g.weight(f"{name}.gate_proj.weight_t", gate_w)])
-    up = g.op1("MatMul", [x, g.weight(f"{name}.up_proj.weight_t", up_w)])
+    gate_w, up_w = folded_gate_up(mlp, gamma)
+    gate = g.op1("MatMul", [x, g.weight(f"{name}.gate_proj.weight_t", gate_w.T)])
+    up = g.op1("MatMul", [x, g.weight(f"{name}.up_proj.weight_t", up_w.T)])
     act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
     return g.op1("MatMul", [act, g.weight(f"{name}.down_proj.weight_t", mlp.down_proj.weight.T)])
 
@@ -463,35 +456,14 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
 
 def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
     """One ``d2mc::D2mcMoE`` node for the whole block (shared and routed experts), as the plugin contract says."""
-    from d2mc.engine.plugin_spec import MoePluginAttributes, moe_plugin_node
-
-    fc1, fc2 = _expert_weights(experts)
-    first = experts[0].mlp.gate_proj.weight
-    attributes = MoePluginAttributes(
-        num_experts=len(experts) - block["shared"], num_shared=block["shared"], top_k=block["top_k"],
-        hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=plugin_normalize(block))
+    fc1, fc2 = pack_experts(experts)
+    attributes = plugin_attributes(experts, block["shared"], block["top_k"],
+                                   normalize_mode(block["normalize"], block["ones"]))
     logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
     out = g.name("moe")
     g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, g.weight(f"{name}.moe.fc1", fc1),
                                    g.weight(f"{name}.moe.fc2", fc2), out, attributes))
     return out
-
-
-def plugin_normalize(block) -> int:
-    """The plugin's ``normalize`` attribute for a block: 2 when every chosen expert counts with weight 1."""
-    return 2 if block["ones"] else int(block["normalize"])
-
-
-def _expert_weights(experts, routed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fc1 [E, 2I, H]`` (gate and up rows interleaved, norm weights folded in) and ``fc2 [E, H, I]`` (the down
-    projections times ``routed_scale``)."""
-    fc1, fc2 = [], []
-    for expert in experts:
-        gate_w, up_w = _folded(expert.mlp, expert.post_attention_layernorm.weight)  # [H, I]
-        fc1.append(torch.stack([gate_w.T, up_w.T], dim=1).reshape(-1, gate_w.shape[0]))  # rows g0, u0, g1, ...
-        down = expert.mlp.down_proj.weight
-        fc2.append(down * routed_scale if routed_scale != 1.0 else down)
-    return torch.stack(fc1), torch.stack(fc2)
 
 
 def _chosen_only(g, logits: str, top_k: int) -> str:
@@ -512,7 +484,7 @@ def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) 
     if block["ones"]:
         logits = _chosen_only(g, logits, block["top_k"])
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
-    fc1, fc2 = _expert_weights(routed, routed_scale=float(block["top_k"]) if block["ones"] else 1.0)
+    fc1, fc2 = pack_experts(routed, routed_scale=float(block["top_k"]) if block["ones"] else 1.0)
     out = g.op1("MoE", [flat_x, logits, g.weight(f"{name}.moe.fc1", fc1), "",
                         g.weight(f"{name}.moe.fc2", fc2)], MS_DOMAIN,
                 k=block["top_k"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,

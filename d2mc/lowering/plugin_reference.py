@@ -1,7 +1,7 @@
 """Standard-op reference of the ``D2mcMoE`` plugin node, so ONNX Runtime can run a TensorRT-flavoured graph.
 
 :func:`expand_plugin_nodes` replaces every ``d2mc::D2mcMoE`` node with operators ONNX Runtime has, reading the
-node's own ``fc1``/``fc2`` tensors through their documented layout (:mod:`d2mc.engine.plugin_spec`): gate and up
+node's own ``fc1``/``fc2`` tensors through their documented layout (:mod:`d2mc.ops.moe`): gate and up
 rows interleaved, shared experts first. Every routed expert runs on every token and is weighted by its routing
 weight (zero when not chosen): slow, but independent of the dispatch lowering, so verifying the expanded graph
 against PyTorch checks the plugin contract's weight layout and routing math, not just the lowering's.
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from d2mc.engine.plugin_spec import PLUGIN_DOMAIN, PLUGIN_NAME, MoePluginAttributes
+from d2mc.ops.moe import PLUGIN_DOMAIN, PLUGIN_NAME, MoePluginAttributes
 
 
 def expand_plugin_nodes(model: onnx.ModelProto) -> int:

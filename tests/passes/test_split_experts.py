@@ -6,7 +6,6 @@ from d2mc.passes.split_experts import balanced_kmeans
 from transformers import AutoModelForCausalLM
 
 from d2mc.arch import ModelArch
-from d2mc.engine.block_graph import block_reference
 from d2mc.errors import UserError
 from d2mc.inspection import count_parameters
 from d2mc.lowering import LoweringOptions, lower_to_onnx
@@ -14,6 +13,7 @@ from d2mc.pipeline import PassManager, create_pass
 from d2mc.plan import split_block
 from d2mc.verify import verify_onnx
 from tests.conftest import requires_real_model
+from tests.moe_reference import block_reference
 
 
 def run(ctx, *names_and_options):

@@ -2,8 +2,9 @@ import json
 
 import pytest
 import torch
-from d2mc.targets.onnxruntime import export_onnx, read_artifact
+from d2mc.targets.onnxruntime import export_onnx
 
+from d2mc.artifact import read_artifact
 from d2mc.errors import UserError
 from d2mc.verify import OrtDecoder
 from tests.conftest import requires_real_model, tiny_model
@@ -71,7 +72,7 @@ def test_tensorrt_artifact_is_verified_and_refused_by_run(tmp_path):
     result = export_onnx(fused("qwen2", top_k=2, shared=1), None, out, flavour="tensorrt", precision="fp16")
     assert result.verify["passed"] and result.verify["tolerance_rule"].startswith("0.01 x max |logit|")
     info = read_artifact(out)
-    assert info["target"] == "tensorrt" and info["moe_op"] == "plugin" and info["attention_blocks"] == 4
+    assert info["flavour"] == "tensorrt" and info["moe_op"] == "plugin" and info["attention_blocks"] == 4
     assert not (out / "genai_config.json").exists()
     assert not [p for p in out.iterdir() if "reference" in p.name]  # the verification copy is gone
     with pytest.raises(UserError, match="is a tensorrt artifact"):

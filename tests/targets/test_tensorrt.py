@@ -16,7 +16,6 @@ import onnx
 import pytest
 import torch
 
-from d2mc.engine.block_graph import block_reference, moe_block_onnx, plugin_weights, rms
 from d2mc.engine.build import plan_from_onnx, plugin_sources, trtexec_command
 from d2mc.engine.device import local_gpu, tensorrt_version
 from d2mc.engine.graph import read_graph
@@ -27,13 +26,13 @@ from d2mc.engine.manifest import (
     read_manifest,
     write_manifest,
 )
-from d2mc.engine.moe_reference import moe_reference
 from d2mc.engine.plan import EngineSettings, check_precision, plan_engine
-from d2mc.engine.plugin_spec import MoePluginAttributes
 from d2mc.engine.retarget import retarget_moe_nodes
 from d2mc.errors import UserError
 from d2mc.lowering import LoweringOptions, lower_to_onnx
+from d2mc.ops.moe import MoePluginAttributes
 from d2mc.profiles import load_profile
+from tests.moe_reference import block_reference, moe_block_onnx, moe_reference, plugin_weights, rms
 from tests.test_lowering import fused
 
 gs = pytest.importorskip("onnx_graphsurgeon")
@@ -214,7 +213,7 @@ def test_memory_of_the_device_bounds_the_plan(tmp_path):
     small = dataclasses.replace(load_profile("orin-agx"), memory_gb=0.2)
     with pytest.raises(UserError, match=r"^orin-agx has 0.2 GB; weights \(0.00 GB\) and the KV cache at 511 past "
                                         r"tokens, batch 1000 \(0.52 GB\) leave no room for TensorRT's workspace: "
-                                        r"lower --max-kv or --max-batch$"):
+                                        r"lower max_kv or max_batch$"):
         plan_engine(graph, small, EngineSettings(max_kv=511, max_batch=1000), 512)
     assert plan_engine(graph, small, EngineSettings(max_kv=16), 512).workspace_bytes == int(0.2e9 * 0.25)
     plan = plan_engine(graph, small, EngineSettings(max_kv=16, workspace_gb=1), 512)
@@ -226,7 +225,7 @@ def test_memory_of_the_device_bounds_the_plan(tmp_path):
 def test_the_onnxruntime_flavour_is_refused_in_one_line(tmp_path):
     path = lower_to_onnx(fused("llama"), tmp_path)
     with pytest.raises(UserError, match=r"is the onnxruntime flavour: TensorRT cannot parse "
-                                        r"com\.microsoft::GroupQueryAttention.*d2mc export MODEL --target tensorrt"):
+                                        r"com\.microsoft::GroupQueryAttention.*d2mc export MODEL --format tensorrt"):
         plan_from_onnx(path, load_profile("orin-agx"))
 
 

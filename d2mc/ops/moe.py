@@ -1,4 +1,5 @@
-"""The contract between the TensorRT-flavoured ONNX and the ``D2mcMoE`` TensorRT plugin.
+"""The MoE op contract: the ``D2mcMoE`` plugin node and the expert weight layout, shared by the lowering (which
+writes it), the engine builder (which reads it) and the roofline (which counts the plugin's kernels).
 
 One node per MoE block (docs/tensorrt-plugin.md has the full text)::
 
@@ -20,8 +21,12 @@ cut from one MLP's neurons, which add up to it). Shared experts always run with 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from d2mc.errors import UserError
+
+if TYPE_CHECKING:  # the contract itself is read without torch (the engine builder, the roofline)
+    import torch
 
 PLUGIN_NAME = "D2mcMoE"
 PLUGIN_VERSION = "1"
@@ -108,3 +113,40 @@ def moe_plugin_node(name: str, hidden: str, router_logits: str, fc1: str, fc2: s
 
     return helper.make_node(PLUGIN_NAME, [hidden, router_logits, fc1, fc2], [output], name=name,
                             domain=PLUGIN_DOMAIN, **attributes.to_onnx())
+
+
+def folded_gate_up(mlp, gamma) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up weights ``[I, H]`` of a SwiGLU MLP with a norm weight ``gamma`` folded into their input columns
+    (``gamma`` None: as they are), so that every expert of a block reads one weightless RMS-normalised input."""
+    gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+    if gamma is not None:
+        gate, up = gate * gamma[None, :], up * gamma[None, :]
+    return gate, up
+
+
+def pack_experts(experts, routed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fc1 [E, 2I, H]`` (gate and up rows interleaved, each expert's post-attention norm weight folded in) and
+    ``fc2 [E, H, I]`` (the down projections times ``routed_scale``) of ``experts``: the layout of the plugin and of
+    ONNX Runtime's ``com.microsoft::MoE`` with ``swiglu_fusion=1``."""
+    import torch
+
+    fc1, fc2 = [], []
+    for expert in experts:
+        gate, up = folded_gate_up(expert.mlp, expert.post_attention_layernorm.weight)
+        fc1.append(torch.stack([gate, up], dim=1).reshape(-1, gate.shape[1]))  # rows g0, u0, g1, u1, ...
+        down = expert.mlp.down_proj.weight
+        fc2.append(down * routed_scale if routed_scale != 1.0 else down)
+    return torch.stack(fc1).detach(), torch.stack(fc2).detach()
+
+
+def normalize_mode(normalize_topk: bool, unit_weights: bool) -> int:
+    """The plugin's ``normalize`` attribute: 2 when every chosen expert counts with weight 1 (experts cut from one
+    MLP), else 1 (renormalised over the top-k) or 0 (full-softmax probability)."""
+    return 2 if unit_weights else int(normalize_topk)
+
+
+def plugin_attributes(experts, num_shared: int, top_k: int, normalize: int) -> MoePluginAttributes:
+    """The attributes of the node for ``experts`` (shared first), sized from the first expert's MLP."""
+    first = experts[0].mlp.gate_proj.weight
+    return MoePluginAttributes(num_experts=len(experts) - num_shared, num_shared=num_shared, top_k=top_k,
+                               hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=normalize)

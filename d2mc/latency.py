@@ -1,0 +1,142 @@
+"""Predicted latency against measured latency, and the API behind ``d2mc profile``.
+
+A measurement is judged against the roofline of the profile that describes where it ran
+(:func:`judging_profile`), by one comparison (:func:`compare_latency`) with one result type
+(:class:`LatencyComparison`); ``d2mc compile``, ``d2mc profile --measure`` and the tensorrt target's
+``measure`` all use them, and turn the result into JSON only where they write it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2mc.arch import ModelArch
+from d2mc.artifact import find_config, find_onnx, is_artifact
+from d2mc.errors import OptionError
+from d2mc.loading import load_model
+from d2mc.measure import Measurement
+from d2mc.profiles import DeviceProfile, load_profile
+from d2mc.roofline import RooflineSettings, analyze
+
+HOST_PROFILE = "host-cpu"  # the profile of the machine d2mc runs on (d2mc profile --measure-host writes it)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Predicted and measured seconds of one phase (or of one block of it, ``block``)."""
+
+    predicted_s: float
+    measured_s: float
+    block: int | None = None
+
+    @property
+    def error(self) -> float:
+        """``(predicted - measured) / measured``: positive when the roofline is pessimistic."""
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    def to_dict(self) -> dict:
+        entry = {"block": self.block} if self.block is not None else {}
+        return {**entry, "predicted_s": self.predicted_s, "measured_s": self.measured_s, "error": self.error}
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """A measurement next to the roofline of the profile it is judged on, per phase (and per block where the
+    runtime timed blocks)."""
+
+    runtime: str
+    profile: str  # the name of the profile the prediction used
+    profile_runtime: str  # the runtime whose efficiencies the prediction used
+    precision: str
+    repeats: int
+    warmup: int
+    phases: dict[str, Comparison]
+    blocks: dict[str, tuple[Comparison, ...]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        phases = {}
+        for phase, comparison in self.phases.items():
+            phases[phase] = comparison.to_dict()
+            if self.blocks.get(phase):
+                phases[phase]["blocks"] = [b.to_dict() for b in self.blocks[phase]]
+        return {"runtime": self.runtime, "profile": self.profile, "profile_runtime": self.profile_runtime,
+                "precision": self.precision, "repeats": self.repeats, "warmup": self.warmup, "phases": phases}
+
+
+def judging_profile(target: DeviceProfile, runtime: str) -> DeviceProfile:
+    """The profile a measurement on ``runtime`` is judged on: a CPU runtime runs on this machine, so ``host-cpu``
+    unless ``target`` is a CPU profile already; then the profile as that runtime sees it
+    (:meth:`~d2mc.profiles.DeviceProfile.for_runtime`)."""
+    profile = target
+    if runtime.endswith("cpu") and target.kind != "cpu":
+        profile = load_profile(HOST_PROFILE)
+    return profile.for_runtime(runtime)
+
+
+def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measurement, precision: str,
+                    all_logits: bool) -> LatencyComparison:
+    """``measurement`` of ``arch`` next to the roofline's prediction for the same phases, lengths and batch, on the
+    profile that describes where it ran (:func:`judging_profile`), with weights in ``precision`` and, with
+    ``all_logits``, a prefill that computes logits at every position (as exported graphs do)."""
+    profile = judging_profile(target, measurement.runtime)
+    settings = RooflineSettings(prefill=measurement.prefill_tokens, context=measurement.context,
+                                batch=measurement.batch, precision=precision, all_logits=all_logits)
+    predicted = analyze(arch, profile, settings)
+    phases, blocks = {}, {}
+    for phase, cost in predicted.phases.items():
+        phases[phase] = Comparison(cost.seconds, measurement.seconds(phase))
+        if measurement.blocks.get(phase):
+            block_costs = [b for b in cost.blocks() if b.block >= 0]
+            blocks[phase] = tuple(Comparison(b.seconds, s, b.block)
+                                  for b, s in zip(block_costs, measurement.blocks[phase], strict=True))
+    return LatencyComparison(measurement.runtime, profile.name, profile.runtime, precision, measurement.repeats,
+                             measurement.warmup, phases, blocks)
+
+
+def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 512, batch: int = 1,
+                  precision: str | None = None, kv_precision: str | None = None, config_only: bool = False,
+                  measure: bool = False, repeats: int = 5, engine: bool = False) -> dict:
+    """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured here too when asked.
+
+    The result is plain JSON: the roofline report (:meth:`d2mc.roofline.RooflineReport.to_dict`) plus, with
+    ``measure``, ``measured`` (:meth:`LatencyComparison.to_dict`: seconds per phase and per block, and the error
+    ``(predicted - measured) / measured``). A measurement runs on this machine and is judged on the profile
+    :func:`judging_profile` picks. With ``engine``, the artifact's TensorRT engine for ``target`` is timed
+    instead (on the device it was built for), next to the prediction on ``target``.
+    """
+    profile = load_profile(target)
+    precision = precision or ("fp16" if profile.kind == "gpu" else "fp32")
+    settings = RooflineSettings(prefill=prefill, context=context, batch=batch, precision=precision,
+                                kv_precision=kv_precision)
+    artifact = is_artifact(spec)
+    if measure and config_only and not artifact:
+        raise OptionError("{measure} runs the model: drop {config_only}")
+    loaded = load_model(str(find_config(spec)) if artifact else spec, config_only=config_only or artifact,
+                        tokenizer=False)
+    report = analyze(loaded.arch, profile, settings)
+    result = {"model": spec, "artifact": artifact, **report.to_dict()}
+    if engine and not (measure and artifact):
+        raise OptionError("{engine} times an artifact's TensorRT engine: give an ARTIFACT and {measure}")
+    if engine:
+        from d2mc.targets import tensorrt
+
+        result["measured"] = tensorrt.measure(spec, target, prefill, context, repeats).to_dict()
+    elif measure:
+        result["measured"] = _measure_here(spec, loaded, artifact, profile, settings, repeats).to_dict()
+    return result
+
+
+def _measure_here(spec, loaded, artifact: bool, profile: DeviceProfile, settings: RooflineSettings,
+                  repeats: int) -> LatencyComparison:
+    from d2mc.measure import OnnxMeasurer, TorchMeasurer
+
+    if artifact:
+        measurer = OnnxMeasurer(find_onnx(spec, "onnxruntime"), vocab=loaded.arch.vocab_size)
+        precision = "fp32"
+    else:
+        measurer = TorchMeasurer(loaded.model)
+        precision = str(next(loaded.model.parameters()).dtype).removeprefix("torch.").replace("float", "fp")
+        precision = {"fp32": "fp32", "fp16": "fp16", "bfp16": "bf16"}.get(precision, "fp32")
+    measurement = measurer.measure(settings.prefill, settings.context, settings.batch, repeats=repeats,
+                                   per_block=True)
+    return compare_latency(loaded.arch, profile, measurement, precision, measurer.all_logits)
