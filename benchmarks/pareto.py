@@ -152,8 +152,8 @@ def main() -> None:
 def run(args, work: Path) -> None:
     from d2mc.targets.onnxruntime import export_onnx
 
-    from d2mc.calibrate import QUIET_QUANTILE
     from d2mc.data import heldout_windows, perplexity
+    from d2mc.host_profile import QUIET_QUANTILE
     from d2mc.loading import embedded_checkpoint, load_model
     from d2mc.measure import OnnxMeasurer, quantile
     from d2mc.profiles import load_profile

@@ -2,7 +2,7 @@
 
 Each model runs on ONNX Runtime (d2mc's own lowering: what d2mc artifacts run on here) and on PyTorch fp32 eager,
 and is predicted on a device profile of this machine (default: the shipped host-cpu profile, made by
-`d2mc profile --calibrate`), as each runtime sees it (`DeviceProfile.for_runtime`: the efficiencies and the
+`d2mc profile --measure-host`), as each runtime sees it (`DeviceProfile.for_runtime`: the efficiencies and the
 per-kernel overhead fitted for that runtime on three random fit models that are not among the models below).
 Models: SmolLM2-135M dense, a Dense2MoE conversion of it with four fused two-expert blocks, and three random-weight
 configurations (wider, deeper, another GQA ratio). Decode at contexts 128, 512 and 2048; prefill of 128 and 512
@@ -13,7 +13,7 @@ Measured time is the 20th percentile of many steps (the median is printed too): 
 memory traffic from neighbours slow some steps by a third, and the low percentile is the machine undisturbed,
 the same statistic the calibration fits on.
 
-    python benchmarks/roofline_accuracy.py [--profile host-cpu | --calibrate new.toml] [--runtime R ...]
+    python benchmarks/roofline_accuracy.py [--profile host-cpu | --measure-host new.toml] [--runtime R ...]
                                            [--json out.json] [--quick]
 """
 
@@ -82,12 +82,13 @@ def orin_check() -> dict:
 
 
 def main() -> None:
-    from d2mc.calibrate import RUNTIMES
+    from d2mc.host_profile import RUNTIMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="host-cpu", help="device profile of this machine (name or .toml)")
-    parser.add_argument("--calibrate", metavar="TOML", help="calibrate this machine first (d2mc profile --calibrate), "
-                                                          "write the profile to TOML and judge the roofline with it")
+    parser.add_argument("--measure-host", metavar="TOML",
+                        help="measure this machine first (d2mc profile --measure-host), write the profile to TOML "
+                             "and judge the roofline with it")
     parser.add_argument("--runtime", action="append", choices=RUNTIMES, help="runtimes to judge (default: all)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="dense models only, contexts 128 and 2048, prefill 128")
@@ -97,16 +98,16 @@ def main() -> None:
     import torch
 
     from d2mc.arch import ModelArch
-    from d2mc.calibrate import QUIET_QUANTILE, runtime_measurer
+    from d2mc.host_profile import QUIET_QUANTILE, runtime_measurer
     from d2mc.measure import measure_quietly, quantile
     from d2mc.profiles import load_profile
     from d2mc.roofline import RooflineSettings, estimate_phase
 
-    if args.calibrate:
-        from d2mc.calibrate import calibrate_host, write_profile
+    if args.measure_host:
+        from d2mc.host_profile import measure_host, write_profile
 
-        args.profile = str(write_profile(calibrate_host(progress=lambda text: print(f"calibrating: {text}",
-                                                                                    flush=True)), args.calibrate))
+        measured = measure_host(progress=lambda text: print(f"measuring the host: {text}", flush=True))
+        args.profile = str(write_profile(measured, args.measure_host))
     profile = load_profile(args.profile)
     runtimes = args.runtime or list(RUNTIMES)
     contexts, prefills = ((128, 2048), (128,)) if args.quick else (CONTEXTS, PREFILLS)

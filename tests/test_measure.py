@@ -1,4 +1,4 @@
-"""Measurement on the runtime at hand, calibration fits, the roofline pass and `d2mc profile` end to end."""
+"""Measurement on the runtime at hand, the host profile's fits, the roofline pass and `d2mc profile` end to end."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from d2mc.calibrate import Calibration, FitPoint, RuntimeFit, fit_decode, write_profile
 from d2mc.context import Context
 from d2mc.errors import UserError
+from d2mc.host_profile import FitPoint, HostMeasurement, RuntimeFit, fit_decode, write_profile
 from d2mc.measure import Measurer, OtherLoad, TorchMeasurer, measure_quietly, quantile
 from d2mc.pipeline import PassManager, create_pass
 from d2mc.profiles import load_profile
@@ -83,11 +83,11 @@ def test_decode_fit_recovers_bandwidth_overhead_and_attention_fraction():
     assert fit_decode(_synthetic_points(12e9, 80.0, 1.0))[2] == pytest.approx(1.0)
 
 
-def test_calibration_writes_a_valid_profile_with_one_fit_per_runtime(tmp_path):
-    calibration = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12, "bf16": 0.02}, memory_gb=24, threads=2,
+def test_host_measurement_writes_a_valid_profile_with_one_fit_per_runtime(tmp_path):
+    measured = HostMeasurement(bandwidth_gbps=16.0, tflops={"fp32": 0.12, "bf16": 0.02}, memory_gb=24, threads=2,
                               stream_gbps=16.0, fits=[RuntimeFit("onnxruntime-cpu", 12.8, 0.108, 5.0, 0.3),
                                                       RuntimeFit("pytorch-cpu", 8.0, 0.06, 70.0, 0.5)])
-    profile = load_profile(write_profile(calibration, tmp_path / "mine.toml"))
+    profile = load_profile(write_profile(measured, tmp_path / "mine.toml"))
     assert profile.kind == "cpu" and profile.runtime == "onnxruntime-cpu"
     assert profile.achievable_bandwidth == pytest.approx(12.8e9)
     assert profile.achievable_flops("fp32") == pytest.approx(0.108e12)
@@ -137,7 +137,7 @@ def test_profile_cli_errors_are_one_line(tiny_checkpoint, capsys, args, message)
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_profile_cli_table_and_calibrate(tiny_checkpoint, tmp_path, monkeypatch):
+def test_profile_cli_table_and_measure_host(tiny_checkpoint, tmp_path, monkeypatch):
     from d2mc.cli import cli
 
     result = CliRunner().invoke(cli, ["profile", str(tiny_checkpoint("qwen3")), "--config-only", "--target", "thor",
@@ -146,11 +146,14 @@ def test_profile_cli_table_and_calibrate(tiny_checkpoint, tmp_path, monkeypatch)
     assert result.exit_code == 0
     assert "int4 weights, int8 KV cache, batch 4" in result.output and "embed+head" in result.output
 
-    import d2mc.calibrate
+    import d2mc.host_profile
 
-    fake = Calibration(bandwidth_gbps=16.0, tflops={"fp32": 0.12}, memory_gb=24, threads=2, stream_gbps=16.0,
+    fake = HostMeasurement(bandwidth_gbps=16.0, tflops={"fp32": 0.12}, memory_gb=24, threads=2, stream_gbps=16.0,
                        fits=[RuntimeFit("onnxruntime-cpu", 12.0, 0.1, 5.0)])
-    monkeypatch.setattr(d2mc.calibrate, "calibrate_host", lambda progress=None: fake)
+    monkeypatch.setattr(d2mc.host_profile, "measure_host", lambda progress=None: fake)
     out = tmp_path / "host.toml"
-    result = CliRunner().invoke(cli, ["profile", "--calibrate", "-o", str(out)], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["profile", "--measure-host", "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0 and load_profile(out).memory_bandwidth_gbps == 16.0
+    result = CliRunner().invoke(cli, ["profile", "--calibrate", "-o", str(tmp_path / "old.toml")],
+                                catch_exceptions=False)  # the old spelling still works
+    assert result.exit_code == 0 and load_profile(tmp_path / "old.toml").memory_bandwidth_gbps == 16.0

@@ -34,29 +34,34 @@ from d2mc.cli.common import (
                                              "(d2mc build), on the device, instead of ONNX Runtime here.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats per phase with --measure "
                                                                         "(decode takes four times as many).")
-@click.option("--calibrate", is_flag=True, help="Measure this machine and write a device profile TOML.")
+@click.option("--measure-host", is_flag=True, help="Measure this machine and write its device profile TOML.")
+@click.option("--calibrate", "legacy_measure_host", is_flag=True, hidden=True,
+              help="Deprecated spelling of --measure-host (calibration names the text analysis runs on).")
 @click.option("-o", "--output", type=click.Path(), help="Directory for roofline.json and roofline.png; with "
-                                                        "--calibrate, the TOML file to write (default host-cpu.toml).")
+                                                        "--measure-host, the TOML file to write (default "
+                                                        "host-cpu.toml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
 def command(model, target, prefill, context, batch, precision, kv_precision, config_only, measure, engine, repeats,
-            calibrate, output, overwrite, as_json):
+            measure_host, legacy_measure_host, output, overwrite, as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
     from d2mc.errors import UserError
 
-    if calibrate:
-        from d2mc.calibrate import calibrate_host, write_profile
+    if legacy_measure_host:
+        stderr_console().print("profile --calibrate is deprecated: use --measure-host")
+    if measure_host or legacy_measure_host:
+        from d2mc import host_profile
 
         status = stderr_console()
-        calibration = calibrate_host(progress=lambda text: status.print(f"measuring {text}..."))
-        path = write_profile(calibration, output or "host-cpu.toml")
+        measured = host_profile.measure_host(progress=lambda text: status.print(f"measuring {text}..."))
+        path = host_profile.write_profile(measured, output or "host-cpu.toml")
         if as_json:
-            print_json({"path": str(path), **dataclasses.asdict(calibration)})
+            print_json({"path": str(path), **dataclasses.asdict(measured)})
         else:
             console().print(f"wrote {path}:\n{path.read_text()}", markup=False)
         return
     if model is None:
-        raise UserError("give a MODEL (or --calibrate)")
+        raise UserError("give a MODEL (or --measure-host)")
     from d2mc.latency import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,

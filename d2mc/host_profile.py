@@ -1,4 +1,4 @@
-"""Measure the machine d2mc runs on and write a device profile for it (``d2mc profile --calibrate``).
+"""Measure the machine d2mc runs on and write its device profile (``d2mc profile --measure-host``).
 
 Figures, each measured the way the roofline uses it:
 
@@ -54,7 +54,7 @@ FIT_POINTS = {"h64x16": (("decode", 64),),
 # fit on the 20th percentile of step times: on a shared host, neighbours' bursts of memory traffic slow some steps
 # by a third; the low percentile is the machine undisturbed, and it is stable from run to run where the median is not
 QUIET_QUANTILE = 0.2
-CALIBRATED_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEASURED_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUNTIMES = ("onnxruntime-cpu", "pytorch-cpu")  # the first is the one the profile's own figures describe
 
 
@@ -72,8 +72,8 @@ class RuntimeFit:
 
 
 @dataclass
-class Calibration:
-    """What ``calibrate_host`` measured: the machine's raw figures and one fit per runtime (``fits``, in the order
+class HostMeasurement:
+    """What :func:`measure_host` measured: the machine's raw figures and one fit per runtime (``fits``, in the order
     of :data:`RUNTIMES`: the first becomes the profile's own efficiencies)."""
 
     bandwidth_gbps: float
@@ -105,7 +105,7 @@ class Calibration:
                            f'runs of the same models"\n') if others else ""
         return f'''name = "{name}"
 aliases = ["cpu"]
-description = "{platform.machine()} host, {os.cpu_count()} cores, measured by d2mc profile --calibrate ({self.threads} threads)"
+description = "{platform.machine()} host, {os.cpu_count()} cores, measured by d2mc profile --measure-host ({self.threads} threads)"
 kind = "cpu"
 runtime = "{main.runtime}"
 memory_bandwidth_gbps = {self.bandwidth_gbps:.2f}
@@ -202,7 +202,7 @@ def runtime_measurer(runtime: str, model):
     elif runtime == "onnxruntime-cpu":
         from d2mc.lowering import lower_to_onnx
 
-        with tempfile.TemporaryDirectory(prefix="d2mc-calibrate-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="d2mc-host-") as tmp:
             yield OnnxMeasurer(lower_to_onnx(model, tmp), model.config.vocab_size)
     else:
         raise ValueError(f"no measurer for runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
@@ -260,7 +260,7 @@ def fit_decode(points: list[FitPoint]) -> tuple[float, float, float]:
         (inverse_bandwidth, overhead), *_ = np.linalg.lstsq(folded, ones, rcond=None)
         inverse_attention = inverse_bandwidth
     if inverse_bandwidth <= 0:
-        raise RuntimeError("decode fit gave no positive bandwidth: the measurements are too noisy; calibrate again")
+        raise RuntimeError("decode fit gave no positive bandwidth: the measurements are too noisy; measure the host again")
     return 1 / inverse_bandwidth / 1e9, max(0.0, overhead * 1e6), inverse_bandwidth / inverse_attention
 
 
@@ -288,7 +288,7 @@ def fit_compute(points: list[FitPoint], bandwidth_gbps: float, overhead_us: floa
     return sorted(rates)[len(rates) // 2]
 
 
-def calibrate_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> Calibration:
+def measure_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> HostMeasurement:
     """Measure this machine (memory bandwidth, matrix throughput per precision) and fit the roofline's efficiencies
     and per-kernel overhead to runs of the fit models on each runtime."""
     say = progress or log.info
@@ -296,7 +296,7 @@ def calibrate_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> Calib
     stream = measure_stream_bandwidth()
     bandwidth = max(measure_gemv_bandwidth(), stream)
     tflops = {}
-    for name, dtype in CALIBRATED_PRECISIONS.items():
+    for name, dtype in MEASURED_PRECISIONS.items():
         say(f"matrix throughput ({name})")
         tflops[name] = measure_matmul_tflops(dtype)
     fits = []
@@ -309,14 +309,14 @@ def calibrate_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> Calib
     # the profile keeps the raw figures and each runtime's fraction of them: a fit above a raw figure raises it
     bandwidth = max([bandwidth] + [f.bandwidth_gbps for f in fits])
     tflops["fp32"] = max([tflops["fp32"]] + [f.tflops for f in fits])
-    return Calibration(bandwidth, tflops, memory_gb, torch.get_num_threads(), stream, fits)
+    return HostMeasurement(bandwidth, tflops, memory_gb, torch.get_num_threads(), stream, fits)
 
 
-def write_profile(calibration: Calibration | str, path: str | Path, name: str = "host-cpu") -> Path:
-    """Write a calibrated profile and validate it by loading it back."""
+def write_profile(measurement: HostMeasurement | str, path: str | Path, name: str = "host-cpu") -> Path:
+    """Write a measured profile (or its TOML text) and validate it by loading it back."""
     from d2mc.profiles import load_profile_file
 
-    text = calibration if isinstance(calibration, str) else calibration.to_toml(name)
+    text = measurement if isinstance(measurement, str) else measurement.to_toml(name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
