@@ -1,7 +1,8 @@
 """Build a TensorRT engine from the TensorRT-flavoured ONNX, or write what the device needs to build it.
 
 The chain follows Polygraphy's lazy loaders: ``EngineBytesFromNetwork(NetworkFromOnnxPath(onnx, strongly_typed),
-config)`` does nothing until called, so the plan (shapes, precision, workspace) is checked and written first.
+config)`` does nothing until called, so the engine plan (shapes, precision, workspace) is checked and written
+first.
 Engines are specific to a TensorRT version and an SM, so an engine for a Jetson is built on the Jetson:
 elsewhere :func:`prepare_engine_build` writes ``build.sh`` (the ``d2mc build`` command, and the equivalent
 ``trtexec`` command with the plugin library) and says why it did not build.
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_LIBRARY = "libd2mc_moe_plugin.so"
 SCRIPT_FILE = "build.sh"
-PLAN_FILE = "plan.json"
+ENGINE_PLAN_FILE = "plan.json"
 PLUGIN_SOURCE_DIR = "plugin"
 
 
@@ -49,7 +50,7 @@ class EngineBuildResult:
     reason: str | None
     out_dir: Path
     script_path: Path
-    plan: EnginePlan
+    engine_plan: EnginePlan
     engine_path: Path | None = None
     manifest_path: Path | None = None
     seconds: float = 0.0
@@ -58,14 +59,15 @@ class EngineBuildResult:
         return {"built": self.built, "reason": self.reason, "out_dir": str(self.out_dir),
                 "script": str(self.script_path), "engine": str(self.engine_path) if self.engine_path else None,
                 "manifest": str(self.manifest_path) if self.manifest_path else None,
-                "seconds": round(self.seconds, 2), "plan": self.plan.to_dict()}
+                "seconds": round(self.seconds, 2), "plan": self.engine_plan.to_dict()}
 
     def summary(self) -> str:
         """One line for the user."""
         if self.built:
-            return (f"built {self.engine_path} for {self.plan.profile.name} ({self.plan.precision}) in "
+            return (f"built {self.engine_path} for {self.engine_plan.profile.name} ({self.engine_plan.precision}) "
+                    f"in "
                     f"{self.seconds:.0f} s")
-        return (f"engine not built here ({self.reason}); on the {self.plan.profile.name} run: "
+        return (f"engine not built here ({self.reason}); on the {self.engine_plan.profile.name} run: "
                 f"bash {self.script_path}")
 
 
@@ -97,39 +99,42 @@ def _refuse_unparsable(graph: GraphSummary) -> None:
                         "d2mc export MODEL --format tensorrt")
 
 
-def trtexec_command(plan: EnginePlan, onnx: str, engine: str, plugin: str | None, trtexec: str = "trtexec") -> list[str]:
+def trtexec_command(engine_plan: EnginePlan, onnx: str, engine: str, plugin: str | None,
+                    trtexec: str = "trtexec") -> list[str]:
     """The ``trtexec`` command line that builds the same engine as :func:`build_engine`."""
     args = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", "--stronglyTyped", "--skipInference"]
     for index, phase in enumerate(PHASES):
         args.append(f"--profile={index}")
         for which in ("min", "opt", "max"):
             spec = ",".join(f"{name}:{'x'.join(str(d) for d in getattr(shape, which))}"
-                            for name, shape in plan.shapes[phase].items())
+                            for name, shape in engine_plan.shapes[phase].items())
             args.append(f"--{which}Shapes={spec}")
-    args.append(f"--memPoolSize=workspace:{max(1, plan.workspace_bytes >> 20)}M")
+    args.append(f"--memPoolSize=workspace:{max(1, engine_plan.workspace_bytes >> 20)}M")
     if plugin:
         # dynamic plugins are the ones trtexec can serialise into the engine (--setPluginsToSerialize)
         args += [f"--dynamicPlugins={plugin}", f"--setPluginsToSerialize={plugin}"]
     return args
 
 
-def d2mc_build_command(artifact: str, plan: EnginePlan) -> list[str]:
-    """The ``d2mc build`` command that builds this plan on the device."""
-    return ["d2mc", "build", artifact, "--target", plan.profile.name, "--precision", plan.precision,
-            "--max-input", str(plan.max_input), "--max-kv", str(plan.max_kv), "--max-batch", str(plan.max_batch)]
+def d2mc_build_command(artifact: str, engine_plan: EnginePlan) -> list[str]:
+    """The ``d2mc build`` command that builds this engine plan on the device."""
+    p = engine_plan
+    return ["d2mc", "build", artifact, "--target", p.profile.name, "--precision", p.precision,
+            "--max-input", str(p.max_input), "--max-kv", str(p.max_kv), "--max-batch", str(p.max_batch)]
 
 
-def write_build_script(plan: EnginePlan, out_dir: Path, artifact: Path | None = None) -> Path:
+def write_build_script(engine_plan: EnginePlan, out_dir: Path, artifact: Path | None = None) -> Path:
     """``build.sh`` in ``out_dir``: builds the plugin with CMake, then the engine with d2mc or trtexec."""
     out_dir = Path(out_dir)
-    onnx = _relative(plan.graph.path, out_dir)
+    onnx = _relative(engine_plan.graph.path, out_dir)
     artifact_rel = _relative(artifact, out_dir) if artifact else str(Path(onnx).parent)
-    plugin = f"{PLUGIN_SOURCE_DIR}/build/{PLUGIN_LIBRARY}" if plan.graph.moe_nodes else None
-    d2mc = d2mc_build_command(artifact_rel, plan)
-    trtexec = trtexec_command(plan, onnx, ENGINE_FILE, plugin, "\"$TRTEXEC\"")
+    plugin = f"{PLUGIN_SOURCE_DIR}/build/{PLUGIN_LIBRARY}" if engine_plan.graph.moe_nodes else None
+    d2mc = d2mc_build_command(artifact_rel, engine_plan)
+    trtexec = trtexec_command(engine_plan, onnx, ENGINE_FILE, plugin, "\"$TRTEXEC\"")
     lines = [
         "#!/usr/bin/env bash",
-        f"# Build the TensorRT engine for {plan.profile.name} (SM {plan.profile.sm}, {plan.precision}) on the device.",
+        f"# Build the TensorRT engine for {engine_plan.profile.name} (SM {engine_plan.profile.sm}, "
+        f"{engine_plan.precision}) on the device.",
         "# Engines are specific to the TensorRT version and GPU that build them.",
         "# Usage: bash build.sh            (d2mc build when d2mc is installed, trtexec otherwise)",
         "#        bash build.sh --trtexec  (trtexec only; d2mc verify/profile need the manifest d2mc build writes)",
@@ -141,7 +146,7 @@ def write_build_script(plan: EnginePlan, out_dir: Path, artifact: Path | None = 
         lines += [
             "build_plugin() {",
             f"  cmake -S {PLUGIN_SOURCE_DIR} -B {PLUGIN_SOURCE_DIR}/build -DCMAKE_BUILD_TYPE=Release "
-            f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architecture(plan.profile.sm)}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architecture(engine_plan.profile.sm)}",
             f"  cmake --build {PLUGIN_SOURCE_DIR}/build -j",
             "}",
         ]
@@ -183,7 +188,7 @@ def build_plugin(sm: str, build_dir: Path, source: Path | None = None) -> Path:
     return library
 
 
-def build_engine(plan: EnginePlan, out_dir: Path, plugin_library: Path | None) -> EngineManifest:
+def build_engine(engine_plan: EnginePlan, out_dir: Path, plugin_library: Path | None) -> EngineManifest:
     """Build and write ``model.engine`` + ``manifest.json`` into ``out_dir`` (needs TensorRT and the GPU)."""
     trt = import_tensorrt("building a TensorRT engine")
     require_module("polygraphy", "building a TensorRT engine", "polygraphy")
@@ -197,16 +202,16 @@ def build_engine(plan: EnginePlan, out_dir: Path, plugin_library: Path | None) -
 
     out_dir = Path(out_dir)
     plugin = None
-    if plan.graph.moe_nodes:
+    if engine_plan.graph.moe_nodes:
         if plugin_library is None:
             raise OptionError("the ONNX has D2mcMoE nodes: give the plugin library ({plugin}) or let d2mc build it")
         plugin = out_dir / PLUGIN_LIBRARY
         if Path(plugin_library).resolve() != plugin.resolve():
             shutil.copy2(plugin_library, plugin)
         load_plugin_library(trt, plugin)  # the parser finds D2mcMoE's creator in the registry
-    network = NetworkFromOnnxPath(str(plan.graph.path), strongly_typed=True)
-    config = CreateConfig(profiles=plan.polygraphy_profiles(),
-                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes},
+    network = NetworkFromOnnxPath(str(engine_plan.graph.path), strongly_typed=True)
+    config = CreateConfig(profiles=engine_plan.polygraphy_profiles(),
+                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: engine_plan.workspace_bytes},
                           profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
     if plugin is not None:
         config = PostprocessConfig(config, lambda builder, net, cfg: setattr(cfg, "plugins_to_serialize", [str(plugin)]))
@@ -220,14 +225,15 @@ def build_engine(plan: EnginePlan, out_dir: Path, plugin_library: Path | None) -
     engine_path.write_bytes(bytes(engine_bytes))
     gpu = local_gpu()
     manifest = EngineManifest(
-        tensorrt_version=trt.__version__, device=plan.profile.name, gpu=gpu.name if gpu else "unknown",
-        sm=gpu.sm if gpu else (plan.profile.sm or ""), precision=plan.precision,
-        profiles=plan.to_dict()["profiles"], max_input=plan.max_input, max_kv=plan.max_kv, max_batch=plan.max_batch,
-        workspace_bytes=plan.workspace_bytes,
-        onnx={"path": _relative(plan.graph.path, out_dir), "sha256": sha256_of(plan.graph.path)},
+        tensorrt_version=trt.__version__, device=engine_plan.profile.name, gpu=gpu.name if gpu else "unknown",
+        sm=gpu.sm if gpu else (engine_plan.profile.sm or ""), precision=engine_plan.precision,
+        profiles=engine_plan.to_dict()["profiles"], max_input=engine_plan.max_input, max_kv=engine_plan.max_kv,
+        max_batch=engine_plan.max_batch,
+        workspace_bytes=engine_plan.workspace_bytes,
+        onnx={"path": _relative(engine_plan.graph.path, out_dir), "sha256": sha256_of(engine_plan.graph.path)},
         engine={"file": ENGINE_FILE, "sha256": sha256_of(engine_path), "bytes": engine_path.stat().st_size},
         plugin={"library": PLUGIN_LIBRARY, "sha256": sha256_of(plugin), "serialized_in_engine": True} if plugin else None,
-        moe_nodes=plan.to_dict()["moe_nodes"], build_seconds=round(seconds, 2))
+        moe_nodes=engine_plan.to_dict()["moe_nodes"], build_seconds=round(seconds, 2))
     write_manifest(manifest, out_dir)
     return manifest
 
@@ -242,25 +248,25 @@ def prepare_engine_build(onnx_dir: str | Path, profile: DeviceProfile, out_dir: 
     Without TensorRT or without a GPU of the profile's SM the result says why (``built=False``), no traceback.
     """
     onnx_path = Path(onnx_dir) / "model.onnx"
-    plan = plan_from_onnx(onnx_path, profile, settings)
+    engine_plan = plan_from_onnx(onnx_path, profile, settings)
     reason = why_not_here(profile.sm) if build_here else "asked not to build here"
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        if plan.graph.moe_nodes:
+        (tmp / ENGINE_PLAN_FILE).write_text(json.dumps(engine_plan.to_dict(), indent=2) + "\n")
+        if engine_plan.graph.moe_nodes:
             shutil.copytree(plugin_sources(), tmp / PLUGIN_SOURCE_DIR,
                             ignore=shutil.ignore_patterns("build", "__pycache__"))
         # the temporary directory is a sibling of out_dir: relative paths written from it stay true
-        write_build_script(plan, tmp, Path(artifact) if artifact else None)
+        write_build_script(engine_plan, tmp, Path(artifact) if artifact else None)
         if reason is not None:
-            return_value = EngineBuildResult(False, reason, out_dir, out_dir / SCRIPT_FILE, plan)
+            return_value = EngineBuildResult(False, reason, out_dir, out_dir / SCRIPT_FILE, engine_plan)
         else:
             library = Path(plugin_library) if plugin_library else None
-            if plan.graph.moe_nodes and library is None:
+            if engine_plan.graph.moe_nodes and library is None:
                 library = build_plugin(profile.sm, tmp / PLUGIN_SOURCE_DIR / "build", tmp / PLUGIN_SOURCE_DIR)
             start = time.perf_counter()
-            build_engine(plan, tmp, library)
-            return_value = EngineBuildResult(True, None, out_dir, out_dir / SCRIPT_FILE, plan,
+            build_engine(engine_plan, tmp, library)
+            return_value = EngineBuildResult(True, None, out_dir, out_dir / SCRIPT_FILE, engine_plan,
                                              out_dir / ENGINE_FILE, out_dir / "manifest.json",
                                              time.perf_counter() - start)
     log.info("engine step for %s: %s", profile.name, return_value.summary())
