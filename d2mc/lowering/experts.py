@@ -1,0 +1,128 @@
+"""A block's experts in the ONNX graph: a plain MLP, or an MoE block as expert dispatch in standard ops,
+ONNX Runtime's ``com.microsoft::MoE`` op, or one ``d2mc::D2mcMoE`` plugin node (flavour ``tensorrt``), with
+each expert's post-attention norm weight folded into its gate and up projections."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, norm
+from d2mc.ops.moe import folded_gate_up, moe_plugin_node, normalize_mode, pack_experts, plugin_attributes
+
+
+def lower_experts(g: GraphBuilder, block: dict, residual: str, delta: str | None, arch, eps: float, moe_op: str,
+                  name: str) -> tuple[str, str]:
+    """The block's expert part (``moe_op``: the onnxruntime flavour's MoE form); returns (its delta to the residual
+    stream, the residual it adds to)."""
+    experts = block["experts"]
+    if len(experts) == 1:  # a plain MLP: its norm can keep its own weight
+        expert = experts[0]
+        normed, residual = norm(g, residual, delta, expert.post_attention_layernorm.weight, eps, f"{name}.norm")
+        return _swiglu(g, normed, expert.mlp, None, f"{name}.mlp"), residual
+    normed, residual = norm(g, residual, delta, None, eps, f"{name}.norm", arch.hidden_size)  # gammas folded
+    if block["router"] is not None and g.trt:
+        return _moe_plugin(g, block, experts, normed, residual, name), residual
+    shared, routed = experts[: block["shared"]], experts[block["shared"]:]
+    parts = [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{i}")
+             for i, e in enumerate(shared)]
+    if block["router"] is None:
+        parts += [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{len(shared) + i}")
+                  for i, e in enumerate(routed)]
+    elif moe_op == "contrib":
+        parts.append(_moe_contrib(g, block, routed, normed, residual, arch, name))
+    else:
+        parts.append(_moe_dispatch(g, block, routed, normed, residual, arch, name, first=len(shared)))
+    total = parts[0]
+    for part in parts[1:]:
+        total = g.op1("Add", [total, part])
+    return total, residual
+
+
+def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
+    gate_w, up_w = folded_gate_up(mlp, gamma)
+    gate = g.op1("MatMul", [x, g.weight(f"{name}.gate_proj.weight_t", gate_w.T)])
+    up = g.op1("MatMul", [x, g.weight(f"{name}.up_proj.weight_t", up_w.T)])
+    act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
+    return g.op1("MatMul", [act, g.weight(f"{name}.down_proj.weight_t", mlp.down_proj.weight.T)])
+
+
+def _router_logits(g, block, residual: str, arch, name: str) -> tuple[str, str]:
+    flat_h = g.op1("Reshape", [residual, g.const([-1, arch.hidden_size])])
+    logits = g.op1("MatMul", [flat_h, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
+    return flat_h, logits
+
+
+def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str, first: int = 0) -> str:
+    """Route with standard ops; each expert runs only on the rows that chose it."""
+    _, logits = _router_logits(g, block, residual, arch, name)
+    flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
+    top_k = block["top_k"]
+    weights = None
+    if top_k == 1 and (block["normalize"] or block["ones"]):
+        indices = g.op1("ArgMax", [logits], axis=-1, keepdims=1)  # [T, 1], weight 1
+    else:  # chosen on the logits, as in PyTorch: saturated probabilities can tie
+        indices = g.op("TopK", [logits, g.const([top_k])], 2, axis=-1)[1]
+        if not block["ones"]:  # "ones": every chosen expert with weight 1, nothing to multiply
+            weights = g.op1("GatherElements", [g.op1("Softmax", [logits], axis=-1), indices], axis=-1)
+            if block["normalize"]:
+                weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
+    # ONNX Runtime's CPU ScatterND adds only in fp32: an fp16 graph accumulates the experts' outputs in fp32
+    fp16 = g.onnx_dtype == TensorProto.FLOAT16
+    accumulated = g.op1("Mul", [flat_x, g.const(np.zeros(1), g.np_dtype)])  # zeros shaped like the tokens
+    if fp16:
+        accumulated = g.op1("Cast", [accumulated], to=TensorProto.FLOAT)
+    for e, expert in enumerate(routed):
+        chosen = g.op1("Equal", [indices, g.const([e])])  # [T, k]
+        where = g.op1("Transpose", [g.op1("NonZero", [chosen])], perm=[1, 0])  # [n, 2]: token, slot
+        token = g.op1("Slice", [where, g.const([0]), g.const([1]), g.const([1])])  # [n, 1]
+        rows = g.op1("GatherND", [flat_x, token])
+        out = _swiglu(g, rows, expert.mlp, expert.post_attention_layernorm.weight, f"{name}.expert{first + e}")
+        if weights is not None:
+            picked = g.op1("Unsqueeze", [g.op1("GatherND", [weights, where]), g.const([1])])  # [n, 1]
+            out = g.op1("Mul", [out, picked])
+        if fp16:
+            out = g.op1("Cast", [out], to=TensorProto.FLOAT)
+        accumulated = g.op1("ScatterND", [accumulated, token, out], reduction="add")
+    if fp16:
+        accumulated = g.op1("Cast", [accumulated], to=g.onnx_dtype)
+    return g.op1("Reshape", [accumulated, g.op1("Shape", [residual])])
+
+
+def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
+    """One ``d2mc::D2mcMoE`` node for the whole block (shared and routed experts), as the plugin contract says."""
+    fc1, fc2 = pack_experts(experts)
+    attributes = plugin_attributes(experts, block["shared"], block["top_k"],
+                                   normalize_mode(block["normalize"], block["ones"]))
+    logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
+    out = g.name("moe")
+    g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, g.weight(f"{name}.moe.fc1", fc1),
+                                   g.weight(f"{name}.moe.fc2", fc2), out, attributes))
+    return out
+
+
+def _chosen_only(g, logits: str, top_k: int) -> str:
+    """ONNX Runtime's MoE op knows only softmax weights. For a block whose chosen experts count with weight 1 it
+    gets logits that keep the router's top-k choice and make the chosen experts equally likely: 0 for the chosen,
+    ``-1e4`` (``exp`` underflows to 0 in fp32, and fp16 holds it) elsewhere, so each gets ``1 / k`` after
+    normalisation, and the experts' down projections carry a factor ``k``. The choice is the top-k of the
+    logits, as PyTorch makes it."""
+    _, indices = g.op("TopK", [logits, g.const([top_k])], 2, axis=-1)
+    masked = g.op1("Add", [g.op1("Mul", [logits, g.const(np.zeros(1), g.np_dtype)]), g.const(-1e4, g.np_dtype)])
+    zeros = g.op1("Mul", [g.op1("Cast", [indices], to=g.onnx_dtype), g.const(np.zeros(1), g.np_dtype)])
+    return g.op1("ScatterElements", [masked, indices, zeros], axis=-1)
+
+
+def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
+    """ONNX Runtime's fused MoE op (CPU form: swiglu with interleaved gate/up rows, no fc3)."""
+    _, logits = _router_logits(g, block, residual, arch, name)
+    if block["ones"]:
+        logits = _chosen_only(g, logits, block["top_k"])
+    flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
+    fc1, fc2 = pack_experts(routed, routed_scale=float(block["top_k"]) if block["ones"] else 1.0)
+    out = g.op1("MoE", [flat_x, logits, g.weight(f"{name}.moe.fc1", fc1), "",
+                        g.weight(f"{name}.moe.fc2", fc2)], MS_DOMAIN,
+                k=block["top_k"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                activation_beta=0.0, swiglu_limit=1e9,
+                normalize_routing_weights=int(block["normalize"] or block["ones"]))
+    return g.op1("Reshape", [out, g.op1("Shape", [residual])])
