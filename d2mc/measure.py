@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from d2mc.errors import OptionError
+from d2mc.errors import OptionError, UserError
 from d2mc.modeling import CACHE_ARG
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _check_lengths(prefill: int, context: int, batch: int, warmup: int, repeats:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"{{{name}}} must be a positive whole number, not {value}")
     if warmup < 0:
-        raise OptionError(f"{{warmup}} must be zero or more, not {warmup}")
+        raise UserError(f"warm-up must be zero or more, not {warmup}")
 
 
 class TorchMeasurer:

@@ -143,9 +143,10 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
     usable = profile.memory_gb * 1e9 * MEMORY_HEADROOM
     left = usable - weight_bytes - kv_bytes
     if left < MIN_WORKSPACE:
-        raise OptionError(f"{profile.name} has {profile.memory_gb:g} GB; weights ({weight_bytes / 1e9:.2f} GB) and the "
-                        f"KV cache at {max_kv} past tokens, batch {settings.max_batch} ({kv_bytes / 1e9:.2f} GB) "
-                        f"leave no room for TensorRT's workspace: lower {{max_kv}} or {{max_batch}}")
+        raise OptionError(f"{profile.name} has {profile.memory_gb:g} GB; weights ({weight_bytes / 1e9:.2f} GB) and "
+                          f"the KV cache at {max_kv} past tokens, batch {settings.max_batch} "
+                          f"({kv_bytes / 1e9:.2f} GB) leave no room for TensorRT's workspace: lower {{max_kv}} or "
+                          f"{{max_batch}}")
     wanted = settings.workspace_gb * GIB if settings.workspace_gb else profile.memory_gb * 1e9 * DEFAULT_WORKSPACE_SHARE
     workspace = int(min(wanted, left))
     if workspace < wanted:
