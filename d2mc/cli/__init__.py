@@ -12,7 +12,7 @@ from d2mc import __version__
 from d2mc.errors import UserError
 
 COMMAND_MODULES = ("inspect", "targets", "profile", "analyze", "convert", "recover", "export", "run", "compile", "build",
-                   "verify")
+                   "verify", "eval")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
