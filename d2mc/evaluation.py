@@ -231,8 +231,9 @@ def find_artifact_onnx(spec: str | Path) -> Path | None:
     """The ``model.onnx`` ONNX Runtime runs for an artifact directory, or None when ``spec`` is not one.
 
     An artifact is a ``d2mc export`` output (``model.onnx`` at its top), a ``d2mc compile`` output (``onnx/`` and
-    ``onnx-tensorrt/``) or another exporter's directory. The ONNX Runtime flavour is preferred; a TensorRT-flavoured
-    graph runs with its plugin nodes expanded into standard ops (:func:`d2mc.verify.runnable_onnx`).
+    ``onnx-tensorrt/``) or another exporter's directory. The ONNX Runtime flavour (the one with a
+    ``genai_config.json``) is preferred; a TensorRT-flavoured graph runs with its plugin nodes expanded into
+    standard ops (:func:`d2mc.verify.runnable_onnx`).
     """
     from d2mc.targets.onnxruntime import ARTIFACT_FILE, read_artifact
     from d2mc.targets.tensorrt import ONNX_PLACES
@@ -243,19 +244,10 @@ def find_artifact_onnx(spec: str | Path) -> Path | None:
     found = [path / place / "model.onnx" for place in ONNX_PLACES if (path / place / "model.onnx").is_file()]
     if not found:
         return None
-    chosen = next((p for p in found if not _has_plugin_nodes(p)), found[0])
+    chosen = next((p for p in found if (p.parent / "genai_config.json").is_file()), found[0])
     if (chosen.parent / ARTIFACT_FILE).is_file():
         read_artifact(chosen.parent)  # refuses an incomplete d2mc artifact in one line
     return chosen
-
-
-def _has_plugin_nodes(onnx_path: Path) -> bool:
-    from d2mc.targets.tensorrt import has_plugin_nodes
-
-    try:
-        return has_plugin_nodes(onnx_path)
-    except Exception:  # an unreadable graph: ONNX Runtime names the problem when it loads it
-        return False
 
 
 def _artifact_info(onnx_path: Path) -> dict:

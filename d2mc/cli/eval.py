@@ -36,7 +36,7 @@ def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot
             print_json(result.to_dict())
             return
         where = (f"ONNX Runtime, {result.onnx}" if result.runtime == "onnxruntime" else "PyTorch")
-        console().print(f"perplexity {result.perplexity:.4f} of {model} ({where}, {result.precision}) on "
+        click.echo(f"perplexity {result.perplexity:.4f} of {model} ({where}, {result.precision}) on "
                         f"{result.tokens:,} tokens of {result.data} in {result.windows} windows of {result.window} "
                         f"[{result.seconds:.1f} s]")
         return
