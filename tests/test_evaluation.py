@@ -136,6 +136,7 @@ def made(tmp_path_factory):
     (["{root}/model", "--tokens", "-5"], "--tokens must be at least 1 (got -5)"),
     (["{root}/artifact", "--tokens", "10000000"], "--tokens 10000000 is more than the "),
     (["{root}/model", "--tokens", "100"], "--tokens 100 is less than one window of 512 tokens"),
+    (["{root}/model", "--window", "1"], "--window must be at least 2 tokens (got 1)"),
     (["{root}/model", "--window", "1024"], "--window 1024 is more than the model's maximum of 512 positions"),
     (["{root}/artifact", "--window", "1024"], "--window 1024 is more than the model's maximum of 512 positions"),
     (["{root}/model", "--data", "{root}/empty.txt"], "--data '{root}/empty.txt' holds no text"),
