@@ -73,6 +73,8 @@ class Metric:
 
 @dataclass(frozen=True)
 class TaskScore:
+    """A task's (or a group's aggregate) metrics, on ``samples`` documents with ``num_fewshot`` examples each."""
+
     task: str
     metrics: tuple[Metric, ...]
     samples: int | None  # documents scored (after --limit); None for a group's aggregate
@@ -92,6 +94,14 @@ class TaskScores:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadedTasks:
+    """Task objects of lm-evaluation-harness with their data, and the manager that found them."""
+
+    objects: tuple
+    manager: object
 
 
 # ---- perplexity ----------------------------------------------------------------------------------------------
@@ -295,7 +305,8 @@ def evaluate_tasks(spec: str | Path, tasks: Sequence[str], *, include_path: str 
         hint = f" ('{source}' for this one)" if source else ""
         raise UserError(f"--tasks needs the PyTorch model, not an ONNX artifact: give the model '{spec}' was "
                         f"exported from{hint}")
-    loaded_tasks = load_tasks(tasks, include_path, limit, num_fewshot)
+    _check_task_options(limit, num_fewshot)
+    loaded_tasks = load_tasks(tasks, include_path)
     loaded = _load_pytorch(spec)
     return _run_tasks(loaded.model, loaded.tokenizer, loaded_tasks, limit, num_fewshot, batch_size, str(spec))
 
@@ -304,30 +315,18 @@ def evaluate_model_tasks(model, tokenizer, tasks: Sequence[str], *, include_path
                          limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                          source: str = "") -> TaskScores:
     """lm-evaluation-harness ``tasks`` on a loaded PyTorch model (see :func:`evaluate_tasks`)."""
-    loaded_tasks = load_tasks(tasks, include_path, limit, num_fewshot)
+    _check_task_options(limit, num_fewshot)
+    loaded_tasks = load_tasks(tasks, include_path)
     return _run_tasks(model, tokenizer, loaded_tasks, limit, num_fewshot, batch_size, source)
 
 
-@dataclass(frozen=True)
-class LoadedTasks:
-    """Task objects of lm-evaluation-harness with their data, and the manager that found them."""
-
-    objects: tuple
-    manager: object
-
-
-def load_tasks(names: Sequence[str], include_path: str | Path | None = None, limit: int | None = None,
-               num_fewshot: int | None = None) -> LoadedTasks:
+def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> LoadedTasks:
     """Find ``names`` (tasks, groups or tags, or YAML files) and load their data, refusing in one line an unknown
     name or data that cannot be found (offline, the hub tasks' data must already be in the datasets cache)."""
     _require_harness()
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise UserError(f"--tasks names no task: {TASK_HINT}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1 document per task (got {limit})")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be 0 or more (got {num_fewshot})")
     include = None
     if include_path is not None:
         include = Path(include_path).expanduser().resolve()
@@ -352,6 +351,13 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None, lim
                             "whose data is on disk with --include-path DIR") from None
         objects.extend(_top_level(loaded, name))
     return LoadedTasks(tuple(objects), manager)
+
+
+def _check_task_options(limit: int | None, num_fewshot: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document per task (got {limit})")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more (got {num_fewshot})")
 
 
 def _top_level(loaded: dict, name: str) -> list:

@@ -169,6 +169,7 @@ def test_tasks_without_the_harness_say_what_to_install(made, monkeypatch):
                                                                "d2mc_facts"),
     (["--tasks", TASK, "--include-path", "{root}/missing"], "--include-path '{root}/missing' is not a directory"),
     (["--tasks", TASK, "--include-path", str(TASKS), "--limit", "0"], "--limit must be at least 1"),
+    (["--tasks", TASK, "--include-path", str(TASKS), "--num-fewshot", "-1"], "--num-fewshot must be 0 or more"),
     (["--tasks", ","], "--tasks names no task"),
 ])
 def test_bad_task_options_are_one_line(made, args, message, capsys):
