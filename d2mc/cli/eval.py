@@ -35,10 +35,9 @@ def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot
         if as_json:
             print_json(result.to_dict())
             return
-        where = (f"ONNX Runtime, {result.onnx}" if result.runtime == "onnxruntime" else "PyTorch")
-        click.echo(f"perplexity {result.perplexity:.4f} of {model} ({where}, {result.precision}) on "
-                        f"{result.tokens:,} tokens of {result.data} in {result.windows} windows of {result.window} "
-                        f"[{result.seconds:.1f} s]")
+        where = f"ONNX Runtime, {result.onnx}" if result.runtime == "onnxruntime" else "PyTorch"
+        click.echo(f"perplexity {result.perplexity:.4f} of {model} ({where}, {result.precision}) on {result.tokens:,} "
+                   f"tokens of {result.data} in {result.windows} windows of {result.window} [{result.seconds:.1f} s]")
         return
     ppl_only = [flag for flag, value in (("--data", data), ("--tokens", tokens), ("--window", window))
                 if value is not None]
