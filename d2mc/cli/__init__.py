@@ -13,7 +13,7 @@ from d2mc.cli.common import option_flags_of
 from d2mc.errors import OptionError, UserError
 
 COMMAND_MODULES = ("inspect", "targets", "profile", "analyze", "convert", "recover", "export", "run", "compile", "build",
-                   "verify")
+                   "verify", "eval")
 
 
 class Commands(click.Group):
