@@ -396,14 +396,21 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     return cost
 
 
+def weight_precision(op: str, settings: RooflineSettings) -> str | None:
+    """The precision of the stored matrices operator class ``op`` reads; None for the operators without any (norms,
+    routers and the embedding row read float weights in the activations' format or the weights')."""
+    if op in WEIGHT_OPS:
+        return settings.precision
+    if op == "lm_head":
+        return settings.lm_head
+    return None
+
+
 def figures_for(op: str, profile: DeviceProfile, settings: RooflineSettings) -> DeviceProfile:
     """The profile figures operator class ``op`` runs at: those of its weights' precision for the operators that read
     stored matrices (:meth:`DeviceProfile.for_precision`), the profile's own for the rest."""
-    if op in WEIGHT_OPS:
-        return profile.for_precision(settings.precision)
-    if op == "lm_head":
-        return profile.for_precision(settings.lm_head)
-    return profile
+    precision = weight_precision(op, settings)
+    return profile.for_precision(precision) if precision else profile
 
 
 def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, fw: float, a: float,

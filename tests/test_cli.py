@@ -27,6 +27,7 @@ def test_targets_lists_profiles_with_sources():
     for name in ("orin-agx", "orin-nano-super", "thor", "host-cpu"):
         assert name in result.output
     assert "DS-10662-001" in result.output
+    assert "precisions = int4: bandwidth_efficiency=0.803, kernel_overhead_us=8.12: fitted" in result.output
     assert json.loads(invoke("targets", "orin-agx", "--json").stdout)[0]["sm"] == "8.7"
 
 

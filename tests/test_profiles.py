@@ -171,3 +171,10 @@ def test_a_precision_table_needs_its_source(tmp_path):
     with pytest.raises(UserError, match="field 'source.precisions' is missing"):
         load_profile(path)
 
+
+
+def test_shipped_jetson_profiles_carry_int4_figures_with_their_source():
+    for name in ("orin-agx", "thor", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb", "orin-nano-super"):
+        profile = load_profile(name)
+        assert set(profile.precisions) == {"int4"}
+        assert "Edge-LLM" in profile.source["precisions"]

@@ -1,5 +1,7 @@
 import json
 import re
+import tomllib
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from d2mc.roofline import (
 )
 
 DATA = Path(__file__).parent / "data"
+PUBLISHED = tomllib.loads((DATA / "published_decode.toml").read_text())
 
 
 def arch(blocks=None, **kw):
@@ -372,3 +375,29 @@ def test_llama_3_2_1b_on_orin_is_near_weight_bytes_over_bandwidth():
     assert ideal == pytest.approx(0.0121, rel=0.02)
     # the roofline adds only the bandwidth efficiency, the KV cache and kernel overheads to the ideal
     assert seconds == pytest.approx(ideal / profile.bandwidth_efficiency, rel=0.1)
+
+
+@cache
+def config_arch(model: str) -> ModelArch:
+    return load_model(DATA / f"{model}-config.json", config_only=True).arch
+
+
+def test_qwen3_configs_are_the_published_models():
+    """Qwen3-0.6B is 0.6B parameters with its tied embedding (0.44B without), Qwen3-8B 8.2B with its own LM head."""
+    assert round(config_arch("qwen3-0.6b").total_params / 1e9, 2) == 0.60
+    assert config_arch("qwen3-0.6b").qk_norm and config_arch("qwen3-0.6b").head_dim == 128
+    assert round(config_arch("qwen3-8b").total_params / 1e9, 1) == 8.2
+    assert not config_arch("qwen3-8b").tie_word_embeddings
+
+
+@pytest.mark.parametrize("row", PUBLISHED["rows"], ids=lambda r: f"{r['profile']}-{r['model']}")
+def test_jetson_profiles_predict_published_decode(row):
+    """The profiles fitted on published rows (orin-agx, thor) predict them within 10%; the profiles derived from
+    them (the other Orin modules, datasheet figures and the efficiencies fitted on AGX Orin) predict their own
+    device's held-out rows within 15%."""
+    source = PUBLISHED["sources"][row["source"]]
+    settings = RooflineSettings(**{k: source[k] for k in ("context", "precision", "block_size", "zero_points",
+                                                          "lm_head_precision", "kv_precision")})
+    seconds = estimate_phase(config_arch(row["model"]), load_profile(row["profile"]), "decode", settings).seconds
+    tolerance = {"fit": 0.10, "check": 0.15}[row["role"]]
+    assert abs(seconds * row["tokens_per_s"] - 1) <= tolerance
