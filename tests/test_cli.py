@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -34,10 +35,12 @@ def test_targets_lists_profiles_with_sources():
 @pytest.mark.parametrize("args, message", [
     (["inspect", "/no/such/model"], "error: no such file or directory: '/no/such/model'"),
     (["targets", "mars-rover"], "error: unknown device profile 'mars-rover'"),
+    (["profile", Path(__file__).parent / "data" / "qwen3-0.6b-config.json", "--config-only", "--precision", "int4",
+      "--block-size", "96"], "error: --block-size must be a power of two"),
 ])
 def test_user_errors_are_one_line_with_exit_code_1(args, message, capsys):
     with pytest.raises(SystemExit) as info:
-        main(args)
+        main([str(a) for a in args])
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
