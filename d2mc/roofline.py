@@ -184,8 +184,8 @@ class RooflineSettings:
 
     int4/int8 weights are quantized in blocks of ``block_size`` elements along each matrix's input, with a zero
     point per block when ``zero_points``; the LM head is at ``lm_head_precision`` (default: the weights').
-    ``activation_precision`` defaults to the weights' float format, or where the weights are not a float format of at
-    least 16 bits, fp16 on a GPU and fp32 on a CPU; ``kv_precision`` defaults to the weights' float format or that.
+    ``activation_precision`` defaults to fp32 on a CPU and on a GPU to the weights' precision if it is fp32, fp16 or
+    bf16, else fp16; ``kv_precision`` to the weights' precision if it is one of those, else the activations'.
 
     ``all_logits``: the prefill computes logits at every prompt position, as exported graphs do (their ``logits``
     output is ``[batch, sequence, vocab]``); ``generate()`` keeps only the last position's."""
@@ -397,8 +397,8 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
 
 
 def weight_precision(op: str, settings: RooflineSettings) -> str | None:
-    """The precision of the stored matrices operator class ``op`` reads; None for the operators without any (norms,
-    routers and the embedding row read float weights in the activations' format or the weights')."""
+    """The precision of the weight matrices operator class ``op`` reads: the weights' for the attention projections
+    and the MLPs, the LM head's own for the LM head; None for the rest (their few weights stay in a float format)."""
     if op in WEIGHT_OPS:
         return settings.precision
     if op == "lm_head":
