@@ -32,7 +32,7 @@ SETTING_KEYS = ("precision", "block_size", "zero_points", "lm_head_precision", "
 
 
 @cache
-def arch_of(model: str):
+def load_arch(model: str):
     from d2mc.loading import load_model
 
     return load_model(DATA / f"{model}-config.json", config_only=True).arch
@@ -57,7 +57,7 @@ def predict(row: dict, profile=None) -> float:
     from d2mc.roofline import estimate_phase
 
     profile = profile or load_profile(row["profile"])
-    return estimate_phase(arch_of(row["model"]), profile, "decode", row["settings"]).seconds
+    return estimate_phase(load_arch(row["model"]), profile, "decode", row["settings"]).seconds
 
 
 def fit_precision(rows: list[dict], precision: str = "int4") -> dict:
@@ -75,7 +75,7 @@ def fit_precision(rows: list[dict], precision: str = "int4") -> dict:
     bare = dataclasses.replace(profile, precisions={})
     design, target = [], []
     for row in rows:
-        cost = estimate_phase(arch_of(row["model"]), bare, "decode", row["settings"])
+        cost = estimate_phase(load_arch(row["model"]), bare, "decode", row["settings"])
         fitted = [o for o in cost.ops if weight_precision(o.op, row["settings"]) == precision]
         if any(o.bound != "memory" for o in fitted):
             raise ValueError(f"{row['model']} on {profile.name}: a {precision} operator is compute-bound")
@@ -94,7 +94,7 @@ def fit_precision(rows: list[dict], precision: str = "int4") -> dict:
             "max_abs_error": max(abs(e) for e in errors)}
 
 
-def llama_lines() -> list[dict]:
+def predict_llama() -> list[dict]:
     """Llama-3.2-1B decode at context 512 on orin-agx: fp16, and int4 (group 128) with an fp16 or an int4 LM head."""
     from d2mc.loading import load_model
     from d2mc.profiles import load_profile
@@ -152,7 +152,7 @@ def main() -> None:
                     [[f["profile"], f["rows"], f"{f['bandwidth_efficiency']:.4f}", f"{f['kernel_overhead_us']:.3f}",
                       f"{f['max_abs_error']:.2%}"] for f in fits])
 
-    llama = llama_lines()
+    llama = predict_llama()
     print()
     print_table(["model", "weights", "profile", "context", "bytes read (GB)", "predicted ms"],
                 [[r["model"], r["weights"], r["profile"], r["context"], f"{r['bytes'] / 1e9:.3f}",
