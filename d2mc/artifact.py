@@ -85,7 +85,8 @@ def artifact_arch(artifact: str | Path):
 
 
 def onnx_context_length(onnx_path: Path) -> int | None:
-    """The model's context length from the ``config.json`` beside an ONNX file (or in the artifact above it)."""
+    """The model's context length from the ``config.json`` beside an ONNX file (or in the artifact above it), else
+    from a ``genai_config.json`` beside it (another exporter's directory)."""
     for directory in (onnx_path.parent, onnx_path.parent.parent):
         config = directory / "config.json"
         if config.is_file():
@@ -94,6 +95,9 @@ def onnx_context_length(onnx_path: Path) -> int | None:
                 "max_position_embeddings")
             if value:
                 return int(value)
+    genai = onnx_path.parent / "genai_config.json"
+    if genai.is_file():
+        return json.loads(genai.read_text())["model"].get("context_length")
     return None
 
 
@@ -138,3 +142,32 @@ def read_artifact(path: str | Path) -> dict:
     if missing:
         raise UserError(f"'{path}' is not a complete d2mc artifact (missing {', '.join(missing)}): export it again")
     return info
+
+
+def find_runnable_onnx(spec: str | Path) -> Path | None:
+    """The ``model.onnx`` ONNX Runtime runs for an artifact directory, or None when ``spec`` is not one.
+
+    Another exporter's directory counts too. The onnxruntime flavour (the one with a ``genai_config.json``) is
+    preferred; a tensorrt-flavoured graph runs with its plugin nodes expanded into standard ops
+    (:func:`d2mc.verify.runnable_onnx`). An incomplete d2mc artifact is refused in one line.
+    """
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    found = [path / place / "model.onnx" for place in ONNX_PLACES if (path / place / "model.onnx").is_file()]
+    if not found:
+        return None
+    chosen = next((p for p in found if (p.parent / "genai_config.json").is_file()), found[0])
+    if (chosen.parent / ARTIFACT_FILE).is_file():
+        read_artifact(chosen.parent)
+    return chosen
+
+
+def artifact_tokenizer(artifact: Path, onnx_path: Path):
+    """The tokenizer saved with an artifact: beside its ONNX, at its top, or in a compile output's ``model/``."""
+    from transformers import AutoTokenizer
+
+    for place in (onnx_path.parent, artifact, artifact / MODEL_DIR):
+        if (place / "tokenizer.json").is_file() or (place / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(place)
+    raise UserError(f"'{artifact}' has no tokenizer files: export it again from a model with a tokenizer")

@@ -94,8 +94,9 @@ def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measure
 
 
 def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 512, batch: int = 1,
-                  precision: str | None = None, kv_precision: str | None = None, config_only: bool = False,
-                  measure: bool = False, repeats: int = 5, engine: bool = False) -> dict:
+                  precision: str | None = None, kv_precision: str | None = None, block_size: int = 128,
+                  lm_head_precision: str | None = None, config_only: bool = False, measure: bool = False,
+                  repeats: int = 5, engine: bool = False) -> dict:
     """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured here too when asked.
 
     The result is plain JSON: the roofline report (:meth:`d2mc.roofline.RooflineReport.to_dict`) plus, with
@@ -107,7 +108,7 @@ def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 
     profile = load_profile(target)
     precision = precision or ("fp16" if profile.kind == "gpu" else "fp32")
     settings = RooflineSettings(prefill=prefill, context=context, batch=batch, precision=precision,
-                                kv_precision=kv_precision)
+                                kv_precision=kv_precision, block_size=block_size, lm_head_precision=lm_head_precision)
     artifact = is_artifact(spec)
     if measure and config_only and not artifact:
         raise OptionError("{measure} runs the model: drop {config_only}")

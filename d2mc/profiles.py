@@ -32,12 +32,22 @@ differently, each a table of overrides read by :meth:`DeviceProfile.for_runtime`
     [runtimes.pytorch-cpu]
     bandwidth_efficiency = 0.55
     kernel_overhead_us = 68.0
+
+Kernels whose weights are stored at a precision of their own (the GEMVs of int4 weights, which dequantize as they
+read) may stream and launch differently from the float kernels. A ``[precisions.NAME]`` table holds their figures,
+read by :meth:`DeviceProfile.for_precision` for the operators whose weights are at that precision; every other
+operator keeps the profile's own figures::
+
+    [precisions.int4]
+    bandwidth_efficiency = 0.7
+    kernel_overhead_us = 8.0
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,6 +61,8 @@ _EFFICIENCIES = ("bandwidth_efficiency", "compute_efficiency")
 OP_CLASSES = ("embedding", "norm", "qkv_proj", "attention", "o_proj", "router", "mlp", "lm_head")
 # what a [runtimes.NAME] table may override
 RUNTIME_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us", "op_bandwidth_efficiency")
+# what a [precisions.NAME] table may override
+PRECISION_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
 
 
 @dataclass(frozen=True)
@@ -74,15 +86,26 @@ class DeviceProfile:
     op_bandwidth_efficiency: dict[str, float] = field(default_factory=dict)
     runtime: str | None = None  # the runtime the efficiencies and the overhead describe
     runtimes: dict[str, dict] = field(default_factory=dict)  # other runtimes: overrides of RUNTIME_FIELDS
+    # kernels whose weights are at a precision of their own: overrides of PRECISION_FIELDS per precision
+    precisions: dict[str, dict[str, float]] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
     def for_runtime(self, runtime: str) -> DeviceProfile:
         """The profile as ``runtime`` sees it: its own fitted efficiencies and overhead where the profile has
-        them, else the profile's (which describe ``self.runtime``)."""
+        them, else the profile's (which describe ``self.runtime``). The per-precision tables describe the
+        profile's own runtime, so another runtime's view has none."""
         override = self.runtimes.get(runtime)
         if not override:
             return self
-        return dataclasses.replace(self, runtime=runtime, **override)
+        return dataclasses.replace(self, runtime=runtime, precisions={}, **override)
+
+    def for_precision(self, precision: str) -> DeviceProfile:
+        """The profile as kernels with weights at ``precision`` see it: the ``[precisions.NAME]`` figures where
+        the profile has them, else its own."""
+        override = self.precisions.get(precision)
+        if not override:
+            return self
+        return dataclasses.replace(self, **override)
 
     @property
     def achievable_bandwidth(self) -> float:
@@ -163,7 +186,8 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     for key in data:
         if key not in known:
             fail(key, f"is not a profile field (known: {', '.join(sorted(known))})")
-    optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency", "runtime", "runtimes"}
+    optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency", "runtime", "runtimes",
+                "precisions"}
     for key in sorted(known - optional):
         if key not in data:
             fail(key, "is missing")
@@ -189,6 +213,18 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
             if key in override:
                 _check_number(override[key], f"runtimes.{runtime}.{key}", fail)
         _check_efficiencies(override, f"runtimes.{runtime}.", fail)
+    precision_tables = data.get("precisions", {})
+    if not isinstance(precision_tables, dict) or not all(isinstance(v, dict) for v in precision_tables.values()):
+        fail("precisions", "must be tables [precisions.NAME] of " + ", ".join(PRECISION_FIELDS))
+    for precision, override in precision_tables.items():
+        if precision not in BYTES_PER_ELEMENT:
+            fail(f"precisions.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
+        for key, value in override.items():
+            if key not in PRECISION_FIELDS:
+                fail(f"precisions.{precision}.{key}",
+                     f"cannot be set per precision (known: {', '.join(PRECISION_FIELDS)})")
+            _check_number(value, f"precisions.{precision}.{key}", fail)
+        _check_efficiencies(override, f"precisions.{precision}.", fail)
     peaks = data["peak_tflops"]
     if not isinstance(peaks, dict) or not peaks:
         fail("peak_tflops", "must be a table of precision = TFLOP/s")
@@ -209,7 +245,7 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     if not isinstance(source, dict):
         fail("source", "must be a table naming where each figure comes from")
     sourced = [k for k in (*_NUMBERS, "peak_tflops", "sm", "tensorrt_precisions", "op_bandwidth_efficiency",
-                           "runtime", "runtimes") if k in data]
+                           "runtime", "runtimes", "precisions") if k in data]
     for key in sourced:
         if not isinstance(source.get(key), str) or not source[key].strip():
             fail(f"source.{key}", "is missing: say which datasheet or measurement the figure comes from")
@@ -226,6 +262,7 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         runtimes={name: {**{k: float(v) for k, v in o.items() if k != "op_bandwidth_efficiency"},
                          **({"op_bandwidth_efficiency": _op_efficiency(o)} if "op_bandwidth_efficiency" in o else {})}
                   for name, o in runtimes.items()},
+        precisions={name: {k: float(v) for k, v in o.items()} for name, o in precision_tables.items()},
         path=path,
     )
 
@@ -253,6 +290,8 @@ def _op_efficiency(data: dict) -> dict[str, float]:
 def _check_number(value, key: str, fail) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         fail(key, f"must be a number, not {value!r}")
+    if not math.isfinite(value):
+        fail(key, f"must be a finite number, not {value}")
     if value < 0 or (value == 0 and key != "kernel_overhead_us"):
         fail(key, f"must be positive, not {value}")
 

@@ -17,6 +17,15 @@ often each expert is chosen, per block) are given. Prefill treats every prompt t
 smaller than the model's MLP (``BlockSpec.expert_intermediate``: experts cut from an MLP's neurons); bytes and
 FLOPs are those of the experts' own size.
 
+Weights quantized block-wise (int4, int8: weight-only, as ONNX Runtime's ``MatMulNBits`` and TensorRT's
+``DequantizeLinear`` store them) are read as their packed values plus, per block of ``block_size`` elements along a
+matrix's input, one scale in the activations' float format (fp16 on a GPU, fp32 on a CPU: ``MatMulNBits`` keeps its
+scales in the input's type) and, if ``zero_points``, one zero point at the weight's own width. That covers the
+attention projections, every expert MLP and the LM head (which may keep a precision of its own: TensorRT Edge-LLM
+leaves it fp16 unless asked); norms, routers and the embedding row stay in a float format, and the products run at
+the activations' precision (the weights are dequantized as they are read). Operators with quantized weights use the
+profile's ``[precisions.NAME]`` figures where it has them (:meth:`DeviceProfile.for_precision`).
+
 Kernel launches of an MoE block follow its lowering on the device: on a device with TensorRT the block is one
 ``D2mcMoE`` plugin node, which normalises once and runs every chosen expert in a fixed number of kernels (route,
 gate/up, down on the GEMV path of up to 8 tokens; eight on the grouped path), however many experts there are; on
@@ -26,15 +35,18 @@ and three projections.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from d2mc.arch import BlockSpec, ModelArch, bytes_per_element
+from d2mc.costs import OUTSIDE, BlockCost, OpCost, PhaseCost, RooflineReport  # noqa: F401  (part of this API)
 from d2mc.errors import UserError
 from d2mc.ops.moe import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
 from d2mc.profiles import OP_CLASSES, DeviceProfile  # noqa: F401  (OP_CLASSES is part of this module's API)
 
 PHASES = ("prefill", "decode")
-OUTSIDE = -1  # block index of the embedding, the final norm and the LM head
+QUANTIZED = ("int4", "int8")  # stored block-wise with scales (and optional zero points)
+_FLOAT_FORMATS = ("fp32", "fp16", "bf16")
+WEIGHT_OPS = ("qkv_proj", "o_proj", "mlp")  # the matrices stored at the weight precision (and the LM head at its own)
 
 UNIFORM_ROUTING = ("decode reads the shared experts plus the top-k routed experts of each token; a batch of B tokens "
                    "reads the expected number of distinct experts under uniform routing, E * (1 - (1 - k/E) ** B)")
@@ -42,119 +54,29 @@ MEASURED_ROUTING = ("decode reads the shared experts plus the routed experts the
                     "of distinct experts comes from measured routing statistics (per-expert selection rates)")
 
 
-@dataclass
-class OpCost:
-    """One operator class in one block (block -1: outside the blocks)."""
+@dataclass(frozen=True)
+class TensorFormats:
+    """Bytes per element of each kind of tensor, as :class:`RooflineSettings` resolve them on one kind of device.
 
-    block: int
-    op: str
-    flops: float
-    bytes: float
-    kernels: int
-    seconds: float = 0.0
-    bound: str = ""
+    ``weight`` and ``lm_head`` include each element's share of its block's scale and zero point."""
 
-    @property
-    def intensity(self) -> float:
-        """Arithmetic intensity, FLOPs per byte."""
-        return self.flops / self.bytes if self.bytes else 0.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "intensity": self.intensity}
-
-
-@dataclass
-class BlockCost:
-    """The operators of one block added up; ``bound`` is the bound of the operators that take most of its time."""
-
-    block: int
-    seconds: float
-    flops: float
-    bytes: float
-    bound: str
-
-    @property
-    def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else 0.0
-
-    @property
-    def label(self) -> str:
-        return "embed+head" if self.block == OUTSIDE else str(self.block)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "label": self.label, "intensity": self.intensity}
-
-
-@dataclass
-class PhaseCost:
-    """Every operator of one phase (a prefill of ``tokens`` or one decode step at ``context``)."""
-
-    phase: str
-    batch: int
-    tokens: int
-    context: int
-    ops: list[OpCost] = field(default_factory=list)
-
-    @property
-    def seconds(self) -> float:
-        return sum(o.seconds for o in self.ops)
-
-    @property
-    def flops(self) -> float:
-        return sum(o.flops for o in self.ops)
-
-    @property
-    def bytes(self) -> float:
-        return sum(o.bytes for o in self.ops)
-
-    @property
-    def intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else 0.0
-
-    @property
-    def bound(self) -> str:
-        memory = sum(o.seconds for o in self.ops if o.bound == "memory")
-        return "memory" if memory >= self.seconds / 2 else "compute"
-
-    def per_block(self) -> dict[int, float]:
-        """Predicted seconds per block (-1 gathers embedding, final norm and LM head)."""
-        return {b.block: b.seconds for b in self.blocks()}
-
-    def blocks(self) -> list[BlockCost]:
-        """Per-block totals, blocks in order, then the embedding/final norm/LM head."""
-        grouped: dict[int, list[OpCost]] = {}
-        for o in self.ops:
-            grouped.setdefault(o.block, []).append(o)
-        out = []
-        for block in sorted(grouped, key=lambda b: (b == OUTSIDE, b)):
-            ops = grouped[block]
-            seconds = sum(o.seconds for o in ops)
-            memory = sum(o.seconds for o in ops if o.bound == "memory")
-            out.append(BlockCost(block, seconds, sum(o.flops for o in ops), sum(o.bytes for o in ops),
-                                 "memory" if memory >= seconds / 2 else "compute"))
-        return out
-
-    def per_op_class(self) -> dict[str, dict[str, float]]:
-        """Totals per operator class over all blocks."""
-        out: dict[str, dict[str, float]] = {}
-        for o in self.ops:
-            agg = out.setdefault(o.op, {"seconds": 0.0, "flops": 0.0, "bytes": 0.0})
-            agg["seconds"] += o.seconds
-            agg["flops"] += o.flops
-            agg["bytes"] += o.bytes
-        return out
-
-    def to_dict(self) -> dict:
-        return {"phase": self.phase, "batch": self.batch, "tokens": self.tokens, "context": self.context,
-                "seconds": self.seconds, "flops": self.flops, "bytes": self.bytes, "intensity": self.intensity,
-                "bound": self.bound, "blocks": [b.to_dict() for b in self.blocks()],
-                "op_classes": self.per_op_class(), "ops": [o.to_dict() for o in self.ops]}
+    weight: float  # attention projections and expert MLPs
+    lm_head: float
+    float_weight: float  # norms, routers and the embedding row, kept in a float format
+    activation: float
+    kv: float
+    compute: str  # the precision the matrix products run at
 
 
 @dataclass(frozen=True)
 class RooflineSettings:
     """What to cost: a prefill of ``prefill`` tokens and one decode step after ``context`` cached tokens, for
     ``batch`` sequences, with weights at ``precision`` and the KV cache at ``kv_precision``.
+
+    int4/int8 weights are quantized in blocks of ``block_size`` elements along each matrix's input, with a zero
+    point per block when ``zero_points``; the LM head is at ``lm_head_precision`` (default: the weights').
+    ``activation_precision`` defaults to fp32 on a CPU and on a GPU to the weights' precision if it is fp32, fp16 or
+    bf16, else fp16; ``kv_precision`` to the weights' precision if it is one of those, else the activations'.
 
     ``all_logits``: the prefill computes logits at every prompt position, as exported graphs do (their ``logits``
     output is ``[batch, sequence, vocab]``); ``generate()`` keeps only the last position's."""
@@ -163,70 +85,90 @@ class RooflineSettings:
     context: int = 512
     batch: int = 1
     precision: str = "fp16"
-    kv_precision: str | None = None  # defaults to the weight precision, at least fp16
+    kv_precision: str | None = None
     all_logits: bool = False
+    block_size: int = 128
+    zero_points: bool = False
+    lm_head_precision: str | None = None
+    activation_precision: str | None = None
 
     def __post_init__(self):
-        for name in ("prefill", "context", "batch"):
+        for name in ("prefill", "context", "batch", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"--{name} must be a positive whole number, not {value}")
-        bytes_per_element(self.precision)
-        if self.kv_precision:
-            bytes_per_element(self.kv_precision)
+                raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, not {value}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserError(f"--block-size must be a power of two of at least 16 (32, 64, 128), not {self.block_size}")
+        for precision in (self.precision, self.kv_precision, self.lm_head_precision, self.activation_precision):
+            if precision:
+                bytes_per_element(precision)
+        if self.activation_precision and self.activation_precision not in _FLOAT_FORMATS:
+            raise UserError(f"--activation-precision must be a float format ({', '.join(_FLOAT_FORMATS)}), "
+                            f"not {self.activation_precision}")
 
     @property
-    def kv(self) -> str:
+    def lm_head(self) -> str:
+        return self.lm_head_precision or self.precision
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any weights are stored block-wise (int4/int8)."""
+        return bool({self.precision, self.lm_head} & set(QUANTIZED))
+
+    def activation_for(self, kind: str) -> str:
+        """The activations' precision on a device of ``kind`` ("gpu" or "cpu")."""
+        if self.activation_precision:
+            return self.activation_precision
+        if kind != "gpu":
+            return "fp32"
+        return self.precision if self.precision in _FLOAT_FORMATS else "fp16"
+
+    def kv_for(self, kind: str) -> str:
+        """The KV cache's precision on a device of ``kind``: a 4- or 8-bit cache must be asked for."""
         if self.kv_precision:
             return self.kv_precision
-        return self.precision if bytes_per_element(self.precision) >= 2 else "fp16"
+        return self.precision if self.precision in _FLOAT_FORMATS else self.activation_for(kind)
+
+    def formats(self, kind: str) -> TensorFormats:
+        """Bytes per element of every kind of tensor on a device of ``kind``."""
+        activation = self.activation_for(kind)
+        a = bytes_per_element(activation)
+        w = bytes_per_element(self.precision)
+        return TensorFormats(
+            weight=self._stored_bytes(self.precision, a), lm_head=self._stored_bytes(self.lm_head, a),
+            float_weight=w if self.precision in _FLOAT_FORMATS else a, activation=a,
+            kv=bytes_per_element(self.kv_for(kind)),
+            compute=activation if self.precision in QUANTIZED else self.precision)
+
+    def _stored_bytes(self, precision: str, scale_bytes: float) -> float:
+        """Bytes per weight element at ``precision``, with its share of the block's scale and zero point."""
+        w = bytes_per_element(precision)
+        if precision not in QUANTIZED:
+            return w
+        return w + (scale_bytes + (w if self.zero_points else 0.0)) / self.block_size
 
     def check_fits(self, arch: ModelArch, phases=("prefill", "decode")) -> None:
-        """Refuse lengths past the model's position limit (the decode step adds one token to the context)."""
+        """Refuse lengths past the model's position limit (the decode step adds one token to the context) and a
+        block size that does not divide the input size of a quantized matrix."""
         limit = arch.max_position_embeddings
         if "prefill" in phases and self.prefill > limit:
             raise UserError(f"--prefill {self.prefill} is past the model's maximum of {limit} positions")
         if "decode" in phases and self.context + 1 > limit:
             raise UserError(f"--context {self.context} is past the model's maximum of {limit} positions "
                             f"(the decode step needs one more: use --context {limit - 1} or less)")
-
-
-@dataclass
-class RooflineReport:
-    """Prefill and decode costs of one model on one device, with the inputs that produced them."""
-
-    profile: DeviceProfile
-    settings: RooflineSettings
-    phases: dict[str, PhaseCost]
-    params_total: int
-    params_active: int
-    routing: str
-
-    @property
-    def prefill(self) -> PhaseCost:
-        return self.phases["prefill"]
-
-    @property
-    def decode(self) -> PhaseCost:
-        return self.phases["decode"]
-
-    def to_dict(self) -> dict:
-        p, s = self.profile, self.settings
-        return {
-            "profile": {"name": p.name, "description": p.description, "kind": p.kind,
-                        "bandwidth_gbps": p.memory_bandwidth_gbps,
-                        "achievable_bandwidth_gbps": p.achievable_bandwidth / 1e9,
-                        "achievable_tflops": p.achievable_flops(s.precision) / 1e12,
-                        "kernel_overhead_us": p.kernel_overhead_us,
-                        "op_bandwidth_efficiency": p.op_bandwidth_efficiency,
-                        "source": "figures from " + (str(p.path.name) if p.path else p.name) + " ([source] says "
-                                  "which are datasheet and which measured)"},
-            "settings": {"prefill": s.prefill, "context": s.context, "batch": s.batch, "precision": s.precision,
-                         "kv": s.kv},
-            "parameters": {"total": self.params_total, "active_per_token": self.params_active},
-            "moe_accounting": self.routing,
-            "phases": {name: cost.to_dict() for name, cost in self.phases.items()},
-        }
+        inputs = []  # (what, input size) of each quantized matrix
+        if self.precision in QUANTIZED:
+            inputs += [("the attention projections and MLP gate/up", arch.hidden_size),
+                       ("the attention output projection", arch.num_heads * arch.head_dim)]
+            inputs += [("the MLP down projection", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
+        if self.lm_head in QUANTIZED:
+            inputs.append(("the LM head", arch.hidden_size))
+        for what, size in inputs:
+            if size % self.block_size:
+                fits = [str(b) for b in (128, 64, 32) if all(n % b == 0 for _, n in inputs)]
+                hint = f"use --block-size {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
+                raise UserError(f"--block-size {self.block_size} does not divide the input size {size} of {what}: "
+                                f"{hint}")
 
 
 def expected_distinct_experts(routed: int, top_k: int, tokens: int) -> float:
@@ -268,9 +210,8 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     n = settings.prefill if phase == "prefill" else 1
     past = 0 if phase == "prefill" else settings.context
     tokens = b * n
-    w = bytes_per_element(settings.precision)
-    a = max(w, 2.0) if profile.kind == "gpu" else 4.0  # activations stay in a float format
-    kvb = bytes_per_element(settings.kv)
+    f = settings.formats(profile.kind)
+    w, fw, a, kvb = f.weight, f.float_weight, f.activation, f.kv
     h = arch.hidden_size
     q_dim, kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     cost = PhaseCost(phase, b, n, past)
@@ -279,10 +220,10 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     def add(block, op, flops, bytes_, kernels=1):
         ops.append(OpCost(block, op, float(flops), float(bytes_), kernels))
 
-    add(OUTSIDE, "embedding", 0, tokens * h * (w + a))
+    add(OUTSIDE, "embedding", 0, tokens * h * (fw + a))
     for i, block in enumerate(arch.blocks):
         if block.attention:
-            add(i, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
+            add(i, "norm", 4 * tokens * h, h * fw + 2 * tokens * h * a)
             add(i, "qkv_proj", 2 * tokens * h * (q_dim + 2 * kv_dim),
                 h * (q_dim + 2 * kv_dim) * w + tokens * (h + q_dim + 2 * kv_dim) * a)
             if phase == "prefill":  # causal: each query attends to the keys before it; K and V come from qkv_proj
@@ -294,29 +235,49 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
             kv_write = tokens * 2 * kv_dim * kvb
             add(i, "attention", 4 * pairs * q_dim, kv_read + kv_write + 2 * tokens * q_dim * a)
             add(i, "o_proj", 2 * tokens * q_dim * h, q_dim * h * w + tokens * (q_dim + h) * a)
-        _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), w, a, rates.get(i),
+        _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), w, fw, a, rates.get(i),
                      fused_moe=bool(profile.tensorrt_precisions))
-    add(OUTSIDE, "norm", 4 * tokens * h, h * w + 2 * tokens * h * a)
+    add(OUTSIDE, "norm", 4 * tokens * h, h * fw + 2 * tokens * h * a)
     logits_tokens = tokens if settings.all_logits else b
     add(OUTSIDE, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
-        h * arch.vocab_size * w + logits_tokens * (h + arch.vocab_size) * a)
+        h * arch.vocab_size * f.lm_head + logits_tokens * (h + arch.vocab_size) * a)
 
-    flops_per_s = profile.achievable_flops(settings.precision)
+    views = {op: figures_for(op, profile, settings) for op in {o.op for o in ops}}
     for o in ops:
-        compute, memory = o.flops / flops_per_s, o.bytes / profile.bandwidth_for(o.op)
+        view = views[o.op]
+        compute, memory = o.flops / view.achievable_flops(f.compute), o.bytes / view.bandwidth_for(o.op)
         o.bound = "compute" if compute > memory else "memory"
-        o.seconds = max(compute, memory) + o.kernels * profile.kernel_overhead_us * 1e-6
+        o.seconds = max(compute, memory) + o.kernels * view.kernel_overhead_us * 1e-6
     return cost
 
 
-def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, a: float,
+def weight_precision(op: str, settings: RooflineSettings) -> str | None:
+    """The precision of the weight matrices operator class ``op`` reads: the weights' for the attention projections
+    and the MLPs, the LM head's own for the LM head; None for the rest (their few weights stay in a float format)."""
+    if op in WEIGHT_OPS:
+        return settings.precision
+    if op == "lm_head":
+        return settings.lm_head
+    return None
+
+
+def figures_for(op: str, profile: DeviceProfile, settings: RooflineSettings) -> DeviceProfile:
+    """The profile figures operator class ``op`` runs at: those of its weights' precision for the operators that read
+    stored matrices (:meth:`DeviceProfile.for_precision`), the profile's own for the rest."""
+    precision = weight_precision(op, settings)
+    return profile.for_precision(precision) if precision else profile
+
+
+def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, fw: float, a: float,
                  rates: list[float] | None, fused_moe: bool = False) -> None:
-    """Norms, router and MLPs of one block (``inter``: each expert's intermediate size); the weights read are those
-    of the experts the tokens use. ``fused_moe``: a routed block runs as one plugin node (see the module text)."""
+    """Norms, router and MLPs of one block (``inter``: each expert's intermediate size; ``w``, ``fw``, ``a``: bytes
+    per element of the MLP weights, of the float norm and router weights, of the activations); the weights read are
+    those of the experts the tokens use. ``fused_moe``: a routed block runs as one plugin node (see the module
+    text)."""
     expert_weights = 3 * h * inter * w
     active_per_token = block.active_experts
     if block.has_router:
-        add(i, "router", 2 * tokens * h * block.routed_experts, h * block.routed_experts * w + tokens * h * a)
+        add(i, "router", 2 * tokens * h * block.routed_experts, h * block.routed_experts * fw + tokens * h * a)
         if rates:
             distinct = sum(1.0 - (1.0 - p) ** tokens for p in rates)
         else:
@@ -328,7 +289,7 @@ def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int,
     norm_kernels, mlp_kernels = kernels, kernels * 3
     if fused_moe and block.has_router:
         norm_kernels, mlp_kernels = 1, GEMV_KERNELS if tokens <= GEMV_MAX_TOKENS else GROUPED_KERNELS
-    add(i, "norm", 4 * tokens * h * active_per_token, read * h * w + 2 * tokens * h * a * active_per_token,
+    add(i, "norm", 4 * tokens * h * active_per_token, read * h * fw + 2 * tokens * h * a * active_per_token,
         kernels=norm_kernels)
     # gate, up and down projections: three weight matrices per expert read; SiLU and the product ride along
     add(i, "mlp", 2 * tokens * active_per_token * 3 * h * inter,

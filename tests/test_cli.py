@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -27,16 +28,19 @@ def test_targets_lists_profiles_with_sources():
     for name in ("orin-agx", "orin-nano-super", "thor", "host-cpu"):
         assert name in result.output
     assert "DS-10662-001" in result.output
+    assert "precisions = int4: bandwidth_efficiency=0.803, kernel_overhead_us=8.12: fitted" in result.output
     assert json.loads(invoke("targets", "orin-agx", "--json").stdout)[0]["sm"] == "8.7"
 
 
 @pytest.mark.parametrize("args, message", [
     (["inspect", "/no/such/model"], "error: no such file or directory: '/no/such/model'"),
     (["targets", "mars-rover"], "error: unknown device profile 'mars-rover'"),
+    (["profile", Path(__file__).parent / "data" / "qwen3-0.6b-config.json", "--config-only", "--precision", "int4",
+      "--block-size", "96"], "error: --block-size must be a power of two"),
 ])
 def test_user_errors_are_one_line_with_exit_code_1(args, message, capsys):
     with pytest.raises(SystemExit) as info:
-        main(args)
+        main([str(a) for a in args])
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1

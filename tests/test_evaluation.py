@@ -11,23 +11,19 @@ import torch
 from click.testing import CliRunner
 from d2mc.targets.onnxruntime import export_onnx
 
+from d2mc.artifact import find_runnable_onnx
 from d2mc.cli import cli, main
 from d2mc.errors import UserError
-from d2mc.evaluation import (
-    DEFAULT_TOKENS,
-    PERPLEXITY_TOLERANCE,
-    evaluate_model_tasks,
-    evaluate_perplexity,
-    find_artifact_onnx,
-)
+from d2mc.evaluation import DEFAULT_TOKENS, PERPLEXITY_TOLERANCE, evaluate_perplexity
 from d2mc.modeling import dense_plan, restructure
+from d2mc.tasks import evaluate_model_tasks
 from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
 
 TASKS = Path(__file__).parent / "data" / "eval-tasks"
 TASK = "d2mc_facts"
 requires_harness = pytest.mark.skipif(
     __import__("importlib").util.find_spec("lm_eval") is None,
-    reason="lm-eval is not installed (pip install 'd2mc[eval]'; CI: make test EXTRAS=dev,genai,eval)")
+    reason="lm-eval is not installed (pip install 'd2mc[eval]'; make install brings it)")
 
 
 def invoke(*args):
@@ -92,7 +88,7 @@ def test_compile_layout_runs_the_onnxruntime_flavour(tmp_path):
     model, tokenizer = tiny_with_tokenizer()
     export_onnx(model, tokenizer, tmp_path / "compiled" / "onnx")
     export_onnx(model, None, tmp_path / "compiled" / "onnx-tensorrt", flavour="tensorrt")
-    assert find_artifact_onnx(tmp_path / "compiled") == tmp_path / "compiled" / "onnx" / "model.onnx"
+    assert find_runnable_onnx(tmp_path / "compiled") == tmp_path / "compiled" / "onnx" / "model.onnx"
     shutil.rmtree(tmp_path / "compiled" / "onnx")
     # the TensorRT flavour alone has no tokenizer of its own: a compile output's model/ holds it
     tokenizer.save_pretrained(tmp_path / "compiled" / "model")

@@ -141,10 +141,10 @@ def test_profile_cli_table_and_measure_host(tiny_checkpoint, tmp_path, monkeypat
     from d2mc.cli import cli
 
     result = CliRunner().invoke(cli, ["profile", str(tiny_checkpoint("qwen3")), "--config-only", "--target", "thor",
-                                      "--precision", "int4", "--kv-precision", "int8", "--batch", "4", "--context", "256"],
-                                catch_exceptions=False)
+                                      "--precision", "int4", "--block-size", "32", "--kv-precision", "int8", "--batch", "4",
+                                      "--context", "256"], catch_exceptions=False)
     assert result.exit_code == 0
-    assert "int4 weights, int8 KV cache, batch 4" in result.output and "embed+head" in result.output
+    assert "int4 weights (blocks of 32), int8 KV cache, batch 4" in result.output and "embed+head" in result.output
 
     import d2mc.host_profile
 

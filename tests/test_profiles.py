@@ -66,6 +66,11 @@ def test_own_profile_file(tmp_path):
     (lambda t: t.replace('sm = "8.7"', 'sm = "eight"'), "field 'sm' must be a compute capability"),
     (lambda t: t.replace('kind = "gpu"', 'kind = "fpga"'), "field 'kind' must be one of gpu, cpu"),
     (lambda t: t + "[[[", "not valid TOML"),
+    (lambda t: t.replace("memory_bandwidth_gbps = 100.0", "memory_bandwidth_gbps = nan"),
+     "field 'memory_bandwidth_gbps' must be a finite number, not nan"),
+    (lambda t: t.replace("kernel_overhead_us = 5", "kernel_overhead_us = inf"),
+     "field 'kernel_overhead_us' must be a finite number, not inf"),
+    (lambda t: t.replace("fp16 = 10.0", "fp16 = -inf"), "field 'peak_tflops.fp16' must be a finite number"),
 ])
 def test_bad_profile_is_one_line_naming_file_and_field(tmp_path, edit, message):
     path = tmp_path / "bad.toml"
@@ -99,3 +104,77 @@ def test_operator_bandwidth_efficiency_is_optional_and_checked(tmp_path):
     path.write_text(GOOD.replace('[source]', '[op_bandwidth_efficiency]\nattention = 0.5\n\n[source]'))
     with pytest.raises(UserError, match="field 'source.op_bandwidth_efficiency' is missing"):
         load_profile(path)
+
+
+INT4 = """
+[precisions.int4]
+bandwidth_efficiency = 0.7
+kernel_overhead_us = 8.0
+"""
+
+
+def with_table(table: str, source: str = 'precisions = "fitted"\n') -> str:
+    return GOOD.replace("[source]", table + "\n[source]") + source
+
+
+def test_per_precision_figures_apply_to_their_precision_only(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(with_table(INT4))
+    profile = load_profile(path)
+    assert profile.precisions == {"int4": {"bandwidth_efficiency": 0.7, "kernel_overhead_us": 8.0}}
+    int4 = profile.for_precision("int4")
+    assert int4.achievable_bandwidth == pytest.approx(70e9) and int4.kernel_overhead_us == 8.0
+    assert int4.compute_efficiency == profile.compute_efficiency  # not overridden: the profile's own
+    assert profile.for_precision("fp16") is profile
+    # the tables describe the profile's own runtime: another runtime's view has none
+    path.write_text(with_table(INT4 + "\n[runtimes.pytorch-cpu]\nkernel_overhead_us = 40.0\n",
+                               'precisions = "fitted"\nruntimes = "fitted"\n'))
+    assert load_profile(path).for_runtime("pytorch-cpu").for_precision("int4").kernel_overhead_us == 40.0
+
+
+def test_a_profile_without_precision_tables_still_loads(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD)
+    assert load_profile(path).precisions == {}
+
+
+@pytest.mark.parametrize("table, message", [
+    ("[precisions.int4]\nbandwidth_efficiency = nan\n",
+     "field 'precisions.int4.bandwidth_efficiency' must be a finite number, not nan"),
+    ("[precisions.int4]\nkernel_overhead_us = inf\n",
+     "field 'precisions.int4.kernel_overhead_us' must be a finite number, not inf"),
+    ("[precisions.int4]\nbandwidth_efficiency = 0\n", "field 'precisions.int4.bandwidth_efficiency' must be positive"),
+    ("[precisions.int4]\ncompute_efficiency = -0.5\n",
+     "field 'precisions.int4.compute_efficiency' must be positive"),
+    ("[precisions.int4]\nbandwidth_efficiency = 1.2\n",
+     "field 'precisions.int4.bandwidth_efficiency' must be a fraction in (0, 1]"),
+    ("[precisions.int4]\nmemory_bandwidth_gbps = 50.0\n",
+     "field 'precisions.int4.memory_bandwidth_gbps' cannot be set per precision (known: bandwidth_efficiency, "
+     "compute_efficiency, kernel_overhead_us)"),
+    ("[precisions.int4]\nbandwidth_efficiency = \"high\"\n",
+     "field 'precisions.int4.bandwidth_efficiency' must be a number, not 'high'"),
+    ("[precisions.int3]\nbandwidth_efficiency = 0.5\n", "field 'precisions.int3' is not a precision"),
+    ("precisions = 3\n", "field 'precisions' must be tables [precisions.NAME]"),
+])
+def test_bad_precision_tables_are_one_line_naming_file_and_key(tmp_path, table, message):
+    path = tmp_path / "bad.toml"
+    text = with_table(table) if table.startswith("[") else table + with_table("")
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_profile(path)
+    assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_precision_table_needs_its_source(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(with_table(INT4, source=""))
+    with pytest.raises(UserError, match="field 'source.precisions' is missing"):
+        load_profile(path)
+
+
+
+def test_shipped_jetson_profiles_carry_int4_figures_with_their_source():
+    for name in ("orin-agx", "thor", "orin-agx-32gb", "orin-nx-16gb", "orin-nano-8gb", "orin-nano-super"):
+        profile = load_profile(name)
+        assert set(profile.precisions) == {"int4"}
+        assert "Edge-LLM" in profile.source["precisions"]

@@ -1,4 +1,7 @@
 import json
+import re
+import tomllib
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from d2mc.roofline import (
 )
 
 DATA = Path(__file__).parent / "data"
+PUBLISHED = tomllib.loads((DATA / "published_decode.toml").read_text())
 
 
 def arch(blocks=None, **kw):
@@ -77,15 +81,100 @@ def test_hand_computed_prefill_costs():
     assert head.flops == 6 * 2 * 8 * 32 and head.bytes == 8 * 32 * 2 + 6 * (8 + 32) * 2
 
 
-def test_weight_and_kv_precision_scale_the_bytes():
+def test_kv_precision_scales_the_cache_bytes():
     profile = load_profile("orin-agx")
     fp16 = ops(estimate_phase(arch(), profile, "decode", RooflineSettings(context=100, precision="fp16")))
-    int4 = ops(estimate_phase(arch(), profile, "decode", RooflineSettings(context=100, precision="int4")))
-    assert int4["mlp"].bytes - (16 + 48) * 2 == (fp16["mlp"].bytes - (16 + 48) * 2) / 4
     kv8 = ops(estimate_phase(arch(), profile, "decode", RooflineSettings(context=100, precision="fp16",
                                                                          kv_precision="int8")))
     assert fp16["attention"].bytes - kv8["attention"].bytes == 101 * 2 * 4 * 1 + 2 * 4 * 1
-    assert RooflineSettings(precision="int4").kv == "fp16"  # a 4-bit KV cache must be asked for
+    # a 4- or 8-bit cache must be asked for: int4 weights keep the activations' float format
+    assert RooflineSettings(precision="int4").kv_for("gpu") == "fp16"
+    assert RooflineSettings(precision="int4").kv_for("cpu") == "fp32"
+    assert RooflineSettings(precision="fp16").kv_for("cpu") == "fp16"
+
+
+def quantizable(**kw):
+    """h 32, two query heads and one KV head of 16 (q 32, k 16, v 16), MLP 64, vocab 64: every input size is a
+    multiple of 16."""
+    return arch(**{**dict(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, head_dim=16,
+                          vocab_size=64), **kw})
+
+
+def test_int4_weights_read_packed_values_and_a_scale_per_block():
+    cost = estimate_phase(quantizable(), load_profile("orin-agx"), "decode",
+                          RooflineSettings(context=10, precision="int4", block_size=16))
+    o = ops(cost)
+    # qkv is 32 in x 64 out: 32 * 64 / 2 bytes of packed 4-bit values; blocks of 16 along the input give 2 blocks
+    # per output column, 128 blocks, each with an fp16 scale (2 bytes); fp16 activations 32 in, 64 out
+    assert o["qkv_proj"].bytes == 32 * 64 / 2 + 128 * 2 + (32 + 64) * 2
+    assert o["o_proj"].bytes == 32 * 32 / 2 + 32 * 2 * 2 + (32 + 32) * 2
+    # gate and up 32 x 64 (2 blocks per column, 128 columns), down 64 x 32 (4 blocks per column, 32 columns)
+    assert o["mlp"].bytes == 3 * 32 * 64 / 2 + (2 * 64 * 2 + 32 * 4) * 2 + (2 * 32 + 3 * 64) * 2
+    # the LM head follows the weights unless told otherwise: 32 x 64 packed, 128 blocks
+    assert ops(cost, -1)["lm_head"].bytes == 32 * 64 / 2 + 128 * 2 + (32 + 64) * 2
+    # norms and the embedding row stay fp16, the KV cache too (11 positions read, one written, K and V of 16)
+    assert [n.bytes for n in norms(cost)] == [32 * 2 + 2 * 32 * 2] * 2
+    assert ops(cost, -1)["embedding"].bytes == 32 * (2 + 2)
+    assert o["attention"].bytes == 11 * 2 * 16 * 2 + 2 * 16 * 2 + 2 * 32 * 2
+
+
+def test_zero_points_are_stored_at_the_weights_width():
+    settings = RooflineSettings(context=10, precision="int4", block_size=16, zero_points=True)
+    o = ops(estimate_phase(quantizable(), load_profile("orin-agx"), "decode", settings))
+    # 128 blocks: fp16 scales (256 bytes) and 4-bit zero points (64 bytes)
+    assert o["qkv_proj"].bytes == 32 * 64 / 2 + 128 * 2 + 128 / 2 + (32 + 64) * 2
+    int8 = RooflineSettings(context=10, precision="int8", block_size=32, zero_points=True)
+    o = ops(estimate_phase(quantizable(), load_profile("orin-agx"), "decode", int8))
+    # one block of 32 per column: 64 blocks, an fp16 scale and an 8-bit zero point each
+    assert o["qkv_proj"].bytes == 32 * 64 + 64 * (2 + 1) + (32 + 64) * 2
+
+
+def test_matmulnbits_scales_are_fp32_on_a_cpu():
+    """ONNX Runtime's MatMulNBits keeps its scales in the input's type: fp32 activations on a CPU."""
+    settings = RooflineSettings(context=10, precision="int8", block_size=32)
+    o = ops(estimate_phase(quantizable(), load_profile("host-cpu"), "decode", settings))
+    assert o["qkv_proj"].bytes == 32 * 64 + 64 * 4 + (32 + 64) * 4
+    assert o["attention"].bytes == 11 * 2 * 16 * 4 + 2 * 16 * 4 + 2 * 32 * 4  # fp32 KV cache
+
+
+def test_the_lm_head_keeps_its_own_precision():
+    settings = RooflineSettings(context=10, precision="int4", block_size=16, lm_head_precision="fp16")
+    head = ops(estimate_phase(quantizable(), load_profile("orin-agx"), "decode", settings), -1)["lm_head"]
+    assert head.bytes == 32 * 64 * 2 + (32 + 64) * 2 and head.flops == 2 * 32 * 64
+    # fp16 weights with an int4 head: only the head is quantized
+    head_only = RooflineSettings(context=10, precision="fp16", block_size=16, lm_head_precision="int4")
+    cost = estimate_phase(quantizable(), load_profile("orin-agx"), "decode", head_only)
+    assert ops(cost, -1)["lm_head"].bytes == 32 * 64 / 2 + 128 * 2 + (32 + 64) * 2
+    assert ops(cost)["mlp"].bytes == 3 * 32 * 64 * 2 + (2 * 32 + 3 * 64) * 2
+
+
+def test_quantized_operators_run_at_the_precision_figures_of_the_profile():
+    import dataclasses
+
+    base = load_profile("orin-agx")
+    profile = dataclasses.replace(base, precisions={"int4": {"bandwidth_efficiency": 0.5, "kernel_overhead_us": 10.0}})
+    settings = RooflineSettings(context=10, precision="int4", block_size=16, lm_head_precision="fp16")
+    cost = estimate_phase(quantizable(), profile, "decode", settings)
+    bandwidth = base.memory_bandwidth_gbps * 1e9
+    for op in cost.ops:
+        if op.op in ("qkv_proj", "o_proj", "mlp"):
+            assert op.seconds == pytest.approx(op.bytes / (bandwidth * 0.5) + op.kernels * 10e-6)
+        else:  # the fp16 LM head, attention, norms and the embedding keep the profile's own figures
+            assert op.seconds == pytest.approx(op.bytes / base.achievable_bandwidth + op.kernels * 6e-6)
+    # weight-only int4 computes at the activations' precision
+    wide = quantizable(hidden_size=2048, intermediate_size=8192, num_heads=16, head_dim=128, num_kv_heads=4)
+    prefill = estimate_phase(wide, profile, "prefill", RooflineSettings(prefill=512, precision="int4"))
+    mlp = ops(prefill)["mlp"]
+    assert mlp.bound == "compute"
+    assert mlp.seconds == pytest.approx(mlp.flops / base.achievable_flops("fp16") + 3 * 10e-6)
+
+
+def test_float_weights_ignore_the_quantization_settings():
+    profile = load_profile("orin-agx")
+    plain = estimate_phase(quantizable(), profile, "decode", RooflineSettings(context=10))
+    other = estimate_phase(quantizable(), profile, "decode", RooflineSettings(context=10, block_size=16,
+                                                                              zero_points=True))
+    assert [(o.bytes, o.seconds) for o in plain.ops] == [(o.bytes, o.seconds) for o in other.ops]
 
 
 def test_compute_bound_prefill_on_a_wide_model():
@@ -194,6 +283,10 @@ def test_bad_routing_statistics_are_one_line(load, message):
     ({"batch": 2.5}, "--batch must be a positive whole number, not 2.5"),
     ({"precision": "fp12"}, "unknown precision 'fp12': choose one of fp32, fp16"),
     ({"kv_precision": "int3"}, "unknown precision 'int3'"),
+    ({"lm_head_precision": "int2"}, "unknown precision 'int2'"),
+    ({"block_size": 0}, "--block-size must be a positive whole number, not 0"),
+    ({"block_size": 48}, r"--block-size must be a power of two of at least 16 \(32, 64, 128\), not 48"),
+    ({"activation_precision": "int8"}, "--activation-precision must be a float format"),
 ])
 def test_bad_settings_are_one_line(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -208,6 +301,25 @@ def test_lengths_past_the_maximum_are_refused():
     assert predict_decode_seconds(small, load_profile("orin-agx"), context=255) > 0
     with pytest.raises(UserError, match="--prefill 300 is past the model's maximum of 256 positions"):
         predict_prefill_seconds(small, load_profile("orin-agx"), tokens=300)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (RooflineSettings(precision="int4"), "--block-size 128 does not divide the input size 576 of the attention "
+                                         "projections and MLP gate/up: use --block-size 32"),
+    (RooflineSettings(precision="fp16", lm_head_precision="int8", block_size=128),
+     "--block-size 128 does not divide the input size 576 of the LM head: use --block-size 64 or 32"),
+    (RooflineSettings(precision="int4", block_size=64), "--block-size 64 does not divide the input size 1568 of the "
+                                                        "MLP down projection: use --block-size 32"),
+])
+def test_a_block_size_that_does_not_divide_an_input_is_one_line(settings, message):
+    """SmolLM2's hidden size 576 is 4.5 blocks of 128; experts of 1568 neurons are 24.5 blocks of 64. The hint names
+    the block sizes that divide every quantized input (only the LM head's when only the head is quantized)."""
+    smol = arch([BlockSpec(), BlockSpec(experts=2, expert_intermediate=1568)], hidden_size=576,
+                intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=1000)
+    with pytest.raises(UserError, match=re.escape(message)):
+        estimate_phase(smol, load_profile("orin-agx"), "decode", settings)
+    fp16 = RooflineSettings(precision="fp16", block_size=128)  # float weights have no blocks to divide
+    assert estimate_phase(smol, load_profile("orin-agx"), "decode", fp16).seconds > 0
 
 
 def test_a_profile_without_the_precision_is_refused():
@@ -263,3 +375,29 @@ def test_llama_3_2_1b_on_orin_is_near_weight_bytes_over_bandwidth():
     assert ideal == pytest.approx(0.0121, rel=0.02)
     # the roofline adds only the bandwidth efficiency, the KV cache and kernel overheads to the ideal
     assert seconds == pytest.approx(ideal / profile.bandwidth_efficiency, rel=0.1)
+
+
+@cache
+def config_arch(model: str) -> ModelArch:
+    return load_model(DATA / f"{model}-config.json", config_only=True).arch
+
+
+def test_qwen3_configs_are_the_published_models():
+    """Qwen3-0.6B is 0.6B parameters with its tied embedding (0.44B without), Qwen3-8B 8.2B with its own LM head."""
+    assert round(config_arch("qwen3-0.6b").total_params / 1e9, 2) == 0.60
+    assert config_arch("qwen3-0.6b").qk_norm and config_arch("qwen3-0.6b").head_dim == 128
+    assert round(config_arch("qwen3-8b").total_params / 1e9, 1) == 8.2
+    assert not config_arch("qwen3-8b").tie_word_embeddings
+
+
+@pytest.mark.parametrize("row", PUBLISHED["rows"], ids=lambda r: f"{r['profile']}-{r['model']}")
+def test_jetson_profiles_predict_published_decode(row):
+    """The profiles fitted on published rows (orin-agx, thor) predict them within 10%; the profiles derived from
+    them (the other Orin modules, datasheet figures and the efficiencies fitted on AGX Orin) predict their own
+    device's held-out rows within 15%."""
+    source = PUBLISHED["sources"][row["source"]]
+    settings = RooflineSettings(**{k: source[k] for k in ("context", "precision", "block_size", "zero_points",
+                                                          "lm_head_precision", "kv_precision")})
+    seconds = estimate_phase(config_arch(row["model"]), load_profile(row["profile"]), "decode", settings).seconds
+    tolerance = {"fit": 0.10, "check": 0.15}[row["role"]]
+    assert abs(seconds * row["tokens_per_s"] - 1) <= tolerance

@@ -44,8 +44,10 @@ def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot
     if ppl_only:
         raise UserError(f"{', '.join(ppl_only)} applies to perplexity, not to --tasks: drop it, or run d2mc eval "
                         "without --tasks for perplexity")
-    scores = evaluation.evaluate_tasks(model, tasks.split(","), include_path=include_path, limit=limit,
-                                       num_fewshot=num_fewshot)
+    from d2mc.tasks import evaluate_tasks
+
+    scores = evaluate_tasks(model, tasks.split(","), include_path=include_path, limit=limit,
+                            num_fewshot=num_fewshot)
     if as_json:
         print_json(scores.to_dict())
         return

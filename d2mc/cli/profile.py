@@ -26,7 +26,11 @@ from d2mc.cli.common import (
 @click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--precision", default=None, help="Weight precision (fp32, fp16, bf16, fp8, int8, int4); default fp16 "
                                                 "on GPU profiles, fp32 on CPU ones.")
-@click.option("--kv-precision", default=None, help="KV-cache precision; default the weight precision, at least fp16.")
+@click.option("--kv-precision", default=None, help="KV-cache precision; default the weight precision if it is a float "
+                                                   "format, else fp16 on GPU profiles and fp32 on CPU ones.")
+@click.option("--block-size", type=int, default=128, show_default=True,
+              help="Elements per scale of int4/int8 weights, along each matrix's input (32, 64, 128).")
+@click.option("--lm-head-precision", default=None, help="LM-head precision; default the weight precision.")
 @config_only_option
 @click.option("--measure", is_flag=True, help="Also run the model here (PyTorch, or ONNX Runtime for an artifact) "
                                               "and print measured next to predicted, per phase and per block.")
@@ -42,8 +46,8 @@ from d2mc.cli.common import (
                                                         "host-cpu.toml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
-def command(model, target, prefill, context, batch, precision, kv_precision, config_only, measure, engine, repeats,
-            measure_host, legacy_measure_host, output, overwrite, as_json):
+def command(model, target, prefill, context, batch, precision, kv_precision, block_size, lm_head_precision, config_only,
+            measure, engine, repeats, measure_host, legacy_measure_host, output, overwrite, as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
     from d2mc.errors import UserError
 
@@ -65,8 +69,8 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
     from d2mc.latency import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
-                           kv_precision=kv_precision, config_only=config_only, measure=measure, repeats=repeats,
-                           engine=engine)
+                           kv_precision=kv_precision, block_size=block_size, lm_head_precision=lm_head_precision,
+                           config_only=config_only, measure=measure, repeats=repeats, engine=engine)
     if output:
         from d2mc.outputs import atomic_output_dir
         from d2mc.plots import plot_roofline
@@ -84,8 +88,10 @@ def _print(result: dict, output) -> None:
     out = console()
     s, p = result["settings"], result["profile"]
     out.print(f"{result['model']} on {p['name']} ({p['description']}): {p['achievable_bandwidth_gbps']:.1f} GB/s, "
-              f"{p['achievable_tflops']:.3g} TFLOP/s achievable; {s['precision']} weights, {s['kv']} KV cache, "
-              f"batch {s['batch']}")
+              f"{p['achievable_tflops']:.3g} TFLOP/s achievable; {s['precision']} weights"
+              + (f" (blocks of {s['block_size']})" if "block_size" in s else "")
+              + (f", {s['lm_head']} LM head" if s["lm_head"] != s["precision"] else "")
+              + f", {s['kv']} KV cache, batch {s['batch']}")
     out.print(f"MoE accounting: {result['moe_accounting']}", markup=False)
     for phase in ("prefill", "decode"):
         cost = result["phases"][phase]

@@ -1,4 +1,4 @@
-"""``d2mc targets``: the device profiles d2mc knows, with the source of their figures."""
+"""``d2mc targets``: the device profiles d2mc knows, each figure with its source."""
 
 from __future__ import annotations
 
@@ -29,4 +29,18 @@ def command(profile: str | None, as_json: bool) -> None:
     for p in profiles:
         out.print(f"[bold]{p.name}[/bold] ({', '.join(p.aliases) or 'no aliases'}): {p.description}")
         for key, text in p.source.items():
-            out.print(f"  {key}: {text}")
+            value = _figure(getattr(p, key, None))
+            out.print(f"  {key}" + (f" = {value}" if value else "") + f": {text}", markup=False)
+
+
+def _figure(value) -> str:
+    """A profile figure in one line: a table as ``key=value`` pairs, a table of tables as ``name: key=value, ...``."""
+    if isinstance(value, dict):
+        nested = any(isinstance(v, dict) for v in value.values())
+        return ("; " if nested else ", ").join(f"{k}: {_figure(v)}" if isinstance(v, dict) else f"{k}={v:g}"
+                                               for k, v in value.items())
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value or "")
