@@ -218,8 +218,8 @@ def _report(options, profile, settings, loaded, ctx, dense_arch, dense_cost, con
     total_decode = converted_cost["decode"].seconds
     blocks = []
     for i, block in enumerate(ctx.model.config.blocks):
-        blocks.append({"block": i, "attention_layer": block["attention_layer"], "experts": block["expert_layers"],
-                       "top_k": block["top_k"] if len(block["expert_layers"]) > 1 else None,
+        blocks.append({"block": i, "attention_layer": block.attention_layer, "experts": list(block.expert_layers),
+                       "top_k": block.top_k if len(block.expert_layers) > 1 else None,
                        "decode_share": decode_share.get(i, 0.0) / total_decode})
     artifacts = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     phases = {}

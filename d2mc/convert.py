@@ -19,6 +19,9 @@ from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs
 
+# the keys under which passes leave router statistics, in the order they fit routers: the last fit of a block wins
+ROUTER_RESULTS = ("routers", "reconstructed_routers", "split_routers")
+
 
 @dataclass
 class ConvertOptions:
@@ -169,13 +172,21 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "split": ctx.results.get("split"),
         "upcycle": ctx.results.get("upcycled"),
         "redundancy": ctx.results.get("redundancy"),
-        "routers": ctx.results.get("routers", {}),
+        "routers": router_statistics(ctx.results),
         "reconstruction": ctx.results.get("reconstruction", {}),
         "recovery": brief(ctx.results["recovery"]) if "recovery" in ctx.results else None,
         "parameters": {"total": arch.total_params, "active_per_token": arch.active_params},
         "attention_blocks": len(arch.attention_blocks),
         "blocks": len(arch.blocks),
     }
+
+
+def router_statistics(results: dict) -> dict:
+    """Each block's router as last fitted: by insert-router, refitted by reconstruct-blocks, or by split-experts."""
+    stats: dict = {}
+    for key in ROUTER_RESULTS:
+        stats.update(results.get(key, {}))
+    return stats
 
 
 def method_lines(summary: dict) -> list[str]:

@@ -123,24 +123,17 @@ def changed_blocks(model) -> list[int]:
         raise UserError("recovery trains converted models: convert the model first (d2mc convert)")
     present = set()
     for plan in plans:
-        present.update(_layers_of(plan))
+        present.update(plan.layers)
     parent_layers = config.base_config.num_hidden_layers
     changed = []
     for i, (plan, block) in enumerate(zip(plans, model.model.layers, strict=True)):
-        layers = _layers_of(plan)
+        layers = plan.layers
         gone_next = any(0 <= n < parent_layers and n not in present for n in (min(layers) - 1, max(layers) + 1))
-        if (plan.get("attention_layer") is None or len(plan["expert_layers"]) > 1 or gone_next
-                or plan["attention_layer"] != plan["expert_layers"][0]
+        if (plan.attention_layer is None or len(plan.expert_layers) > 1 or gone_next
+                or plan.attention_layer != plan.expert_layers[0]
                 or isinstance(getattr(block, "router", None), nn.Linear)):
             changed.append(i)
     return changed
-
-
-def _layers_of(plan: dict) -> set[int]:
-    layers = set(plan["expert_layers"])
-    if plan.get("attention_layer") is not None:
-        layers.add(plan["attention_layer"])
-    return layers
 
 
 def trainable_parameters(model, train: str) -> list[str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from d2mc.context import Context
-from d2mc.modeling import restructure
 from d2mc.pipeline import Pass, PassResult, register_pass
+from d2mc.restructure import restructure
 
 
 @register_pass

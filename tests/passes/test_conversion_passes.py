@@ -103,11 +103,11 @@ def test_choose_groups_respects_guards_and_group_size():
 
 def test_plan_blocks_per_method():
     plan = FusionPlan(num_layers=6, groups=[(1, 2), (3, 4)], shared_expert=False)
-    assert [b["expert_layers"] for b in plan.blocks("lfuc")] == [[0], [1, 2], [3, 4], [5]]
-    assert [b["attention_layer"] for b in plan.blocks("drop-attention")] == [0, 1, None, 3, None, 5]
-    assert [b["expert_layers"] for b in plan.blocks("drop-layers")] == [[0], [1], [3], [5]]
+    assert [b.expert_layers for b in plan.blocks("lfuc")] == [(0,), (1, 2), (3, 4), (5,)]
+    assert [b.attention_layer for b in plan.blocks("drop-attention")] == [0, 1, None, 3, None, 5]
+    assert [b.expert_layers for b in plan.blocks("drop-layers")] == [(0,), (1,), (3,), (5,)]
     shared = FusionPlan(num_layers=6, groups=[(1, 2, 3)], shared_expert=True)
-    assert shared.blocks("lfuc")[1]["shared_experts"] == 1
+    assert shared.blocks("lfuc")[1].shared_experts == 1
 
 
 def test_block_reconstruction_lowers_the_block_error(tiny_context):
