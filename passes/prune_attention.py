@@ -16,6 +16,7 @@ class PruneAttention(Pass):
     requires = ("model", "plan")
     provides = ("pruned",)
     transforms_model = True
+    consumes_model = True  # restructure moves the input's modules
 
     def run(self, ctx: Context) -> PassResult:
         plan = ctx.results["plan"]

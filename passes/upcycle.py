@@ -33,6 +33,7 @@ class Upcycle(Pass):
     requires = ("model",)
     provides = ("upcycled",)
     transforms_model = True
+    consumes_model = True  # restructure moves the input's modules
 
     def __init__(self, experts: int = 8, top_k: int = 1, init: str = "copy", layers: str | None = None,
                  normalize_topk: bool = True, router_std: float = 0.02, seed: int = 0):

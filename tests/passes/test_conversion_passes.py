@@ -116,3 +116,16 @@ def test_block_reconstruction_lowers_the_block_error(tiny_context):
         ("fuse-experts", {}), ("insert-router", {}), ("reconstruct-blocks", {"steps": 60, "lr": 1e-3}))
     (stats,) = ctx.results["reconstruction"].values()
     assert stats["mse_after"] < stats["mse_before"]
+
+
+def test_the_model_a_conversion_started_from_is_consumed(loaded_tiny, calibration):
+    """prune-attention moves the dense model's modules into the converted one: using the loaded model afterwards
+    fails instead of computing with modules that are no longer its own."""
+    from d2mc.context import Context
+
+    loaded = loaded_tiny()
+    ctx = run(Context.from_loaded(loaded, calibration=calibration), ("analyze-redundancy", {}),
+              ("plan-fusion", {"remove_attention": 2}), ("prune-attention", {}))
+    with pytest.raises(RuntimeError, match="this model was consumed by pass 'prune-attention'"):
+        loaded.model(calibration[:1])
+    assert ctx.model(calibration[:1]).logits.shape == (1, 32, 256)
