@@ -8,13 +8,12 @@ renamed to the output only when every step succeeded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2mc.convert import ConvertOptions, convert, method_lines, recovers
+from d2mc.convert import ConvertOptions, convert, method_lines, recovers, write_converted
 from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
@@ -86,9 +85,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         recovery, recovered_ppl = _recovery_step(ctx, conversion, eval_windows, step, done, say, out)
 
         step("save model")
-        ctx.model.save_pretrained(out / "model")
-        ctx.tokenizer.save_pretrained(out / "model")
-        (out / "model" / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2, default=str) + "\n")
+        write_converted(out / "model", ctx.model, ctx.tokenizer, ctx.report["conversion"])
         done("save model")
 
         from d2mc.targets.onnxruntime import export_onnx

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from d2mc.context import Context
+from d2mc.convert import write_converted
 from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import PassManager, create_pass
-from d2mc.recovery import RecoveryOptions, brief, is_main_process, remove_checkpoints, write_recovery_outputs
+from d2mc.recovery import RecoveryOptions, is_main_process, remove_checkpoints
 
 
 def recover_model(converted: str, output: str, options: RecoveryOptions, *, teacher: str | None = None,
@@ -40,12 +41,7 @@ def recover_model(converted: str, output: str, options: RecoveryOptions, *, teac
     summary["teacher_model"] = teacher
     if is_main_process():
         with atomic_output_dir(output, overwrite=overwrite) as tmp:
-            ctx.model.save_pretrained(tmp)
-            if ctx.tokenizer is not None:
-                ctx.tokenizer.save_pretrained(tmp)
-            plan["recovery"] = brief(summary)
-            (tmp / "d2mc_plan.json").write_text(json.dumps(plan, indent=2, default=str) + "\n")
-            write_recovery_outputs(summary, tmp)
+            write_converted(tmp, ctx.model, ctx.tokenizer, plan, summary)
         if not keep_checkpoints:
             remove_checkpoints(options)
     return summary
