@@ -280,4 +280,3 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
 
 AutoConfig.register(MOE_MODEL_TYPE, D2MCMoEConfig)
 AutoModelForCausalLM.register(D2MCMoEConfig, D2MCMoEForCausalLM)
-

@@ -190,7 +190,6 @@ def retire_model(model, successor, by: str) -> None:
     for module in model.modules():
         if module not in kept:
             module.register_forward_pre_hook(refuse, with_kwargs=True)
-    model.d2mc_consumed_by = by
 
 
 def load_recipe(path: str | Path) -> list[Pass]:

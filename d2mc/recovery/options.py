@@ -16,7 +16,7 @@ _RUN_IDENTITY = ("steps", "seq_len", "batch_size", "grad_accum", "lr", "schedule
 
 @dataclass
 class RecoveryOptions:
-    """Everything a recovery run needs; see the module docstring for the loss."""
+    """Everything a recovery run needs; see :mod:`d2mc.recovery` for the loss."""
 
     steps: int = 100
     seq_len: int = 256

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import torch
 
+from d2mc.data import perplexity
 from d2mc.errors import UserError
 from d2mc.recovery.checkpoints import prepare_checkpoint_dir
+from d2mc.recovery.data import (
+    GENERATE,
+    WindowDataset,
+    cache_teacher_topk,
+    evaluation_windows,
+    generate_windows,
+    training_windows,
+)
 from d2mc.recovery.options import RecoveryOptions
 from d2mc.recovery.processes import world_size
 from d2mc.recovery.trainable import changed_blocks, router_gradients, trainable, trainable_parameters
@@ -98,16 +107,6 @@ def run_recovery(model, teacher, tokenizer, options: RecoveryOptions,
                  progress: Callable[[str], None] | None = None, callbacks: Sequence = ()) -> dict:
     """Prepare the data (checked against the evaluation text), optionally cache the teacher's top-k, train,
     and score held-out perplexity before and after when ``options.eval_tokens``."""
-    from d2mc.data import perplexity
-    from d2mc.recovery.data import (
-        GENERATE,
-        WindowDataset,
-        cache_teacher_topk,
-        evaluation_windows,
-        generate_windows,
-        training_windows,
-    )
-
     if teacher is None:
         raise UserError("recovery needs the dense parent as teacher")
     if tokenizer is None:
