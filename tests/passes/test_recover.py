@@ -153,10 +153,10 @@ def test_gate_gradient_keeps_outputs_and_reaches_the_router():
     ctx.model(ids).logits.sum().backward()
     assert block.router.weight.grad.abs().max() < 1e-9  # top-1, normalised: the gate is the constant p / p
     ctx.model.zero_grad(set_to_none=True)
-    with router_gradients(ctx.model) as patched:
+    with router_gradients(ctx.model) as gated:
         logits = ctx.model(ids).logits
         logits.sum().backward()
-    assert patched == 2 and torch.equal(logits.detach(), reference)
+    assert gated == 2 and torch.equal(logits.detach(), reference)
     assert block.router.weight.grad.abs().sum() > 0
     assert "route" not in vars(block) and not block.gate_gradient  # the block is as before
 
