@@ -65,7 +65,7 @@ def main() -> None:
             predicted = predict_decode_seconds(ctx.arch, profile) * 1e3
             ppl = perplexity(ctx.model, windows)
             plan = ctx.results["plan"]
-            agreement = [round(v["agreement"], 2) for v in ctx.results.get("routers", {}).values()]
+            agreement = [round(v["agreement"], 2) for v in ctx.report["conversion"]["routers"].values()]
             rows.append([name, source_name, len(ctx.arch.attention_blocks), f"{predicted:.3f}",
                          f"{dense_ms / predicted:.3f}", f"{ppl:.2f}", str(plan.dropped or plan.groups)])
             records.append({"source": source_name, "method": name, "predicted_ms": predicted, "perplexity": ppl,

@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
+    from d2mc.arch import BlockPlan
     from d2mc.loading import load_model
-    from d2mc.modeling import dense_plan, restructure
+    from d2mc.restructure import dense_plan, restructure
     from tests.moe_reference import block_reference, moe_reference, plugin_weights, rms
 
     loaded = load_model(args.model, tokenizer=False)
@@ -93,8 +94,8 @@ def main() -> None:
     for top_k, normalize, shared in settings:
         model = load_model(args.model, tokenizer=False).model if results else loaded.model
         plan = dense_plan(layers)
-        plan[first:first + 3] = [{"attention_layer": first, "expert_layers": list(args.layers),
-                                  "shared_experts": shared, "top_k": top_k, "normalize_topk": normalize}]
+        plan[first:first + 3] = [BlockPlan(first, args.layers, shared_experts=shared, top_k=top_k,
+                                           normalize_topk=normalize)]
         block = restructure(model, plan).model.layers[first]
         torch.nn.init.normal_(block.router.weight, std=0.05)
         fc1, fc2, attributes = plugin_weights(block)

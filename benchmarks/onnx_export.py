@@ -93,7 +93,7 @@ def run(args, work: Path) -> None:
     source.model = copy.deepcopy(loaded.model)
     ctx = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=args.max_group,
                                          reconstruct_steps=0))
-    blocks = sum(1 for b in ctx.model.config.blocks if len(b["expert_layers"]) > 1)
+    blocks = sum(1 for b in ctx.model.config.blocks if len(b.expert_layers) > 1)
     lfuc = f"d2mc LF-UC -{args.remove_attention} attn, {blocks} MoE blocks"
     for moe_op in ("dispatch", "contrib"):
         name = f"{lfuc} ({moe_op})"

@@ -89,9 +89,9 @@ def recover_point(ctx, teacher, args) -> dict:
 
 
 def plot(points: list[dict], front: set[int], path: str) -> None:
-    from d2mc.plots import _pyplot
+    from d2mc.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = [p for p in points if p["method"] == "dense"]
     for method in dict.fromkeys(p["method"] for p in points):

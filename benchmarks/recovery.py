@@ -69,7 +69,7 @@ class Bench:
 
     def data(self, seq_len: int, topk: int):
         """Training windows of ``seq_len`` and (when ``topk``) the teacher's cached top-k over them."""
-        from d2mc.recovery_data import cache_teacher_topk, training_windows
+        from d2mc.recovery.data import cache_teacher_topk, training_windows
 
         if seq_len not in self._data:
             self._data[seq_len] = (training_windows(self.base.tokenizer, None, seq_len), {})
@@ -91,7 +91,7 @@ class Bench:
 
     def recover(self, model, options, curve: bool = True) -> dict:
         from d2mc.recovery import train_recovery
-        from d2mc.recovery_data import WindowDataset
+        from d2mc.recovery.data import WindowDataset
 
         windows, cache = self.data(options.seq_len, options.teacher_topk)
         return train_recovery(model, self.teacher, WindowDataset(windows, cache), options,

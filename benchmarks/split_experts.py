@@ -94,7 +94,7 @@ def main() -> None:
                      f"{predicted:.3f}", f"{dense_ms / predicted:.3f}", f"{ppl:.2f}",
                      f"{recovered:.2f}" if recovered is not None else ("n/a (no recover pass)" if args.recover
                                                                        else "not run")])
-        routers = ctx.results.get("routers", {})
+        routers = ctx.report["conversion"]["routers"]
         records.append({"method": name, "options": options, "predicted_ms": predicted, "perplexity": ppl,
                         "perplexity_recovered": recovered, "total_params": arch.total_params,
                         "active_params": arch.active_params, "active_mlp_share": active_mlp,

@@ -1,13 +1,14 @@
 """A small, framework-free description of a decoder-only model: what the cost model and the passes read.
 
-:class:`ModelArch` is built from a Hugging Face config (dense Llama/Qwen2/Qwen3/Mistral, or a converted
-d2mc MoE model) and describes each block by :class:`BlockSpec`: whether it keeps attention, how many MLP
-experts it holds and how many of them are active per token.
+:class:`BlockPlan` is one block of a converted model as the dense parent's pieces make it up (the entries of
+``config.blocks``). :class:`ModelArch` is built from a Hugging Face config (dense Llama/Qwen2/Qwen3/Mistral, or a
+converted d2mc MoE model) and describes each block by :class:`BlockSpec`, the cost model's view of a block plan:
+whether it keeps attention, how many MLP experts it holds and how many of them are active per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from d2mc.errors import UserError
 
@@ -19,17 +20,94 @@ SUPPORTED_TEXT = (
 )
 
 BYTES_PER_ELEMENT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+ROUTING_WEIGHTS = ("softmax", "ones")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where each piece of one converted block comes from in the dense parent (layer numbers are the parent's).
+
+    - ``attention_layer``: the layer whose attention (and input norm) the block keeps; ``None``: no attention.
+    - ``expert_layers``: the layer of each expert's MLP (with that layer's post-attention norm); the first
+      ``shared_experts`` are always active, the rest are routed, ``top_k`` of them per token. A block with a
+      single routed expert has no router and that expert is always active.
+    - ``normalize_topk``: the chosen experts' softmax probabilities are renormalised to sum to 1.
+    - ``expert_intermediate``: the intermediate size of every expert of the block; ``None``: the parent's. A layer
+      may then appear several times in ``expert_layers``: each occurrence is one expert made from that layer's
+      MLP, a copy of it (same size) or one slice of its neurons (``occurrences x size`` = the MLP's size).
+    - ``routing_weights``: ``"softmax"``, the rule of :mod:`d2mc.modeling`; ``"ones"``: every chosen expert counts
+      in full (``w = 1``), so the experts cut from an MLP add up to it exactly when all are chosen.
+
+    ``config.json`` keeps the plans as the dicts of :meth:`to_dict` (the two optional fields only when set).
+    """
+
+    attention_layer: int | None
+    expert_layers: tuple[int, ...]
+    shared_experts: int = 0
+    top_k: int = 1
+    normalize_topk: bool = True
+    expert_intermediate: int | None = None
+    routing_weights: str = "softmax"
+
+    def __post_init__(self):
+        object.__setattr__(self, "expert_layers", tuple(self.expert_layers))
+        if self.routing_weights not in ROUTING_WEIGHTS:
+            raise ValueError(f"routing_weights must be one of {ROUTING_WEIGHTS}, not {self.routing_weights!r}")
+
+    @classmethod
+    def dense(cls, layer: int) -> BlockPlan:
+        """The block that reproduces the parent's ``layer`` as it is."""
+        return cls(attention_layer=layer, expert_layers=(layer,))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BlockPlan:
+        """A plan from an entry of ``config.blocks`` as ``config.json`` holds it."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown block plan entries {sorted(unknown)}: expected {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """The ``config.json`` form: lists for tuples, the optional fields only when they differ from the default."""
+        out = {"attention_layer": self.attention_layer, "expert_layers": list(self.expert_layers),
+               "shared_experts": self.shared_experts, "top_k": self.top_k, "normalize_topk": self.normalize_topk}
+        if self.expert_intermediate is not None:
+            out["expert_intermediate"] = self.expert_intermediate
+        if self.routing_weights != "softmax":
+            out["routing_weights"] = self.routing_weights
+        return out
+
+    @property
+    def layers(self) -> set[int]:
+        """Every parent layer the block holds a piece of."""
+        return set(self.expert_layers) | ({self.attention_layer} if self.attention_layer is not None else set())
+
+    @property
+    def expert_signature(self) -> tuple:
+        """What makes two blocks' experts the same: their parent layers, sizes and shared count."""
+        return self.expert_layers, self.expert_intermediate, self.shared_experts
+
+    @property
+    def active_mlps(self) -> tuple[list[int], int]:
+        """Positions (in ``expert_layers``) of the always-active MLPs, and how many MLPs a token uses."""
+        routed = len(self.expert_layers) - self.shared_experts
+        if routed <= 1:
+            return list(range(len(self.expert_layers))), len(self.expert_layers)
+        return list(range(self.shared_experts)), self.shared_experts + self.top_k
+
+    @property
+    def spec(self) -> BlockSpec:
+        """The cost model's view of the block."""
+        return BlockSpec(attention=self.attention_layer is not None, experts=len(self.expert_layers),
+                         top_k=self.top_k, shared_experts=self.shared_experts,
+                         expert_intermediate=self.expert_intermediate)
 
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One block of the model: an optional attention, then one or more MLP experts.
-
-    A dense layer is ``BlockSpec()``. A fused Dense2MoE block has ``experts > 1``; ``shared_experts`` of them
-    are always active and the rest are routed, ``top_k`` of the routed ones per token. ``expert_intermediate``
-    is the intermediate size of each of the block's experts when it differs from the model's (experts split from
-    an MLP's neurons, e.g. by split-experts); ``None`` means the model's own.
-    """
+    """One block as the cost model sees it: counts, not parent layers (the fields mean what :class:`BlockPlan`'s
+    do; ``attention`` is whether it keeps one, ``experts`` how many it holds). A dense layer is ``BlockSpec()``."""
 
     attention: bool = True
     experts: int = 1
@@ -89,7 +167,7 @@ class ModelArch:
         blocks = None
         if model_type == MOE_MODEL_TYPE:
             base = config.base_config
-            blocks = tuple(block_spec_from_plan(b) for b in config.blocks)
+            blocks = tuple(b.spec for b in config.blocks)
             model_type = base.model_type
         if model_type not in SUPPORTED_FAMILIES:
             raise UserError(f"unsupported architecture '{model_type}': {SUPPORTED_TEXT}")
@@ -185,22 +263,6 @@ class ModelArch:
         """Bytes of K and V cached per token over all blocks that keep attention."""
         per_layer = 2 * self.num_kv_heads * self.head_dim * bytes_per_element(precision)
         return per_layer * len(self.attention_blocks)
-
-
-def block_spec_from_plan(plan: dict) -> BlockSpec:
-    """The :class:`BlockSpec` of one entry of a converted model's ``config.blocks``.
-
-    An entry is ``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int,
-    "top_k": int, "normalize_topk": bool}`` with optionally ``"expert_intermediate": int`` and
-    ``"routing_weights": "softmax" | "ones"`` (see :mod:`d2mc.modeling`); layer numbers refer to the dense parent.
-    """
-    return BlockSpec(
-        attention=plan.get("attention_layer") is not None,
-        experts=len(plan["expert_layers"]),
-        top_k=plan.get("top_k", 1),
-        shared_experts=plan.get("shared_experts", 0),
-        expert_intermediate=plan.get("expert_intermediate"),
-    )
 
 
 def bytes_per_element(precision: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2mc.artifact import ONNX_DIR, TENSORRT_ONNX_DIR, engine_dir
-from d2mc.convert import ConvertOptions, convert, recovers
+from d2mc.convert import ConvertOptions, convert, recovers, write_converted
 from d2mc.errors import OptionError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
@@ -111,9 +110,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         ctx = state.ctx
 
         step("save model")
-        ctx.model.save_pretrained(out / "model")
-        ctx.tokenizer.save_pretrained(out / "model")
-        (out / "model" / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2, default=str) + "\n")
+        write_converted(out / "model", ctx.model, ctx.tokenizer, ctx.report["conversion"])
         done("save model")
 
         _lower(state)
@@ -242,8 +239,8 @@ def _block_rows(ctx, converted_cost) -> list[dict]:
     total_decode = converted_cost["decode"].seconds
     blocks = []
     for i, block in enumerate(ctx.model.config.blocks):
-        blocks.append({"block": i, "attention_layer": block["attention_layer"], "experts": block["expert_layers"],
-                       "top_k": block["top_k"] if len(block["expert_layers"]) > 1 else None,
+        blocks.append({"block": i, "attention_layer": block.attention_layer, "experts": list(block.expert_layers),
+                       "top_k": block.top_k if len(block.expert_layers) > 1 else None,
                        "decode_share": decode_share.get(i, 0.0) / total_decode})
     return blocks
 

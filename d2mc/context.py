@@ -11,7 +11,8 @@ class Context:
     """State of one compile: the model in hand, what was loaded beside it, and what passes found.
 
     ``results`` holds analysis results keyed by what a pass ``provides`` (``"roofline"``,
-    ``"redundancy"``, ``"plan"``...); ``report`` collects what ends up in the report, by section.
+    ``"redundancy"``, ``"plan"``...); each key has one writer, the pass that provides it (the
+    :class:`~d2mc.pipeline.PassManager` checks). ``report`` collects what ends up in the report, by section.
     Initial keys such as ``"model"``, ``"tokenizer"``, ``"profile"`` and ``"calibration"`` count as provided
     when the corresponding attribute is set.
     """

@@ -19,6 +19,9 @@ from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs
 
+# the keys under which passes leave router statistics, in the order they fit routers: the last fit of a block wins
+ROUTER_RESULTS = ("routers", "reconstructed_routers", "split_routers")
+
 
 @dataclass
 class ConvertOptions:
@@ -169,13 +172,21 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "split": ctx.results.get("split"),
         "upcycle": ctx.results.get("upcycled"),
         "redundancy": ctx.results.get("redundancy"),
-        "routers": ctx.results.get("routers", {}),
+        "routers": router_statistics(ctx.results),
         "reconstruction": ctx.results.get("reconstruction", {}),
         "recovery": brief(ctx.results["recovery"]) if "recovery" in ctx.results else None,
         "parameters": {"total": arch.total_params, "active_per_token": arch.active_params},
         "attention_blocks": len(arch.attention_blocks),
         "blocks": len(arch.blocks),
     }
+
+
+def router_statistics(results: dict) -> dict:
+    """Each block's router as last fitted: by insert-router, refitted by reconstruct-blocks, or by split-experts."""
+    stats: dict = {}
+    for key in ROUTER_RESULTS:
+        stats.update(results.get(key, {}))
+    return stats
 
 
 def method_lines(summary: dict) -> list[str]:
@@ -196,13 +207,23 @@ def method_lines(summary: dict) -> list[str]:
     return lines
 
 
+def write_converted(directory: str | Path, model, tokenizer, plan: dict, recovery: dict | None = None) -> None:
+    """Write a converted model into ``directory``: the model in Hugging Face format, its tokenizer (if any) and
+    ``plan`` (the conversion summary) as ``d2mc_plan.json``. Given the summary of a ``recovery`` run, its brief
+    becomes the plan's ``recovery`` section and its loss curve is written beside the model."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if recovery is not None:
+        plan = {**plan, "recovery": brief(recovery)}
+    (directory / "d2mc_plan.json").write_text(json.dumps(plan, indent=2, default=str) + "\n")
+    if recovery is not None:
+        write_recovery_outputs(recovery, directory)
+
+
 def save_converted(ctx: Context, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the converted model (Hugging Face format, with tokenizer) and ``d2mc_plan.json`` atomically."""
+    """Write the converted model of a finished :func:`convert` to ``out`` atomically (:func:`write_converted`)."""
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        ctx.model.save_pretrained(tmp)
-        if ctx.tokenizer is not None:
-            ctx.tokenizer.save_pretrained(tmp)
-        (tmp / "d2mc_plan.json").write_text(json.dumps(ctx.report["conversion"], indent=2, default=str) + "\n")
-        if "recovery" in ctx.results:
-            write_recovery_outputs(ctx.results["recovery"], tmp)
+        write_converted(tmp, ctx.model, ctx.tokenizer, ctx.report["conversion"], ctx.results.get("recovery"))
     return Path(out)

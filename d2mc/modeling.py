@@ -12,17 +12,11 @@ more MLP experts, each an MLP of the dense parent with the post-attention norm o
 A block with a single routed expert has no router and that expert is always active (weight 1). Only blocks that
 keep attention hold a KV-cache entry: their attention ``layer_idx`` counts attention blocks only.
 
-``config.blocks[i]`` records where each piece came from in the dense parent:
-``{"attention_layer": int | None, "expert_layers": [int, ...], "shared_experts": int, "top_k": int,
-"normalize_topk": bool}``; the first ``shared_experts`` entries of ``expert_layers`` are the shared ones.
-Two optional entries describe experts cut from an MLP's neurons (split-experts, upcycle):
-
-- ``"expert_intermediate": int``: the intermediate size of every expert of the block (default: the parent's).
-  A layer may then appear several times in ``expert_layers``: each occurrence is one expert made from that
-  layer's MLP, a copy of it (same size) or one slice of its neurons (``occurrences x size`` = the MLP's size).
-- ``"routing_weights": "ones"``: every chosen expert counts in full (``w = 1``), so the experts cut from an MLP
-  add up to it exactly when all are chosen; ``"softmax"`` (default) is the rule above. Under ``"ones"`` the
-  weight carries the router's gradient (``1 + p - p.detach()``) for recovery training.
+``config.blocks[i]`` is the :class:`~d2mc.arch.BlockPlan` of block ``i``: where each piece came from in the dense
+parent. Under ``routing_weights="ones"`` every chosen expert counts in full (``w = 1``) and the weight carries the
+router's gradient (``1 + p - p.detach()``) for recovery training. With ``gate_gradient`` set (recovery training
+does), a top-1 normalised block computes its gate, always exactly 1, as ``p / p.detach()``: the same value, with a
+gradient that reaches the router.
 """
 
 from __future__ import annotations
@@ -39,9 +33,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_FAMILIES
+from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_FAMILIES, BlockPlan
 
-ROUTING_WEIGHTS = ("softmax", "ones")
 # transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache``; the model
 # accepts both names and hands the cache on under the name the installed version reads.
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
@@ -63,7 +56,8 @@ def family_classes(family: str) -> dict[str, type]:
 
 
 class D2MCMoEConfig(PretrainedConfig):
-    """Config of a converted model: the dense parent's config plus the block plan."""
+    """Config of a converted model: the dense parent's config plus the block plans (``blocks``, a list of
+    :class:`~d2mc.arch.BlockPlan`; ``config.json`` holds them as dicts)."""
 
     model_type = MOE_MODEL_TYPE
     sub_configs = {"base_config": AutoConfig}
@@ -72,18 +66,24 @@ class D2MCMoEConfig(PretrainedConfig):
         if isinstance(base_config, dict):
             base_config = CONFIG_MAPPING[base_config["model_type"]](**base_config)
         self.base_config = base_config
-        self.blocks = [dict(b) for b in (blocks or [])]
+        self.blocks = [b if isinstance(b, BlockPlan) else BlockPlan.from_dict(b) for b in (blocks or [])]
         if base_config is not None:
             for name in _MIRRORED:
                 if hasattr(base_config, name):
                     kwargs.setdefault(name, getattr(base_config, name))
             kwargs.setdefault("tie_word_embeddings", base_config.tie_word_embeddings)
             # the KV cache is sized from num_hidden_layers: only blocks with attention count
-            attention_layers = [b["attention_layer"] for b in self.blocks if b.get("attention_layer") is not None]
+            attention_layers = [b.attention_layer for b in self.blocks if b.attention_layer is not None]
             kwargs["num_hidden_layers"] = len(attention_layers)
             if getattr(base_config, "layer_types", None) is not None:
                 kwargs["layer_types"] = [base_config.layer_types[i] for i in attention_layers]
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as ``config.json`` holds it, each block plan as a dict."""
+        out = super().to_dict()
+        out["blocks"] = [b.to_dict() for b in self.blocks]
+        return out
 
     @property
     def family(self) -> str:
@@ -114,15 +114,14 @@ class D2MCExpert(nn.Module):
 class D2MCBlock(nn.Module):
     """An optional attention, then shared and routed experts (see the module docstring for the math)."""
 
-    def __init__(self, attention_config, plan: dict, classes: dict[str, type], attention_idx: int | None):
+    def __init__(self, attention_config, plan: BlockPlan, classes: dict[str, type], attention_idx: int | None):
         super().__init__()
         hidden, eps = attention_config.hidden_size, attention_config.rms_norm_eps
-        self.shared_experts = plan.get("shared_experts", 0)
-        self.top_k = plan.get("top_k", 1)
-        self.normalize_topk = plan.get("normalize_topk", True)
-        self.routing_weights = plan.get("routing_weights", "softmax")
-        if self.routing_weights not in ROUTING_WEIGHTS:
-            raise ValueError(f"routing_weights must be one of {ROUTING_WEIGHTS}, not {self.routing_weights!r}")
+        self.shared_experts = plan.shared_experts
+        self.top_k = plan.top_k
+        self.normalize_topk = plan.normalize_topk
+        self.routing_weights = plan.routing_weights
+        self.gate_gradient = False  # the training form of a top-1 normalised gate (module docstring); not saved
         if attention_idx is None:
             self.input_layernorm = None
             self.self_attn = None
@@ -130,12 +129,12 @@ class D2MCBlock(nn.Module):
             self.input_layernorm = classes["RMSNorm"](hidden, eps=eps)
             self.self_attn = classes["Attention"](attention_config, layer_idx=attention_idx)
         expert_config = attention_config
-        if plan.get("expert_intermediate"):
+        if plan.expert_intermediate:
             expert_config = copy.deepcopy(attention_config)
-            expert_config.intermediate_size = plan["expert_intermediate"]
+            expert_config.intermediate_size = plan.expert_intermediate
         self.experts = nn.ModuleList(
             D2MCExpert(classes["RMSNorm"](hidden, eps=eps), classes["MLP"](expert_config))
-            for _ in plan["expert_layers"])
+            for _ in plan.expert_layers)
         routed = len(self.experts) - self.shared_experts
         self.router = nn.Linear(hidden, routed, bias=False) if routed > 1 else None
 
@@ -149,6 +148,11 @@ class D2MCBlock(nn.Module):
         The choice is made on the logits: a trained router can saturate the softmax, and probabilities that round
         to the same value (0 or 1) would leave the choice to each runtime's tie-breaking."""
         logits = self.router(hidden).float()
+        if self.gate_gradient and self.top_k == 1 and self.normalize_topk:
+            # the gate p / p is exactly 1; dividing by p.detach() passes the gradient of p (Switch Transformers)
+            indices = logits.argmax(-1, keepdim=True)
+            top = torch.softmax(logits, dim=-1).gather(-1, indices)
+            return (top / top.detach()).to(hidden.dtype), indices
         indices = logits.topk(self.top_k, dim=-1).indices
         weights = torch.softmax(logits, dim=-1).gather(-1, indices)
         if self.routing_weights == "ones":  # exactly 1 in value; the gradient reaches the router through p
@@ -167,19 +171,20 @@ class D2MCBlock(nn.Module):
         out = hidden
         for expert in self.experts[: self.shared_experts]:
             out = out + expert(hidden)
-        routed = self.experts[self.shared_experts:]
         if self.router is None:
-            for expert in routed:
+            for expert in self.experts[self.shared_experts:]:
                 out = out + expert(hidden)
             return out
-        return out + self._dispatch(hidden, routed)
+        return out + self.dispatch(hidden)
 
-    def _dispatch(self, hidden: torch.Tensor, routed) -> torch.Tensor:
-        """Run each routed expert on the tokens that chose it only, weighted, scattered back in place."""
+    def dispatch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The routed experts' part of the output: each routed expert runs on the tokens that chose it only, its
+        output weighted by the gate and scattered back in place (the shared experts and the residual are not
+        included)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         weights, indices = self.route(flat)
         result = torch.zeros_like(flat)
-        for e, expert in enumerate(routed):
+        for e, expert in enumerate(self.experts[self.shared_experts:]):
             token, slot = torch.where(indices == e)
             if token.numel():
                 result.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
@@ -208,7 +213,7 @@ class D2MCMoEModel(D2MCMoEPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         blocks, attention_idx = [], 0
         for plan in config.blocks:
-            has_attention = plan.get("attention_layer") is not None
+            has_attention = plan.attention_layer is not None
             blocks.append(D2MCBlock(self.attention_config, plan, classes, attention_idx if has_attention else None))
             attention_idx += has_attention
         self.layers = nn.ModuleList(blocks)
@@ -271,141 +276,6 @@ class D2MCMoEForCausalLM(D2MCMoEPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: getattr(outputs, CACHE_ARG)})
-
-
-def parent_modules(model) -> dict[str, dict]:
-    """The dense parent's modules by layer number, from a dense model or a converted one.
-
-    ``"mlp"``/``"post_norm"`` hold the whole MLPs (with their norms) by layer; an MLP that a converted model holds
-    as several experts (copies or slices) is found only under ``"blocks"``, which maps each converted block's
-    :func:`expert_signature` to its experts and router, so an unchanged block is carried over as it is.
-    """
-    found = {"attention": {}, "input_norm": {}, "mlp": {}, "post_norm": {}, "router": {}, "blocks": {}}
-    if isinstance(model, D2MCMoEForCausalLM):
-        for block, plan in zip(model.model.layers, model.config.blocks, strict=False):
-            if plan.get("attention_layer") is not None:
-                found["attention"][plan["attention_layer"]] = block.self_attn
-                found["input_norm"][plan["attention_layer"]] = block.input_layernorm
-            layers = plan["expert_layers"]
-            whole = not plan.get("expert_intermediate")
-            for layer, expert in zip(layers, block.experts, strict=False):
-                if whole and layers.count(layer) == 1:
-                    found["mlp"][layer] = expert.mlp
-                    found["post_norm"][layer] = expert.post_attention_layernorm
-            signature = expert_signature(plan)
-            found["blocks"][signature] = list(block.experts)
-            if block.router is not None:
-                found["router"][signature] = block.router
-    else:
-        for i, layer in enumerate(model.model.layers):
-            found["attention"][i], found["input_norm"][i] = layer.self_attn, layer.input_layernorm
-            found["mlp"][i], found["post_norm"][i] = layer.mlp, layer.post_attention_layernorm
-    return found
-
-
-def expert_signature(plan: dict) -> tuple:
-    """What makes two blocks' experts the same: their parent layers, sizes and shared count."""
-    return (tuple(plan["expert_layers"]), plan.get("expert_intermediate"), plan.get("shared_experts", 0))
-
-
-def restructure(model, blocks: list[dict]) -> D2MCMoEForCausalLM:
-    """Assemble a converted model with the block plan ``blocks`` from the modules of ``model``.
-
-    ``model`` is a dense model or a converted one; its modules are moved, not copied, so it must not be used
-    afterwards. A block whose experts are unchanged keeps them and its router; otherwise each expert is made from
-    its layer's whole MLP: the MLP itself, a copy when the layer gives several experts of its full size, or
-    consecutive slices of its neurons when it gives ``n`` experts of ``1/n`` of its size (a down-projection bias,
-    if any, goes to the first slice). A new router starts at zero (uniform routing) until a pass fits it.
-    """
-    base = model.config.base_config if isinstance(model, D2MCMoEForCausalLM) else _plain_base_config(model.config)
-    config = D2MCMoEConfig(base_config=base, blocks=blocks)
-    config._attn_implementation = model.config._attn_implementation
-    with torch.device("meta"):
-        converted = D2MCMoEForCausalLM(config)
-    modules = parent_modules(model)
-    attention_config = converted.model.attention_config
-    dtype = model.lm_head.weight.dtype
-    for b, (block, plan) in enumerate(zip(converted.model.layers, blocks, strict=False)):
-        if block.self_attn is not None:
-            attention = modules["attention"][plan["attention_layer"]]
-            attention.layer_idx = block.self_attn.layer_idx
-            attention.config = attention_config
-            if hasattr(attention, "layer_type"):
-                attention.layer_type = block.self_attn.layer_type
-                attention.sliding_window = block.self_attn.sliding_window
-            block.self_attn = attention
-            block.input_layernorm = modules["input_norm"][plan["attention_layer"]]
-        signature = expert_signature(plan)
-        if signature in modules["blocks"]:
-            block.experts = nn.ModuleList(modules["blocks"][signature])
-        else:
-            _experts_from_mlps(b, block, plan, modules, dtype)
-        if block.router is not None:
-            router = modules["router"].get(signature)
-            if router is None:
-                router = nn.Linear(config.hidden_size, block.router.out_features, bias=False, dtype=dtype)
-                nn.init.zeros_(router.weight)
-            block.router = router
-    converted.model.embed_tokens = model.model.embed_tokens
-    converted.model.norm = model.model.norm
-    converted.model.rotary_emb = model.model.rotary_emb
-    converted.model.rotary_emb.config = attention_config
-    converted.lm_head = model.lm_head
-    if config.tie_word_embeddings:
-        converted.lm_head.weight = converted.model.embed_tokens.weight
-    return converted.eval()
-
-
-def _experts_from_mlps(b: int, block: D2MCBlock, plan: dict, modules: dict, dtype: torch.dtype) -> None:
-    """Fill ``block.experts`` from whole parent MLPs: the MLP itself, copies of it, or slices of its neurons."""
-    layers = plan["expert_layers"]
-    seen: dict[int, int] = {}
-    for i, layer in enumerate(layers):
-        if layer not in modules["mlp"]:
-            raise ValueError(f"block {b}: layer {layer}'s MLP is not available whole in the source model (it is "
-                             "already split into experts there)")
-        mlp, norm = modules["mlp"][layer], modules["post_norm"][layer]
-        occurrence = seen[layer] = seen.get(layer, -1) + 1
-        count = layers.count(layer)
-        whole = mlp.gate_proj.out_features
-        size = plan.get("expert_intermediate") or whole
-        if size == whole:
-            block.experts[i] = D2MCExpert(norm if occurrence == 0 else copy.deepcopy(norm),
-                                          mlp if occurrence == 0 else copy.deepcopy(mlp))
-        elif size * count == whole:
-            template = block.experts[i].mlp.to_empty(device=mlp.gate_proj.weight.device).to(dtype)
-            _copy_slice(template, mlp, occurrence * size, (occurrence + 1) * size, first=occurrence == 0)
-            block.experts[i] = D2MCExpert(copy.deepcopy(norm), template)
-        else:
-            raise ValueError(f"block {b}: {count} expert(s) of {size} neurons from layer {layer}'s MLP of {whole}: "
-                             f"a layer gives copies ({whole} neurons each) or a partition ({count} x {size} = "
-                             f"{count * size}, not {whole})")
-
-
-@torch.no_grad()
-def _copy_slice(target: nn.Module, source: nn.Module, start: int, stop: int, first: bool) -> None:
-    """Neurons ``start:stop`` of the SwiGLU MLP ``source`` into the smaller MLP ``target``."""
-    for name in ("gate_proj", "up_proj"):
-        src, dst = getattr(source, name), getattr(target, name)
-        dst.weight.copy_(src.weight[start:stop])
-        if src.bias is not None:
-            dst.bias.copy_(src.bias[start:stop])
-    target.down_proj.weight.copy_(source.down_proj.weight[:, start:stop])
-    if source.down_proj.bias is not None:
-        target.down_proj.bias.copy_(source.down_proj.bias if first else torch.zeros_like(source.down_proj.bias))
-
-
-def dense_plan(num_layers: int) -> list[dict]:
-    """The plan that reproduces a dense model block for block."""
-    return [{"attention_layer": i, "expert_layers": [i], "shared_experts": 0, "top_k": 1, "normalize_topk": True}
-            for i in range(num_layers)]
-
-
-def _plain_base_config(config) -> PretrainedConfig:
-    config = config.__class__.from_dict(config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
 
 
 AutoConfig.register(MOE_MODEL_TYPE, D2MCMoEConfig)

@@ -1,8 +1,9 @@
 """Passes and the manager that runs them in a checked order.
 
 A pass declares what it ``requires`` and ``provides`` (keys of :class:`~d2mc.context.Context`), whether
-it changes the model, and implements ``run(ctx)``. :class:`PassManager` checks the order before anything
-runs, times each pass, shows progress, and names the failing pass and the ones before it.
+it changes the model and whether it consumes it, and implements ``run(ctx)``. :class:`PassManager` checks the
+order (and that each key has one provider) before anything runs, times each pass, shows progress, checks each
+pass kept its promises, and names the failing pass and the ones before it.
 Passes are registered by kebab-case name with :func:`register_pass`; a pipeline comes from a list of names
 (CLI flags) or a TOML recipe (:func:`load_recipe`).
 """
@@ -36,13 +37,18 @@ class Pass:
     """Base class of every pass. Subclasses set ``name``, ``requires``, ``provides`` and implement ``run``.
 
     An analysis pass (``transforms_model = False``) must not change the model; a transform pass says in
-    its result what it changed. Options are constructor arguments. Passes log; they never print.
+    its result what it changed. A pass changes the model in place (``ctx.model`` stays the same object) unless it
+    declares ``consumes_model``: then it builds a new model from the modules of its input (moving them, as
+    :func:`d2mc.restructure.restructure` does) and sets ``ctx.model`` to it; the input model is left unusable.
+    A pass writes ``ctx.results`` only under the keys it provides. Options are constructor arguments. Passes log;
+    they never print.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     transforms_model: ClassVar[bool] = False
+    consumes_model: ClassVar[bool] = False
 
     def run(self, ctx: Context) -> PassResult:
         raise NotImplementedError
@@ -97,9 +103,15 @@ class PassManager:
         self.timings: dict[str, float] = {}
 
     def validate(self, available: set[str]) -> None:
-        """Check, before anything runs, that every requirement is provided by the context or an earlier pass."""
+        """Check, before anything runs, that every requirement is provided by the context or an earlier pass, and
+        that no two passes provide the same key."""
         have = set(available)
-        providers = {key: p.name for p in self.passes for key in p.provides}
+        providers: dict[str, str] = {}
+        for p in self.passes:
+            for key in p.provides:
+                if providers.setdefault(key, p.name) != p.name:
+                    raise UserError(f"passes '{providers[key]}' and '{p.name}' both provide '{key}': a result has "
+                                    "one pass that writes it")
         for i, p in enumerate(self.passes):
             for key in p.requires:
                 if key in have:
@@ -117,6 +129,7 @@ class PassManager:
             if self.progress:
                 self.progress(f"[{i + 1}/{len(self.passes)}] {p.name}")
             start = time.perf_counter()
+            model, results = ctx.model, dict(ctx.results)
             try:
                 result = p.run(ctx)
             except UserError as exc:
@@ -133,6 +146,11 @@ class PassManager:
             missing = [k for k in p.provides if k not in ctx.available()]
             if missing:
                 raise PassError(f"pass '{p.name}' did not provide {', '.join(missing)}")
+            written = [k for k, v in ctx.results.items()
+                       if k not in p.provides and (k not in results or results[k] is not v)]
+            if written:
+                raise PassError(f"pass '{p.name}' wrote {', '.join(written)}, which it does not provide")
+            _check_model_handover(p, model, ctx.model)
             if p.transforms_model and ctx.model is not None:
                 from d2mc.arch import ModelArch
 
@@ -142,6 +160,36 @@ class PassManager:
             log.info("%s took %.2f s", p.name, elapsed)
             done.append(p.name)
         return ctx
+
+
+def _check_model_handover(p: Pass, before, after) -> None:
+    """A pass that consumes its input model must leave a new one, and the input fails loudly if used again; any
+    other pass leaves the model object it found."""
+    if not p.consumes_model:
+        if after is not before:
+            raise PassError(f"pass '{p.name}' replaced the model but does not declare consumes_model")
+        return
+    if after is before or after is None:
+        raise PassError(f"pass '{p.name}' declares consumes_model but did not leave a new model")
+    retire_model(before, after, f"pass '{p.name}'")
+
+
+def retire_model(model, successor, by: str) -> None:
+    """Make calling ``model``, or any of its modules that ``successor`` did not take over, raise: ``by`` moved its
+    other modules into ``successor``, so what is left would compute with weights that are no longer its own."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        return
+    kept = set(successor.modules()) if isinstance(successor, nn.Module) else set()
+    message = f"this model was consumed by {by}, which moved its modules into a new model: use that model"
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError(message)
+
+    for module in model.modules():
+        if module not in kept:
+            module.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
 def load_recipe(path: str | Path) -> list[Pass]:

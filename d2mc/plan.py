@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 
 METHODS = ("lfuc", "drop-layers", "drop-attention", "split-experts", "lfuc-split", "upcycle")
@@ -33,14 +34,14 @@ class FusionPlan:
         """Layers whose attention the plan removes."""
         return sorted(layer for g in self.groups for layer in g[1:])
 
-    def blocks(self, method: str) -> list[dict]:
+    def blocks(self, method: str) -> list[BlockPlan]:
         """The ``config.blocks`` list a method builds from this plan."""
         removed = set(self.removed_attention)
         if method == "drop-layers":
             dropped = set(self.dropped or removed)
-            return [_block(i, [i]) for i in range(self.num_layers) if i not in dropped]
+            return [BlockPlan.dense(i) for i in range(self.num_layers) if i not in dropped]
         if method == "drop-attention":
-            return [_block(None if i in removed else i, [i]) for i in range(self.num_layers)]
+            return [BlockPlan(None if i in removed else i, (i,)) for i in range(self.num_layers)]
         if method not in ("lfuc", "lfuc-split"):
             raise UserError(f"unknown method '{method}': choose one of {', '.join(PLANNED_METHODS)}")
         starts = {g[0]: g for g in self.groups}
@@ -51,17 +52,12 @@ class FusionPlan:
             group = starts.get(i, (i,))
             shared = 1 if self.shared_expert and len(group) > 1 else 0
             routed = len(group) - shared
-            blocks.append(_block(i, list(group), shared, min(self.top_k, max(routed, 1)), self.normalize_topk))
+            blocks.append(BlockPlan(i, group, shared, min(self.top_k, max(routed, 1)), self.normalize_topk))
         return blocks
 
     def to_dict(self) -> dict:
         return {**asdict(self), "groups": [list(g) for g in self.groups],
                 "removed_attention": self.removed_attention}
-
-
-def _block(attention, experts, shared=0, top_k=1, normalize=True) -> dict:
-    return {"attention_layer": attention, "expert_layers": experts, "shared_experts": shared, "top_k": top_k,
-            "normalize_topk": normalize}
 
 
 def parse_plan(text: str, num_layers: int, keep_edges: bool = True) -> list[tuple[int, ...]]:
@@ -162,17 +158,8 @@ def check_expert_count(experts: int, intermediate: int, option: str = "--experts
     return intermediate // experts
 
 
-def active_mlps(block: dict) -> tuple[list[int], int]:
-    """Positions (in ``expert_layers``) of a block's always-active MLPs, and how many MLPs a token uses."""
-    layers, shared = block["expert_layers"], block.get("shared_experts", 0)
-    routed = len(layers) - shared
-    if routed <= 1:
-        return list(range(len(layers))), len(layers)
-    return list(range(shared)), shared + block.get("top_k", 1)
-
-
-def split_block(block: dict, intermediate: int, experts: int, active_fraction: float, shared: int | None = None,
-                where: str = "") -> dict:
+def split_block(block: BlockPlan, intermediate: int, experts: int, active_fraction: float,
+                shared: int | None = None, where: str = "") -> BlockPlan:
     """The block split-experts makes of ``block``: every MLP cut into ``experts`` experts of equal size, routed
     together with weight 1 each, ``active_fraction`` of the neurons the block used per token still active.
 
@@ -181,17 +168,17 @@ def split_block(block: dict, intermediate: int, experts: int, active_fraction: f
     best of 0 to 3 of 8 on SmolLM2 (benchmarks/split_experts.py). In ``expert_layers`` the shared experts come first, then each MLP's routed
     experts in the order of its layers; each layer's experts are consecutive slices of its (permuted) neurons.
     """
-    where = where or f"block of layers {block['expert_layers']}"
+    where = where or f"block of layers {list(block.expert_layers)}"
     size = check_expert_count(experts, intermediate)
     if not 0 < active_fraction <= 1:
         raise UserError(f"--active-fraction {active_fraction:g} is out of range: give the share of each MLP's "
                         "neurons that stays active per token, in (0, 1]")
-    if block.get("expert_intermediate"):
+    if block.expert_intermediate:
         raise UserError(f"{where} is already split into experts")
-    layers = block["expert_layers"]
-    always, used = active_mlps(block)
-    if len(always) < len(layers) and not (block.get("top_k", 1) == 1 and block.get("normalize_topk", True)
-                                          and block.get("routing_weights", "softmax") == "softmax"):
+    layers = block.expert_layers
+    always, used = block.active_mlps
+    if len(always) < len(layers) and not (block.top_k == 1 and block.normalize_topk
+                                          and block.routing_weights == "softmax"):
         raise UserError(f"{where} weights its experts by their softmax probability (top-k above 1 or no "
                         "normalisation): splitting needs experts that count in full (top-1, normalised)")
     active = active_fraction * experts * used
@@ -209,17 +196,16 @@ def split_block(block: dict, intermediate: int, experts: int, active_fraction: f
                         f"{round(active)} active experts to route: lower --split-shared or raise --active-fraction")
     shared_layers = [layers[i] for i in always for _ in range(shared)]
     routed_layers = [layer for i, layer in enumerate(layers) for _ in range(experts - (shared if i in always else 0))]
-    return {"attention_layer": block.get("attention_layer"), "expert_layers": shared_layers + routed_layers,
-            "shared_experts": n_shared, "top_k": top_k, "normalize_topk": True, "expert_intermediate": size,
-            "routing_weights": "ones"}
+    return BlockPlan(block.attention_layer, shared_layers + routed_layers, shared_experts=n_shared, top_k=top_k,
+                     normalize_topk=True, expert_intermediate=size, routing_weights="ones")
 
 
-def split_plan(blocks: list[dict], intermediate: int, experts: int, active_fraction: float, shared: int | None = None,
-               layers: list[int] | None = None) -> tuple[list[dict], list[int]]:
+def split_plan(blocks: list[BlockPlan], intermediate: int, experts: int, active_fraction: float,
+               shared: int | None = None, layers: list[int] | None = None) -> tuple[list[BlockPlan], list[int]]:
     """``blocks`` with every block whose MLPs all come from ``layers`` (default: all) split by :func:`split_block`;
     also returns the indices of the split blocks."""
     chosen = None if layers is None else set(layers)
-    targets = [i for i, b in enumerate(blocks) if chosen is None or set(b["expert_layers"]) <= chosen]
+    targets = [i for i, b in enumerate(blocks) if chosen is None or set(b.expert_layers) <= chosen]
     if not targets:
         raise UserError(f"no block has all its MLPs in layers {_fmt_layers(layers)}: nothing to split")
     out = list(blocks)
@@ -232,8 +218,8 @@ def _fmt_layers(layers) -> str:
     return ",".join(str(x) for x in layers) if layers else "(none)"
 
 
-def upcycle_block(block: dict, intermediate: int, experts: int, top_k: int, init: str = "copy",
-                  normalize_topk: bool = True) -> dict:
+def upcycle_block(block: BlockPlan, intermediate: int, experts: int, top_k: int, init: str = "copy",
+                  normalize_topk: bool = True) -> BlockPlan:
     """The block upcycle makes of a dense layer's ``block``: its MLP as ``experts`` experts, ``top_k`` per token.
 
     ``init="copy"``: full copies, weighted by their (renormalised) softmax probability, so a fresh upcycled model
@@ -241,8 +227,8 @@ def upcycle_block(block: dict, intermediate: int, experts: int, top_k: int, init
     """
     if init not in UPCYCLE_INITS:
         raise UserError(f"unknown upcycling init '{init}': choose one of {', '.join(UPCYCLE_INITS)}")
-    if len(block["expert_layers"]) != 1:
-        raise UserError(f"upcycling starts from dense layers; layers {block['expert_layers']} are already fused")
+    if len(block.expert_layers) != 1:
+        raise UserError(f"upcycling starts from dense layers; layers {list(block.expert_layers)} are already fused")
     if init == "copy":
         if experts < 2:
             raise UserError(f"--experts must be at least 2, not {experts}")
@@ -252,9 +238,5 @@ def upcycle_block(block: dict, intermediate: int, experts: int, top_k: int, init
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k {top_k} is more than the {experts} experts" if top_k > experts
                         else f"--top-k must be at least 1, not {top_k}")
-    layer = block["expert_layers"][0]
-    planned = {"attention_layer": block.get("attention_layer"), "expert_layers": [layer] * experts,
-               "shared_experts": 0, "top_k": top_k, "normalize_topk": normalize_topk}
-    if size is not None:
-        planned.update(expert_intermediate=size, routing_weights="ones")
-    return planned
+    return BlockPlan(block.attention_layer, block.expert_layers * experts, top_k=top_k, normalize_topk=normalize_topk,
+                     expert_intermediate=size, routing_weights="softmax" if size is None else "ones")

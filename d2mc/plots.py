@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (a missing matplotlib is one line saying what to install)."""
     from d2mc.errors import require_module
 
     matplotlib = require_module("matplotlib", "plotting", "matplotlib")
@@ -17,7 +18,7 @@ def _pyplot():
 
 def plot_roofline(result: dict, path: str | Path) -> Path:
     """The device roofline with every operator of both phases placed on it (attainable FLOP/s vs intensity)."""
-    plt = _pyplot()
+    plt = pyplot()
     profile = result["profile"]
     bandwidth = profile["achievable_bandwidth_gbps"] * 1e9
     peak = profile["achievable_tflops"] * 1e12
@@ -47,7 +48,7 @@ def plot_roofline(result: dict, path: str | Path) -> Path:
 
 def plot_redundancy(result: dict, path: str, title: str = "") -> None:
     """A PNG of the three influences per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for key in ("block", "attention", "mlp"):
         ax.plot(result[key], marker="o", markersize=3, label=f"{key} influence")
@@ -63,7 +64,7 @@ def plot_redundancy(result: dict, path: str, title: str = "") -> None:
 
 def plot_recovery_curve(summary: dict, path: str | Path) -> Path:
     """Training loss (and its CE and KL parts) against trained tokens, with held-out perplexity when scored."""
-    plt = _pyplot()
+    plt = pyplot()
     curve = summary["curve"]
     fig, ax = plt.subplots(figsize=(7, 4))
     tokens = [c["tokens"] for c in curve]

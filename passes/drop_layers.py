@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from d2mc.context import Context
-from d2mc.modeling import restructure
 from d2mc.pipeline import Pass, PassResult, register_pass
+from d2mc.restructure import restructure
 
 
 @register_pass
@@ -16,6 +16,7 @@ class DropLayers(Pass):
     requires = ("model", "plan")
     provides = ("dropped",)
     transforms_model = True
+    consumes_model = True  # restructure moves the input's modules
 
     def run(self, ctx: Context) -> PassResult:
         plan = ctx.results["plan"]

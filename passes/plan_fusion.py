@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from d2mc.arch import block_spec_from_plan
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.pipeline import Pass, PassResult, register_pass
@@ -106,7 +105,7 @@ class PlanFusion(Pass):
             layers = parse_layers(s["layers"], arch.num_blocks) if s["layers"] is not None else None
             blocks, _ = split_plan(blocks, arch.intermediate_size, s["experts"], s["active_fraction"], s["shared"],
                                    layers)
-        return dataclasses.replace(arch, blocks=tuple(block_spec_from_plan(b) for b in blocks))
+        return dataclasses.replace(arch, blocks=tuple(b.spec for b in blocks))
 
 
 def _check_top_k(plan: FusionPlan) -> None:

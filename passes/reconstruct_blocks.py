@@ -6,8 +6,10 @@ import logging
 
 import torch
 
+from d2mc.activations import group_activations
 from d2mc.context import Context
 from d2mc.pipeline import Pass, PassResult, register_pass
+from d2mc.routing import fit_group_router
 
 log = logging.getLogger(__name__)
 
@@ -18,32 +20,33 @@ class ReconstructBlocks(Pass):
     post-attention hidden state ``h`` of the group's first layer in, the group's output ``y`` out. The block's
     experts are trained (Adam, routing held at the fitted router's choice) so that
     ``h + experts(h)`` matches ``y``; each expert learns to stand in for the whole group on the tokens sent to
-    it. The router is refitted afterwards on the trained experts. Attention weights do not change."""
+    it. The router is refitted afterwards on the trained experts, as insert-router fits it (its statistics are
+    ``reconstructed_routers``). Attention weights do not change."""
 
     name = "reconstruct-blocks"
     requires = ("model", "teacher", "calibration", "routers")
-    provides = ("reconstruction",)
+    provides = ("reconstruction", "reconstructed_routers")
     transforms_model = True
 
-    def __init__(self, steps: int = 150, lr: float = 3e-4, batch_tokens: int = 512, seed: int = 0):
-        self.steps, self.lr, self.batch_tokens, self.seed = steps, lr, batch_tokens, seed
+    def __init__(self, steps: int = 150, lr: float = 3e-4, batch_tokens: int = 512, seed: int = 0,
+                 batch_size: int = 4):
+        self.steps, self.lr, self.batch_tokens, self.seed, self.batch_size = steps, lr, batch_tokens, seed, batch_size
 
     def run(self, ctx: Context) -> PassResult:
-        from d2mc.passes.insert_router import InsertRouter
-
-        fitter = InsertRouter()
         fused = [(i, plan) for i, plan in enumerate(ctx.model.config.blocks)
                  if ctx.model.model.layers[i].router is not None]
-        stats = {}
+        stats, routers = {}, {}
         if fused and self.steps:
-            inputs, targets = fitter._teacher_activations(ctx, [plan["expert_layers"] for _, plan in fused])
+            inputs, targets = group_activations(ctx.teacher, [plan.expert_layers for _, plan in fused],
+                                                ctx.calibration, self.batch_size)
             for (i, _), h, y in zip(fused, inputs, targets, strict=True):
                 block = ctx.model.model.layers[i]
                 before, after = self._train(block, h, y)
-                ctx.results["routers"][i] = fitter._fit_block(block, h, y)
+                routers[i] = fit_group_router(block, h, y)
                 stats[i] = {"mse_before": before, "mse_after": after}
                 log.info("block %d: reconstruction error %.4g -> %.4g", i, before, after)
         ctx.results["reconstruction"] = stats
+        ctx.results["reconstructed_routers"] = routers
         return PassResult(modified=bool(stats), summary={"blocks": {str(k): v for k, v in stats.items()}})
 
     def _train(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -59,7 +62,7 @@ class ReconstructBlocks(Pass):
         def loss_on(rows):
             x = h[rows]
             out = sum((e(x) for e in block.experts[: block.shared_experts]), torch.zeros_like(x))
-            out = out + block._dispatch(x, block.experts[block.shared_experts:])
+            out = out + block.dispatch(x)
             return torch.nn.functional.mse_loss(out, target[rows])
 
         with torch.no_grad():

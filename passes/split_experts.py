@@ -6,13 +6,14 @@ import logging
 
 import torch
 
-from d2mc.activations import batches, hooks
-from d2mc.arch import MOE_MODEL_TYPE
+from d2mc.activations import capture
+from d2mc.arch import MOE_MODEL_TYPE, BlockPlan
 from d2mc.context import Context
 from d2mc.errors import UserError
-from d2mc.modeling import dense_plan, restructure
 from d2mc.pipeline import Pass, PassResult, register_pass
-from d2mc.plan import active_mlps, parse_layers, split_plan
+from d2mc.plan import parse_layers, split_plan
+from d2mc.restructure import dense_plan, restructure
+from d2mc.routing import fit_mass_router
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class SplitExperts(Pass):
 
     A router (a linear map of the block's hidden state, as in every d2mc MoE block) is fitted to the dense
     activations: for each token the experts that hold most of its contribution are the targets (soft
-    cross-entropy on the experts' output norms), and the top ``k`` run, ``k / experts = active_fraction``.
+    cross-entropy on the experts' output norms, :func:`d2mc.routing.fit_mass_router`), and the top ``k`` run,
+    ``k / experts = active_fraction``; its statistics are ``split_routers``.
     ``shared`` experts per always-active MLP hold the neurons with the largest mean contribution and are never
     routed (they count towards the active share); by default a quarter of them, leaving at least one to route.
 
@@ -42,8 +44,9 @@ class SplitExperts(Pass):
 
     name = "split-experts"
     requires = ("model", "calibration")
-    provides = ("split", "routers")
+    provides = ("split", "split_routers")
     transforms_model = True
+    consumes_model = True  # restructure moves the input's modules
 
     def __init__(self, experts: int = 8, active_fraction: float = 0.5, shared: int | None = None,
                  layers: str | None = None,
@@ -61,7 +64,7 @@ class SplitExperts(Pass):
         model = ctx.model
         converted = model.config.model_type == MOE_MODEL_TYPE
         base = model.config.base_config if converted else model.config
-        sources = [dict(b) for b in model.config.blocks] if converted else dense_plan(base.num_hidden_layers)
+        sources = list(model.config.blocks) if converted else dense_plan(base.num_hidden_layers)
         layers = parse_layers(self.layers, base.num_hidden_layers) if self.layers is not None else None
         blocks, targets = split_plan(sources, base.intermediate_size, self.experts, self.active_fraction,
                                      self.shared, layers)
@@ -71,12 +74,14 @@ class SplitExperts(Pass):
                     raise UserError("the MLPs have a down-projection bias (mlp_bias): split-experts supports "
                                     "bias-free MLPs only")
         generator = torch.Generator().manual_seed(self.seed)
-        inputs = self._block_inputs(model, targets, converted, ctx.calibration)
+        # the hidden state each target block hands its MLPs (and its router), before their norms: [T, H]
+        inputs, _ = capture(model, ctx.calibration, self.batch_size,
+                            inputs=[_mlps(model, i, converted)[0][0] for i in targets])
         activity = {}
         for i, h in zip(targets, inputs, strict=True):
             activity[i] = _source_activity(model, i, sources[i], h, converted)
-            always = set(active_mlps(sources[i])[0])
-            per_mlp = blocks[i]["shared_experts"] // max(len(always), 1)
+            always = set(sources[i].active_mlps[0])
+            per_mlp = blocks[i].shared_experts // max(len(always), 1)
             for m, (norm, mlp) in enumerate(_mlps(model, i, converted)):
                 shared = per_mlp if m in always else 0
                 used = activity[i][m]  # an LF-UC expert is grouped on the tokens routed to it, if there are enough
@@ -85,34 +90,22 @@ class SplitExperts(Pass):
         ctx.model = restructure(model, blocks)
         stats = {}
         for i, h in zip(targets, inputs, strict=True):
-            stats[i] = self._fit_router(ctx.model.model.layers[i], blocks[i], sources[i], h, activity[i])
+            block = ctx.model.model.layers[i]
+            source_mlp = _source_mlp_of(blocks[i], sources[i])[block.shared_experts:]
+            stats[i] = fit_mass_router(block, h, [activity[i][m] for m in source_mlp], self.iterations, self.seed)
             log.info("block %d: %d experts of %d neurons, top-%d (+%d shared); router agreement %.3f, mass recall "
-                     "%.3f", i, len(blocks[i]["expert_layers"]), blocks[i]["expert_intermediate"],
-                     blocks[i]["top_k"], blocks[i]["shared_experts"], stats[i]["agreement"], stats[i]["mass_recall"])
-        ctx.results.setdefault("routers", {}).update(stats)
-        shared = [blocks[i]["shared_experts"] for i in targets]
+                     "%.3f", i, len(blocks[i].expert_layers), blocks[i].expert_intermediate,
+                     blocks[i].top_k, blocks[i].shared_experts, stats[i]["agreement"], stats[i]["mass_recall"])
+        ctx.results["split_routers"] = stats
+        shared = [blocks[i].shared_experts for i in targets]
         ctx.results["split"] = {"blocks": targets, "experts_per_mlp": self.experts,
                                 "active_fraction": self.active_fraction, "shared_per_block": shared,
-                                "expert_intermediate": blocks[targets[0]]["expert_intermediate"]}
+                                "expert_intermediate": blocks[targets[0]].expert_intermediate}
         summary = {"split_blocks": len(targets), "experts_per_mlp": self.experts,
                    "active_fraction": self.active_fraction, "shared_per_block": sorted(set(shared)),
                    "mean_agreement": sum(s["agreement"] for s in stats.values()) / len(stats),
                    "mean_mass_recall": sum(s["mass_recall"] for s in stats.values()) / len(stats)}
         return PassResult(modified=True, summary=summary)
-
-    @torch.no_grad()
-    def _block_inputs(self, model, targets: list[int], converted: bool, calibration) -> list[torch.Tensor]:
-        """The hidden state each target block hands its MLPs (and its router), before their norms: ``[T, H]``."""
-        recorded: dict[int, list[torch.Tensor]] = {i: [] for i in targets}
-        handles = []
-        for i in targets:
-            norm = _mlps(model, i, converted)[0][0]
-            handles.append(norm.register_forward_pre_hook(
-                lambda module, args, i=i: recorded[i].append(args[0].reshape(-1, args[0].shape[-1]).float())))
-        with hooks(handles):
-            for batch in batches(calibration, self.batch_size):
-                model(batch, use_cache=False)
-        return [torch.cat(recorded[i]) for i in targets]
 
     @torch.no_grad()
     def _cluster(self, norm, mlp, h: torch.Tensor, shared: int, generator) -> torch.Tensor:
@@ -134,35 +127,6 @@ class SplitExperts(Pass):
         groups = [rest[labels == c] for c in range(self.experts - shared)]
         return torch.cat([first, *groups])
 
-    def _fit_router(self, block, plan: dict, source: dict, h: torch.Tensor, activity: list[torch.Tensor]) -> dict:
-        """Fit the block's router to the experts that hold most of each token's contribution."""
-        shared = block.shared_experts
-        routed = block.experts[shared:]
-        source_mlp = _source_mlp_of(plan, source)[shared:]
-        with torch.no_grad():
-            dtype = block.router.weight.dtype
-            mass = torch.stack([e(h.to(dtype)).float().norm(dim=-1) for e in routed], 1)  # [T, R]
-            for e, m in enumerate(source_mlp):  # experts of MLPs the source block did not use carry nothing
-                mass[:, e] *= activity[m].float()
-        n = h.shape[0]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        train, held = perm[: int(0.8 * n)], perm[int(0.8 * n):]
-        x = h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)  # top-k does not depend on the token's scale
-        scale = x[train].std(0).clamp_min(1e-6)
-        target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
-        weights = _fit_soft_targets(x[train] / scale, target[train], self.iterations)
-        with torch.no_grad():
-            block.router.weight.copy_((weights / scale).to(dtype))
-            k = block.top_k
-            chosen = block.router(x.to(dtype)).float().topk(k, dim=-1).indices
-            oracle = mass.topk(k, dim=-1).indices
-            overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().sum(-1) / k
-            captured = mass.gather(1, chosen).sum(-1)
-            best = mass.gather(1, oracle).sum(-1).clamp_min(1e-12)
-            load = torch.bincount(chosen.reshape(-1), minlength=len(routed)).float() / chosen.numel()
-        return {"agreement": float(overlap[held].mean()), "mass_recall": float((captured / best)[held].mean()),
-                "load": load.tolist(), "tokens": n, "top_k": k, "routed_experts": len(routed)}
-
 
 def _mlps(model, i: int, converted: bool) -> list[tuple]:
     """(post-attention norm, MLP) of every MLP of block ``i``."""
@@ -173,23 +137,23 @@ def _mlps(model, i: int, converted: bool) -> list[tuple]:
 
 
 @torch.no_grad()
-def _source_activity(model, i: int, source: dict, h: torch.Tensor, converted: bool) -> list[torch.Tensor]:
+def _source_activity(model, i: int, source: BlockPlan, h: torch.Tensor, converted: bool) -> list[torch.Tensor]:
     """For each MLP of the source block, which tokens use it (its router's choice; always-active MLPs: all)."""
-    always, _ = active_mlps(source)
-    count = len(source["expert_layers"])
+    always, _ = source.active_mlps
+    count = len(source.expert_layers)
     active = [torch.ones(h.shape[0], dtype=torch.bool) for _ in range(count)]
     if len(always) < count:
         block = model.model.layers[i]
         _, indices = block.route(h.to(block.router.weight.dtype))
-        for r in range(count - source.get("shared_experts", 0)):
-            active[source.get("shared_experts", 0) + r] = (indices == r).any(-1)
+        for r in range(count - source.shared_experts):
+            active[source.shared_experts + r] = (indices == r).any(-1)
     return active
 
 
-def _source_mlp_of(plan: dict, source: dict) -> list[int]:
+def _source_mlp_of(plan: BlockPlan, source: BlockPlan) -> list[int]:
     """For each expert of the split block, the index of the source MLP it was cut from."""
-    position = {layer: m for m, layer in enumerate(source["expert_layers"])}
-    return [position[layer] for layer in plan["expert_layers"]]
+    position = {layer: m for m, layer in enumerate(source.expert_layers)}
+    return [position[layer] for layer in plan.expert_layers]
 
 
 def _contributions(norm, mlp, h: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -254,18 +218,3 @@ def _balanced_assign(similarity: torch.Tensor, size: int) -> torch.Tensor:
             if room[c] == 0:
                 similarity[:, c] = float("-inf")
     return labels
-
-
-def _fit_soft_targets(x: torch.Tensor, target: torch.Tensor, iterations: int) -> torch.Tensor:
-    """A linear map without bias whose softmax matches ``target`` (cross-entropy with soft labels, LBFGS)."""
-    w = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -(target * torch.log_softmax(x @ w.T, -1)).sum(-1).mean() + 1e-4 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach()

@@ -9,9 +9,9 @@ import torch
 from d2mc.arch import MOE_MODEL_TYPE
 from d2mc.context import Context
 from d2mc.errors import UserError
-from d2mc.modeling import dense_plan, restructure
 from d2mc.pipeline import Pass, PassResult, register_pass
 from d2mc.plan import parse_layers, upcycle_block
+from d2mc.restructure import dense_plan, restructure
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Upcycle(Pass):
     requires = ("model",)
     provides = ("upcycled",)
     transforms_model = True
+    consumes_model = True  # restructure moves the input's modules
 
     def __init__(self, experts: int = 8, top_k: int = 1, init: str = "copy", layers: str | None = None,
                  normalize_topk: bool = True, router_std: float = 0.02, seed: int = 0):
@@ -57,9 +58,9 @@ class Upcycle(Pass):
             for i in targets:
                 router = ctx.model.model.layers[i].router
                 router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * self.router_std)
+        size = blocks[targets[0]].expert_intermediate or config.intermediate_size
         ctx.results["upcycled"] = {"blocks": targets, "experts": self.experts, "top_k": self.top_k,
-                                   "init": self.init, "expert_intermediate": blocks[targets[0]].get(
-                                       "expert_intermediate", config.intermediate_size)}
+                                   "init": self.init, "expert_intermediate": size}
         log.info("upcycled %d MLPs into %d experts each (%s), top-%d", len(targets), self.experts, self.init,
                  self.top_k)
         return PassResult(modified=True, summary={"upcycled_blocks": len(targets), "experts": self.experts,

@@ -94,7 +94,7 @@ def block_reference(block, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden
         for expert in block.experts[: block.shared_experts]:
             out = out + expert(hidden)
-        return out + block._dispatch(hidden, block.experts[block.shared_experts:])
+        return out + block.dispatch(hidden)
 
 
 def moe_block_onnx(block, path: str | Path, precision: str = "fp16", eps: float = 1e-6) -> Path:

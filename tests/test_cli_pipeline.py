@@ -48,11 +48,11 @@ def test_convert_with_experts_cut_from_mlps(tiny_checkpoint_with_tokenizer, tmp_
         assert summary["parameters"]["total"] > summary["parameters"]["active_per_token"]
     else:
         assert "split:" in result.output and summary["split"]["experts_per_mlp"] == 8
-        assert all(b["routing_weights"] == "ones" for b in blocks)
+        assert all(b.routing_weights == "ones" for b in blocks)
     if method == "lfuc-split":
         assert summary["plan"]["removed_attention"]
-        assert all(len(b["expert_layers"]) == 8 * len(set(b["expert_layers"])) for b in blocks)
-        assert max(len(set(b["expert_layers"])) for b in blocks) > 1
+        assert all(len(b.expert_layers) == 8 * len(set(b.expert_layers)) for b in blocks)
+        assert max(len(set(b.expert_layers)) for b in blocks) > 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -184,7 +184,7 @@ def test_convert_from_a_recipe(tiny_checkpoint_with_tokenizer, tmp_path):
     assert summary["options"]["recipe"] == str(recipe) and summary["options"]["method"] == "lfuc"
     assert len(summary["plan"]["removed_attention"]) == 2
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert sum(b["attention_layer"] is None for b in model.config.blocks) == 0  # attention-less layers are fused
+    assert sum(b.attention_layer is None for b in model.config.blocks) == 0  # attention-less layers are fused
     assert len(model.config.blocks) == 8 - 2
 
 

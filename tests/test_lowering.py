@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from d2mc.lowering import LoweringOptions, lower_to_onnx
-from d2mc.modeling import dense_plan, restructure
+from d2mc.restructure import dense_plan, restructure
 from d2mc.verify import verify_onnx
 from tests.conftest import tiny_model
 

@@ -30,7 +30,7 @@ def test_decode_step_is_repeatable_and_matches_an_uncached_forward():
 
 
 def test_measure_times_phases_and_blocks_of_dense_and_converted_models():
-    from d2mc.modeling import dense_plan, restructure
+    from d2mc.restructure import dense_plan, restructure
 
     dense = TorchMeasurer(tiny_model("qwen2")).measure(prefill=8, context=16, repeats=2, warmup=1, per_block=True)
     assert dense.runtime == "pytorch-cpu" and dense.prefill_seconds > 0 and dense.decode_seconds > 0

@@ -1,18 +1,20 @@
+import dataclasses
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import d2mc  # noqa: F401
-from d2mc.arch import ModelArch
+from d2mc.arch import BlockPlan, ModelArch
 from d2mc.inspection import count_parameters
-from d2mc.modeling import dense_plan, restructure
+from d2mc.restructure import dense_plan, restructure
 from tests.conftest import tiny_model
 
 
 def fused_plan(num_layers=6, top_k=1, shared=0, normalize=True, attention=2):
     plan = dense_plan(num_layers)
-    plan[2:4] = [{"attention_layer": attention, "expert_layers": [2, 3], "shared_experts": shared, "top_k": top_k,
-                  "normalize_topk": normalize}]
+    plan[2:4] = [BlockPlan(attention, (2, 3), shared_experts=shared, top_k=top_k, normalize_topk=normalize)]
     return plan
 
 
@@ -60,8 +62,7 @@ def test_save_load_round_trip_and_parameter_counts(tmp_path, family):
 def test_experts_cut_from_an_mlp_round_trip_with_their_size(tmp_path):
     """Two layers' MLPs each as 4 slices of 32 neurons with weight 1; all 8 chosen: the sum of the two MLPs."""
     plan = dense_plan(6)
-    plan[2:4] = [{"attention_layer": None, "expert_layers": [2] * 4 + [3] * 4, "shared_experts": 0, "top_k": 8,
-                  "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}]
+    plan[2:4] = [BlockPlan(None, (2,) * 4 + (3,) * 4, top_k=8, expert_intermediate=32, routing_weights="ones")]
     dense = tiny_model("llama")
     model = restructure(tiny_model("llama"), plan)
     block = model.model.layers[2]
@@ -83,9 +84,8 @@ def test_copies_and_unchanged_blocks_through_restructure():
     """A layer giving several experts of its full size gives copies; restructuring a converted model again keeps a
     split block as it is (its slices cannot be remade from a whole MLP, which no longer exists)."""
     plan = dense_plan(6)
-    plan[1] = {"attention_layer": 1, "expert_layers": [1, 1], "shared_experts": 0, "top_k": 1, "normalize_topk": True}
-    plan[4] = {"attention_layer": 4, "expert_layers": [4] * 4, "shared_experts": 0, "top_k": 2,
-               "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}
+    plan[1] = BlockPlan(1, (1, 1))
+    plan[4] = BlockPlan(4, (4,) * 4, top_k=2, expert_intermediate=32, routing_weights="ones")
     model = restructure(tiny_model("llama"), plan)
     copies = model.model.layers[1].experts
     assert copies[0].mlp is not copies[1].mlp and torch.equal(copies[0].mlp.up_proj.weight, copies[1].mlp.up_proj.weight)
@@ -94,12 +94,12 @@ def test_copies_and_unchanged_blocks_through_restructure():
     again = restructure(model, plan)
     assert list(again.model.layers[4].experts) == slices and again.model.layers[4].router is router
     bad = dense_plan(6)
-    bad[3] = {**plan[4], "attention_layer": 3, "expert_layers": [3] * 3, "top_k": 1}
+    bad[3] = dataclasses.replace(plan[4], attention_layer=3, expert_layers=(3,) * 3, top_k=1)
     with pytest.raises(ValueError, match=r"block 3: 3 expert\(s\) of 32 neurons from layer 3's MLP of 128: a layer "
                                          r"gives copies \(128 neurons each\) or a partition \(3 x 32 = 96, not 128\)"):
         restructure(tiny_model("llama"), bad)
     resplit = list(plan)
-    resplit[4] = {**plan[4], "expert_layers": [4] * 2, "expert_intermediate": 64}
+    resplit[4] = dataclasses.replace(plan[4], expert_layers=(4,) * 2, expert_intermediate=64)
     with pytest.raises(ValueError, match="layer 4's MLP is not available whole in the source model"):
         restructure(restructure(tiny_model("llama"), plan), resplit)
 
@@ -107,3 +107,26 @@ def test_copies_and_unchanged_blocks_through_restructure():
 def test_top_k_beyond_routed_experts_is_refused():
     with pytest.raises(ValueError, match="top_k=3 must be between 1 and the 2 routed experts"):
         ModelArch.from_config(restructure(tiny_model("llama"), fused_plan(top_k=3)).config)
+
+
+def test_block_plans_keep_their_config_json_form(tmp_path):
+    """``config.json`` holds the block plans as the dicts it always held: saved models of earlier versions load, and
+    ``to_dict`` / ``from_pretrained`` round-trip the plans."""
+    plan = dense_plan(6)
+    plan[2:4] = [BlockPlan(2, (2, 3), shared_experts=1)]
+    plan[3] = BlockPlan(None, (4,) * 4, top_k=2, expert_intermediate=32, routing_weights="ones")
+    model = restructure(tiny_model("llama"), plan)
+    saved = model.config.to_dict()["blocks"]
+    assert saved[0] == {"attention_layer": 0, "expert_layers": [0], "shared_experts": 0, "top_k": 1,
+                        "normalize_topk": True}
+    assert saved[3] == {"attention_layer": None, "expert_layers": [4, 4, 4, 4], "shared_experts": 0, "top_k": 2,
+                        "normalize_topk": True, "expert_intermediate": 32, "routing_weights": "ones"}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["blocks"] == saved
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.blocks == model.config.blocks == plan
+    assert [BlockPlan.from_dict(b) for b in saved] == plan
+    with pytest.raises(ValueError, match="routing_weights must be one of"):
+        BlockPlan(2, (2,), routing_weights="uniform")
+    with pytest.raises(ValueError, match=r"unknown block plan entries \['experts'\]"):
+        BlockPlan.from_dict({**saved[0], "experts": 2})

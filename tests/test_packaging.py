@@ -17,10 +17,10 @@ def test_wheel_installs_the_mapped_packages(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("d2mc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "d2mc/passes/__init__.py" in names and "d2mc/targets/__init__.py" in names
-    assert "d2mc/device_profiles/orin-agx.toml" in names
+    assert "d2mc/device_profiles/orin-agx.toml" in names and "d2mc/recovery/__init__.py" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import d2mc, d2mc.passes, d2mc.targets, d2mc.device_profiles;"
+    code = ("import d2mc, d2mc.passes, d2mc.targets, d2mc.device_profiles, d2mc.recovery.run;"
             "from d2mc.profiles import builtin_profiles;"
             f"assert d2mc.__file__.startswith({str(site)!r}), d2mc.__file__;"
             "print(len(builtin_profiles()))")

@@ -1,8 +1,14 @@
-import pytest
+import copy
 
+import pytest
+import torch
+
+from d2mc.arch import ModelArch
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.pipeline import Pass, PassError, PassManager, PassResult, load_recipe
+from d2mc.restructure import dense_plan, restructure
+from tests.conftest import tiny_model
 
 
 class Measure(Pass):
@@ -105,3 +111,75 @@ def test_recipe_errors(tmp_path):
         load_recipe(path)
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(tmp_path / "none.toml")
+
+
+class Rebuild(Pass):
+    """Restructures the model in hand into the same blocks (its modules move into the new model)."""
+
+    name = "rebuild"
+    requires = ("model",)
+    transforms_model = True
+    consumes_model = True
+
+    def run(self, ctx):
+        ctx.model = restructure(ctx.model, dense_plan(ctx.arch.num_blocks))
+        return PassResult(modified=True)
+
+
+class SameModel(Rebuild):
+    name = "same-model"
+
+    def run(self, ctx):
+        return PassResult(modified=True)
+
+
+class Swap(Rebuild):
+    name = "swap"
+    consumes_model = False
+
+    def run(self, ctx):
+        ctx.model = copy.deepcopy(ctx.model)
+        return PassResult(modified=True)
+
+
+def tiny_context():
+    model = tiny_model("llama", num_hidden_layers=2)
+    return Context(model=model, arch=ModelArch.from_config(model.config))
+
+
+def test_a_consumed_model_fails_loudly_and_its_successor_works():
+    ctx = tiny_context()
+    old = ctx.model
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        expected = old(ids).logits
+        PassManager([Rebuild()]).run(ctx)
+        assert ctx.model is not old and torch.equal(ctx.model(ids).logits, expected)
+        for stale in (old, old.model):  # the model and the containers it left behind
+            with pytest.raises(RuntimeError, match="this model was consumed by pass 'rebuild', which moved its "
+                                                   "modules into a new model: use that model"):
+                stale(ids)
+
+
+def test_passes_keep_their_promise_about_the_model():
+    with pytest.raises(PassError, match="pass 'same-model' declares consumes_model but did not leave a new model"):
+        PassManager([SameModel()]).run(tiny_context())
+    with pytest.raises(PassError, match="pass 'swap' replaced the model but does not declare consumes_model"):
+        PassManager([Swap()]).run(tiny_context())
+
+
+def test_each_result_has_one_writer():
+    class MeasureToo(Measure):
+        name = "measure-too"
+
+    with pytest.raises(UserError, match="passes 'measure-things' and 'measure-too' both provide 'things'"):
+        PassManager([Measure(), MeasureToo()]).validate({"model"})
+
+    class Meddle(UseThings):
+        def run(self, ctx):
+            ctx.results["things"] = 4
+            ctx.results["used"] = 8
+            return PassResult()
+
+    with pytest.raises(PassError, match="pass 'use-things' wrote things, which it does not provide"):
+        PassManager([Measure(), Meddle()]).run(Context(model=object()))

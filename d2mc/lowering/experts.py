@@ -4,29 +4,49 @@ each expert's post-attention norm weight folded into its gate and up projections
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto
 
+from d2mc.arch import BlockPlan
 from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, norm
 from d2mc.ops.moe import folded_gate_up, moe_plugin_node, normalize_mode, pack_experts, plugin_attributes
 
 
-def lower_experts(g: GraphBuilder, block: dict, residual: str, delta: str | None, arch, eps: float, moe_op: str,
+@dataclass(frozen=True)
+class LoweredBlock:
+    """What the lowering reads of one block: its plan (routing) and its modules, the same for a dense layer and a
+    converted block."""
+
+    plan: BlockPlan
+    attention: object | None  # the attention module, None when the block has none
+    input_norm: object | None  # the input norm's weight
+    experts: tuple  # modules with ``post_attention_layernorm`` and ``mlp``, shared ones first
+    router: object | None
+
+    @property
+    def ones(self) -> bool:
+        """Every chosen expert counts with weight 1 (experts cut from an MLP's neurons)."""
+        return self.plan.routing_weights == "ones"
+
+
+def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: str | None, arch, eps: float, moe_op: str,
                   name: str) -> tuple[str, str]:
     """The block's expert part (``moe_op``: the onnxruntime flavour's MoE form); returns (its delta to the residual
     stream, the residual it adds to)."""
-    experts = block["experts"]
+    experts = block.experts
     if len(experts) == 1:  # a plain MLP: its norm can keep its own weight
         expert = experts[0]
         normed, residual = norm(g, residual, delta, expert.post_attention_layernorm.weight, eps, f"{name}.norm")
         return _swiglu(g, normed, expert.mlp, None, f"{name}.mlp"), residual
     normed, residual = norm(g, residual, delta, None, eps, f"{name}.norm", arch.hidden_size)  # gammas folded
-    if block["router"] is not None and g.trt:
+    if block.router is not None and g.trt:
         return _moe_plugin(g, block, experts, normed, residual, name), residual
-    shared, routed = experts[: block["shared"]], experts[block["shared"]:]
+    shared, routed = experts[: block.plan.shared_experts], experts[block.plan.shared_experts:]
     parts = [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{i}")
              for i, e in enumerate(shared)]
-    if block["router"] is None:
+    if block.router is None:
         parts += [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{len(shared) + i}")
                   for i, e in enumerate(routed)]
     elif moe_op == "contrib":
@@ -49,7 +69,7 @@ def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
 
 def _router_logits(g, block, residual: str, arch, name: str) -> tuple[str, str]:
     flat_h = g.op1("Reshape", [residual, g.const([-1, arch.hidden_size])])
-    logits = g.op1("MatMul", [flat_h, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
+    logits = g.op1("MatMul", [flat_h, g.weight(f"{name}.router.weight_t", block.router.weight.T)])
     return flat_h, logits
 
 
@@ -57,15 +77,15 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
     """Route with standard ops; each expert runs only on the rows that chose it."""
     _, logits = _router_logits(g, block, residual, arch, name)
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
-    top_k = block["top_k"]
+    top_k = block.plan.top_k
     weights = None
-    if top_k == 1 and (block["normalize"] or block["ones"]):
+    if top_k == 1 and (block.plan.normalize_topk or block.ones):
         indices = g.op1("ArgMax", [logits], axis=-1, keepdims=1)  # [T, 1], weight 1
     else:  # chosen on the logits, as in PyTorch: saturated probabilities can tie
         indices = g.op("TopK", [logits, g.const([top_k])], 2, axis=-1)[1]
-        if not block["ones"]:  # "ones": every chosen expert with weight 1, nothing to multiply
+        if not block.ones:  # "ones": every chosen expert with weight 1, nothing to multiply
             weights = g.op1("GatherElements", [g.op1("Softmax", [logits], axis=-1), indices], axis=-1)
-            if block["normalize"]:
+            if block.plan.normalize_topk:
                 weights = g.op1("Div", [weights, g.op1("ReduceSum", [weights, g.const([-1])], keepdims=1)])
     # ONNX Runtime's CPU ScatterND adds only in fp32: an fp16 graph accumulates the experts' outputs in fp32
     fp16 = g.onnx_dtype == TensorProto.FLOAT16
@@ -92,9 +112,9 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
 def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
     """One ``d2mc::D2mcMoE`` node for the whole block (shared and routed experts), as the plugin contract says."""
     fc1, fc2 = pack_experts(experts)
-    attributes = plugin_attributes(experts, block["shared"], block["top_k"],
-                                   normalize_mode(block["normalize"], block["ones"]))
-    logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block["router"].weight.T)])
+    attributes = plugin_attributes(experts, block.plan.shared_experts, block.plan.top_k,
+                                   normalize_mode(block.plan.normalize_topk, block.ones))
+    logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block.router.weight.T)])
     out = g.name("moe")
     g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, g.weight(f"{name}.moe.fc1", fc1),
                                    g.weight(f"{name}.moe.fc2", fc2), out, attributes))
@@ -116,13 +136,13 @@ def _chosen_only(g, logits: str, top_k: int) -> str:
 def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
     """ONNX Runtime's fused MoE op (CPU form: swiglu with interleaved gate/up rows, no fc3)."""
     _, logits = _router_logits(g, block, residual, arch, name)
-    if block["ones"]:
-        logits = _chosen_only(g, logits, block["top_k"])
+    if block.ones:
+        logits = _chosen_only(g, logits, block.plan.top_k)
     flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
-    fc1, fc2 = pack_experts(routed, routed_scale=float(block["top_k"]) if block["ones"] else 1.0)
+    fc1, fc2 = pack_experts(routed, routed_scale=float(block.plan.top_k) if block.ones else 1.0)
     out = g.op1("MoE", [flat_x, logits, g.weight(f"{name}.moe.fc1", fc1), "",
                         g.weight(f"{name}.moe.fc2", fc2)], MS_DOMAIN,
-                k=block["top_k"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                k=block.plan.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                 activation_beta=0.0, swiglu_limit=1e9,
-                normalize_routing_weights=int(block["normalize"] or block["ones"]))
+                normalize_routing_weights=int(block.plan.normalize_topk or block.ones))
     return g.op1("Reshape", [out, g.op1("Shape", [residual])])

@@ -38,10 +38,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
 from d2mc.lowering.builder import PRECISIONS, GraphBuilder, norm
-from d2mc.lowering.experts import lower_experts
+from d2mc.lowering.experts import LoweredBlock, lower_experts
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 MOE_OPS = ("dispatch", "contrib")
@@ -118,9 +119,9 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     delta = None
     attention_idx = 0
     for b, block in enumerate(blocks):
-        if block["attention"] is not None:
-            normed, residual = norm(g, residual, delta, block["input_norm"], eps, f"blocks.{b}.input_norm")
-            delta = attend(block["attention"], normed, attention_idx, f"blocks.{b}")
+        if block.attention is not None:
+            normed, residual = norm(g, residual, delta, block.input_norm, eps, f"blocks.{b}.input_norm")
+            delta = attend(block.attention, normed, attention_idx, f"blocks.{b}")
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
@@ -141,25 +142,14 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     return path
 
 
-def _blocks_of(model) -> list[dict]:
-    """Each block's modules, the same shape for a dense model and a converted one."""
+def _blocks_of(model) -> list[LoweredBlock]:
+    """Each block's plan and modules; a dense layer is the block :meth:`BlockPlan.dense` describes."""
     if model.config.model_type == "d2mc_moe":
-        out = []
-        for block in model.model.layers:
-            out.append({"attention": block.self_attn, "input_norm": getattr(block.input_layernorm, "weight", None),
-                        "experts": list(block.experts), "shared": block.shared_experts, "router": block.router,
-                        "top_k": block.top_k, "normalize": block.normalize_topk,
-                        "ones": block.routing_weights == "ones"})
-        return out
-    return [{"attention": layer.self_attn, "input_norm": layer.input_layernorm.weight,
-             "experts": [_DenseExpert(layer)], "shared": 1, "router": None, "top_k": 1, "normalize": True,
-             "ones": False} for layer in model.model.layers]
-
-
-class _DenseExpert:
-    def __init__(self, layer):
-        self.post_attention_layernorm = layer.post_attention_layernorm
-        self.mlp = layer.mlp
+        return [LoweredBlock(plan, block.self_attn, getattr(block.input_layernorm, "weight", None),
+                             tuple(block.experts), block.router)
+                for plan, block in zip(model.config.blocks, model.model.layers, strict=True)]
+    return [LoweredBlock(BlockPlan.dense(i), layer.self_attn, layer.input_layernorm.weight, (layer,), None)
+            for i, layer in enumerate(model.model.layers)]
 
 
 def _rotary_caches(model, arch) -> tuple[np.ndarray, np.ndarray]:

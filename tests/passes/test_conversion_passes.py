@@ -103,11 +103,11 @@ def test_choose_groups_respects_guards_and_group_size():
 
 def test_plan_blocks_per_method():
     plan = FusionPlan(num_layers=6, groups=[(1, 2), (3, 4)], shared_expert=False)
-    assert [b["expert_layers"] for b in plan.blocks("lfuc")] == [[0], [1, 2], [3, 4], [5]]
-    assert [b["attention_layer"] for b in plan.blocks("drop-attention")] == [0, 1, None, 3, None, 5]
-    assert [b["expert_layers"] for b in plan.blocks("drop-layers")] == [[0], [1], [3], [5]]
+    assert [b.expert_layers for b in plan.blocks("lfuc")] == [(0,), (1, 2), (3, 4), (5,)]
+    assert [b.attention_layer for b in plan.blocks("drop-attention")] == [0, 1, None, 3, None, 5]
+    assert [b.expert_layers for b in plan.blocks("drop-layers")] == [(0,), (1,), (3,), (5,)]
     shared = FusionPlan(num_layers=6, groups=[(1, 2, 3)], shared_expert=True)
-    assert shared.blocks("lfuc")[1]["shared_experts"] == 1
+    assert shared.blocks("lfuc")[1].shared_experts == 1
 
 
 def test_block_reconstruction_lowers_the_block_error(tiny_context):
@@ -116,3 +116,16 @@ def test_block_reconstruction_lowers_the_block_error(tiny_context):
         ("fuse-experts", {}), ("insert-router", {}), ("reconstruct-blocks", {"steps": 60, "lr": 1e-3}))
     (stats,) = ctx.results["reconstruction"].values()
     assert stats["mse_after"] < stats["mse_before"]
+
+
+def test_the_model_a_conversion_started_from_is_consumed(loaded_tiny, calibration):
+    """prune-attention moves the dense model's modules into the converted one: using the loaded model afterwards
+    fails instead of computing with modules that are no longer its own."""
+    from d2mc.context import Context
+
+    loaded = loaded_tiny()
+    ctx = run(Context.from_loaded(loaded, calibration=calibration), ("analyze-redundancy", {}),
+              ("plan-fusion", {"remove_attention": 2}), ("prune-attention", {}))
+    with pytest.raises(RuntimeError, match="this model was consumed by pass 'prune-attention'"):
+        loaded.model(calibration[:1])
+    assert ctx.model(calibration[:1]).logits.shape == (1, 32, 256)

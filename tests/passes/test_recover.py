@@ -16,22 +16,16 @@ from d2mc.context import Context
 from d2mc.convert import ConvertOptions, conversion_passes
 from d2mc.errors import UserError
 from d2mc.pipeline import PassManager, load_recipe
-from d2mc.recovery import (
-    RecoveryOptions,
-    balance_loss,
-    changed_blocks,
-    kl_full,
-    kl_topk,
-    router_gradients,
-    train_recovery,
-)
-from d2mc.recovery_data import (
+from d2mc.recovery import RecoveryOptions, train_recovery
+from d2mc.recovery.data import (
     WindowDataset,
     cache_teacher_topk,
     check_no_overlap,
     generate_windows,
     source_text,
 )
+from d2mc.recovery.losses import balance_loss, kl_full, kl_topk
+from d2mc.recovery.trainable import changed_blocks, router_gradients
 from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
 
 TEXT = ("The council said the new bridge would open next year after a long delay. Fire crews worked through the "
@@ -159,12 +153,12 @@ def test_gate_gradient_keeps_outputs_and_reaches_the_router():
     ctx.model(ids).logits.sum().backward()
     assert block.router.weight.grad.abs().max() < 1e-9  # top-1, normalised: the gate is the constant p / p
     ctx.model.zero_grad(set_to_none=True)
-    with router_gradients(ctx.model) as patched:
+    with router_gradients(ctx.model) as gated:
         logits = ctx.model(ids).logits
         logits.sum().backward()
-    assert patched == 2 and torch.equal(logits.detach(), reference)
+    assert gated == 2 and torch.equal(logits.detach(), reference)
     assert block.router.weight.grad.abs().sum() > 0
-    assert "route" not in vars(block)  # the block is as before
+    assert "route" not in vars(block) and not block.gate_gradient  # the block is as before
 
 
 def test_balance_loss_is_switch_style():
@@ -315,7 +309,7 @@ def test_recovery_on_smollm2():
     teacher = copy.deepcopy(loaded.model)
     ctx = convert(loaded, ConvertOptions(method="drop-attention", plan="12-13,16-17", calib_sequences=2,
                                          calib_length=64))
-    from d2mc.recovery_data import training_windows
+    from d2mc.recovery.data import training_windows
 
     data = training_windows(loaded.tokenizer, None, 64)[:2]
     before = objective(ctx.model, teacher, data)

@@ -5,7 +5,7 @@ import torch
 from d2mc.passes.split_experts import balanced_kmeans
 from transformers import AutoModelForCausalLM
 
-from d2mc.arch import ModelArch
+from d2mc.arch import BlockPlan, ModelArch
 from d2mc.errors import UserError
 from d2mc.inspection import count_parameters
 from d2mc.lowering import LoweringOptions, lower_to_onnx
@@ -87,13 +87,13 @@ def test_fitted_router_beats_a_random_one(tiny_context, calibration):
     fitted_err = (logits(fitted, calibration) - target).pow(2).mean()
     random_err = (logits(shuffled, calibration) - target).pow(2).mean()
     assert fitted_err < random_err
-    stats = ctx.results["routers"]
+    stats = ctx.results["split_routers"]
     assert all(0 <= s["agreement"] <= 1 and 0 < s["mass_recall"] <= 1 + 1e-6 for s in stats.values())
 
 
 def test_layers_limit_the_split(tiny_context):
     ctx = split(tiny_context(teacher=False), experts=4, active_fraction=0.5, layers="2-5")
-    assert [len(b["expert_layers"]) for b in ctx.model.config.blocks] == [1, 1, 4, 4, 4, 4, 1, 1]
+    assert [len(b.expert_layers) for b in ctx.model.config.blocks] == [1, 1, 4, 4, 4, 4, 1, 1]
 
 
 def test_lfuc_experts_split_further_into_one_routed_pool(tiny_context, calibration):
@@ -106,7 +106,7 @@ def test_lfuc_experts_split_further_into_one_routed_pool(tiny_context, calibrati
     fused = copy.deepcopy(ctx.model)
     split(ctx, experts=4, active_fraction=0.5, shared=0)
     plan = ctx.model.config.blocks[2]
-    assert plan["expert_layers"] == [2] * 4 + [3] * 4 and plan["top_k"] == 2 and plan["shared_experts"] == 0
+    assert plan.expert_layers == (2,) * 4 + (3,) * 4 and plan.top_k == 2 and plan.shared_experts == 0
     assert ctx.arch.blocks[2].active_experts == 2 and ctx.arch.blocks[2].expert_intermediate == 32
 
     exact = split(copy.deepcopy(ctx_with(fused, calibration)), experts=4, active_fraction=1.0, shared=0)
@@ -147,8 +147,7 @@ def test_balanced_kmeans_gives_equal_groups_of_similar_points():
 
 
 def dense_block(layer=3):
-    return {"attention_layer": layer, "expert_layers": [layer], "shared_experts": 0, "top_k": 1,
-            "normalize_topk": True}
+    return BlockPlan.dense(layer)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -170,7 +169,7 @@ def test_refusals_are_one_line(args, message):
 
 
 def test_refusals_for_blocks_that_cannot_be_split():
-    fused = {"attention_layer": 2, "expert_layers": [2, 3], "shared_experts": 0, "top_k": 2, "normalize_topk": True}
+    fused = BlockPlan(2, (2, 3), top_k=2)
     with pytest.raises(UserError, match="splitting needs experts that count in full"):
         split_block(fused, 128, 4, 0.5)
     already = split_block(dense_block(), 128, 4, 0.5)
@@ -203,5 +202,5 @@ def test_split_smollm2_keeps_its_shape_and_reproduces_it_with_every_expert():
     expected = logits(loaded.model, ids)
     ctx = split(ctx_with(loaded.model, calibration), experts=8, active_fraction=1.0, shared=1, layers="10-11",
                 iterations=5, cluster_iterations=3)
-    assert ctx.model.config.blocks[10]["expert_intermediate"] == 192
+    assert ctx.model.config.blocks[10].expert_intermediate == 192
     assert (logits(ctx.model, ids) - expected).abs().max() < 1e-3

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 from d2mc.inspection import count_parameters
 from d2mc.lowering import LoweringOptions, lower_to_onnx
@@ -73,7 +74,7 @@ def test_upcycled_export_matches_pytorch(tiny_context, tmp_path, init):
     ((256, 1, "partition"), "--experts 256 is more than the 128 neurons of each MLP"),
 ])
 def test_refusals_are_one_line(args, message):
-    block = {"attention_layer": 1, "expert_layers": [1], "shared_experts": 0, "top_k": 1, "normalize_topk": True}
+    block = BlockPlan.dense(1)
     with pytest.raises(UserError, match=message) as info:
         upcycle_block(block, 128, *args)
     assert "\n" not in str(info.value)

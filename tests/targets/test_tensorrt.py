@@ -137,7 +137,7 @@ def test_reference_matches_the_pytorch_block(top_k, normalize, shared):
 
 def split_block_model(shared=1, top_k=2):
     """A tiny model whose block 2 is layer 2's MLP cut into 4 experts of 32 neurons, each chosen one weighted 1."""
-    from d2mc.modeling import dense_plan, restructure
+    from d2mc.restructure import dense_plan, restructure
     from tests.conftest import tiny_model
 
     plan = dense_plan(6)
