@@ -11,11 +11,12 @@ import torch
 from click.testing import CliRunner
 from d2mc.targets.onnxruntime import export_onnx
 
+from d2mc.arch import BlockPlan
 from d2mc.artifact import find_runnable_onnx
 from d2mc.cli import cli, main
 from d2mc.errors import UserError
 from d2mc.evaluation import DEFAULT_TOKENS, PERPLEXITY_TOLERANCE, evaluate_perplexity
-from d2mc.modeling import dense_plan, restructure
+from d2mc.restructure import dense_plan, restructure
 from d2mc.tasks import evaluate_model_tasks
 from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
 
@@ -35,8 +36,7 @@ def tiny_with_tokenizer(family: str = "llama", converted: bool = False):
     model = tiny_model(family, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if converted:  # layers 2-4 fused into one top-2 block of three experts, with a random router
         plan = dense_plan(6)
-        plan[2:5] = [{"attention_layer": 2, "expert_layers": [2, 3, 4], "shared_experts": 0, "top_k": 2,
-                      "normalize_topk": True}]
+        plan[2:5] = [BlockPlan(attention_layer=2, expert_layers=(2, 3, 4), top_k=2)]
         model = restructure(model, plan)
         torch.nn.init.normal_(model.model.layers[2].router.weight, std=0.5)
     return model, tokenizer
