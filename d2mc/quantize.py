@@ -1,0 +1,155 @@
+"""Block-wise quantized Linear weights: one typed form that every lowering reads.
+
+A quantization library (ModelOpt's AWQ, GPTQ, or plain round-to-nearest) turns a PyTorch Linear weight
+``[out, in]`` into integer codes, per-block scales and, when asymmetric, per-block zero points, blocks running along
+the input axis. :class:`QuantizedLinear` holds exactly that, in the convention of ONNX Runtime's
+``com.microsoft::MatMulNBits``: unsigned codes in ``[0, 2**bits)`` and ``w = (code - zero_point) * scale``, with the
+zero point ``2**(bits - 1)`` when none is stored (symmetric). An activation-aware method may also leave a
+per-input-channel ``pre_scale`` that multiplies the layer's input (AWQ's pre-quant scale when it could not be
+folded into the previous operator).
+
+Lowerings take their tensors from it:
+- :meth:`QuantizedLinear.matmul_nbits`: ``B``, ``scales`` and ``zero_points`` inputs of ``MatMulNBits`` (and, stacked
+  per expert, of ``com.microsoft::QMoE`` with ``weights_prepacked=0``).
+- :meth:`QuantizedLinear.dequantize_linear`: int4/uint4 (or int8/uint8) codes ``[in, out]``, scales and zero points
+  for an ONNX ``DequantizeLinear`` (opset 21, ``axis=0``, ``block_size``) feeding a ``MatMul``: the TensorRT form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from d2mc.errors import UserError
+
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """A Linear weight ``[out, in]`` quantized in blocks of ``block_size`` along ``in``.
+
+    ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits)``; ``scales``: float32 ``[out, in // block_size]``;
+    ``zero_points``: uint8 like ``scales`` or None (symmetric: ``2**(bits - 1)``); ``pre_scale``: float32 ``[in]``
+    multiplying the input, or None.
+    """
+
+    bits: int
+    block_size: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None = None
+    pre_scale: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, not {self.bits}")
+        out_features, in_features = self.codes.shape
+        if in_features % self.block_size:
+            raise ValueError(f"block size {self.block_size} does not divide the input size {in_features}")
+        blocks = (out_features, in_features // self.block_size)
+        if tuple(self.scales.shape) != blocks:
+            raise ValueError(f"scales must be {list(blocks)}, not {list(self.scales.shape)}")
+        if self.zero_points is not None and tuple(self.zero_points.shape) != blocks:
+            raise ValueError(f"zero points must be {list(blocks)}, not {list(self.zero_points.shape)}")
+        if self.codes.dtype != torch.uint8 or int(self.codes.max()) >= 2 ** self.bits:
+            raise ValueError(f"codes must be uint8 in [0, {2 ** self.bits})")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def _zero_points(self) -> torch.Tensor:
+        if self.zero_points is None:
+            return torch.full(self.scales.shape, 2 ** (self.bits - 1), dtype=torch.uint8)
+        return self.zero_points
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``[out, in]`` these codes stand for (``pre_scale`` folded into its columns)."""
+        centred = self.codes.float() - self._zero_points().float().repeat_interleave(self.block_size, 1)
+        weight = centred * self.scales.float().repeat_interleave(self.block_size, 1)
+        return weight * self.pre_scale.float()[None, :] if self.pre_scale is not None else weight
+
+    def nbytes(self) -> int:
+        """Bytes a deployment reads: packed codes, scales (float32), zero points (packed) and the pre-scale."""
+        out_features, in_features = self.shape
+        blocks = self.scales.numel()
+        total = out_features * in_features * self.bits // 8 + blocks * 4
+        if self.zero_points is not None:
+            total += out_features * -(-self.scales.shape[1] * self.bits // 8)
+        return total + (in_features * 4 if self.pre_scale is not None else 0)
+
+    def matmul_nbits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(B [N, k_blocks, block_size * bits / 8] uint8, scales [N, k_blocks] float32, zero_points)`` for
+        ``com.microsoft::MatMulNBits`` with ``K = in``, ``N = out``; zero points packed ``[N, ceil(k_blocks * bits /
+        8)]`` uint8, or None when symmetric. Apply ``pre_scale`` to the input before the node."""
+        out_features, in_features = self.shape
+        blocks = in_features // self.block_size
+        codes = self.codes.numpy()
+        packed = _pack_rows(codes, self.bits).reshape(out_features, blocks, self.block_size * self.bits // 8)
+        zero_points = None if self.zero_points is None else _pack_rows(self.zero_points.numpy(), self.bits)
+        return np.ascontiguousarray(packed), self.scales.float().numpy().copy(), zero_points
+
+    def dequantize_linear(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(codes [in, out], scales [in // block_size, out], zero_points or None)`` for ONNX ``DequantizeLinear``
+        (opset 21, ``axis=0``, ``block_size``) whose output is the ``[in, out]`` weight of a ``MatMul``: signed codes
+        (int8 holding int4/int8 values) when symmetric, else unsigned codes and zero points (uint8 holding
+        uint4/uint8 values); store them as INT4/UINT4 tensors for 4 bits."""
+        if self.zero_points is None:
+            signed = self.codes.to(torch.int16) - 2 ** (self.bits - 1)
+            return signed.to(torch.int8).T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(), None
+        return (self.codes.T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(),
+                self.zero_points.T.contiguous().numpy())
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack each row of uint8 ``values`` (in ``[0, 2**bits)``) into bytes, low bits first; an odd row is padded
+    with the default zero point ``2**(bits-1)``, as ONNX Runtime's quantizer pads it."""
+    if bits == 8:
+        return np.ascontiguousarray(values, dtype=np.uint8)
+    rows, cols = values.shape
+    if cols % 2:
+        values = np.concatenate([values, np.full((rows, 1), 2 ** (bits - 1), np.uint8)], axis=1)
+    return np.ascontiguousarray((values[:, 0::2] & 0x0F) | ((values[:, 1::2] & 0x0F) << 4), dtype=np.uint8)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int = 4, block_size: int = 32, symmetric: bool = True) -> QuantizedLinear:
+    """Round-to-nearest block-wise quantization of a Linear weight ``[out, in]`` (no calibration data).
+
+    Symmetric: ``scale = amax / -2**(bits-1)`` with the sign of the block's largest magnitude, so that value maps
+    to code 0 exactly and the full range ``[-2**(bits-1), 2**(bits-1) - 1]`` is used (ONNX Runtime's convention).
+    Asymmetric: the block's range widened to include 0, ``2**bits - 1`` steps, an integer zero point.
+    """
+    if bits not in BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+    out_features, in_features = weight.shape
+    if block_size not in BLOCK_SIZES or in_features % block_size:
+        raise UserError(f"block size {block_size} does not divide the input size {in_features} of a weight: "
+                        f"choose one of {', '.join(map(str, BLOCK_SIZES))} that does")
+    blocks = weight.detach().float().reshape(out_features, in_features // block_size, block_size)
+    levels = 2 ** bits
+    if symmetric:
+        high = blocks.amax(-1)
+        low = blocks.amin(-1)
+        extreme = torch.where(high.abs() > low.abs(), high, low)
+        scales = extreme / -(levels // 2)
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+        codes = (blocks / safe[..., None]).round() + levels // 2
+        zero_points = None
+    else:
+        low = blocks.amin(-1).clamp(max=0)
+        high = blocks.amax(-1).clamp(min=0)
+        scales = (high - low) / (levels - 1)
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zero = (-low / safe).round().clamp(0, levels - 1)
+        codes = (blocks / safe[..., None]).round() + zero[..., None]
+        zero_points = zero.to(torch.uint8)
+    codes = codes.clamp(0, levels - 1).to(torch.uint8).reshape(out_features, in_features)
+    return QuantizedLinear(bits, block_size, codes, scales.float(), zero_points)
