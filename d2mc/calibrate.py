@@ -314,11 +314,12 @@ def calibrate_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> Calib
 
 def write_profile(calibration: Calibration | str, path: str | Path, name: str = "host-cpu") -> Path:
     """Write a calibrated profile and validate it by loading it back."""
+    from d2mc.outputs import atomic_output_file
     from d2mc.profiles import load_profile_file
 
     text = calibration if isinstance(calibration, str) else calibration.to_toml(name)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    load_profile_file(path)
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text)
+        load_profile_file(tmp)
     return path

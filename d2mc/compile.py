@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d2mc.checks import check_conversion_inputs
 from d2mc.convert import ConvertOptions, convert, method_lines, recovers
-from d2mc.errors import UserError
 from d2mc.loading import load_model
-from d2mc.outputs import atomic_output_dir
+from d2mc.outputs import atomic_output_dir, check_output_path
 from d2mc.profiles import load_profile
 from d2mc.roofline import RooflineSettings, estimate
 from d2mc.targets.tensorrt import TENSORRT_ONNX_DIR, engine_dir
@@ -57,6 +57,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     with atomic_output_dir(options.output, overwrite=options.overwrite) as out:
         step("import")
         loaded = load_model(options.model)
+        check_conversion_inputs(conversion, loaded)
         dense_arch = loaded.arch
         done("import")
 
@@ -94,7 +95,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         from d2mc.targets.onnxruntime import export_onnx
 
         step("lower to ONNX and verify")
-        exported = export_onnx(ctx.model, ctx.tokenizer, out / "onnx", source=options.model)
+        exported = export_onnx(ctx.model, ctx.tokenizer, out / "onnx", source=loaded.reference)
         done("lower to ONNX and verify")
 
         measured = None
@@ -317,5 +318,4 @@ def _sections(profile, settings, plan, blocks, dense_arch, conversion, phases, m
 
 
 def check_output_free(path: str, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise UserError(f"output '{path}' already exists: remove it or pass --overwrite")
+    check_output_path(path, overwrite)

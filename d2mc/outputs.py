@@ -20,7 +20,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,15 +114,23 @@ def is_d2mc_output(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
 
 
-def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *, overwrite: bool = True,
+                      owned: Callable[[Path], bool] | None = None) -> Path:
     """Refuse, before any work, an output file path that cannot be written: a directory, a path under a regular
-    file or an unwritable directory, or a name without one of ``suffixes`` (the format is chosen by it)."""
+    file or an unwritable directory, or a name without one of ``suffixes`` (the format is chosen by it). An
+    existing file is replaced only with ``overwrite`` and, given ``owned``, only if ``owned(path)`` says d2mc
+    wrote it."""
     shown = str(path)
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise UserError(f"'{shown}' is a directory: give a file name such as {path.name or 'out'}{suffixes[0]}")
     if path.suffix.lower() not in suffixes:
         raise UserError(f"'{shown}' has no {' or '.join(suffixes)} extension, which chooses the file format")
+    if path.exists() and not overwrite:
+        raise UserError(f"output '{shown}' already exists: remove it or pass --overwrite")
+    if path.exists() and owned is not None and not owned(path):
+        raise UserError(f"'{shown}' was not written by d2mc: --overwrite replaces only d2mc's own outputs; remove "
+                        "it yourself or choose another output")
     check_writable_parent(path, shown)
     return path
 

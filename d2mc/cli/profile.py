@@ -46,7 +46,10 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
 
     if calibrate:
         from d2mc.calibrate import calibrate_host, write_profile
+        from d2mc.checks import is_profile_file
+        from d2mc.outputs import check_output_file
 
+        check_output_file(output or "host-cpu.toml", (".toml",), overwrite=overwrite, owned=is_profile_file)
         status = stderr_console()
         calibration = calibrate_host(progress=lambda text: status.print(f"measuring {text}..."))
         path = write_profile(calibration, output or "host-cpu.toml")
@@ -57,6 +60,10 @@ def command(model, target, prefill, context, batch, precision, kv_precision, con
         return
     if model is None:
         raise UserError("give a MODEL (or --calibrate)")
+    if output:
+        from d2mc.outputs import check_output_path
+
+        check_output_path(output, overwrite)
     from d2mc.profiling import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,

@@ -1,13 +1,18 @@
-"""``d2mc verify``: an artifact against its reference, on ONNX Runtime (here) or TensorRT (on the device)."""
+"""``d2mc verify``: an artifact against its reference, on ONNX Runtime (here) or TensorRT (on the device).
+
+The command exits with status 1 when the verification FAILED, so scripts and CI can rely on it.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
 from d2mc.cli.common import console, json_option, print_json
+from d2mc.verify import POSITION_SAMPLES
 
 
 @click.command("verify")
@@ -17,11 +22,22 @@ from d2mc.cli.common import console, json_option, print_json
 @click.option("--target", default="orin-agx", show_default=True, help="Device profile of the engine (tensorrt).")
 @click.option("--model", help="The PyTorch model to compare with (onnxruntime; default: the artifact's source).")
 @click.option("--measure", is_flag=True, help="Also time the engine per phase next to the roofline (tensorrt).")
-@click.option("--prefill", type=int, default=16, show_default=True)
-@click.option("--context", type=int, default=64, show_default=True)
+@click.option("--prefill", type=int, default=16, show_default=True, help="Tokens of the first prefill.")
+@click.option("--positions", type=int, default=POSITION_SAMPLES, show_default=True,
+              help="onnxruntime: decode steps at positions spread up to the end of the model's context.")
+@click.option("--context", type=int, default=64, show_default=True, help="Past tokens of the decode phase (tensorrt).")
 @json_option
-def command(artifact, backend, target, model, measure, prefill, context, as_json):
-    """Check ARTIFACT: max |logit difference| per phase against the reference, within the stated tolerance."""
+def command(artifact, backend, target, model, measure, prefill, positions, context, as_json):
+    """Check ARTIFACT: max |logit difference| against the reference, within the stated tolerance.
+
+    On ONNX Runtime the inputs cover the first positions, positions sampled up to the end of the context, every
+    block and every routed expert (each forced once); see d2mc/verify.py. Exit status 1 when it FAILED.
+    """
+    from d2mc.checks import check_number
+
+    check_number(prefill, "--prefill", minimum=1)
+    check_number(positions, "--positions", minimum=0)
+    check_number(context, "--context", minimum=1)
     if backend == "tensorrt":
         from d2mc.targets import tensorrt
 
@@ -29,14 +45,16 @@ def command(artifact, backend, target, model, measure, prefill, context, as_json
         if measure:
             result["measured"] = tensorrt.measure(artifact, target, prefill, context)
     else:
-        result = {"verify": _verify_onnxruntime(artifact, model, prefill)}
+        result = {"verify": _verify_onnxruntime(artifact, model, prefill, positions)}
     if as_json:
         print_json(result)
-        return
-    _print(result, backend)
+    else:
+        _print(result, backend)
+    if not result["verify"]["passed"]:
+        sys.exit(1)
 
 
-def _verify_onnxruntime(artifact: str, model: str | None, prefill: int) -> dict:
+def _verify_onnxruntime(artifact: str, model: str | None, prefill: int, positions: int) -> dict:
     from d2mc.errors import UserError
     from d2mc.loading import load_model
     from d2mc.targets.tensorrt import find_onnx
@@ -44,13 +62,26 @@ def _verify_onnxruntime(artifact: str, model: str | None, prefill: int) -> dict:
 
     onnx_path = find_onnx(artifact, "onnxruntime")
     info_path = onnx_path.parent / "d2mc_artifact.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    try:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"'{info_path}' is corrupt: export the artifact again") from None
     compiled = Path(artifact) / "model"
     source = model or (str(compiled) if compiled.is_dir() else info.get("source"))
     if not source:
         raise UserError(f"'{artifact}' does not name its source model: pass --model")
-    loaded = load_model(source, tokenizer=False)
-    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill).to_dict()
+    beside = Path(artifact).parent / source  # older artifacts record the path as given, relative to where it ran
+    if not model and not Path(source).is_absolute() and not Path(source).exists() and beside.exists():
+        source = str(beside)
+    try:
+        loaded = load_model(source, tokenizer=False)
+    except UserError as exc:
+        if model:
+            raise
+        raise UserError(f"the source model the artifact names, '{source}', does not load ({exc}): pass it with "
+                        "--model") from None
+    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill,
+                       positions=positions).to_dict()
 
 
 def _print(result: dict, backend: str) -> None:
@@ -68,5 +99,21 @@ def _print(result: dict, backend: str) -> None:
                 out.print(f"{phase}: measured {p['measured_s'] * 1e3:.3f} ms, {m['profile']} roofline "
                           f"{p['predicted_s'] * 1e3:.3f} ms ({p['error'] * 100:+.1f}%)")
         return
-    out.print(f"{verdict}: max |logit diff| ONNX Runtime vs PyTorch {v['max_abs_diff']:.3g} (tolerance "
-              f"{v['tolerance']:g}, {v['precision']}), greedy agreement {v['greedy_agreement'] * 100:.0f}%")
+    out.print(coverage_line(v))
+    out.print(f"{verdict}: max |logit diff| ONNX Runtime vs PyTorch {v['max_abs_diff']:.3g} at {v['worst']} (tolerance "
+              f"{v['tolerance']:.3g}, {v['precision']}), greedy agreement {v['greedy_agreement'] * 100:.0f}%")
+    if v["failing_block"] is not None:
+        i = v["failing_block"]
+        out.print(f"the KV cache of attention block {i} differs by {v['kv_max_abs_diff'][i]:.3g} (tolerance "
+                  f"{v['kv_tolerance'][i]:.3g})")
+
+
+def coverage_line(v: dict) -> str:
+    """What a verification's inputs covered, in one line."""
+    first = v["prefill_tokens"] + v["decode_steps"]
+    positions = (f"positions 0-{first - 1}" + (f" and {len(v['positions'])} more up to {v['positions'][-1]}"
+                                               if v["positions"] else "") + f" (context {v['max_position'] + 1})")
+    forced = v["experts_forced"]
+    experts = (f"; each of {sum(forced.values())} routed experts in {len(forced)} MoE blocks forced once"
+               if forced else "")
+    return f"checked {positions}, {len(v['kv_max_abs_diff'])} attention caches{experts}"
