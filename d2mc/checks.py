@@ -35,28 +35,75 @@ def check_sequence_length(length: int, max_positions: int, option: str) -> None:
                         f"{max_positions}")
 
 
-def check_conversion_inputs(options, loaded) -> None:
-    """What a conversion (``ConvertOptions``) will need of ``loaded``, checked before calibration and analysis:
-    the plan and layer ranges against its layers, the calibration and recovery lengths against its positions, the
-    calibration text, the device profile."""
+def check_conversion_inputs(options, model: str) -> None:
+    """What a conversion (``ConvertOptions``) will need of ``model``, checked from its config before its weights
+    are read: the plan and layer ranges against its layers, the calibration and recovery lengths against its
+    positions, the calibration text, the device profile."""
     from d2mc.data import read_text
+    from d2mc.loading import load_model
     from d2mc.plan import parse_layers, parse_plan
     from d2mc.profiles import load_profile
 
+    loaded = load_model(model, config_only=True, tokenizer=False)
     arch = loaded.arch
     if options.plan is not None and loaded.config.model_type != "d2mc_moe":
         parse_plan(options.plan, arch.num_blocks)
     if options.layers is not None:
         parse_layers(options.layers, arch.num_blocks)
+    if options.remove_attention is not None and options.remove_attention > arch.num_blocks - 2:
+        raise UserError(f"--remove-attention {options.remove_attention}: the model has {arch.num_blocks} layers and "
+                        f"the first and last stay dense; ask for at most {max(arch.num_blocks - 2, 0)}")
+    if options.recipe is None and (options.budget_ms is not None or options.speedup is not None) and (
+            options.target is None):
+        raise UserError("--budget-ms and --speedup need a device profile: add --target")
+    check_number(options.reconstruct_steps, "--reconstruct-steps", minimum=0)
+    check_number(options.top_k, "--top-k", minimum=1)
+    check_number(options.max_group, "--max-group", minimum=2)
     check_number(options.calib_sequences, "--calib-sequences", minimum=1)
     check_sequence_length(options.calib_length, arch.max_position_embeddings, "--calib-length")
-    recovery = getattr(options, "recovery", None)
-    if recovery is not None:
-        check_sequence_length(recovery.seq_len, arch.max_position_embeddings, "--recover-seq-len")
+    if options.recovery is not None:
+        check_recovery_options(options.recovery, arch, prefix="--recover-")
     if options.calib_data is not None:
         read_text(options.calib_data)
     if options.target is not None:
         load_profile(options.target)
+
+
+def check_compile_inputs(options) -> None:
+    """:func:`check_conversion_inputs` for ``d2mc compile`` (``CompileOptions``), and its phases against the
+    model's positions."""
+    from dataclasses import replace
+
+    from d2mc.loading import load_model
+
+    check_number(options.eval_tokens, "--eval-tokens", minimum=0)
+    check_conversion_inputs(replace(options.conversion, target=options.conversion.target or options.target),
+                            options.model)
+    positions = load_model(options.model, config_only=True, tokenizer=False).arch.max_position_embeddings
+    if options.prefill > positions:
+        raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
+    if options.context >= positions:
+        raise UserError(f"--context {options.context} is past the model's maximum of {positions} positions (the "
+                        f"decode step needs one more: use --context {positions - 1} or less)")
+
+
+def check_recovery_options(options, arch, prefix: str = "--") -> None:
+    """Recovery options (``RecoveryOptions``) that its own checks let through: numbers that are not finite, and
+    sequences longer than the model's positions."""
+    from dataclasses import fields
+
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name.replace('_', '-')} must be a finite number, not {value}")
+    check_sequence_length(options.seq_len, arch.max_position_embeddings, f"{prefix}seq-len")
+
+
+def check_recovery_inputs(options, converted: str) -> None:
+    """:func:`check_recovery_options` for ``d2mc recover``, against the converted model's config."""
+    from d2mc.loading import load_model
+
+    check_recovery_options(options, load_model(converted, config_only=True, tokenizer=False).arch)
 
 
 def is_profile_file(path: Path) -> bool:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2mc.checks import check_conversion_inputs
 from d2mc.convert import ConvertOptions, convert, method_lines, recovers
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir, check_output_path
@@ -57,7 +56,6 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     with atomic_output_dir(options.output, overwrite=options.overwrite) as out:
         step("import")
         loaded = load_model(options.model)
-        check_conversion_inputs(conversion, loaded)
         dense_arch = loaded.arch
         done("import")
 

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort as exc:
         click.echo("aborted", err=True)
         sys.exit(interrupt_status(exc))
+    except click.UsageError as exc:  # a bad option value is the user's mistake too: one line, exit code 1
+        click.echo(f"error: {exc.format_message()} (see {exc.ctx.command_path if exc.ctx else 'd2mc'} --help)", err=True)
+        sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

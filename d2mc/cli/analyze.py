@@ -32,10 +32,11 @@ def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
         check_output_file(plot, PLOT_SUFFIXES)
     if calib_data:
         read_text(calib_data)
+    arch = load_model(model, config_only=True, tokenizer=False).arch
+    check_sequence_length(calib_length, arch.max_position_embeddings, "--calib-length")
     loaded = load_model(model)
     if loaded.tokenizer is None:
         raise UserError(f"'{model}' has no tokenizer, which calibration needs")
-    check_sequence_length(calib_length, loaded.arch.max_position_embeddings, "--calib-length")
     ctx = Context.from_loaded(loaded, calibration=calibration_batch(loaded.tokenizer, calib_sequences,
                                                                     calib_length, calib_data))
     PassManager([create_pass("analyze-redundancy")]).run(ctx)

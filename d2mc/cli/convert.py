@@ -101,8 +101,8 @@ def command(model, target, output, overwrite, quiet, as_json, **plan):
     options = convert_options_from(target, **plan)
     options.recovery = recovery
     progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
+    check_conversion_inputs(options, model)
     loaded = load_model(model)
-    check_conversion_inputs(options, loaded)
     ctx = convert(loaded, options, progress=progress)
     save_converted(ctx, output, overwrite=overwrite)
     if recovery:
