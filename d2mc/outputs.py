@@ -198,6 +198,21 @@ def remove_stale_partials(path: Path) -> list[Path]:
     return removed
 
 
+def remove_incomplete_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Remove the Trainer checkpoints (``checkpoint-N``) in ``directory`` that a run stopped while writing them
+    (the Trainer writes ``trainer_state.json`` last), so that resuming never picks one; return what was removed."""
+    removed = []
+    for candidate in sorted(Path(directory).glob("checkpoint-*")):
+        state = candidate / "trainer_state.json"
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate)
+    return removed
+
+
 def _create_parents(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from d2mc.errors import UserError
+from d2mc.outputs import remove_incomplete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,7 @@ def _prepare_checkpoint_dir(path: Path, options: RecoveryOptions, writer: bool) 
     """Whether to resume from ``path``. Refuses checkpoints of a different run; ``resume=False`` starts over."""
     record = path / "recovery_run.json"
     identity = options.identity()
+    remove_incomplete_checkpoints(path)  # a run stopped while saving leaves one that must not be resumed
     has_checkpoint = path.exists() and any(path.glob("checkpoint-*"))
     if has_checkpoint and options.resume:
         saved = json.loads(record.read_text()) if record.exists() else None
