@@ -18,8 +18,11 @@ chosen so that a damage anywhere in what the artifact claims to support shows:
   least once.
 
 Every attention block's new keys and values (the ``present`` outputs) are compared as well, which names the first
-block whose cache differs. The result passes only when every logit and every cache entry is within the tolerance
-of the precision; a NaN or infinite difference fails.
+block whose cache differs. Two tables are read by lookup only, so that sampled inputs would check few of their rows:
+the token embedding (a row per token) and the rotary ``cos_cache``/``sin_cache`` (a row per position). They are
+compared row for row with the PyTorch model's own, which covers every token and every position exactly. The
+result passes only when every logit, cache entry and table entry is within the tolerance of the precision; a NaN
+or infinite difference fails.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
 RELATIVE = {"fp16"}
 POSITION_SAMPLES = 8  # decode steps placed at positions spread up to the end of the context
 CHUNK_TOKENS = 4  # tokens fed at once at the last sampled position (a continued prompt)
+# the lookup tables against the model's, relative to their largest entry: copies in fp32, rounded once in fp16
+TABLE_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-3}
 FORCING_BIAS = 1e4  # added to a router logit to force its expert (fp16 holds it; no trained router reaches it)
 ROUTER_WEIGHT = re.compile(r"blocks\.(\d+)\.router\.weight_t")  # the router MatMul's weight in a lowered graph
 
@@ -70,11 +75,19 @@ class VerifyResult:
     worst: str = ""  # where the largest logit difference was
     kv_max_abs_diff: list[float] = field(default_factory=list)  # per attention block, over every step
     kv_tolerance: list[float] = field(default_factory=list)
+    tables_max_abs_diff: dict[str, float] = field(default_factory=dict)  # lookup tables, every row
+    tables_tolerance: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return self.max_abs_diff <= self.tolerance and all(
-            d <= t for d, t in zip(self.kv_max_abs_diff, self.kv_tolerance, strict=True))
+            d <= t for d, t in zip(self.kv_max_abs_diff, self.kv_tolerance, strict=True)) and all(
+            d <= self.tables_tolerance[name] for name, d in self.tables_max_abs_diff.items())
+
+    @property
+    def failing_table(self) -> str | None:
+        """The first lookup table out of tolerance, if any."""
+        return next((n for n, d in self.tables_max_abs_diff.items() if not d <= self.tables_tolerance[n]), None)
 
     @property
     def failing_block(self) -> int | None:
@@ -83,7 +96,8 @@ class VerifyResult:
                      if not d <= t), None)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed, "failing_block": self.failing_block}
+        return {**asdict(self), "passed": self.passed, "failing_block": self.failing_block,
+                "failing_table": self.failing_table}
 
 
 class OrtDecoder:
@@ -268,9 +282,13 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
     fault_point("verify")
     path = Path(onnx_path)
     comparison = _Comparison(model, precision)
+    if prefill + decode_steps > comparison.arch.max_position_embeddings:
+        raise UserError(f"a prefill of {prefill} and {decode_steps} decode steps do not fit the model's "
+                        f"{comparison.arch.max_position_embeddings} positions: lower --prefill")
     plain, _ = _runnable_proto(path, force_experts=False)
     decoder = OrtDecoder(path, proto=plain)
     comparison.check_shapes(decoder)
+    tables = compare_lookup_tables(model, path)
     vocab = min(vocab_limit or model.config.vocab_size, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     cache = comparison.first_positions(decoder, torch.randint(0, vocab, (1, prefill), generator=generator),
@@ -295,7 +313,46 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
             decoder = OrtDecoder(path, proto=proto)
             for r in range(max(forced.values())):
                 comparison.forcing(decoder, forced, r, torch.randint(0, vocab, (1, prefill), generator=generator))
-    return comparison.result(prefill, decode_steps, sampled, last, forced)
+    result = comparison.result(prefill, decode_steps, sampled, last, forced)
+    result.tables_max_abs_diff = {name: diff for name, (diff, _) in tables.items()}
+    result.tables_tolerance = {name: TABLE_TOLERANCE[precision] * scale for name, (_, scale) in tables.items()}
+    return result
+
+
+def compare_lookup_tables(model, onnx_path: Path) -> dict[str, tuple[float, float]]:
+    """``{table: (max |difference|, max |entry| of the model's)}`` for the token embedding and the rotary tables of
+    the graph at ``onnx_path``, each against the one the PyTorch model computes with, over every row."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from d2mc.arch import ModelArch
+
+    arch = ModelArch.from_config(model.config)
+    expected = {"embed_tokens": model.model.embed_tokens.weight.detach().float().numpy()}
+    if arch.attention_blocks:
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(arch.max_position_embeddings)[None])
+        half = arch.head_dim // 2
+        expected.update(cos_cache=cos[0, :, :half].float().numpy(), sin_cache=sin[0, :, :half].float().numpy())
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    found = {}
+    for tensor in graph.initializer:
+        if tensor.name not in expected:
+            continue
+        try:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(onnx_path.parent))
+            actual = numpy_helper.to_array(tensor)
+        except Exception as exc:  # a truncated or unreadable data file
+            raise UserError(f"cannot read '{tensor.name}' of '{onnx_path}' ({_first_line(exc)}): the artifact is "
+                            "corrupt or incomplete; export it again") from None
+        reference = expected[tensor.name]
+        if actual.shape != reference.shape:
+            raise UserError(f"'{tensor.name}' of '{onnx_path}' has shape {list(actual.shape)}, the model's "
+                            f"{list(reference.shape)}: compare an artifact with the model it was exported from")
+        found[tensor.name] = (_max_diff(actual, reference), float(np.abs(reference).max(initial=0.0)))
+    return found
 
 
 def _blocks(model) -> list:

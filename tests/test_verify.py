@@ -18,15 +18,16 @@ from tests.test_lowering import fused
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def overwrite_initializer_rows(onnx_path, name: str, first_row: int, value: float) -> None:
-    """Overwrite rows ``first_row:`` of an initializer in the artifact's external data file in place."""
+def overwrite_initializer_rows(onnx_path, name: str, first_row: int, value: float, rows: int | None = None) -> None:
+    """Overwrite ``rows`` rows (default: all) from ``first_row`` of an fp32 initializer in the artifact's external
+    data file, in place."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
     tensor = next(t for t in proto.graph.initializer if t.name == name)
     info = {e.key: e.value for e in tensor.external_data}
-    rows, width = tensor.dims
+    total, width = tensor.dims
     with open(onnx_path.parent / info["location"], "r+b") as data:
         data.seek(int(info.get("offset", 0)) + first_row * width * 4)
-        data.write(np.full((rows - first_row, width), value, np.float32).tobytes())
+        data.write(np.full((rows or total - first_row, width), value, np.float32).tobytes())
 
 
 @pytest.fixture
@@ -41,14 +42,24 @@ def exported(tmp_path):
 def test_damaged_rotary_rows_far_into_the_context_fail(exported, capsys):
     model, artifact = exported
     overwrite_initializer_rows(artifact / "model.onnx", "cos_cache", 200, 0.5)
-    # the first positions alone do not see it
-    assert verify_onnx(model, artifact / "model.onnx", positions=0).passed
-    result = verify_onnx(model, artifact / "model.onnx")
-    assert not result.passed and result.positions[-1] == 511 and "position" in result.worst
+    first_only = verify_onnx(model, artifact / "model.onnx", positions=0)
+    assert first_only.max_abs_diff < first_only.tolerance  # the first positions do not reach the damage...
+    assert not first_only.passed and first_only.failing_table == "cos_cache"  # ...the table check does
+    result = verify_onnx(model, artifact / "model.onnx")  # and so do the sampled positions
+    assert result.max_abs_diff > result.tolerance and result.positions[-1] == 511 and "position" in result.worst
     with pytest.raises(SystemExit) as info:
         main(["verify", str(artifact)])
     out = capsys.readouterr().out
-    assert info.value.code == 1 and "FAILED" in out and "up to 511 (context 512)" in out
+    assert info.value.code == 1 and "FAILED" in out and "up to 511 (context 512)" in out and "cos_cache" in out
+
+
+@pytest.mark.parametrize("table, row", [("cos_cache", 300), ("embed_tokens", 17)])
+def test_one_damaged_row_of_a_lookup_table_fails(exported, table, row):
+    """A single row: one position no sample reaches, one token no input holds."""
+    model, artifact = exported
+    overwrite_initializer_rows(artifact / "model.onnx", table, row, 0.25, rows=1)
+    result = verify_onnx(model, artifact / "model.onnx")
+    assert not result.passed and result.failing_table == table and result.max_abs_diff < 1e-5
 
 
 def test_verify_passes_with_exit_0_and_json(exported, capsys, tmp_path, monkeypatch):

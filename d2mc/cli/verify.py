@@ -99,21 +99,32 @@ def _print(result: dict, backend: str) -> None:
                 out.print(f"{phase}: measured {p['measured_s'] * 1e3:.3f} ms, {m['profile']} roofline "
                           f"{p['predicted_s'] * 1e3:.3f} ms ({p['error'] * 100:+.1f}%)")
         return
-    out.print(coverage_line(v))
+    for line in coverage_lines(v):
+        out.print(line)
     out.print(f"{verdict}: max |logit diff| ONNX Runtime vs PyTorch {v['max_abs_diff']:.3g} at {v['worst']} (tolerance "
               f"{v['tolerance']:.3g}, {v['precision']}), greedy agreement {v['greedy_agreement'] * 100:.0f}%")
+    if v["failing_table"] is not None:
+        name = v["failing_table"]
+        out.print(f"the table {name} differs from the model's by {v['tables_max_abs_diff'][name]:.3g} (tolerance "
+                  f"{v['tables_tolerance'][name]:.3g})")
     if v["failing_block"] is not None:
         i = v["failing_block"]
         out.print(f"the KV cache of attention block {i} differs by {v['kv_max_abs_diff'][i]:.3g} (tolerance "
                   f"{v['kv_tolerance'][i]:.3g})")
 
 
-def coverage_line(v: dict) -> str:
-    """What a verification's inputs covered, in one line."""
+def coverage_lines(v: dict) -> list[str]:
+    """What a verification's inputs covered and what it compared."""
     first = v["prefill_tokens"] + v["decode_steps"]
-    positions = (f"positions 0-{first - 1}" + (f" and {len(v['positions'])} more up to {v['positions'][-1]}"
-                                               if v["positions"] else "") + f" (context {v['max_position'] + 1})")
+    inputs = f"inputs: positions 0-{first - 1}"
+    if v["positions"]:
+        inputs += f" and {len(v['positions'])} more up to {v['positions'][-1]}"
+    inputs += f" (context {v['max_position'] + 1})"
     forced = v["experts_forced"]
-    experts = (f"; each of {sum(forced.values())} routed experts in {len(forced)} MoE blocks forced once"
-               if forced else "")
-    return f"checked {positions}, {len(v['kv_max_abs_diff'])} attention caches{experts}"
+    if forced:
+        blocks = f"{len(forced)} MoE block{'s' if len(forced) != 1 else ''}"
+        inputs += f"; each of the {sum(forced.values())} routed experts of {blocks} forced once"
+    compared = f"compared: logits, the caches of {len(v['kv_max_abs_diff'])} attention blocks"
+    if v["tables_max_abs_diff"]:
+        compared += f", every row of {', '.join(v['tables_max_abs_diff'])}"
+    return [inputs, compared]
