@@ -62,12 +62,23 @@ def test_one_damaged_row_of_a_lookup_table_fails(exported, table, row):
     assert not result.passed and result.failing_table == table and result.max_abs_diff < 1e-5
 
 
-def test_verify_passes_with_exit_0_and_json(exported, capsys, tmp_path, monkeypatch):
+def test_verify_passes_with_exit_0_and_json(exported, capsys):
     _, artifact = exported
-    monkeypatch.chdir(tmp_path / "tiny")  # the recorded source is absolute: any directory works
     main(["verify", str(artifact), "--json"])
     result = json.loads(capsys.readouterr().out)["verify"]
     assert result["passed"] and result["max_position"] == 511 and len(result["kv_max_abs_diff"]) == 6
+
+
+def test_an_artifact_exported_from_a_relative_path_verifies_from_anywhere(tmp_path, monkeypatch, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    main(["export", "tiny", "-o", "artifact", "--json"])
+    assert json.loads((tmp_path / "artifact" / "d2mc_artifact.json").read_text())["source"] == str(tmp_path / "tiny")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    main(["verify", str(tmp_path / "artifact")])
+    assert "PASSED" in capsys.readouterr().out
 
 
 def test_every_expert_is_forced(tmp_path):
