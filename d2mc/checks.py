@@ -35,10 +35,10 @@ def check_sequence_length(length: int, max_positions: int, option: str) -> None:
                         f"{max_positions}")
 
 
-def check_conversion_inputs(options, model: str) -> None:
+def check_conversion_inputs(options, model: str):
     """What a conversion (``ConvertOptions``) will need of ``model``, checked from its config before its weights
     are read: the plan and layer ranges against its layers, the calibration and recovery lengths against its
-    positions, the calibration text, the device profile."""
+    positions, the calibration text, the device profile. Returns the model's ``ModelArch``."""
     from d2mc.data import read_text
     from d2mc.loading import load_model
     from d2mc.plan import parse_layers, parse_plan
@@ -51,8 +51,8 @@ def check_conversion_inputs(options, model: str) -> None:
     if options.layers is not None:
         parse_layers(options.layers, arch.num_blocks)
     if options.remove_attention is not None and options.remove_attention > arch.num_blocks - 2:
-        raise UserError(f"--remove-attention {options.remove_attention}: the model has {arch.num_blocks} layers and "
-                        f"the first and last stay dense; ask for at most {max(arch.num_blocks - 2, 0)}")
+        raise UserError(f"--remove-attention {options.remove_attention}: the model has {arch.num_blocks} layers "
+                        f"and the first and last stay dense; ask for at most {max(arch.num_blocks - 2, 0)}")
     if options.recipe is None and (options.budget_ms is not None or options.speedup is not None) and (
             options.target is None):
         raise UserError("--budget-ms and --speedup need a device profile: add --target")
@@ -67,6 +67,7 @@ def check_conversion_inputs(options, model: str) -> None:
         read_text(options.calib_data)
     if options.target is not None:
         load_profile(options.target)
+    return arch
 
 
 def check_compile_inputs(options) -> None:
@@ -74,12 +75,9 @@ def check_compile_inputs(options) -> None:
     model's positions."""
     from dataclasses import replace
 
-    from d2mc.loading import load_model
-
     check_number(options.eval_tokens, "--eval-tokens", minimum=0)
-    check_conversion_inputs(replace(options.conversion, target=options.conversion.target or options.target),
-                            options.model)
-    positions = load_model(options.model, config_only=True, tokenizer=False).arch.max_position_embeddings
+    conversion = replace(options.conversion, target=options.conversion.target or options.target)
+    positions = check_conversion_inputs(conversion, options.model).max_position_embeddings
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
     if options.context >= positions:

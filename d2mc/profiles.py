@@ -147,7 +147,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 def load_profile_file(path: Path) -> DeviceProfile:
     """Parse and validate one profile file; any problem is a one-line error naming the file and the field."""
     if not path.is_file():
-        raise UserError(f"device profile '{path}' " + ("is a directory, not a .toml file" if path.is_dir() else "does not exist"))
+        what = "is a directory, not a .toml file" if path.is_dir() else "does not exist"
+        raise UserError(f"device profile '{path}' {what}")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

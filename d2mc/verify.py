@@ -9,7 +9,8 @@ chosen so that a damage anywhere in what the artifact claims to support shows:
   ``max_position_embeddings - 1`` (the last one always), each after a past of that many tokens. The past is the
   cache of the first part repeated to that length, fed to both sides as the same tensors: a rotary table, a
   position-dependent mask or a sliding window that is wrong far from the start changes these logits. The last
-  sample feeds a few tokens at once, the path of a prompt that continues a conversation;
+  sample feeds a few tokens at once, the path of a prompt that continues a conversation. A context whose past
+  would take more than :data:`MAX_PAST_BYTES` is sampled up to where it does not;
 - **every expert**: a router's choice depends on the text, and a routed expert that the test tokens never pick
   would go unchecked. So each MoE block's router logits get a large bias on one expert, in ONNX (an ``Add`` on
   the router's ``MatMul`` output, fed as a graph input, in a copy of the graph held in memory) and in PyTorch (a
@@ -50,6 +51,10 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
 RELATIVE = {"fp16"}
 POSITION_SAMPLES = 4  # decode steps placed at positions spread up to the end of the context
 CHUNK_TOKENS = 4  # tokens fed at once at the last sampled position (a continued prompt)
+# the largest past (keys and values of every attention block, fp32) a sampled position is given; each side holds a
+# few copies of it. SmolLM2-135M reaches its 8,192 positions at 377 MB; a model whose full context would need more
+# is sampled up to the position this allows (its rotary tables are still compared in full)
+MAX_PAST_BYTES = 1 << 30
 # the lookup tables against the model's, relative to their largest entry: copies in fp32, rounded once in fp16
 TABLE_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-3}
 FORCING_BIAS = 1e4  # added to a router logit to force its expert (fp16 holds it; no trained router reaches it)
@@ -294,9 +299,12 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
     cache = comparison.first_positions(decoder, torch.randint(0, vocab, (1, prefill), generator=generator),
                                        decode_steps)
     last = comparison.arch.max_position_embeddings - 1
-    sampled = sample_positions(prefill + decode_steps, last, positions)
+    arch = comparison.arch
+    per_position = 2 * len(arch.attention_blocks) * arch.num_kv_heads * arch.head_dim * 4
+    reachable = min(last, MAX_PAST_BYTES // max(per_position, 1))
+    sampled = sample_positions(prefill + decode_steps, reachable, positions)
     for p in sampled:
-        chunk = min(CHUNK_TOKENS, p) if p == last else 1
+        chunk = min(CHUNK_TOKENS, p) if p == sampled[-1] else 1
         comparison.at_position(decoder, cache, p - chunk + 1, torch.randint(0, vocab, (1, chunk),
                                                                              generator=generator))
     del decoder

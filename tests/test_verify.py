@@ -117,3 +117,13 @@ def test_sample_positions_reach_the_last_one():
     assert sample_positions(24, 511, 8) == [85, 146, 207, 268, 328, 389, 450, 511]
     assert sample_positions(24, 8191, 1) == [8191]
     assert sample_positions(600, 511) == [] and sample_positions(0, 10, 0) == []
+
+
+def test_a_past_beyond_the_memory_bound_is_not_sampled(exported, monkeypatch):
+    import d2mc.verify
+
+    model, artifact = exported
+    per_position = 2 * 6 * 2 * 16 * 4  # keys and values of 6 blocks, 2 KV heads of 16, fp32
+    monkeypatch.setattr(d2mc.verify, "MAX_PAST_BYTES", 300 * per_position)
+    result = verify_onnx(model, artifact / "model.onnx")
+    assert result.passed and result.positions[-1] == 300 and result.max_position == 511

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(interrupt_status(exc))
     except click.UsageError as exc:  # a bad option value is the user's mistake too: one line, exit code 1
-        click.echo(f"error: {exc.format_message()} (see {exc.ctx.command_path if exc.ctx else 'd2mc'} --help)", err=True)
+        command = exc.ctx.command_path if exc.ctx else "d2mc"
+        click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
         sys.exit(1)
     except click.ClickException as exc:
         exc.show()

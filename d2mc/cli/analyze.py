@@ -14,7 +14,8 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes, chosen by
 @click.option("--calib-data", type=click.Path(), help="Calibration text; default: the built-in corpus.")
 @click.option("--calib-sequences", type=int, default=16, show_default=True)
 @click.option("--calib-length", type=int, default=256, show_default=True)
-@click.option("--plot", type=click.Path(), help="Write a plot of the influences to this file (.png, .pdf or .svg).")
+@click.option("--plot", type=click.Path(),
+              help="Write a plot of the influences to this file (.png, .pdf or .svg).")
 @json_option
 def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
     """Print block, attention and MLP influence per layer (low = redundant)."""

@@ -29,7 +29,8 @@ def command(model, target, precision, moe_op, no_verify, polygraphy, output, ove
     check_output_path(output, overwrite)
     loaded = load_model(model)
     result = export_onnx(loaded.model, loaded.tokenizer, output, precision=precision, moe_op=moe_op, flavour=target,
-                         verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite, source=loaded.reference)
+                         verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite,
+                         source=loaded.reference)
     if as_json:
         print_json({"path": str(result.path), "target": target, "export_seconds": result.seconds,
                     "verify": result.verify})

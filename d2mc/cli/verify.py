@@ -25,7 +25,8 @@ from d2mc.verify import POSITION_SAMPLES
 @click.option("--prefill", type=int, default=16, show_default=True, help="Tokens of the first prefill.")
 @click.option("--positions", type=int, default=POSITION_SAMPLES, show_default=True,
               help="onnxruntime: decode steps at positions spread up to the end of the model's context.")
-@click.option("--context", type=int, default=64, show_default=True, help="Past tokens of the decode phase (tensorrt).")
+@click.option("--context", type=int, default=64, show_default=True,
+              help="Past tokens of the decode phase (tensorrt).")
 @json_option
 def command(artifact, backend, target, model, measure, prefill, positions, context, as_json):
     """Check ARTIFACT: max |logit difference| against the reference, within the stated tolerance.
@@ -119,7 +120,10 @@ def coverage_lines(v: dict) -> list[str]:
     inputs = f"inputs: positions 0-{first - 1}"
     if v["positions"]:
         inputs += f" and {len(v['positions'])} more up to {v['positions'][-1]}"
-    inputs += f" (context {v['max_position'] + 1})"
+    inputs += f" (context {v['max_position'] + 1}"
+    if v["positions"] and v["positions"][-1] < v["max_position"]:
+        inputs += "; a longer past would exceed the memory bound"
+    inputs += ")"
     forced = v["experts_forced"]
     if forced:
         blocks = f"{len(forced)} MoE block{'s' if len(forced) != 1 else ''}"
