@@ -16,7 +16,8 @@ chosen so that a damage anywhere in what the artifact claims to support shows:
   the router's ``MatMul`` output, fed as a graph input, in a copy of the graph held in memory) and in PyTorch (a
   hook on the router), and a short prefill and decode step run once per expert: round ``r`` forces expert
   ``r`` of every block at once (modulo its number of experts), so ``max experts`` rounds force each expert at
-  least once.
+  least once. With top-k above 1 the next experts get smaller biases, so that the bias makes every choice of the
+  round.
 
 Every attention block's new keys and values (the ``present`` outputs) are compared as well, which names the first
 block whose cache differs. Two tables are read by lookup only, so that sampled inputs would check few of their rows:
@@ -442,14 +443,18 @@ class _Comparison:
         self.step(decoder, tokens, torch_cache, ort_past, past, where, new_rows_only=True)
 
     def forcing(self, decoder: OrtDecoder, experts: dict[int, int], round_: int, ids: torch.Tensor) -> None:
-        """A prefill and one decode step with expert ``round_`` (modulo its count) forced in every MoE block."""
+        """A prefill and one decode step with expert ``round_`` (modulo its count) forced first in every MoE block,
+        and the next ``top_k - 1`` experts after it, in order: the bias decides every choice, so no near tie of the
+        router's logits (which reduced precision may break the other way) decides one."""
+        layers = _blocks(self.model)
         biases = {}
         for block, count in experts.items():
             bias = np.zeros(count, np.float32)
-            bias[round_ % count] = FORCING_BIAS
+            top_k = layers[block].top_k
+            for j in range(top_k):
+                bias[(round_ + j) % count] = FORCING_BIAS * (top_k - j) / top_k
             biases[block] = bias
         feeds = {f"d2mc_router_bias.{b}": bias.astype(decoder.dtype) for b, bias in biases.items()}
-        layers = _blocks(self.model)
         hooks = [layers[b].router.register_forward_hook(_adding(torch.from_numpy(bias))) for b, bias in biases.items()]
         try:
             where = f"expert {round_} forced"
