@@ -86,9 +86,10 @@ class _Expansion:
                                            axis=-1))
         weights = self.op("GatherElements", [probs, indices], axis=-1)
         if a.normalize == 2:
-            weights = self.op("Add", [self.op("Mul", [top, self.const(0.0, np.float32)]), self.const(1.0, np.float32)])
+            weights = self.op("Add", [self.op("Mul", [weights, self.const(0.0, np.float32)]),
+                                      self.const(1.0, np.float32)])
         elif a.normalize:
-            weights = self.op("Div", [top, self.op("ReduceSum", [top, self.const([-1])], keepdims=1)])
+            weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
         total = None
         for s in range(a.num_shared):
             out = self.expert(x, fc1, fc2, s, a)
