@@ -22,8 +22,8 @@ def generate_ids(artifact, prompt: str, *, max_new_tokens: int = 64, sample: boo
                  chat: bool = False) -> Iterator[tuple[int, str]]:
     """Yield ``(token id, its text)`` for each new token (greedy, or sampled when ``sample``), as generated.
 
-    Generation stops at the end of the model's context: ``max_new_tokens`` is a most, and a prompt that fills the
-    context is refused.
+    Generation stops at the end of the model's context (``max_new_tokens`` is an upper bound); a prompt that
+    fills the context is refused.
     """
     from d2mc.targets.onnxruntime import read_artifact
 

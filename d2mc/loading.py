@@ -158,7 +158,8 @@ def _load_directory(path: Path, spec: str, config_only: bool, dtype: str, want_t
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype), output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype),
+                                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot load the weights of '{spec}' ({_first_line(exc)}): the checkpoint may be "
                         "incomplete or corrupt; download it again") from None
@@ -240,7 +241,8 @@ def _load_hub(spec: str, config_only: bool, dtype: str, want_tokenizer: bool) ->
     if config_only:
         return LoadedModel(_model_from_config(config, dtype), None, arch, spec, config_only=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype), output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype),
+                                                           output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot download the weights of '{spec}' ({_first_line(exc)})") from None
     _check_loading_info(info, spec)
