@@ -117,6 +117,11 @@ def check_compile_inputs(options) -> None:
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
     check_context(options.context, positions)
+    if options.tasks:
+        from d2mc.tasks import load_tasks
+
+        check_number(options.task_limit, "--task-limit", minimum=1)
+        load_tasks(options.tasks, options.include_path)
 
 
 def check_recovery_options(options, arch, prefix: str = "--") -> None:

@@ -42,6 +42,9 @@ class CompileOptions:
     prefill: int = 128
     context: int = 512
     overwrite: bool = False
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks scored on the final model
+    include_path: str | None = None  # a directory of task YAML files for ``tasks``
+    task_limit: int | None = None  # documents per task
 
 
 @dataclass
@@ -68,6 +71,7 @@ class CompileState:
     # recovery training
     recovery: dict | None = None  # the trainer's summary
     recovered_ppl: float | None = None
+    tasks: Any = None  # d2mc.tasks.TaskScores of the final model
     # lowering, measurement and engine
     exported: ExportResult | None = None
     latency: LatencyComparison | None = None  # measured here, next to the roofline of this machine
@@ -106,6 +110,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         _import(state)
         _convert(state)
         _recover(state)
+        _score_tasks(state)
         ctx = state.ctx
 
         step("save model")
@@ -181,6 +186,19 @@ def _recover(state: CompileState) -> None:
 
         with state.timed("held-out perplexity (after recovery)"):
             state.recovered_ppl = perplexity(ctx.model, state.eval_windows)
+
+
+def _score_tasks(state: CompileState) -> None:
+    """lm-evaluation-harness tasks on the final PyTorch model, when asked (their names were checked up front)."""
+    options = state.options
+    if not options.tasks:
+        return
+    from d2mc.tasks import evaluate_model_tasks
+
+    with state.timed("tasks (lm-evaluation-harness)"):
+        state.tasks = evaluate_model_tasks(state.ctx.model, state.ctx.tokenizer, options.tasks,
+                                           include_path=options.include_path, limit=options.task_limit,
+                                           source=options.model)
 
 
 def _lower(state: CompileState) -> None:

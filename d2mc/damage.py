@@ -4,7 +4,9 @@
 post-attention) hidden state. The damage of one action (a block replacing layers ``first..last``) is then measured
 from the kept hidden state at ``first``: the action's block, then the parent's remaining layers, then the LM head,
 and the mean next-token loss against the dense model's on the same tokens (nats per token; ``exp`` of it is the
-perplexity ratio). A whole plan is measured from the embedding. Fused blocks get their router (and expert output
+perplexity ratio). A whole plan is measured from the embedding. :meth:`DamageProbe.local_error` is the cheap
+screen before that: only the action's block runs, and its output is compared with the dense model's after
+``last``. Fused blocks get their router (and expert output
 scales) fitted on the dense model's own activations, as ``insert-router`` fits them; the dense model is never
 changed (fused experts are copies).
 """
@@ -63,6 +65,29 @@ class DamageProbe:
             for batch in batches(self.calibration, self.batch_size):
                 self.probe.model(batch, use_cache=False)
         return [torch.cat(x) for x in inputs], [torch.cat(x) for x in mids]
+
+    @torch.no_grad()
+    def local_error(self, first: int, last: int, plan: BlockPlan | None) -> float:
+        """How far the block ``plan`` (None: nothing) lands from the dense model's hidden state after ``last``,
+        from the recorded input at ``first``: the squared error relative to that hidden state's squared norm."""
+        target = self.inputs[last + 1]
+        if plan is None:
+            return float((self.inputs[first] - target).pow(2).sum() / target.pow(2).sum())
+        block = self.block(plan)
+        outputs = []
+        handle = block.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out.float()),
+                                             with_kwargs=True)
+        model = self.probe.model
+        kept = model.layers
+        model.layers = nn.ModuleList([block])
+        try:
+            for start in range(0, self.calibration.shape[0], self.batch_size):
+                model(inputs_embeds=self.inputs[first][start: start + self.batch_size].to(self.probe.dtype),
+                      use_cache=False)
+        finally:
+            model.layers = kept
+            handle.remove()
+        return float((torch.cat(outputs) - target).pow(2).sum() / target.pow(2).sum())
 
     @torch.no_grad()
     def _loss_from(self, start: int, blocks: Sequence[nn.Module]) -> float:

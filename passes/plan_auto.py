@@ -74,8 +74,11 @@ class PlanAuto(Pass):
     Per parent layer the plan keeps it, drops its attention, fuses its MLP as an expert of the block before it
     (groups of at most ``max_group`` layers; top-1 or top-2, with or without the kept layer's MLP as a shared
     expert), or drops it. Candidates are the ``candidate_share`` of the interior layers of lowest block influence
-    (analyze-redundancy). Each action's damage is the calibration-loss increase measured with that action alone
-    (on the first ``probe_sequences`` calibration sequences, :class:`d2mc.damage.DamageProbe`); the search
+    (analyze-redundancy). Every action is screened by its local error (only its block runs: how far it lands from
+    the dense hidden state after its layers); the ``screen`` actions of least local error of each kind, group
+    size and routing go on, the others are left out. Each of those is measured: the calibration-loss increase
+    with that action alone (on the first ``probe_sequences`` calibration sequences,
+    :class:`d2mc.damage.DamageProbe`). The search
     (:func:`d2mc.planner.pareto_plans`) gives the least damaging plan at every predicted latency. The best plan under
     the budget, and the best of each restricted search (fusion only, fused pairs, attention only, layers only), are
     then measured whole; the additive model is refitted on them (one factor per kind of action), searched again,
@@ -88,24 +91,25 @@ class PlanAuto(Pass):
 
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
                  precision: str = "fp16", max_group: int = 3, candidate_share: float = 0.7, shapes: bool = True,
-                 probe_sequences: int = 2, batch_size: int = 2, progress: Callable[[str], None] | None = None):
+                 screen: int = 6, probe_sequences: int = 2, batch_size: int = 2,
+                 progress: Callable[[str], None] | None = None):
         if (budget_ms is None) == (speedup is None):
             raise UserError("--method auto needs exactly one of --budget-ms or --speedup")
         if budget_ms is not None and not budget_ms > 0:
             raise UserError(f"--budget-ms must be positive, not {budget_ms}")
         if speedup is not None and not speedup >= 1:
             raise UserError(f"--speedup must be at least 1, not {speedup}")
-        if max_group < 2 or not 0 < candidate_share <= 1 or probe_sequences < 1:
-            raise UserError("--max-group must be at least 2, the candidate share in (0, 1] and the probe at least "
-                            "one sequence")
+        if max_group < 2 or not 0 < candidate_share <= 1 or probe_sequences < 1 or screen < 1:
+            raise UserError("--max-group must be at least 2, the candidate share in (0, 1], and the screen and the "
+                            "probe at least 1")
         self.budget_ms, self.speedup, self.context, self.precision = budget_ms, speedup, context, precision
-        self.max_group, self.candidate_share, self.shapes = max_group, candidate_share, shapes
+        self.max_group, self.candidate_share, self.shapes, self.screen = max_group, candidate_share, shapes, screen
         self.probe_sequences, self.batch_size, self.progress = probe_sequences, batch_size, progress
 
     def run(self, ctx: Context) -> PassResult:
         from d2mc.damage import DamageProbe
 
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         n = ctx.arch.num_blocks
         costs = decode_costs(ctx.arch, ctx.profile, self.context, self.precision)
         target = self.budget_ms * 1e-3 if self.budget_ms is not None else costs.dense / self.speedup
@@ -120,13 +124,22 @@ class PlanAuto(Pass):
                 f"{fastest * 1e3:.3f} ms (dense {costs.dense * 1e3:.3f} ms): ask for at most "
                 f"{math.floor(costs.dense / fastest * 100) / 100:.2f}x (--speedup) or at least "
                 f"{math.ceil(fastest * 1e6) / 1e3:.3f} ms (--budget-ms)")
-        self._say(f"measuring {len(actions)} actions on {self.probe_sequences} calibration sequences")
         probe = DamageProbe(ctx.model, ctx.calibration[: self.probe_sequences], self.batch_size)
+        local = {a: probe.local_error(a.first, a.last, a.block) for a in actions}
+        screen = self.screen
+        screened = self._screened(actions, local, screen)
+        while screen < len(actions) and best_within(pareto_plans(
+                n, [ScoredAction(a, seconds[a], 0.0) for a in screened], costs.keep, costs.outside), target) is None:
+            screen *= 2  # the budget needs more of the screened-out actions
+            screened = self._screened(actions, local, screen)
+        self._say(f"screened {len(actions)} actions by local error, measuring {len(screened)} "
+                  f"[{time.perf_counter() - start:.0f} s]")
         damages = {}
-        for i, a in enumerate(actions):
+        for i, a in enumerate(screened):
             damages[a] = probe.action_damage(a.first, a.last, a.block)
-            if (i + 1) % 10 == 0 or i + 1 == len(actions):
-                self._say(f"measured {i + 1}/{len(actions)} actions [{time.perf_counter() - start:.0f} s]")
+            if (i + 1) % 10 == 0 or i + 1 == len(screened):
+                self._say(f"measured {i + 1}/{len(screened)} actions [{time.perf_counter() - start:.0f} s]")
+        actions = screened
 
         def search(damage_of: dict) -> dict[str, PlanChoice]:
             scored = [ScoredAction(a, seconds[a], damage_of[a]) for a in actions]
@@ -165,20 +178,30 @@ class PlanAuto(Pass):
             "target_ms": target * 1e3, "dense_ms": costs.dense * 1e3, "context": self.context,
             "precision": self.precision, "profile": ctx.profile.name,
             "candidates": sorted({layer for a in actions for layer in a.layers}),
-            "probe_tokens": int(ctx.calibration[: self.probe_sequences].numel()),
+            "probe_tokens": int(ctx.calibration[: self.probe_sequences].numel()), "screen": screen,
             "dense_loss": probe.dense_loss, "correction": factors,
             "chosen": chosen.to_dict(),
             "alternatives": [{"search": names.get(p.actions, "corrected"), **rescore(p, damages).to_dict(),
                               "corrected_damage": rescore(p, corrected_damages).damage}
                              for p in sorted(measured.values(), key=lambda p: p.measured)],
             "actions": [{"action": a.label, "kind": a.kind, "block_ms": seconds[a] * 1e3,
-                         "saved_ms": (costs.keep * len(a.layers) - seconds[a]) * 1e3, "damage": damages[a]}
-                        for a in actions],
+                         "saved_ms": (costs.keep * len(a.layers) - seconds[a]) * 1e3, "local_error": local[a],
+                         "damage": damages.get(a)} for a in local],
             "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - start_cpu,  # every thread's: wall time is this over the cores used
         }
         log.info("plan: %s", reason)
         return PassResult(summary={"plan": chosen.label, "reason": reason,
                                    "measured_plans": len(measured), "actions": len(actions)})
+
+    @staticmethod
+    def _screened(actions: list, local: dict, screen: int) -> list:
+        """The ``screen`` actions of least local error of each kind, group size and routing, in their order."""
+        buckets: dict[tuple, list] = {}
+        for a in actions:
+            buckets.setdefault((a.kind, len(a.layers), a.shape), []).append(a)
+        kept = {a for bucket in buckets.values() for a in sorted(bucket, key=local.get)[:screen]}
+        return [a for a in actions if a in kept]
 
     def _candidates(self, block_influence: list[float]) -> list[int]:
         """The interior layers of lowest block influence, ``candidate_share`` of them."""

@@ -18,12 +18,17 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 @click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
 @click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode phase.")
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
+@click.option("--tasks", help="lm-evaluation-harness tasks scored on the final model, comma-separated (e.g. "
+                              "hellaswag,arc_easy; pip install 'd2mc[eval]').")
+@click.option("--include-path", type=click.Path(), help="A directory of your own task YAML files (--tasks).")
+@click.option("--task-limit", type=int, help="Score at most this many documents per task (--tasks).")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
 @pipeline_recovery_options
 @quiet_option
 @json_option
-def command(model, target, eval_tokens, prefill, context, no_measure, output, overwrite, quiet, as_json, **plan):
+def command(model, target, eval_tokens, prefill, context, no_measure, tasks, include_path, task_limit, output,
+            overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -37,7 +42,7 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
 
-    if plan["recipe"] is None and plan["method"] in PLANNED_METHODS and not any(
+    if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
@@ -45,6 +50,8 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
                              measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
+                             tasks=tuple(tasks.split(",")) if tasks is not None else (),
+                             include_path=include_path, task_limit=task_limit,
                              conversion=convert_options_from(None, **plan))
     options.conversion.recovery = recovery
     check_compile_inputs(options)
@@ -73,6 +80,8 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
                  else " (no recovery training)")
         out.print(f"held-out perplexity ({ppl['tokens']} tokens): dense {ppl['dense']:.2f} -> converted "
                   f"{ppl['converted']:.2f}{after}")
+    for task in (report["tasks"] or {}).get("tasks", []):
+        out.print(f"task {task['task']}: " + ", ".join(f"{m['name']} {m['value']:.4f}" for m in task["metrics"]))
     if report["recovery"]:
         r = report["recovery"]
         out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
