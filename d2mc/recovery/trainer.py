@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from d2mc.recovery.losses import balance_loss, kl_full, kl_topk
+from d2mc.recovery.losses import balance_loss, hidden_loss, kl_full, kl_topk
 from d2mc.recovery.options import RecoveryOptions
-from d2mc.recovery.trainable import routed_blocks
+from d2mc.recovery.trainable import block_boundaries, routed_blocks
 
 
 def trainer_classes():
@@ -19,16 +19,25 @@ def trainer_classes():
     from transformers import Trainer, TrainerCallback
 
     class DistillationTrainer(Trainer):
-        """Trainer whose loss is CE + KL to the teacher + router balance (see :mod:`d2mc.recovery`)."""
+        """Trainer whose loss is CE + KL to the teacher + router balance, and with ``hidden_weight`` the hidden-state
+        loss at the boundaries of converted blocks (see :mod:`d2mc.recovery`)."""
 
         def __init__(self, *args, teacher=None, recovery: RecoveryOptions, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher, self.recovery = teacher, recovery
             self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean; the Trainer scales for GA
             self._router_logits: list[tuple[torch.Tensor, int]] = []
-            self._parts: dict[str, list[torch.Tensor]] = {"ce": [], "kl": [], "balance": []}
+            self._parts: dict[str, list[torch.Tensor]] = {"ce": [], "kl": [], "balance": [], "hidden": []}
             self._hooks = [block.router.register_forward_hook(self._collector(getattr(block, "top_k", 1)))
                            for block in routed_blocks(self.model)]
+            self._hidden: dict[str, dict[int, torch.Tensor]] = {"student": {}, "teacher": {}}
+            self._boundaries = block_boundaries(self.model) if recovery.hidden_weight else []
+            if self._boundaries and teacher is None:
+                raise ValueError("the hidden-state loss needs the teacher model")
+            for block, layer in self._boundaries:
+                self._hooks.append(self.model.model.layers[block].register_forward_hook(
+                    self._keeper("student", block)))
+                self._hooks.append(teacher.model.layers[layer].register_forward_hook(self._keeper("teacher", block)))
             if teacher is not None:
                 teacher.to(self.args.device)
 
@@ -37,6 +46,12 @@ def trainer_classes():
                 self._router_logits.append((output, k))
 
             return collect
+
+        def _keeper(self, side: str, block: int):
+            def keep(module, args, output):
+                self._hidden[side][block] = output[0] if isinstance(output, tuple) else output
+
+            return keep
 
         def remove_hooks(self) -> None:
             for handle in self._hooks:
@@ -54,15 +69,22 @@ def trainer_classes():
                                                  ids[:, 1:].reshape(-1))
                 loss = loss + r.ce_weight * ce
                 self._parts["ce"].append(ce.detach())
+            teacher_logits = None
+            if (r.kl_weight and "teacher_logprobs" not in inputs) or self._boundaries:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
             if r.kl_weight:
                 if "teacher_logprobs" in inputs:
                     kl = kl_topk(logits, inputs["teacher_logprobs"], inputs["teacher_indices"], r.temperature)
                 else:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
                     kl = kl_full(logits, teacher_logits, r.temperature)
                 loss = loss + r.kl_weight * kl
                 self._parts["kl"].append(kl.detach())
+            if self._boundaries:
+                student, teacher = self._hidden["student"], self._hidden["teacher"]
+                hidden = hidden_loss([(student.pop(b), teacher.pop(b)) for b, _ in self._boundaries])
+                loss = loss + r.hidden_weight * hidden
+                self._parts["hidden"].append(hidden.detach())
             balance = balance_loss(self._router_logits)
             self._router_logits.clear()
             if balance is not None:
@@ -107,7 +129,7 @@ def trainer_classes():
             elapsed = time.perf_counter() - self.start
             rate = done * self.tokens_per_step * args.world_size / max(elapsed, 1e-9)
             eta = (state.max_steps - state.global_step) * elapsed / max(done, 1)
-            parts = ", ".join(f"{k} {logs[k]:.4f}" for k in ("ce", "kl", "balance") if k in logs)
+            parts = ", ".join(f"{k} {logs[k]:.4f}" for k in ("ce", "kl", "balance", "hidden") if k in logs)
             self.progress(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f} ({parts}), "
                           f"{rate:,.0f} tokens/s, ETA {duration(eta)}")
 
