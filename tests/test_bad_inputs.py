@@ -128,7 +128,7 @@ ROWS = [
     (["targets", "{binary-toml}"], "device profile '{binary-toml}': not valid TOML", True),
     (["targets", "{nan-free-bad-toml}"], "device profile '{nan-free-bad-toml}': field 'kind' must be one of", True),
     # profile
-    (["profile"], "give a MODEL (or --calibrate)", True),
+    (["profile"], "give a MODEL (or --measure-host)", True),
     (["profile", T, "--target", "{dir-toml}"], "device profile '{dir-toml}' is a directory", True),
     (["profile", T, "-o", "{notes-txt}/out"], "cannot write '{notes-txt}/out': '{notes-txt}' is a file", True),
     (["profile", T, "-o", "{victim}", "--overwrite"], "'{victim}' was not written by d2mc", True),
@@ -137,10 +137,10 @@ ROWS = [
     (["profile", T, "-o", ".", "--overwrite"], "output '.' is the working directory or a directory above it", True),
     (["profile", T, "-o", "..", "--overwrite"], "output '..' is the working directory or a directory above it",
      True),
-    (["profile", "--calibrate", "-o", "{notes-txt}"], "'{notes-txt}' has no .toml extension", True),
-    (["profile", "--calibrate", "-o", "{binary-toml}", "--overwrite"], "'{binary-toml}' was not written by d2mc",
+    (["profile", "--measure-host", "-o", "{notes-txt}"], "'{notes-txt}' has no .toml extension", True),
+    (["profile", "--measure-host", "-o", "{binary-toml}", "--overwrite"], "'{binary-toml}' was not written by d2mc",
      True),
-    (["profile", "--calibrate", "-o", "{profile-toml}"], "output '{profile-toml}' already exists", True),
+    (["profile", "--measure-host", "-o", "{profile-toml}"], "output '{profile-toml}' already exists", True),
     # analyze
     (["analyze", T, "--plot", "{notes-txt}/x.png"], "cannot write '{notes-txt}/x.png': '{notes-txt}' is a file",
      True),
