@@ -183,6 +183,7 @@ ROWS = [
     (["recover", T, "-o", "out", "--steps", "1"], "'{tiny}' is not a converted model", False),
     (["recover", T, "-o", "{old-output}"], "output '{old-output}' already exists", True),
     (["recover", T, "-o", "out", "--steps", "-1"], "recovery steps must be zero or more", True),
+    (["recover", T, "-o", "out", "--warmup", "-1"], "--warmup must be zero or more", True),
     (["recover", T, "-o", "out", "--lr", "0"], "the learning rate and the temperature must be positive", True),
     (["recover", T, "-o", "out", "--lr", "nan"], "--lr must be a finite number, not nan", True),
     (["recover", T, "-o", "out", "--seq-len", "9999"], "--seq-len 9999 is longer than the model's 512 positions",
