@@ -11,7 +11,7 @@ from d2mc.arch import ModelArch
 from d2mc.context import Context
 from d2mc.data import calibration_batch
 from d2mc.errors import UserError
-from d2mc.loading import LoadedModel
+from d2mc.loading import LoadedModel, Placement, needed_bytes, training_bytes
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import Pass, PassManager, create_pass, load_recipe
 from d2mc.plan import METHODS, PLANNED_METHODS
@@ -120,6 +120,14 @@ def recipe_method(passes: list[Pass], path: str) -> str:
         raise UserError(f"recipe '{path}' converts nothing: it needs 'plan-fusion', 'split-experts' or 'upcycle' "
                         f"among its passes")
     return method
+
+
+def conversion_bytes(arch: ModelArch, placement: Placement, options: ConvertOptions) -> int:
+    """Estimated peak memory of converting (and, when the options ask for it, recovering) a model of ``arch``."""
+    needed = needed_bytes(arch, placement.dtype, "convert")
+    if recovers(options):
+        needed = max(needed, training_bytes(arch, placement))
+    return needed
 
 
 def recovers(options: ConvertOptions) -> bool:
