@@ -11,9 +11,10 @@ from d2mc.arch import ModelArch
 from d2mc.context import Context
 from d2mc.data import calibration_batch
 from d2mc.errors import UserError
-from d2mc.loading import LoadedModel, Placement, needed_bytes, training_bytes
+from d2mc.loading import LoadedModel
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import Pass, PassManager, create_pass, load_recipe
+from d2mc.placement import Placement, needed_bytes, training_bytes
 from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs

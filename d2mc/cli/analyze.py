@@ -24,9 +24,10 @@ def command(model, calib_data, calib_sequences, calib_length, plot, device, dtyp
     from d2mc.context import Context
     from d2mc.data import calibration_batch, read_text
     from d2mc.errors import UserError
-    from d2mc.loading import load_model, resolve_placement
+    from d2mc.loading import load_model
     from d2mc.outputs import atomic_output_file, check_output_file
     from d2mc.pipeline import PassManager, create_pass
+    from d2mc.placement import resolve_placement
 
     placement = resolve_placement(device, dtype)
     check_number(calib_sequences, "--calib-sequences", minimum=1)

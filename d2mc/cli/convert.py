@@ -101,8 +101,9 @@ def command(model, target, output, overwrite, device, dtype, quiet, as_json, **p
     """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
     from d2mc.checks import check_conversion_inputs
     from d2mc.convert import conversion_bytes, convert, save_converted
-    from d2mc.loading import check_memory, load_model, resolve_placement
+    from d2mc.loading import load_model
     from d2mc.outputs import check_output_path
+    from d2mc.placement import check_memory, resolve_placement
     from d2mc.recovery import remove_checkpoints
 
     check_output_path(output, overwrite)

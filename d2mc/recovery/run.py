@@ -14,7 +14,7 @@ import torch
 
 from d2mc.data import perplexity
 from d2mc.errors import OptionError, UserError
-from d2mc.loading import resolve_placement
+from d2mc.placement import resolve_placement
 from d2mc.recovery.checkpoints import prepare_checkpoint_dir
 from d2mc.recovery.data import (
     StreamedWindows,
@@ -34,6 +34,13 @@ from d2mc.recovery.processes import is_main_process, world_size
 from d2mc.recovery.trainable import changed_blocks, router_gradients, trainable, trainable_parameters
 from d2mc.recovery.trainer import trainer_classes
 from d2mc.teacher import own_parameters
+
+
+def _checkpointing_argument() -> str:
+    from transformers import TrainingArguments
+
+    return "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else \
+        "gradient_checkpointing"
 
 
 def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_windows: torch.Tensor | None = None,
@@ -72,6 +79,7 @@ def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_wi
     if checkpoint_dir is None:
         temporary = checkpoint_dir = tempfile.mkdtemp(prefix="d2mc-recover-")
     streamed = isinstance(dataset, StreamedWindows)
+    checkpointing = _checkpointing_argument()  # transformers 5.24 renamed gradient_checkpointing
     args = TrainingArguments(
         output_dir=checkpoint_dir, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr,
@@ -81,7 +89,7 @@ def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_wi
         save_steps=options.save_steps, save_total_limit=options.save_limit, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not placement.on_gpu,
         bf16=options.dtype == "bf16", fp16=options.dtype == "fp16",
-        activation_checkpointing=options.gradient_checkpointing,
+        **{checkpointing: options.gradient_checkpointing},
         ignore_data_skip=streamed,  # a stream resumes at its kept position instead of reading through the past
         ddp_backend=("nccl" if placement.on_gpu else "gloo") if world_size() > 1 else None,
         ddp_find_unused_parameters=True)
