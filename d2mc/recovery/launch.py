@@ -41,7 +41,8 @@ def read_launch_config(path: str | Path, dtype: str) -> LaunchConfig:
     """Read an accelerate config (YAML or JSON) and refuse, in one line, one this machine or the installed packages
     cannot run: DeepSpeed without the package, FSDP without a GPU (accelerate runs FSDP only on GPUs and quietly
     falls back to DDP on a CPU), FSDP version 1 (d2mc shards the teacher with version 2), fp16 without a GPU, a GPU
-    type on a machine without one, or a mixed precision other than the run's ``dtype``."""
+    type on a machine without one (with ``use_cpu: true`` a MULTI_GPU config runs DDP over gloo on the CPU), several
+    MULTI_CPU processes without mpirun, or a mixed precision other than the run's ``dtype``."""
     import torch
     import yaml
     from accelerate.utils import DistributedType
@@ -84,12 +85,18 @@ def read_launch_config(path: str | Path, dtype: str) -> LaunchConfig:
     if kind == "FSDP" and config.fsdp_version != 2:
         raise OptionError(f"{{accelerate_config}} '{path}' asks for FSDP version {config.fsdp_version}: d2mc "
                           "shards the teacher with FSDP version 2; set fsdp_config.fsdp_version: 2")
-    if kind in ("FSDP", "MULTI_GPU", "DEEPSPEED") and not gpu:
-        engine = {"FSDP": "FSDP", "MULTI_GPU": "multi-GPU DDP", "DEEPSPEED": "DeepSpeed"}[kind]
-        why = "the config sets use_cpu" if torch.cuda.is_available() else "this machine has none"
-        raise OptionError(f"{{accelerate_config}} '{path}' asks for {engine}, which accelerate "
-                          f"{version('accelerate')} runs only on GPUs, and {why}: launch with distributed_type "
-                          "MULTI_CPU on a CPU")
+    why = "the config sets use_cpu" if torch.cuda.is_available() else "this machine has none"
+    if kind in ("FSDP", "DEEPSPEED") and not gpu:
+        raise OptionError(f"{{accelerate_config}} '{path}' asks for {'FSDP' if kind == 'FSDP' else 'DeepSpeed'}, "
+                          f"which accelerate {version('accelerate')} runs only on GPUs, and {why}: on a CPU launch "
+                          "DDP (distributed_type MULTI_GPU with use_cpu: true)")
+    if kind == "MULTI_GPU" and not gpu and not data.get("use_cpu", False):
+        raise OptionError(f"{{accelerate_config}} '{path}' asks for GPUs and this machine has none: set use_cpu: "
+                          "true to run DDP over gloo on the CPU")
+    if kind == "MULTI_CPU" and config.num_processes > 1 and not data.get("mpirun_hostfile"):
+        raise OptionError(f"{{accelerate_config}} '{path}': accelerate starts several MULTI_CPU processes through "
+                          "mpirun (mpirun_hostfile), which the config does not name; on one machine use "
+                          "distributed_type MULTI_GPU with use_cpu: true (DDP over gloo)")
     if precision == "fp16" and not gpu:
         raise OptionError(f"{{accelerate_config}} '{path}': fp16 mixed precision needs a GPU; use bf16 or no")
     if config.dtype != dtype:
