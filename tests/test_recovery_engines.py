@@ -167,6 +167,20 @@ def test_a_ddp_config_launches_d2mc_under_accelerate(tmp_path):
         "out"]
 
 
+def shipped_configs() -> list[str]:
+    """The accelerate configs of docs/recovery.md, each a ```yaml block."""
+    text = (ROOT / "docs" / "recovery.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+def test_the_configs_in_the_docs_pass_the_check_on_a_gpu_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    configs = [read_launch_config(config(tmp_path, text), "bf16") for text in shipped_configs()]
+    assert [(c.distributed_type, c.num_processes, c.num_machines, c.fsdp_version) for c in configs] == [
+        ("NO", 1, 1, None), ("FSDP", 8, 1, 2), ("FSDP", 16, 2, 2)]
+    assert {c.dtype for c in configs} == {"bf16"}
+
+
 @pytest.mark.slow
 def test_recover_with_an_accelerate_config_runs_ddp_in_two_processes(tmp_path):
     """``d2mc recover --accelerate-config``: checked, then accelerate launch starts two gloo processes."""

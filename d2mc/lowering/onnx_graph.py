@@ -47,6 +47,7 @@ from d2mc.lowering.experts import LoweredBlock, lower_experts
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
+LM_HEAD_TABLE = "lm_head.weight_t"  # [hidden, vocab]; with tied embeddings also the token embedding, by column
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,11 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     else:
         attend = FusedAttention(g, arch)
 
-    embed = g.weight("embed_tokens", model.model.embed_tokens.weight)
-    residual = g.op1("Gather", [embed, "input_ids"])
+    logits_w = g.weight(LM_HEAD_TABLE, model.lm_head.weight.T)
+    if embedding_is_tied(model):  # the head's table, gathered by column ([hidden, batch, seq]), is the embedding
+        residual = g.op1("Transpose", [g.op1("Gather", [logits_w, "input_ids"], axis=1)], perm=[1, 2, 0])
+    else:
+        residual = g.op1("Gather", [g.weight("embed_tokens", model.model.embed_tokens.weight), "input_ids"])
     delta = None
     attention_idx = 0
     for b, block in enumerate(blocks):
@@ -125,8 +129,6 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    lm_weight = model.lm_head.weight
-    logits_w = g.weight("lm_head.weight_t", lm_weight.T)
     g.op("MatMul", [normed, logits_w], ["logits"])
 
     graph = helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
@@ -140,6 +142,11 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     return path
+
+
+def embedding_is_tied(model) -> bool:
+    """Whether the LM head and the token embedding are one tensor (then the graph stores it once)."""
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def _blocks_of(model) -> list[LoweredBlock]:
