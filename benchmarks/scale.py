@@ -1,12 +1,15 @@
 """Time and peak host memory of convert and export against model size.
 
 Models with random weights and the shapes of real ones (SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B; tied
-embeddings, the 1B with llama3 rope scaling) are made in code and saved with the SmolLM2 tokenizer. Each stage runs
-as its own ``d2mc`` process, on the CPU in fp32: ``d2mc convert`` (LF-UC removing a quarter of the attention
-modules, block-wise reconstruction, 8 calibration sequences of 128 tokens) and ``d2mc export`` of the converted
-model (ONNX Runtime format, fp32, verified against PyTorch). Peak memory is the process's maximum resident set
-(``wait4``), so it includes the Python process with torch and ONNX Runtime imported. A size whose estimated peak
-(:mod:`d2mc.placement`) does not fit the memory available is left out, and the table says so.
+embeddings, the 1B with llama3 rope scaling) are made in code and saved with the SmolLM2 tokenizer. The 1B-shaped
+model keeps 8192 of Llama-3.2-1B's 131072 positions: verification decodes at the last position after a past of
+that length, whose KV cache alone would be 8.6 GB in fp32 on each side. Each stage runs as its own ``d2mc``
+process, on the CPU in fp32: ``d2mc convert`` (LF-UC removing a quarter of the attention modules, 8 calibration
+sequences of 128 tokens, 2 steps of block-wise reconstruction: enough to reach its memory peak, the trained experts
+with their gradients and AdamW state; the default 150 steps take longer, not more memory) and ``d2mc export`` of
+the converted model (ONNX Runtime format, fp32, verified against PyTorch). Peak memory is the process's maximum
+resident set (``wait4``), so it includes the Python process with torch and ONNX Runtime imported. A size whose
+estimated peak (:mod:`d2mc.placement`) does not fit the memory available is left out, and the table says so.
 
     python benchmarks/scale.py [--sizes 135m,360m,1b] [--json out.json]
 """
@@ -33,12 +36,12 @@ SHAPES = {
              "num_key_value_heads": 5, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
              "rms_norm_eps": 1e-5},
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 8192,
            "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192}},
 }
-CALIB = ["--calib-sequences", "8", "--calib-length", "128"]
+CALIB = ["--calib-sequences", "8", "--calib-length", "128", "--reconstruct-steps", "2"]
 
 MAKE_MODEL = """
 import sys, torch
