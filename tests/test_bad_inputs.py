@@ -209,7 +209,7 @@ ROWS = [
     (["analyze", "{huge}"], "running this 1216.37B-parameter model in fp32 needs about 5891.7 GiB of memory", True),
     (["convert", "{huge}", "--plan", "2-3", "-o", "out", "--dtype", "bf16"],
      "converting this 1216.37B-parameter model in bf16 needs about", True),
-    (["export", "{huge}", "-o", "out"], "running this 1216.37B-parameter model in fp32 needs about", True),
+    (["export", "{huge}", "-o", "out"], "exporting this 1216.37B-parameter model in fp32 needs about", True),
     (["recover", T, "-o", "out", "--accelerate-config", "/no/such.yaml"], "--accelerate-config: no such file", True),
     (["recover", T, "-o", "out", "--accelerate-config", "{fsdp1-yaml}"],
      "--accelerate-config '{fsdp1-yaml}' asks for FSDP version 1: d2mc shards the teacher with FSDP version 2", True),
