@@ -39,6 +39,7 @@ class CompileOptions:
     conversion: ConvertOptions = field(default_factory=lambda: ConvertOptions(speedup=1.2))
     eval_tokens: int = 4096
     measure: bool = True
+    host_profile: str | None = None  # this machine's profile for judging the measurement (d2mc.host_profile)
     prefill: int = 128
     context: int = 512
     overwrite: bool = False
@@ -203,7 +204,8 @@ def _measure(state: CompileState) -> None:
     with state.timed("measure (ONNX Runtime, this machine)"):
         measurement = measure_onnx(state.out / ONNX_DIR / "model.onnx", state.options.prefill,
                                    state.options.context, vocab=arch.vocab_size)
-        state.latency = compare_latency(arch, state.profile, measurement, precision="fp32", all_logits=True)
+        state.latency = compare_latency(arch, state.profile, measurement, precision="fp32", all_logits=True,
+                                        host=state.options.host_profile, progress=state.say)
 
 
 def _engine(state: CompileState, final: Path) -> None:

@@ -340,7 +340,7 @@ def _check_number(value, key: str, fail) -> None:
         fail(key, f"must be a number, not {value!r}")
     if not math.isfinite(value):
         fail(key, f"must be a finite number, not {value}")
-    if value < 0 or (value == 0 and key != "kernel_overhead_us"):
+    if value < 0 or (value == 0 and not key.endswith("kernel_overhead_us")):
         fail(key, f"must be positive, not {value}")
 
 
