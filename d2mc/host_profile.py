@@ -142,6 +142,7 @@ class HostMeasurement:
     points: list[FitPoint] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
     seconds: float = 0.0
+    other_cores: float = 0.0  # CPU other processes used while it ran, in cores
 
     def _efficiencies(self, fit: RuntimeFit) -> dict[str, float]:
         return {"bandwidth_efficiency": min(1.0, fit.bandwidth_gbps / self.bandwidth_gbps),
@@ -206,6 +207,7 @@ attention = {e['attention']:.4f}
 {machine}
 [source]
 runtime = "the runtime d2mc's artifacts run on here; the efficiencies and the overhead above are its own"
+machine = "the machine the figures were measured on, in {self.seconds:.0f} s while other processes used {self.other_cores:.1f} of its {os.cpu_count()} cores"
 memory_bandwidth_gbps = "measured: the faster of a plain reduction over 512 MB ({self.stream_gbps:.1f} GB/s) and fp32 matrix-vector products streaming 256 MB of {shapes} weights, medians, {self.threads} threads"
 memory_gb = "measured: physical memory reported by the operating system"
 tensorrt_precisions = "TensorRT does not run on CPUs"
@@ -533,20 +535,27 @@ def fit_runtime(runtime: str, points: list[FitPoint]) -> RuntimeFit:
 def measure_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> HostMeasurement:
     """Measure this machine (memory bandwidth, matrix throughput per precision) and fit the roofline's efficiencies
     and per-kernel overheads to runs of the fit models on each runtime (see the module text)."""
+    from d2mc.measure import OtherLoad
+
     say = progress or log.info
     start = time.perf_counter()
-    say("memory bandwidth (matrix-vector products and a streaming read)")
-    stream = measure_stream_bandwidth()
-    bandwidth = max(measure_gemv_bandwidth(), stream)
-    tflops = {}
-    for name, dtype in MEASURED_PRECISIONS.items():
-        say(f"matrix throughput ({name})")
-        # half precisions run far slower than fp32 on most CPUs: their shorter prompts are enough
-        tflops[name] = measure_matmul_tflops(dtype, GEMM_SHAPES if name == "fp32" else GEMM_SHAPES[:4])
-    if "onnxruntime-cpu" in runtimes:
-        say(f"matrix throughput ({QUANTIZED_COMPUTE}, MatMulNBits)")
-        tflops[QUANTIZED_COMPUTE] = measure_nbits_tflops()
-    points = measure_fit_points(runtimes, say)
+    with OtherLoad() as load:
+        say("memory bandwidth (matrix-vector products and a streaming read)")
+        stream = measure_stream_bandwidth()
+        bandwidth = max(measure_gemv_bandwidth(), stream)
+        tflops = {}
+        for name, dtype in MEASURED_PRECISIONS.items():
+            say(f"matrix throughput ({name})")
+            # half precisions run far slower than fp32 on most CPUs: their shorter prompts are enough
+            tflops[name] = measure_matmul_tflops(dtype, GEMM_SHAPES if name == "fp32" else GEMM_SHAPES[:4])
+        if "onnxruntime-cpu" in runtimes:
+            say(f"matrix throughput ({QUANTIZED_COMPUTE}, MatMulNBits)")
+            tflops[QUANTIZED_COMPUTE] = measure_nbits_tflops()
+        points = measure_fit_points(runtimes, say)
+    cores = os.cpu_count() or 1
+    if load.cores > cores / 2:
+        log.warning("other processes used %.1f of %d cores while this machine was measured: its profile may be too "
+                    "slow; measure again when it is quieter (--host-profile measure)", load.cores, cores)
     fits = [fit_runtime(runtime, points) for runtime in runtimes]
     # the profile keeps the raw figures and each runtime's fraction of them: a fit above a raw figure raises it
     bandwidth = max([bandwidth] + [f.bandwidth_gbps for f in fits]
@@ -558,7 +567,7 @@ def measure_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> HostMea
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     machine = {**machine_key(), "measured": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
     return HostMeasurement(bandwidth, tflops, memory_gb, torch.get_num_threads(), stream, fits, points, machine,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, load.cores)
 
 
 def write_profile(measurement: HostMeasurement | str, path: str | Path, name: str = HOST_PROFILE) -> Path:

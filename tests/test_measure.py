@@ -264,12 +264,12 @@ def _main(*args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "host-cpu", "--host-profile", "fastest"],
-     "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'"),
     (["--prefill", "-1"], "--prefill must be a positive whole number, not -1"),
     (["--precision", "fp7"], "unknown precision 'fp7'"),
     (["--context", "600"], "--context 600 is past the model's maximum of 512 positions"),
     (["--measure"], "--measure runs the model: drop --config-only"),
+    (["--target", "host-cpu", "--host-profile", "fastest"],
+     "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'"),
 ])
 def test_profile_cli_errors_are_one_line(tiny_checkpoint, capsys, args, message):
     assert _main("profile", tiny_checkpoint("llama"), "--config-only", *args) == 1
