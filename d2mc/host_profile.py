@@ -29,6 +29,7 @@ some points a lot, and the low percentile is the machine undisturbed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -88,6 +89,7 @@ QUANTIZED_COMPUTE = "int8"  # what MatMulNBits at accuracy level 4 computes in
 # low percentile is the machine undisturbed, and it is stable from run to run where the median is not
 QUIET_QUANTILE = 0.2
 FIT_ROUNDS = 6
+FIT_ERROR_WARNING = 0.10  # a fit that misses its own points by more describes the load more than the machine
 DECODE_STEPS_PER_ROUND = 3
 MEASURED_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -179,6 +181,9 @@ class HostMeasurement:
                 + f"; {QUIET_QUANTILE * 100:.0f}th percentile of {FIT_ROUNDS} interleaved rounds")
         quantized = (f"MatMulNBits weights (round-to-nearest, symmetric, blocks of {QUANTIZED_BLOCK}, accuracy level "
                      f"{ACCURACY_LEVEL}: {QUANTIZED_COMPUTE} products)")
+        fit_source = ("fit = \"the fitted figures reproduce their own fit points within "
+                      + ", ".join(f"{fit_error(f, self.points) * 100:.1f}% ({f.runtime})" for f in self.fits)
+                      + '"\n') if self.points else ""
         runtimes_source = (f'runtimes = "fitted like the figures above, on {", ".join(f.runtime for f in others)} '
                            f'runs of the same models"\n') if others else ""
         precisions_source = (f'precisions = "fitted with the figures above on {main.runtime} runs of the same models '
@@ -208,7 +213,7 @@ attention = {e['attention']:.4f}
 [source]
 runtime = "the runtime d2mc's artifacts run on here; the efficiencies and the overhead above are its own"
 machine = "the machine the figures were measured on, in {self.seconds:.0f} s while other processes used {self.other_cores:.1f} of its {os.cpu_count()} cores"
-memory_bandwidth_gbps = "measured: the faster of a plain reduction over 512 MB ({self.stream_gbps:.1f} GB/s) and fp32 matrix-vector products streaming 256 MB of {shapes} weights, medians, {self.threads} threads"
+{fit_source}memory_bandwidth_gbps = "measured: the faster of a plain reduction over 512 MB ({self.stream_gbps:.1f} GB/s) and fp32 matrix-vector products streaming 256 MB of {shapes} weights, medians, {self.threads} threads"
 memory_gb = "measured: physical memory reported by the operating system"
 tensorrt_precisions = "TensorRT does not run on CPUs"
 peak_tflops = "measured: torch matrix products of 128 and 512 tokens against 512-2816 wide MLP weights (int8: ONNX Runtime MatMulNBits with int8 weights at accuracy level {ACCURACY_LEVEL}), {self.threads} threads, median; raised to a runtime's fitted throughput where that is higher"
@@ -369,23 +374,39 @@ def _fit_model(name: str):
     return LlamaForCausalLM(_fit_config(name)).eval()
 
 
+def fit_point_calls(stack: contextlib.ExitStack, runtimes: tuple[str, ...] = RUNTIMES,
+                    precisions: dict[str, tuple[str, ...]] = FIT_PRECISIONS,
+                    say: Callable[[str], None] = log.info) -> dict[FitPoint, Callable[[], object]]:
+    """One repeatable call per point of the fit models on each runtime at each of its ``precisions`` (the points'
+    ``measured_s`` still 0), their measurers kept open by ``stack``: what :func:`measure_fit_points` times."""
+    calls = {}
+    for name in FIT_MODELS:
+        say(f"fit model {name}")
+        variants = [(r, p) for r in runtimes for p in precisions[r]]
+        found = stack.enter_context(measurers(_fit_model(name), variants))
+        for (runtime, precision), measurer in found.items():
+            for phase, tokens in FIT_POINTS[name]:
+                calls[FitPoint(name, runtime, precision, phase, tokens, 0.0)] = measurer.phase_call(phase, tokens)
+    return calls
+
+
+def fit_repeats(point: FitPoint) -> int:
+    """Timed calls of ``point`` per round: a few decode steps, one prefill."""
+    return DECODE_STEPS_PER_ROUND if point.phase == "decode" else 1
+
+
+def measured_points(samples: dict[FitPoint, list[float]]) -> list[FitPoint]:
+    """Each point with its measured time, the :data:`QUIET_QUANTILE` of its samples."""
+    return [dataclasses.replace(p, measured_s=quantile(s, QUIET_QUANTILE)) for p, s in samples.items()]
+
+
 def measure_fit_points(runtimes: tuple[str, ...] = RUNTIMES, say: Callable[[str], None] = log.info,
                        rounds: int = FIT_ROUNDS) -> list[FitPoint]:
     """Decode steps and prefills of the fit models on each runtime at each of its :data:`FIT_PRECISIONS`, measured
     in interleaved rounds (:func:`measure_interleaved`), each the :data:`QUIET_QUANTILE` of its samples."""
-    calls = {}
     with contextlib.ExitStack() as stack:
-        for name in FIT_MODELS:
-            say(f"fit model {name}")
-            variants = [(r, p) for r in runtimes for p in FIT_PRECISIONS[r]]
-            found = stack.enter_context(measurers(_fit_model(name), variants))
-            for (runtime, precision), measurer in found.items():
-                for phase, tokens in FIT_POINTS[name]:
-                    calls[FitPoint(name, runtime, precision, phase, tokens, 0.0)] = measurer.phase_call(phase, tokens)
-        samples = measure_interleaved(calls, rounds, lambda p: DECODE_STEPS_PER_ROUND if p.phase == "decode" else 1,
-                                      say)
-    return [FitPoint(p.model, p.runtime, p.precision, p.phase, p.tokens, quantile(s, QUIET_QUANTILE))
-            for p, s in samples.items()]
+        calls = fit_point_calls(stack, runtimes, say=say)
+        return measured_points(measure_interleaved(calls, rounds, fit_repeats, say))
 
 
 # ---- fitting -------------------------------------------------------------------------------------------------------
@@ -489,8 +510,6 @@ def _least_squares(rows: np.ndarray, targets: np.ndarray) -> list[float]:
 def fit_compute(points: list[FitPoint], fit: RuntimeFit, precision: str = "fp32") -> float:
     """Achievable TFLOP/s (of the kernels with weights at ``precision``, or of all kernels for fp32) that makes the
     roofline match each prefill point (bisection), the median over the points."""
-    import dataclasses
-
     rates = []
     for p in points:
         if p.phase != "prefill":
@@ -512,11 +531,18 @@ def fit_compute(points: list[FitPoint], fit: RuntimeFit, precision: str = "fp32"
     return float(np.median(rates))
 
 
+def fit_error(fit: RuntimeFit, points: list[FitPoint]) -> float:
+    """The largest relative error of ``fit``'s roofline on the points of its runtime it was fitted on: how well any
+    figures describe the machine. On a machine whose cores other processes keep busy a step's time is not linear
+    in its work (a short step runs in one time slice, a long one waits its turn many times), and no figures
+    reproduce both."""
+    profile = fitted_profile(fit)
+    return max(abs(predict_point(p, profile) / p.measured_s - 1) for p in points if p.runtime == fit.runtime)
+
+
 def fit_runtime(runtime: str, points: list[FitPoint]) -> RuntimeFit:
     """Every figure of ``runtime`` from its points: fp32 decode (bandwidth, overhead, attention fraction), fp32
     prefill (throughput), then per quantized precision its decode and prefill with the fp32 figures for the rest."""
-    import dataclasses
-
     mine = [p for p in points if p.runtime == runtime]
     fp32 = [p for p in mine if p.precision == "fp32"]
     bandwidth, overhead, attention = fit_decode(fp32)
@@ -557,6 +583,11 @@ def measure_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> HostMea
         log.warning("other processes used %.1f of %d cores while this machine was measured: its profile may be too "
                     "slow; measure again when it is quieter (--host-profile measure)", load.cores, cores)
     fits = [fit_runtime(runtime, points) for runtime in runtimes]
+    worst = max(fits, key=lambda f: fit_error(f, points))
+    if fit_error(worst, points) > FIT_ERROR_WARNING:
+        log.warning("the fitted %s figures miss their own fit points by up to %.0f%%: this machine was too busy to "
+                    "describe; measure again when it is quieter (--host-profile measure)", worst.runtime,
+                    fit_error(worst, points) * 100)
     # the profile keeps the raw figures and each runtime's fraction of them: a fit above a raw figure raises it
     bandwidth = max([bandwidth] + [f.bandwidth_gbps for f in fits]
                     + [q.bandwidth_gbps for f in fits for q in f.precisions.values()])

@@ -16,7 +16,7 @@ from d2mc.artifact import find_config, find_onnx, is_artifact
 from d2mc.errors import OptionError
 from d2mc.host_profile import HOST_PROFILE, HostProfile, host_profile
 from d2mc.loading import load_model
-from d2mc.measure import Measurement
+from d2mc.measure import Measurement, WeightFormat
 from d2mc.profiles import DeviceProfile, builtin_profiles, load_profile
 from d2mc.roofline import RooflineSettings, analyze
 
@@ -87,6 +87,16 @@ def judging_profile(target: DeviceProfile, runtime: str, host: str | HostProfile
     return chosen.profile.for_runtime(runtime), chosen.describe()
 
 
+def measured_settings(weights: WeightFormat | None, **fields) -> RooflineSettings:
+    """The roofline settings of a measured graph: ``fields`` (lengths, batch, ``precision``, ...) with the weight
+    format the graph stores (``weights``, :func:`d2mc.measure.read_weight_format`) in place of the float
+    ``precision`` where its matrices are quantized."""
+    if weights is not None:
+        fields.update(precision=weights.precision, lm_head_precision=weights.lm_head_precision,
+                      block_size=weights.block_size, zero_points=weights.zero_points)
+    return RooflineSettings(**fields)
+
+
 def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measurement, precision: str,
                     all_logits: bool, host: str | HostProfile | None = None,
                     progress: Callable[[str], None] | None = None) -> LatencyComparison:
@@ -95,11 +105,8 @@ def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measure
     weights in ``precision`` (or as the measured graph stores them, ``measurement.weights``) and, with
     ``all_logits``, a prefill that computes logits at every position (as exported graphs do)."""
     profile, origin = judging_profile(target, measurement.runtime, host, progress)
-    weights = measurement.weights
-    quantized = dict(precision=weights.precision, lm_head_precision=weights.lm_head_precision,
-                     block_size=weights.block_size, zero_points=weights.zero_points) if weights else {}
-    settings = RooflineSettings(prefill=measurement.prefill_tokens, context=measurement.context,
-                                batch=measurement.batch, all_logits=all_logits, **{"precision": precision, **quantized})
+    settings = measured_settings(measurement.weights, precision=precision, prefill=measurement.prefill_tokens,
+                                 context=measurement.context, batch=measurement.batch, all_logits=all_logits)
     predicted = analyze(arch, profile, settings)
     phases, blocks = {}, {}
     for phase, cost in predicted.phases.items():

@@ -18,11 +18,14 @@ from d2mc.host_profile import (
     RuntimeFit,
     cached_profile_path,
     fit_decode,
+    fit_error,
+    fit_repeats,
     fit_runtime,
     fitted_profile,
     host_profile,
     machine_key,
     measure_interleaved,
+    measured_points,
     predict_point,
     quantize_onnx,
     write_profile,
@@ -114,7 +117,7 @@ def test_the_fit_recovers_every_figure_from_times_its_roofline_predicts():
 
 def _measurement(**machine) -> HostMeasurement:
     return HostMeasurement(bandwidth_gbps=40.0, tflops={"fp32": 0.2, "bf16": 0.1, "int8": 0.5}, memory_gb=24,
-                           threads=2, stream_gbps=16.0, fits=[KNOWN, TORCH],
+                           threads=2, stream_gbps=16.0, fits=[KNOWN, TORCH], points=_points_of(KNOWN) + _points_of(TORCH),
                            machine={**machine_key(), "measured": "2026-12-01 12:00", **machine})
 
 
@@ -126,6 +129,8 @@ def test_host_measurement_writes_a_profile_that_predicts_what_was_fitted(tmp_pat
     for point in _points_of(KNOWN):  # the efficiencies are rounded to four decimals
         assert predict_point(point, profile) == pytest.approx(point.measured_s, rel=2e-3)
     assert profile.source["kernel_overhead_us"].startswith("fitted") and "MatMulNBits" in profile.source["precisions"]
+    assert profile.source["fit"] == "the fitted figures reproduce their own fit points within 0.0% (onnxruntime-cpu), 0.0% (pytorch-cpu)"
+    assert fit_error(KNOWN, [dataclasses.replace(p, measured_s=p.measured_s / 2) for p in _points_of(KNOWN)]) == 1.0
     torch_view = profile.for_runtime("pytorch-cpu")
     assert torch_view.runtime == "pytorch-cpu" and torch_view.kernel_overhead_us == pytest.approx(70.0)
     assert torch_view.achievable_bandwidth == pytest.approx(8e9, rel=1e-3) and torch_view.precisions == {}
@@ -139,6 +144,10 @@ def test_interleaved_rounds_visit_every_call_in_turn():
                                   repeats=lambda key: 2 if key == "a" else 1, say=lambda text: None)
     assert order == ["a", "b"] + ["a", "a", "b"] * 2  # one untimed call each, then the rounds
     assert len(samples["a"]) == 4 and len(samples["b"]) == 2 and all(s >= 0 for s in samples["a"])
+    point = FitPoint("h64x16", "onnxruntime-cpu", "int4", "decode", 64, 0.0)
+    assert fit_repeats(point) == 3 and fit_repeats(dataclasses.replace(point, phase="prefill")) == 1
+    timed = measured_points({point: [5.0, 1.0, 4.0, 2.0, 3.0, 6.0]})  # the quiet quantile of the samples
+    assert timed == [dataclasses.replace(point, measured_s=quantile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 0.2))]
 
 
 @pytest.fixture
