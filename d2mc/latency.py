@@ -77,10 +77,11 @@ def judging_profile(target: DeviceProfile, runtime: str, host: str | HostProfile
 
     A CPU runtime runs on this machine: it is judged on this machine's profile, chosen by ``host``
     (:func:`d2mc.host_profile.host_profile`; ``auto`` measures the machine on first use), unless ``target`` is a CPU
-    profile of the user's own, which is taken as it is. Any other runtime is judged on ``target``."""
+    profile of the user's own, which is taken as it is (or the profile ``host`` chose already). Any other runtime
+    is judged on ``target``."""
     if not runtime.endswith("cpu"):
         return target.for_runtime(runtime), f"{target.name} (the target's profile)"
-    if target.kind != "cpu" or is_host_profile(target):
+    if target.kind != "cpu" or is_host_profile(target) or (isinstance(host, HostProfile) and host.profile == target):
         chosen = host_profile(host, progress=progress)
     else:
         chosen = HostProfile(target, "file")

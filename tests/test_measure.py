@@ -225,6 +225,8 @@ def test_a_cpu_measurement_is_judged_on_this_machines_profile(cache, tmp_path):
     assert profile.path == own and origin.startswith(f"{own} (measured on Another CPU")
     assert judging_profile(orin, "tensorrt") == (orin, "orin-agx (the target's profile)")
     assert judging_profile(orin, "onnxruntime-cpu", host="shipped")[0] == host
+    chosen = host_profile()  # the cached profile, chosen before: judged on as what it is, not as a file
+    assert judging_profile(chosen.profile, "onnxruntime-cpu", host=chosen)[1] == chosen.describe()
 
 
 def test_a_quantized_artifact_is_judged_as_its_graph_stores_its_weights(tmp_path):
@@ -281,7 +283,9 @@ def _main(*args):
      "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'"),
 ])
 def test_profile_cli_errors_are_one_line(tiny_checkpoint, capsys, args, message):
-    assert _main("profile", tiny_checkpoint("llama"), "--config-only", *args) == 1
+    checkpoint = tiny_checkpoint("llama")
+    capsys.readouterr()  # what writing the checkpoint printed
+    assert _main("profile", checkpoint, "--config-only", *args) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
