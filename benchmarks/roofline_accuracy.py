@@ -17,11 +17,11 @@ Timing: every artifact, phase and length is visited in turn in interleaved round
 load; the measured time is the 20th percentile of the samples (the median is printed too): on a shared host,
 bursts of load from neighbours slow some steps by a third, and the low percentile is the machine undisturbed, the
 statistic the host profile is fitted on. The load other processes put on the machine while timing is printed.
-On a machine others share, the load changes from minute to minute: ``--fit-in-run`` fits the profile's ONNX Runtime
-figures (as ``d2mc profile --measure-host`` does) on the fit models timed in the same interleaved rounds as the
+On a machine others share, the load changes from minute to minute: ``--fit-in-run`` also judges on a profile
+fitted (as ``d2mc profile --measure-host`` fits it) on the fit models timed in the same interleaved rounds as the
 artifacts, so that calibration and judging see the same load and differ only in models and lengths.
 
-    python benchmarks/roofline_accuracy.py [--host-profile auto|measure|shipped|FILE | --fit-in-run]
+    python benchmarks/roofline_accuracy.py [--host-profile auto|measure|shipped|FILE] [--fit-in-run]
                                            [--precision int4 ...]
                                            [--artifact DIR ...] [--rounds 5] [--json out.json] [--quick]
 """
@@ -87,7 +87,7 @@ def main() -> None:
                         help="this machine's profile: auto (default: measured here before, else now), measure, "
                              "shipped, or a .toml file")
     parser.add_argument("--fit-in-run", action="store_true",
-                        help="fit the profile on the fit models timed in the same rounds as the artifacts")
+                        help="also judge on a profile fitted on the fit models timed in the same rounds")
     parser.add_argument("--precision", action="append", choices=PRECISIONS,
                         help="weight precisions of the SmolLM2 artifacts (default: fp32 and int4)")
     parser.add_argument("--artifact", action="append", default=[], help="also judge this artifact directory")
@@ -123,10 +123,9 @@ def main() -> None:
 
     started = time.perf_counter()
     precisions = args.precision or list(TARGETED)
-    if not args.fit_in_run:
-        chosen = host_profile(args.host_profile, progress=say)
-        profile, described = chosen.profile.for_runtime(RUNTIME), chosen.describe()
-        say(f"judging on {described}")
+    chosen = host_profile(args.host_profile, progress=say)
+    profiles = {"host": (chosen.profile.for_runtime(RUNTIME), chosen.describe())}  # key -> (profile, description)
+    say(f"judging on {chosen.describe()}")
     contexts, prefills = ((128, 2048), (128,)) if args.quick else (CONTEXTS, PREFILLS)
     points = [("decode", c) for c in contexts] + [("prefill", n) for n in prefills]
     with tempfile.TemporaryDirectory(prefix="d2mc-roofline-") as tmp, contextlib.ExitStack() as stack:
@@ -156,62 +155,64 @@ def main() -> None:
                 key, FitPoint) else args.decode_steps if key[1] == "decode" else 1, say)
         load_after = os.getloadavg()
     if args.fit_in_run:
-        fit_samples = {key: samples.pop(key) for key in [k for k in samples if isinstance(k, FitPoint)]}
-        fit_points = measured_points(fit_samples)
+        fit_points = measured_points({key: samples.pop(key) for key in [k for k in samples if isinstance(k, FitPoint)]})
         fit = fit_runtime(RUNTIME, fit_points)
-        profile = fitted_profile(fit)
-        described = (f"the fit models timed in this run's rounds (fitted as d2mc profile --measure-host fits them; "
-                     f"the fit misses its own points by up to {fit_error(fit, fit_points) * 100:.1f}%)")
+        profiles["fit in run"] = fitted_profile(fit), (
+            f"the fit models timed in this run's rounds, fitted as d2mc profile --measure-host fits them (the fit "
+            f"misses its own points by up to {fit_error(fit, fit_points) * 100:.1f}%)")
 
     rows, records = [], []
-    errors = {}  # (weights, phase) -> [(|p20 error|, |median error|)]
+    errors = {}  # (profile, weights, phase) -> [(|p20 error|, |median error|)]
     for (label, phase, length), times in samples.items():
         arch, measurer = judged[label]
         settings = measured_settings(measurer.weights, precision="fp32", all_logits=measurer.all_logits,
                                      prefill=length if phase == "prefill" else 8,
                                      context=length if phase == "decode" else 8)
-        cost = estimate_phase(arch, profile, phase, settings)
         quiet, median = quantile(times, QUIET_QUANTILE), quantile(times, 0.5)
-        error, median_error = (cost.seconds - quiet) / quiet, (cost.seconds - median) / median
-        weights = settings.precision
-        errors.setdefault((weights, phase), []).append((abs(error), abs(median_error)))
         where = f"decode @ {length}" if phase == "decode" else f"prefill {length}"
-        rows.append([label, where, f"{cost.bytes / 1e6:.0f}", f"{cost.flops / 1e9:.2f}", f"{cost.seconds * 1e3:.2f}",
-                     f"{quiet * 1e3:.2f}", f"{error * 100:+.1f}%", f"{median * 1e3:.2f}", f"{median_error * 100:+.1f}%"])
-        records.append({"artifact": label, "weights": weights, "phase": phase, "length": length, "bytes": cost.bytes,
-                        "flops": cost.flops, "predicted_s": cost.seconds, "measured_p20_s": quiet,
-                        "measured_median_s": median, "error": error, "median_error": median_error,
-                        "samples": len(times)})
+        row = [label, where, f"{quiet * 1e3:.2f}", f"{median * 1e3:.2f}"]
+        for key, (profile, _) in profiles.items():
+            cost = estimate_phase(arch, profile, phase, settings)
+            error, median_error = (cost.seconds - quiet) / quiet, (cost.seconds - median) / median
+            errors.setdefault((key, settings.precision, phase), []).append((abs(error), abs(median_error)))
+            row += [f"{cost.seconds * 1e3:.2f}", f"{error * 100:+.1f}%"]
+            records.append({"artifact": label, "profile": key, "weights": settings.precision, "phase": phase,
+                            "length": length, "bytes": cost.bytes, "flops": cost.flops, "predicted_s": cost.seconds,
+                            "measured_p20_s": quiet, "measured_median_s": median, "error": error,
+                            "median_error": median_error, "samples": len(times)})
+        rows.append(row)
 
-    print(f"\nroofline of {described}, as {RUNTIME} sees it, against runs on this machine "
-          f"({torch.get_num_threads()} threads): {QUIET_QUANTILE * 100:.0f}th percentile and median of "
-          f"{args.rounds} interleaved rounds ({args.decode_steps} decode steps or 1 prefill per round); "
-          f"{time.perf_counter() - started:.0f} s")
+    print(f"\n{RUNTIME} runs on this machine ({torch.get_num_threads()} threads): "
+          f"{QUIET_QUANTILE * 100:.0f}th percentile and median of {args.rounds} interleaved rounds "
+          f"({args.decode_steps} decode steps or 1 prefill per round); {time.perf_counter() - started:.0f} s")
     print(f"load: other processes used {load.cores:.2f} of {os.cpu_count()} cores on average while timing; load "
           f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    line = (f"  {RUNTIME}: {profile.achievable_bandwidth / 1e9:.1f} GB/s, {profile.achievable_flops('fp32') / 1e9:.0f} "
-            f"GFLOP/s, {profile.kernel_overhead_us:.1f} us/kernel")
-    for precision in profile.precisions:
-        q = profile.for_precision(precision)
-        line += (f"; {precision} weights {q.achievable_bandwidth / 1e9:.1f} GB/s, "
-                 f"{q.achievable_flops(precision) / 1e9:.0f} GFLOP/s, {q.kernel_overhead_us:.1f} us/kernel")
-    print(line)
-    print_table(["artifact", "phase", "MB moved", "GFLOP", "predicted ms", "measured p20 ms", "error", "median ms",
-                 "error vs median"], rows)
+    for key, (profile, described) in profiles.items():
+        line = (f"{key}: {described}\n  {profile.achievable_bandwidth / 1e9:.1f} GB/s, "
+                f"{profile.achievable_flops('fp32') / 1e9:.0f} GFLOP/s, {profile.kernel_overhead_us:.1f} us/kernel")
+        for precision in profile.precisions:
+            q = profile.for_precision(precision)
+            line += (f"; {precision} weights {q.achievable_bandwidth / 1e9:.1f} GB/s, "
+                     f"{q.achievable_flops(precision) / 1e9:.0f} GFLOP/s, {q.kernel_overhead_us:.1f} us/kernel")
+        print(line)
+    print_table(["artifact", "phase", "measured p20 ms", "median ms"]
+                + [f"{c} ({key})" for key in profiles for c in ("predicted ms", "error")], rows)
     summary_rows, summary = [], {}
-    for (weights, phase), values in sorted(errors.items()):
+    for (key, weights, phase), values in sorted(errors.items()):
         p20 = [v[0] for v in values]
         target = TARGETS[phase] if weights in TARGETED else None
         verdict = "-" if target is None else ("met" if max(p20) <= target else "NOT met")
-        summary[f"{weights} {phase}"] = {"median": statistics.median(p20), "max": max(p20), "points": len(values),
-                                         "median_vs_median_step": statistics.median(v[1] for v in values)}
-        summary_rows.append([weights, phase, len(values), f"{statistics.median(p20) * 100:.1f}%",
-                             f"{max(p20) * 100:.1f}%", "-" if target is None else f"{target * 100:.0f}%", verdict,
-                             f"{summary[f'{weights} {phase}']['median_vs_median_step'] * 100:.1f}%"])
-    print("\nabsolute error per weight precision and phase (target: every point)")
-    print_table(["weights", "phase", "points", "median |error|", "max |error|", "target", "", "median |error| vs the "
-                 "median step"], summary_rows)
-    write_json(args.json, {"points": records, "abs_error": summary, "profile": described,
+        entry = {"median": statistics.median(p20), "max": max(p20), "points": len(values),
+                 "median_vs_median_step": statistics.median(v[1] for v in values)}
+        summary[f"{key}: {weights} {phase}"] = entry
+        summary_rows.append([key, weights, phase, len(values), f"{entry['median'] * 100:.1f}%",
+                             f"{entry['max'] * 100:.1f}%", "-" if target is None else f"{target * 100:.0f}%", verdict,
+                             f"{entry['median_vs_median_step'] * 100:.1f}%"])
+    print("\nabsolute error per profile, weight precision and phase (target: every point)")
+    print_table(["profile", "weights", "phase", "points", "median |error|", "max |error|", "target", "",
+                 "median |error| vs the median step"], summary_rows)
+    write_json(args.json, {"points": records, "abs_error": summary,
+                           "profiles": {key: described for key, (_, described) in profiles.items()},
                            "other_processes_cores": load.cores, "load_average": [load_before, load_after]})
 
 
