@@ -8,7 +8,7 @@ so by default (:func:`host_profile`, choice ``auto``) d2mc measures the machine 
 that file. ``--host-profile`` on ``profile`` and ``compile`` chooses, else the ``D2MC_HOST_PROFILE`` environment
 variable, else ``auto``.
 
-What :func:`measure_host` measures (about a minute on a 2-core machine), each figure the way the roofline uses it:
+What :func:`measure_host` measures (a few minutes on a 2-core machine), each figure the way the roofline uses it:
 
 - memory bandwidth: the faster of a plain streaming read and the rate at which matrix-vector products stream weight
   matrices of decoder shapes, over a working set far larger than the caches;
@@ -673,7 +673,7 @@ def host_profile(choice: str | HostProfile | None = None, *, measure_missing: bo
                  progress: Callable[[str], None] | None = None) -> HostProfile:
     """The profile of this machine for ``choice`` (``auto``, ``measure``, ``shipped`` or a ``.toml`` path; default:
     ``$D2MC_HOST_PROFILE``, else ``auto``; a :class:`HostProfile` chosen before is returned as it is). ``auto``
-    takes this machine's cached profile, else measures the machine (about a minute) and caches it, or without
+    takes this machine's cached profile, else measures the machine (a few minutes) and caches it, or without
     ``measure_missing`` falls back to the shipped profile."""
     if isinstance(choice, HostProfile):
         return choice
@@ -698,7 +698,7 @@ def host_profile(choice: str | HostProfile | None = None, *, measure_missing: bo
         if not measure_missing:
             return HostProfile(load_profile(HOST_PROFILE), "shipped")
     say = progress or log.info
-    say("measuring this machine for its device profile (once per machine; about a minute)")
+    say("measuring this machine for its device profile (once per machine; a few minutes)")
     write_profile(measure_host(progress=say), path)
     return HostProfile(load_profile_file(path), "measured")
 

@@ -20,7 +20,7 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
               help="The profile of this machine the measurement is judged on: auto takes the one measured here "
-                   "before, else measures the machine once (about a minute) and caches it; measure measures again; "
+                   "before, else measures the machine once (a few minutes) and caches it; measure measures again; "
                    "shipped takes d2mc's own; or a .toml file. Default: $D2MC_HOST_PROFILE, else auto.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)

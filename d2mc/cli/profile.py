@@ -40,8 +40,8 @@ from d2mc.cli.common import (
                                                                         "(decode takes four times as many).")
 @click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
               help="The profile of this machine a measurement here is judged on (and --target host-cpu predicts "
-                   "with): auto takes the one measured here before, else measures the machine once (about a "
-                   "minute) and caches it; measure measures again; shipped takes d2mc's own; or a .toml file. "
+                   "with): auto takes the one measured here before, else measures the machine once (a few "
+                   "minutes) and caches it; measure measures again; shipped takes d2mc's own; or a .toml file. "
                    "Default: $D2MC_HOST_PROFILE, else auto.")
 @click.option("--measure-host", is_flag=True, help="Measure this machine and write its device profile TOML (also "
                                                    "cached as this machine's profile).")
