@@ -8,7 +8,7 @@ this machine's device profile (``--host-profile``, as on ``d2mc profile``: by de
 before, else measured now and cached) as ONNX Runtime sees it, with the weight format read from the graph
 (``d2mc.measure.read_weight_format``).
 
-The profile's figures were fitted on random fit models (``d2mc.host_profile.FIT_MODELS``) at decode contexts 64
+The profile's figures were fitted on random fit models (``d2mc.host_fit.FIT_MODELS``) at decode contexts 64
 and 1024 and prefills of 64 and 192 tokens; judged here are other models at other lengths: decode at contexts 128,
 512 and 2048, prefill of 128 and 512 tokens. Targets: decode error at most 10% and prefill at most 20% for the
 fp32 and int4 artifacts.
@@ -64,11 +64,11 @@ def build_models() -> dict:
 
 def export_artifacts(model, out: Path, precisions: list[str]) -> dict[str, Path]:
     """``model`` exported as an artifact per weight precision under ``out``: fp32 by d2mc's exporter; int4/int8 as
-    ONNX Runtime's own quantizer makes them from the fp32 graph (``d2mc.host_profile.quantize_onnx``: the
+    ONNX Runtime's own quantizer makes them from the fp32 graph (``d2mc.host_timing.quantize_onnx``: the
     ``MatMulNBits`` form d2mc exports) beside the fp32 artifact's config."""
     from d2mc.targets.onnxruntime import export_onnx
 
-    from d2mc.host_profile import quantize_onnx
+    from d2mc.host_timing import quantize_onnx
 
     fp32 = out / "fp32"
     export_onnx(model, None, fp32, verify=False)
@@ -101,18 +101,9 @@ def main() -> None:
     import torch
 
     from d2mc.artifact import find_config, find_onnx
-    from d2mc.host_profile import (
-        QUIET_QUANTILE,
-        FitPoint,
-        fit_error,
-        fit_point_calls,
-        fit_repeats,
-        fit_runtime,
-        fitted_profile,
-        host_profile,
-        measure_interleaved,
-        measured_points,
-    )
+    from d2mc.host_fit import QUIET_QUANTILE, FitPoint, fit_error, fit_runtime, fitted_profile
+    from d2mc.host_profile import host_profile
+    from d2mc.host_timing import fit_point_calls, fit_repeats, measure_interleaved, measured_points
     from d2mc.latency import measured_settings
     from d2mc.loading import load_model
     from d2mc.measure import OnnxMeasurer, OtherLoad, quantile

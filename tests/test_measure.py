@@ -9,26 +9,30 @@ from click.testing import CliRunner
 
 from d2mc.context import Context
 from d2mc.errors import OptionError, UserError
-from d2mc.host_profile import (
+from d2mc.host_fit import (
     FIT_POINTS,
     FIT_PRECISIONS,
     FitPoint,
-    HostMeasurement,
     PrecisionFit,
     RuntimeFit,
-    cached_profile_path,
     fit_decode,
     fit_error,
-    fit_repeats,
     fit_runtime,
     fitted_profile,
+    predict_point,
+)
+from d2mc.host_profile import (
+    HostMeasurement,
+    cached_profile_path,
     host_profile,
     machine_key,
+    write_profile,
+)
+from d2mc.host_timing import (
+    fit_repeats,
     measure_interleaved,
     measured_points,
-    predict_point,
     quantize_onnx,
-    write_profile,
 )
 from d2mc.latency import compare_latency, judging_profile
 from d2mc.measure import Measurer, OtherLoad, TorchMeasurer, WeightFormat, measure_quietly, quantile
