@@ -127,8 +127,9 @@ def calibration_batch(tokenizer, n_sequences: int, seq_len: int, source: str | P
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of ``model`` on ``[n, window]`` token windows (each window scored on its own)."""
     total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start: start + batch_size]
+        batch = windows[start: start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                 reduction="sum")

@@ -165,16 +165,19 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
 
 
 def compare_lookup_tables(model, onnx_path: Path) -> dict[str, tuple[float, float]]:
-    """``{table: (max |difference|, max |entry| of the model's)}`` for the token embedding and the rotary tables of
-    the graph at ``onnx_path``, each against the one the PyTorch model computes with, over every row."""
+    """``{table: (max |difference|, max |entry| of the model's)}`` for the token embedding (the LM head's table when
+    the two are tied) and the rotary tables of the graph at ``onnx_path``, each against the one the PyTorch model
+    computes with, over every row."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     from d2mc.arch import ModelArch
+    from d2mc.lowering.onnx_graph import LM_HEAD_TABLE, embedding_is_tied
 
     arch = ModelArch.from_config(model.config)
-    expected = {"embed_tokens": model.model.embed_tokens.weight.detach().float().numpy()}
+    embedding = model.model.embed_tokens.weight.detach().float().numpy()
+    expected = {LM_HEAD_TABLE: embedding.T} if embedding_is_tied(model) else {"embed_tokens": embedding}
     if arch.attention_blocks:
         with torch.no_grad():
             cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(arch.max_position_embeddings)[None])

@@ -5,6 +5,7 @@ Each row is ``(command line, the start of the error, checked before the weights 
 line is a path from the ``inputs`` fixture; every command runs in a fresh empty working directory.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -78,6 +79,16 @@ def inputs(tmp_path_factory):
     (root / "binary-config").mkdir()
     (root / "binary-config" / "config.json").write_bytes(os.urandom(300))
     (root / "profile.toml").write_text(TINY_TOML)
+    (root / "huge").mkdir()  # a config of 1.2 trillion parameters, no weights: refused by the memory estimate
+    (root / "huge" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32768,
+        "intermediate_size": 131072, "num_hidden_layers": 80, "num_attention_heads": 256, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 4096, "tie_word_embeddings": False}))
+    for name, text in (("fsdp1", "distributed_type: FSDP\nmixed_precision: bf16\nfsdp_config:\n  fsdp_version: 1\n"),
+                       ("deepspeed", "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"),
+                       ("warp", "distributed_type: WARP_DRIVE\n"),
+                       ("ddp-bf16", "distributed_type: MULTI_GPU\nuse_cpu: true\nmixed_precision: bf16\n")):
+        (root / f"{name}.yaml").write_text(text)
     (root / "nan-free-bad.toml").write_text(TINY_TOML.replace("kind = \"cpu\"", "kind = \"fpga\""))
     (root / "binary.toml").write_bytes(os.urandom(300))
     (root / "recipe-unknown.toml").write_text('passes = ["analyze-redundancy", "no-such-pass"]\n')
@@ -87,7 +98,8 @@ def inputs(tmp_path_factory):
     (corrupt / "d2mc_artifact.json").write_text("{not json")
     for name in ("binary.txt", "notes.txt", "empty.txt", "garbage.gguf", "dir.gguf", "dir.toml", "no-config",
                  "gpt2", "binary-config", "profile.toml", "nan-free-bad.toml", "binary.toml", "recipe-unknown.toml",
-                 "recipe-binary.toml", "corrupt-artifact"):
+                 "recipe-binary.toml", "corrupt-artifact", "huge", "fsdp1.yaml", "deepspeed.yaml", "warp.yaml",
+                 "ddp-bf16.yaml"):
         paths[name.replace(".", "-")] = root / name
     victim = root / "victim"
     victim.mkdir()
@@ -188,6 +200,31 @@ ROWS = [
     (["recover", T, "-o", "out", "--lr", "nan"], "--lr must be a finite number, not nan", True),
     (["recover", T, "-o", "out", "--seq-len", "9999"], "--seq-len 9999 is longer than the model's 512 positions",
      True),
+    # where the model runs, and whether it fits
+    (["analyze", T, "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'", True),
+    (["convert", T, "--plan", "2-3", "--dtype", "fp8", "-o", "out"], "--dtype must be one of fp32, bf16, fp16", True),
+    (["convert", T, "--plan", "2-3", "--recover-steps", "2", "--dtype", "fp16", "-o", "out"],
+     "--dtype fp16 trains with mixed precision and loss scaling, which need a GPU", True),
+    (["recover", T, "-o", "out", "--dtype", "fp16", "--device", "cpu"], "--dtype fp16 trains with mixed precision",
+     True),
+    (["analyze", "{huge}"], "running this 1216.37B-parameter model in fp32 needs about 5891.7 GiB of memory", True),
+    (["convert", "{huge}", "--plan", "2-3", "-o", "out", "--dtype", "bf16"],
+     "converting this 1216.37B-parameter model in bf16 needs about", True),
+    (["export", "{huge}", "-o", "out"], "exporting this 1216.37B-parameter model in fp32 needs about", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "/no/such.yaml"], "--accelerate-config: no such file", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{fsdp1-yaml}"],
+     "--accelerate-config '{fsdp1-yaml}' asks for FSDP version 1: d2mc shards the teacher with FSDP version 2", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{warp-yaml}"],
+     "--accelerate-config '{warp-yaml}': unknown distributed_type 'WARP_DRIVE'", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{ddp-bf16-yaml}"],
+     "--accelerate-config '{ddp-bf16-yaml}' trains with mixed_precision bf16 and --dtype is fp32", True),
+    *([(["recover", T, "-o", "out", "--accelerate-config", "{deepspeed-yaml}"],
+        "--accelerate-config '{deepspeed-yaml}' asks for DeepSpeed, which is not installed", True)]
+      if importlib.util.find_spec("deepspeed") is None else []),
+    *([(["analyze", T, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
+       (["convert", T, "--plan", "2-3", "--device", "cuda:1", "-o", "out"], "--device cuda:1: no CUDA GPU", True),
+       (["recover", T, "-o", "out", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True)]
+      if not torch.cuda.is_available() else []),
     # export
     (["export", "/no/such/model", "-o", "out"], "no such file or directory", True),
     (["export", T, "-o", "{old-output}"], "output '{old-output}' already exists", True),

@@ -34,7 +34,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
         stderr_console().print(f"export --target is deprecated: use --format {legacy_flavour}")
         flavour = legacy_flavour
     check_output_path(output, overwrite)
-    loaded = load_model(model)
+    loaded = load_model(model, work="export")
     result = export_onnx(loaded.model, loaded.tokenizer, output, precision=precision, moe_op=moe_op, flavour=flavour,
                          verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite,
                          source=loaded.reference)

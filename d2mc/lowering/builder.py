@@ -9,13 +9,40 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
+EXTERNAL_ALIGNMENT = 4096  # each external tensor starts on a page, so ONNX Runtime can map it
 PRECISIONS = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers with unique names."""
+class ExternalData:
+    """The external data file of a graph, written as the initializers are made: the graph holds only their
+    locations, so lowering a model never keeps a second copy of its weights in memory."""
 
-    def __init__(self, np_dtype, onnx_dtype):
+    def __init__(self, path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last weight)
+
+    def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A tensor proto for ``array`` whose bytes go to the file (little-endian, row-major)."""
+        offset = -self.file.tell() % EXTERNAL_ALIGNMENT + self.file.tell()
+        self.file.seek(offset)
+        array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self.file)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names; with ``data`` the large initializers go straight to
+    that external data file."""
+
+    def __init__(self, np_dtype, onnx_dtype, data: ExternalData | None = None):
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.np_dtype, self.onnx_dtype = np_dtype, onnx_dtype
@@ -29,7 +56,11 @@ class GraphBuilder:
 
     def weight(self, name: str, tensor, dtype=None) -> str:
         array = tensor.detach().float().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        self.initializers.append(numpy_helper.from_array(array.astype(dtype or self.np_dtype), name))
+        array = array.astype(dtype or self.np_dtype, copy=False)
+        if self.data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(self.data.add(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:

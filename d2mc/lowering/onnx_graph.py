@@ -41,12 +41,14 @@ from onnx import TensorProto, helper
 from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
-from d2mc.lowering.builder import PRECISIONS, GraphBuilder, norm
+from d2mc.lowering.builder import PRECISIONS, ExternalData, GraphBuilder, norm
 from d2mc.lowering.experts import LoweredBlock, lower_experts
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
+DATA_FILE = "model.onnx.data"  # the weights, beside model.onnx
+LM_HEAD_TABLE = "lm_head.weight_t"  # [hidden, vocab]; with tied embeddings also the token embedding, by column
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,33 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
     Returns the path of ``model.onnx``.
     """
-    from d2mc.arch import ModelArch
-
     options = options or LoweringOptions()
     overrides = {k: v for k, v in (("flavour", flavour), ("precision", precision), ("moe_op", moe_op)) if v}
     if overrides:
         options = LoweringOptions(**{**options.__dict__, **overrides})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ExternalData(out_dir / DATA_FILE)
+    try:
+        graph = _build_graph(model, options, GraphBuilder(*PRECISIONS[options.precision], data))
+    finally:
+        data.close()
+    domains = {n.domain for n in graph.node} - {""}
+    opsets = [helper.make_opsetid("", OPSET[options.flavour])] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
+    onnx_model.ir_version = 10
+    path = out_dir / "model.onnx"
+    onnx.save_model(onnx_model, path)
+    return path
+
+
+def _build_graph(model, options: LoweringOptions, g: GraphBuilder) -> onnx.GraphProto:
+    """The graph of ``model``, its weights written to ``g``'s external data file as they are lowered."""
+    from d2mc.arch import ModelArch
+
     trt = options.flavour == "tensorrt"
     arch = ModelArch.from_config(model.config)
-    np_dtype, onnx_dtype = PRECISIONS[options.precision]
-    g = GraphBuilder(np_dtype, onnx_dtype)
+    onnx_dtype = g.onnx_dtype
     g.trt = trt
     blocks = _blocks_of(model)
     base = model.config.base_config if model.config.model_type == "d2mc_moe" else model.config
@@ -114,8 +133,11 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     else:
         attend = FusedAttention(g, arch)
 
-    embed = g.weight("embed_tokens", model.model.embed_tokens.weight)
-    residual = g.op1("Gather", [embed, "input_ids"])
+    logits_w = g.weight(LM_HEAD_TABLE, model.lm_head.weight.T)
+    if embedding_is_tied(model):  # the head's table, gathered by column ([hidden, batch, seq]), is the embedding
+        residual = g.op1("Transpose", [g.op1("Gather", [logits_w, "input_ids"], axis=1)], perm=[1, 2, 0])
+    else:
+        residual = g.op1("Gather", [g.weight("embed_tokens", model.model.embed_tokens.weight), "input_ids"])
     delta = None
     attention_idx = 0
     for b, block in enumerate(blocks):
@@ -125,21 +147,14 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    lm_weight = model.lm_head.weight
-    logits_w = g.weight("lm_head.weight_t", lm_weight.T)
     g.op("MatMul", [normed, logits_w], ["logits"])
 
-    graph = helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
-    domains = {n.domain for n in g.nodes} - {""}
-    opsets = [helper.make_opsetid("", OPSET[options.flavour])] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
-    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
-    onnx_model.ir_version = 10
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
-    onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    return path
+    return helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
+
+
+def embedding_is_tied(model) -> bool:
+    """Whether the LM head and the token embedding are one tensor (then the graph stores it once)."""
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def _blocks_of(model) -> list[LoweredBlock]:
