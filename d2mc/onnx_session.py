@@ -36,6 +36,9 @@ class OrtDecoder:
         self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ONNX Runtime fuses DequantizeLinear + MatMul (the tensorrt flavour's quantized weights) into MatMulNBits
+        # with int8 activations unless told otherwise: run them as TensorRT does, in the graph's float type
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         source = str(path)

@@ -39,24 +39,36 @@ import torch
 from onnx import TensorProto, helper
 
 from d2mc.arch import BlockPlan
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
-from d2mc.lowering.builder import PRECISIONS, GraphBuilder, norm
-from d2mc.lowering.experts import LoweredBlock, lower_experts
+from d2mc.lowering.builder import (
+    MS_DOMAIN,
+    PRECISIONS,
+    GraphBuilder,
+    matmul,
+    nbits_attributes,
+    nbits_inputs,
+    norm,
+)
+from d2mc.lowering.experts import LoweredBlock, check_quantized_lowering, lower_experts
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
+QUANTIZED_OPSET = 21
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """What to emit: ``flavour`` (onnxruntime | tensorrt), weight ``precision`` (fp32 | fp16) and, for the
-    onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt flavour always uses the plugin)."""
+    """What to emit: ``flavour`` (onnxruntime | tensorrt), the float ``precision`` (fp32 | fp16) of activations and
+    float weights and, for the onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt
+    flavour always uses the plugin) and the ``accuracy_level`` of quantized weights' ``MatMulNBits`` and ``QMoE``
+    nodes. Which weights are quantized, and how, is the :class:`~d2mc.quantize.QuantizedModel` lowered."""
 
     precision: str = "fp32"
     moe_op: str = "dispatch"
     flavour: str = "onnxruntime"
+    accuracy_level: int = 4
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -65,14 +77,17 @@ class LoweringOptions:
             raise UserError(f"unknown precision '{self.precision}' for ONNX: choose fp32 or fp16")
         if self.moe_op not in MOE_OPS:
             raise UserError(f"unknown MoE lowering '{self.moe_op}': choose one of {', '.join(MOE_OPS)}")
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
 
 
 def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = None, *, flavour: str | None = None,
-                  precision: str | None = None, moe_op: str | None = None) -> Path:
+                  precision: str | None = None, moe_op: str | None = None, quantized=None) -> Path:
     """Write ``model.onnx`` (+ ``model.onnx.data``) for a dense or converted model into ``out_dir``.
 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
-    Returns the path of ``model.onnx``.
+    ``quantized``: the :class:`~d2mc.quantize.QuantizedModel` whose ``model`` is ``model``: its quantized Linears
+    are emitted from their codes. Returns the path of ``model.onnx``.
     """
     from d2mc.arch import ModelArch
 
@@ -83,7 +98,11 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     trt = options.flavour == "tensorrt"
     arch = ModelArch.from_config(model.config)
     np_dtype, onnx_dtype = PRECISIONS[options.precision]
-    g = GraphBuilder(np_dtype, onnx_dtype)
+    if quantized is not None:
+        if quantized.model is not model:
+            raise ValueError("lower a QuantizedModel's own model (quantized.model) with it")
+        check_quantized_lowering(model, options.flavour)
+    g = GraphBuilder(np_dtype, onnx_dtype, quantized.by_module() if quantized else None, options.accuracy_level)
     g.trt = trt
     blocks = _blocks_of(model)
     base = model.config.base_config if model.config.model_type == "d2mc_moe" else model.config
@@ -114,8 +133,16 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     else:
         attend = FusedAttention(g, arch)
 
-    embed = g.weight("embed_tokens", model.model.embed_tokens.weight)
-    residual = g.op1("Gather", [embed, "input_ids"])
+    head = g.quantized.get(model.lm_head)
+    # a tied embedding reads the quantized LM head's own bytes (one copy of the vocabulary matrix)
+    shared = head is not None and not trt and model.lm_head.weight is model.model.embed_tokens.weight
+    if shared:
+        head_inputs = nbits_inputs(g, head, "lm_head.weight")
+        rows = g.op1("Reshape", [head_inputs[0], g.const([head.shape[0], -1])])
+        residual = g.op1("GatherBlockQuantized", [rows, "input_ids", *head_inputs[1:]], MS_DOMAIN, bits=head.bits,
+                         block_size=head.block_size, gather_axis=0, quantize_axis=1)
+    else:
+        residual = g.op1("Gather", [g.weight("embed_tokens", model.model.embed_tokens.weight), "input_ids"])
     delta = None
     attention_idx = 0
     for b, block in enumerate(blocks):
@@ -125,13 +152,16 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    lm_weight = model.lm_head.weight
-    logits_w = g.weight("lm_head.weight_t", lm_weight.T)
-    g.op("MatMul", [normed, logits_w], ["logits"])
+    if shared:
+        g.op("MatMulNBits", [normed, *head_inputs], ["logits"], MS_DOMAIN, **nbits_attributes(g, head))
+    else:
+        matmul(g, normed, head if head is not None else model.lm_head.weight, "lm_head.weight", "logits")
 
     graph = helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
     domains = {n.domain for n in g.nodes} - {""}
-    opsets = [helper.make_opsetid("", OPSET[options.flavour])] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    # block-wise DequantizeLinear is opset 21
+    opset = QUANTIZED_OPSET if g.quantized else OPSET[options.flavour]
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
     onnx_model.ir_version = 10
     out_dir = Path(out_dir)
