@@ -66,10 +66,9 @@ class QuantizedModel:
         return sum(q.nbytes() for q in self.linears.values())
 
     def to_dict(self) -> dict:
-        """What an artifact and a report record of the quantization."""
-        o = self.options
-        return {"precision": o.precision, "method": o.quant_method, "bits": o.bits, "block_size": o.block_size,
-                "symmetric": True, "lm_head": o.lm_head_precision, "accuracy_level": o.accuracy_level,
+        """What an artifact and a report record of the quantization: its options (enough to redo it:
+        :meth:`QuantizeOptions.from_dict`) and what it produced."""
+        return {**self.options.to_dict(), "bits": self.options.bits, "symmetric": True,
                 "calibration": self.calibration, "quantized_linears": len(self.linears),
                 "quantized_bytes": self.nbytes(), "seconds": round(self.seconds, 2), "fallbacks": list(self.fallbacks)}
 

@@ -16,7 +16,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
 # as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
-DEFAULT_METHOD = {"int4": "gptq", "int8": "rtn"}
+DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}  # gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL)
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # GPTQModel cannot be installed with its declared dependencies here (it requires torch>=2.14.1 and the CUDA
 # stack); its per-layer GPTQ runs on the CPU build of torch with these few packages
@@ -64,6 +64,9 @@ class QuantizeOptions:
                               f"{self.lm_head_precision}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
+        if self.calib_data is not None and not self.calibrated:
+            raise OptionError(f"{{calib_data}} is GPTQ's calibration text: {self.quant_method} reads no data (add "
+                              "{quant_method} gptq, or drop it)")
         if self.calib_sequences < 1 or self.calib_length < 2:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
 
@@ -99,12 +102,16 @@ class QuantizeOptions:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantizeOptions:
+        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
-def check_float_precision(precision: str, quant_method: str | None, block_size: int | None,
-                          lm_head_precision: str | None = None) -> None:
-    """Refuse quantization options given with a float ``precision`` (they would be silently ignored)."""
-    given = [key for key, value in (("quant_method", quant_method), ("block_size", block_size),
-                                    ("lm_head_precision", lm_head_precision)) if value is not None]
-    if precision in FLOAT_PRECISIONS and given:
-        names = " and ".join(f"{{{key}}}" for key in given)
+
+def check_float_precision(precision: str, **given) -> None:
+    """Refuse quantization options (``given``: option key -> value, None when not given) with a float ``precision``:
+    they would be silently ignored."""
+    keys = [key for key, value in given.items() if value is not None]
+    if keys:
+        names = " and ".join(f"{{{key}}}" for key in keys)
         raise OptionError(f"{names} quantize weights: they need {{precision}} int4 or int8, not {precision}")

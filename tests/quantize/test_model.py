@@ -119,5 +119,5 @@ def test_a_missing_library_says_what_to_install(monkeypatch):
 
 
 def test_defaults_by_precision():
-    assert (QuantizeOptions("int4").quant_method, QuantizeOptions("int4").block_size) == ("gptq", 32)
+    assert (QuantizeOptions("int4").quant_method, QuantizeOptions("int4").block_size) == ("rtn", 32)
     assert (QuantizeOptions("int8").quant_method, QuantizeOptions("int8").block_size) == ("rtn", 64)
