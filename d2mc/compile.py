@@ -26,11 +26,11 @@ from d2mc.roofline import RooflineSettings, estimate
 
 if TYPE_CHECKING:
     from d2mc.arch import ModelArch
-    from d2mc.evaluation import PerplexityResult
-    from d2mc.quantize import QuantizedModel, QuantizeOptions
     from d2mc.context import Context
+    from d2mc.evaluation import PerplexityResult
     from d2mc.latency import LatencyComparison
     from d2mc.loading import LoadedModel
+    from d2mc.quantize import QuantizedModel, QuantizeOptions
     from d2mc.targets.onnxruntime import ExportResult
 
 
