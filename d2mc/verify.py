@@ -47,8 +47,13 @@ from d2mc.onnx_session import OrtDecoder, runnable_proto
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
 RELATIVE = {"fp16"}
 # a quantized artifact is compared with the PyTorch model carrying the same dequantized weights, its MatMulNBits and
-# QMoE nodes run at accuracy_level 0 (onnx_session.runnable_proto), so the fp32 tolerance holds; what the shipped
-# accuracy_level 4 adds (int8 activations) is recorded beside it (source_difference)
+# QMoE nodes run at accuracy_level 0 (onnx_session.runnable_proto); what the shipped accuracy_level 4 adds (int8
+# activations) is recorded beside it (source_difference). MatMulNBits accumulates each block's products in its own
+# order, and the difference grows with depth and position: on SmolLM2-135M (logits up to 33, positions up to 8,191)
+# int4 dense measured 5.4e-4 and int4 LF-UC with 6 MoE blocks 4.9e-3. Relative to the largest |logit| then, as fp16
+QUANTIZED_FP32 = "quantized-fp32"
+TOLERANCE[QUANTIZED_FP32] = 1e-3
+RELATIVE.add(QUANTIZED_FP32)
 POSITION_SAMPLES = 4  # decode steps placed at positions spread up to the end of the context
 CHUNK_TOKENS = 4  # tokens fed at once at the last sampled position (a continued prompt)
 # the largest past (keys and values of every attention block, fp32) a sampled position is given; each side holds a
@@ -56,7 +61,7 @@ CHUNK_TOKENS = 4  # tokens fed at once at the last sampled position (a continued
 # is sampled up to the position this allows (its rotary tables are still compared in full)
 MAX_PAST_BYTES = 1 << 30
 # the lookup tables against the model's, relative to their largest entry: copies in fp32, rounded once in fp16
-TABLE_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-3}
+TABLE_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-3, QUANTIZED_FP32: 1e-6}
 FORCING_BIAS = 1e4  # added to a router logit to force its expert (fp16 holds it; no trained router reaches it)
 
 

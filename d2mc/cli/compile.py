@@ -83,8 +83,6 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
                  else " (no recovery training)")
         out.print(f"held-out perplexity ({ppl['tokens']} tokens): dense {ppl['dense']:.2f} -> converted "
                   f"{ppl['converted']:.2f}{after}")
-    if ppl["artifact"] is not None:
-        out.print(f"held-out perplexity of the shipped artifact (ONNX Runtime): {ppl['artifact']:.2f}")
     if report["recovery"]:
         r = report["recovery"]
         out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
@@ -95,6 +93,8 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
                   f"{q['lm_head_precision']}, {q['quantized_linears']} matrices in {q['seconds']:.1f} s")
         if ppl["quantized"] is not None:
             out.print(f"held-out perplexity quantized (PyTorch, same weights as the artifact): {ppl['quantized']:.2f}")
+    if ppl["artifact"] is not None:
+        out.print(f"held-out perplexity of the shipped artifact (ONNX Runtime): {ppl['artifact']:.2f}")
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
     out.print(f"engine: {report['engine']['summary']}")

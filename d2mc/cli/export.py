@@ -66,8 +66,9 @@ def quantize_options_from(precision: str | None, quant_method=None, block_size=N
                    "format then computes in fp16.")
 @quantize_options(calibration=True)
 @click.option("--moe-op", type=click.Choice(["dispatch", "contrib"]),
+              default="dispatch", show_default=True,
               help="onnxruntime format: expert dispatch through standard ops, or the com.microsoft::MoE op "
-                   "(com.microsoft::QMoE for int4/int8) [default: dispatch for float weights, contrib for int4/int8].")
+                   "(com.microsoft::QMoE for int4/int8).")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch vs ONNX Runtime comparison.")
 @click.option("--polygraphy", is_flag=True, help="Also compare through Polygraphy (pip install polygraphy).")
 @click.option("-o", "--output", required=True, type=click.Path())
@@ -105,7 +106,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
                     "quantization": quantized.to_dict() if quantized else None, "verify": result.verify})
         return
     out = console()
-    form = f"MoE: {result.moe_op}" if flavour == "onnxruntime" else "MoE: D2mcMoE plugin"
+    form = f"MoE: {moe_op}" if flavour == "onnxruntime" else "MoE: D2mcMoE plugin"
     weights = f"{options.precision} {options.quant_method} block {options.block_size}, LM head " \
               f"{options.lm_head_precision}, {precision} activations" if options else precision
     out.print(f"exported {model} to {result.path} in {result.seconds:.1f} s ({flavour}, {weights}, {form})")

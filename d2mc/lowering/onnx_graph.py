@@ -55,9 +55,6 @@ from d2mc.lowering.experts import LoweredBlock, check_quantized_lowering, lower_
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 QUANTIZED_OPSET = 21
 MOE_OPS = ("dispatch", "contrib")
-# the onnxruntime flavour's MoE form by weights: float experts dispatch through standard ops (the fp32 MoE op costs
-# twice a dense MLP on CPU: benchmarks/onnx_export.py); quantized experts PLACEHOLDER (benchmarks/quantization.py)
-DEFAULT_MOE_OP = {"float": "dispatch", "int": "contrib"}
 FLAVOURS = ("onnxruntime", "tensorrt")
 
 
