@@ -1,9 +1,10 @@
 """``d2mc compile``: the whole pipeline, from a dense checkpoint to a deployable artifact and its report.
 
 import -> roofline (dense) -> analyze-redundancy -> plan-fusion -> transform -> [recovery] -> [quantize] -> lower
-(ONNX) -> verify -> score the artifact -> measure (here) -> engine (device-side step) -> report. Each phase fills its part of a :class:`CompileState`; the
-report is built from that state, one section per phase (:mod:`d2mc.report`). Everything is written into a
-temporary directory that is renamed to the output only when every step succeeded.
+(ONNX) -> verify -> score the artifact -> measure (here) -> engine (device-side step) -> report. Each phase fills
+its part of a :class:`CompileState`; the report is built from that state, one section per phase
+(:mod:`d2mc.report`). Everything is written into a temporary directory that is renamed to the output only when
+every step succeeded.
 """
 
 from __future__ import annotations
