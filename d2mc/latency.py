@@ -99,14 +99,17 @@ def measured_settings(weights: WeightFormat | None, **fields) -> RooflineSetting
 
 
 def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measurement, precision: str,
-                    all_logits: bool, host: str | HostProfile | None = None,
+                    all_logits: bool, block_size: int = 128, lm_head_precision: str | None = None,
+                    host: str | HostProfile | None = None,
                     progress: Callable[[str], None] | None = None) -> LatencyComparison:
     """``measurement`` of ``arch`` next to the roofline's prediction for the same phases, lengths and batch, on the
     profile that describes where it ran (:func:`judging_profile`, with ``host`` choosing this machine's), with
-    weights in ``precision`` (or as the measured graph stores them, ``measurement.weights``) and, with
-    ``all_logits``, a prefill that computes logits at every position (as exported graphs do)."""
+    weights in ``precision`` (int4/int8 in blocks of ``block_size``, the LM head at ``lm_head_precision``; as the
+    measured graph stores them where it says, ``measurement.weights``) and, with ``all_logits``, a prefill that
+    computes logits at every position (as exported graphs do)."""
     profile, origin = judging_profile(target, measurement.runtime, host, progress)
-    settings = measured_settings(measurement.weights, precision=precision, prefill=measurement.prefill_tokens,
+    settings = measured_settings(measurement.weights, precision=precision, block_size=block_size,
+                                 lm_head_precision=lm_head_precision, prefill=measurement.prefill_tokens,
                                  context=measurement.context, batch=measurement.batch, all_logits=all_logits)
     predicted = analyze(arch, profile, settings)
     phases, blocks = {}, {}

@@ -1,6 +1,7 @@
 """A block's experts in the ONNX graph: a plain MLP, or an MoE block as expert dispatch in standard ops,
-ONNX Runtime's ``com.microsoft::MoE`` op, or one ``d2mc::D2mcMoE`` plugin node (flavour ``tensorrt``), with
-each expert's post-attention norm weight folded into its gate and up projections."""
+ONNX Runtime's ``com.microsoft::MoE`` op (``com.microsoft::QMoE`` with quantized experts), or one ``d2mc::D2mcMoE``
+plugin node (flavour ``tensorrt``), with each expert's post-attention norm weight folded into its gate and up
+projections (for quantized experts the quantize step folded it before quantizing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 from onnx import TensorProto
 
 from d2mc.arch import BlockPlan
-from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, norm
+from d2mc.errors import UserError
+from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, matmul, norm
 from d2mc.ops.moe import folded_gate_up, moe_plugin_node, normalize_mode, pack_experts, plugin_attributes
 
 
@@ -42,6 +44,8 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
         return _swiglu(g, normed, expert.mlp, None, f"{name}.mlp"), residual
     normed, residual = norm(g, residual, delta, None, eps, f"{name}.norm", arch.hidden_size)  # gammas folded
     if block.router is not None and g.trt:
+        if g.quantized:
+            return quantized_moe_plugin(g, block, experts, normed, residual, name), residual
         return _moe_plugin(g, block, experts, normed, residual, name), residual
     shared, routed = experts[: block.plan.shared_experts], experts[block.plan.shared_experts:]
     parts = [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{i}")
@@ -49,6 +53,8 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
     if block.router is None:
         parts += [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{len(shared) + i}")
                   for i, e in enumerate(routed)]
+    elif moe_op == "contrib" and g.quantized:
+        parts.append(_qmoe(g, block, routed, normed, residual, arch, name))
     elif moe_op == "contrib":
         parts.append(_moe_contrib(g, block, routed, normed, residual, arch, name))
     else:
@@ -60,11 +66,17 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
 
 
 def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
-    gate_w, up_w = folded_gate_up(mlp, gamma)
-    gate = g.op1("MatMul", [x, g.weight(f"{name}.gate_proj.weight_t", gate_w.T)])
-    up = g.op1("MatMul", [x, g.weight(f"{name}.up_proj.weight_t", up_w.T)])
+    if mlp.gate_proj in g.quantized:
+        if gamma is not None and not bool((gamma == 1).all()):
+            raise ValueError(f"{name}: a quantized expert's norm weight must be folded into its gate and up first")
+        gate_w, up_w = g.quantized[mlp.gate_proj], g.quantized[mlp.up_proj]
+        down_w = g.quantized[mlp.down_proj]
+    else:
+        (gate_w, up_w), down_w = folded_gate_up(mlp, gamma), mlp.down_proj.weight
+    gate = matmul(g, x, gate_w, f"{name}.gate_proj.weight")
+    up = matmul(g, x, up_w, f"{name}.up_proj.weight")
     act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-    return g.op1("MatMul", [act, g.weight(f"{name}.down_proj.weight_t", mlp.down_proj.weight.T)])
+    return matmul(g, act, down_w, f"{name}.down_proj.weight")
 
 
 def _router_logits(g, block, residual: str, arch, name: str) -> tuple[str, str]:
@@ -121,6 +133,25 @@ def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str
     return out
 
 
+def quantized_moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
+    """One ``D2mcMoE`` node with block-wise quantized experts: the plugin's quantized path (its contract in
+    :mod:`d2mc.ops.moe`) fills this in; until then the tensorrt flavour refuses quantized MoE blocks."""
+    raise UserError(QUANTIZED_PLUGIN_MISSING)
+
+
+QUANTIZED_PLUGIN_MISSING = ("the D2mcMoE plugin has no int4/int8 experts yet: export a quantized model with MoE blocks "
+                            "in the onnxruntime format, or the TensorRT format at fp16")
+
+
+def check_quantized_lowering(model, flavour: str) -> None:
+    """Refuse, before any work, a quantized lowering this flavour cannot emit for ``model`` (MoE blocks with a router
+    in the tensorrt flavour: :func:`quantized_moe_plugin`)."""
+    routed = model.config.model_type == "d2mc_moe" and any(
+        getattr(layer, "router", None) is not None for layer in model.model.layers)
+    if flavour == "tensorrt" and routed:
+        raise UserError(QUANTIZED_PLUGIN_MISSING)
+
+
 def _chosen_only(g, logits: str, top_k: int) -> str:
     """ONNX Runtime's MoE op knows only softmax weights. For a block whose chosen experts count with weight 1 it
     gets logits that keep the router's top-k choice and make the chosen experts equally likely: 0 for the chosen,
@@ -146,3 +177,41 @@ def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) 
                 activation_beta=0.0, swiglu_limit=1e9,
                 normalize_routing_weights=int(block.plan.normalize_topk or block.ones))
     return g.op1("Reshape", [out, g.op1("Shape", [residual])])
+
+
+
+def _qmoe(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
+    """ONNX Runtime's ``com.microsoft::QMoE`` (the CPU form of the MoE op above) on the experts' ``MatMulNBits``
+    tensors stacked per expert (``weights_prepacked=0``): fc1 ``[E, 2I, H * bits / 8]`` with gate and up rows
+    interleaved, fc2 ``[E, H, I * bits / 8]``, scales ``[E, rows, blocks]``."""
+    _, logits = _router_logits(g, block, residual, arch, name)
+    if block.ones:
+        logits = _chosen_only(g, logits, block.plan.top_k)
+    flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
+    fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
+    for expert in routed:
+        mlp = expert.mlp
+        (gate, gate_scales), (up, up_scales), (down, down_scales) = (
+            _nbits(g.quantized[m]) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        fc1.append(np.stack([gate, up], 1).reshape(2 * gate.shape[0], -1))  # rows g0, u0, g1, u1, ...
+        fc1_scales.append(np.stack([gate_scales, up_scales], 1).reshape(2 * gate.shape[0], -1))
+        fc2.append(down.reshape(down.shape[0], -1))
+        fc2_scales.append(down_scales * (block.plan.top_k if block.ones else 1))
+    q = g.quantized[routed[0].mlp.gate_proj]
+    inputs = [g.weight(f"{name}.moe.fc1_q{q.bits}", np.stack(fc1), np.uint8),
+              g.weight(f"{name}.moe.fc1_scales", np.stack(fc1_scales)), "",
+              g.weight(f"{name}.moe.fc2_q{q.bits}", np.stack(fc2), np.uint8),
+              g.weight(f"{name}.moe.fc2_scales", np.stack(fc2_scales))]
+    out = g.op1("QMoE", [flat_x, logits, *inputs], MS_DOMAIN, k=block.plan.top_k, activation_type="swiglu",
+                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=1e9,
+                normalize_routing_weights=int(block.plan.normalize_topk or block.ones), expert_weight_bits=q.bits,
+                block_size=q.block_size, weights_prepacked=0, accuracy_level=g.accuracy_level)
+    return g.op1("Reshape", [out, g.op1("Shape", [residual])])
+
+
+def _nbits(q) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits``'s packed weight and scales of a symmetric QuantizedLinear (QMoE takes no zero points)."""
+    packed, scales, zero_points = q.matmul_nbits()
+    if zero_points is not None:
+        raise ValueError("QMoE experts must be quantized symmetrically")
+    return packed, scales

@@ -109,5 +109,5 @@ def test_bytes_count_packed_codes_scales_and_zero_points():
 
 
 def test_block_size_must_divide_the_input():
-    with pytest.raises(UserError, match="block size 128 does not divide the input size 96"):
+    with pytest.raises(UserError, match="block_size 128 does not divide the input size 96"):
         quantize_rtn(_weight(8, 96), 4, 128)
