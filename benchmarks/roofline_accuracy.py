@@ -2,8 +2,9 @@
 
 Judged are ONNX Runtime artifacts of SmolLM2-135M as d2mc exports them (``export_onnx``, the writer of ``d2mc
 export``): dense and a Dense2MoE conversion (LF-UC, four fused two-expert blocks), each with fp32 weights and with
-int4 weights (``com.microsoft::MatMulNBits``, round-to-nearest, blocks of 32, accuracy level 4: int8 products),
-plus any artifact given with ``--artifact`` (a ``d2mc export`` or ``d2mc compile`` output). Each is predicted on
+int4 weights as ``d2mc export --precision int4`` writes them (``com.microsoft::MatMulNBits``, round-to-nearest,
+blocks of 32, accuracy level 4: int8 products, an int8 LM head shared with the embedding), plus any artifact given
+with ``--artifact`` (a ``d2mc export`` or ``d2mc compile`` output). Each is predicted on
 this machine's device profile (``--host-profile``, as on ``d2mc profile``: by default the one measured here
 before, else measured now and cached) as ONNX Runtime sees it, with the weight format read from the graph
 (``d2mc.measure.read_weight_format``).
@@ -63,22 +64,17 @@ def build_models() -> dict:
 
 
 def export_artifacts(model, out: Path, precisions: list[str]) -> dict[str, Path]:
-    """``model`` exported as an artifact per weight precision under ``out``: fp32 by d2mc's exporter; int4/int8 as
-    ONNX Runtime's own quantizer makes them from the fp32 graph (``d2mc.host_timing.quantize_onnx``: the
-    ``MatMulNBits`` form d2mc exports) beside the fp32 artifact's config."""
+    """``model`` exported by d2mc (``export_onnx``, the writer of ``d2mc export``) as an artifact per weight precision
+    under ``out``; int4/int8 as ``d2mc export --precision P`` writes them by default (``quantize_model``:
+    round-to-nearest, blocks of 32 for int4 and 64 for int8, an int8 LM head shared with the embedding)."""
     from d2mc.targets.onnxruntime import export_onnx
 
-    from d2mc.host_timing import quantize_onnx
+    from d2mc.quantize import QuantizeOptions, quantize_model
 
-    fp32 = out / "fp32"
-    export_onnx(model, None, fp32, verify=False)
-    artifacts = {"fp32": fp32} if "fp32" in precisions else {}
     for precision in precisions:
-        if precision != "fp32":
-            quantize_onnx(fp32 / "model.onnx", out / precision, precision)
-            model.config.save_pretrained(out / precision)
-            artifacts[precision] = out / precision
-    return artifacts
+        quantized = None if precision == "fp32" else quantize_model(model, QuantizeOptions(precision))
+        export_onnx(model, None, out / precision, verify=False, quantized=quantized)
+    return {precision: out / precision for precision in precisions}
 
 
 def main() -> None:
