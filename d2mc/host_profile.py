@@ -280,6 +280,23 @@ class HostProfile:
         return f"{p.path} (measured on {where}, {when})"
 
 
+def check_host_profile(choice: str | None) -> str:
+    """``choice`` (default: ``$D2MC_HOST_PROFILE``, else ``auto``), refused in one line if it is neither a choice of
+    :data:`HOST_PROFILE_CHOICES` nor a readable device profile file: checked before any work, measuring nothing."""
+    if choice is None and os.environ.get(HOST_PROFILE_ENV):
+        choice = os.environ[HOST_PROFILE_ENV]
+        if choice not in HOST_PROFILE_CHOICES and not Path(choice).expanduser().is_file():
+            raise UserError(f"{HOST_PROFILE_ENV} must be {', '.join(HOST_PROFILE_CHOICES)} or a device profile .toml "
+                            f"file, not '{choice}'")
+    choice = choice or "auto"
+    if choice not in HOST_PROFILE_CHOICES:
+        if not (choice.endswith(".toml") or Path(choice).expanduser().is_file()):
+            raise OptionError(f"{{host_profile}} must be {', '.join(HOST_PROFILE_CHOICES)} or a device profile .toml "
+                              f"file, not '{choice}'")
+        load_profile_file(Path(choice).expanduser())
+    return choice
+
+
 def host_profile(choice: str | HostProfile | None = None, *, measure_missing: bool = True,
                  progress: Callable[[str], None] | None = None) -> HostProfile:
     """The profile of this machine for ``choice`` (``auto``, ``measure``, ``shipped`` or a ``.toml`` path; default:
@@ -288,18 +305,10 @@ def host_profile(choice: str | HostProfile | None = None, *, measure_missing: bo
     ``measure_missing`` falls back to the shipped profile."""
     if isinstance(choice, HostProfile):
         return choice
-    if choice is None and os.environ.get(HOST_PROFILE_ENV):
-        choice = os.environ[HOST_PROFILE_ENV]
-        if choice not in HOST_PROFILE_CHOICES and not Path(choice).expanduser().is_file():
-            raise UserError(f"{HOST_PROFILE_ENV} must be {', '.join(HOST_PROFILE_CHOICES)} or a device profile .toml "
-                            f"file, not '{choice}'")
-    choice = choice or "auto"
+    choice = check_host_profile(choice)
     if choice == "shipped":
         return HostProfile(load_profile(HOST_PROFILE), "shipped")
     if choice not in HOST_PROFILE_CHOICES:
-        if not (choice.endswith(".toml") or Path(choice).expanduser().is_file()):
-            raise OptionError(f"{{host_profile}} must be {', '.join(HOST_PROFILE_CHOICES)} or a device profile .toml "
-                              f"file, not '{choice}'")
         return HostProfile(load_profile_file(Path(choice).expanduser()), "file")
     path = cached_profile_path()
     if choice == "auto":

@@ -106,8 +106,9 @@ def measure_nbits_tflops(bits: int = 8) -> float:
 
 def quantize_graph(model, bits: int):
     """``model`` (an ONNX ``ModelProto`` or path) with every MatMul of a constant weight, the LM head included, as
-    ``com.microsoft::MatMulNBits`` at ``bits`` in the form d2mc exports: round-to-nearest, symmetric, blocks of
-    :data:`QUANTIZED_BLOCK`, accuracy level :data:`ACCURACY_LEVEL`; done by ONNX Runtime's own quantizer."""
+    ``com.microsoft::MatMulNBits`` at ``bits`` in the form d2mc exports its int4 matrices: round-to-nearest,
+    symmetric, blocks of :data:`QUANTIZED_BLOCK`, accuracy level :data:`ACCURACY_LEVEL`; done by ONNX Runtime's own
+    quantizer. Every matrix of a fit model is at one precision, so that its points fit that precision's kernels."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
