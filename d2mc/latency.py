@@ -99,7 +99,7 @@ def measured_settings(weights: WeightFormat | None, **fields) -> RooflineSetting
 
 
 def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measurement, precision: str,
-                    all_logits: bool, block_size: int = 128, lm_head_precision: str | None = None,
+                    all_logits: bool, *, block_size: int = 128, lm_head_precision: str | None = None,
                     host: str | HostProfile | None = None,
                     progress: Callable[[str], None] | None = None) -> LatencyComparison:
     """``measurement`` of ``arch`` next to the roofline's prediction for the same phases, lengths and batch, on the
@@ -180,4 +180,5 @@ def _measure_here(spec, loaded, artifact: bool, profile: DeviceProfile, settings
         precision = {"fp32": "fp32", "fp16": "fp16", "bfp16": "bf16"}.get(precision, "fp32")
     measurement = measurer.measure(settings.prefill, settings.context, settings.batch, repeats=repeats,
                                    per_block=True)
-    return compare_latency(loaded.arch, profile, measurement, precision, measurer.all_logits, host, progress)
+    return compare_latency(loaded.arch, profile, measurement, precision, measurer.all_logits, host=host,
+                           progress=progress)
