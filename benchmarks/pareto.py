@@ -153,7 +153,7 @@ def run(args, work: Path) -> None:
     from d2mc.targets.onnxruntime import export_onnx
 
     from d2mc.data import heldout_windows, perplexity
-    from d2mc.host_profile import QUIET_QUANTILE
+    from d2mc.host_fit import QUIET_QUANTILE
     from d2mc.loading import embedded_checkpoint, load_model
     from d2mc.measure import OnnxMeasurer, quantile
     from d2mc.profiles import load_profile

@@ -83,6 +83,10 @@ def check_compile_inputs(options) -> None:
     if options.quantize is not None:
         options.quantize.check_installed()
         options.quantize.check_divides(arch)
+    if options.measure:
+        from d2mc.host_profile import check_host_profile
+
+        check_host_profile(options.host_profile)
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
     if options.context >= positions:

@@ -43,6 +43,7 @@ class CompileOptions:
     conversion: ConvertOptions = field(default_factory=lambda: ConvertOptions(speedup=1.2))
     eval_tokens: int = 4096
     measure: bool = True
+    host_profile: str | None = None  # this machine's profile for judging the measurement (d2mc.host_profile)
     prefill: int = 128
     context: int = 512
     overwrite: bool = False
@@ -261,7 +262,8 @@ def _measure(state: CompileState) -> None:
         settings = state.settings
         state.latency = compare_latency(arch, state.profile, measurement, precision=settings.precision,
                                         all_logits=True, block_size=settings.block_size,
-                                        lm_head_precision="fp32" if settings.lm_head == "fp16" else settings.lm_head)
+                                        lm_head_precision="fp32" if settings.lm_head == "fp16" else settings.lm_head,
+                                        host=state.options.host_profile, progress=state.say)
 
 
 def _engine(state: CompileState, final: Path) -> None:

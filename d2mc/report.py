@@ -134,7 +134,7 @@ def measured_entry(latency: LatencyComparison | None) -> dict | None:
     """The report's ``measured``: the runtime, the profile it was judged on, and each phase's comparison."""
     if latency is None:
         return None
-    return {"runtime": latency.runtime, "profile": latency.profile,
+    return {"runtime": latency.runtime, "profile": latency.profile, "profile_origin": latency.profile_origin,
             **{phase: c.to_dict() for phase, c in latency.phases.items()}}
 
 
@@ -194,6 +194,7 @@ def measured_section(latency: LatencyComparison | None) -> dict | None:
     if latency is None:
         return None
     return {"title": f"Measured on this machine ({latency.runtime}) next to the {latency.profile} roofline",
+            "text": f"Profile: {latency.profile_origin}.",
             "columns": ["phase", "predicted ms", "measured ms", "error"],
             "rows": [[p, f"{c.predicted_s * 1e3:.2f}", f"{c.measured_s * 1e3:.2f}", f"{c.error * 100:+.1f}%"]
                      for p, c in latency.phases.items()]}

@@ -272,6 +272,10 @@ ROWS = [
     (["compile", T, "--precision", "int4", "--block-size", "128", "-o", "out"],
      "--block-size 128 does not divide the hidden size (64)", True),
     (["compile", T, "--quant-method", "rtn", "-o", "out"], "--quant-method quantize weights", True),
+    (["compile", T, "--host-profile", "fastest", "-o", "out"],
+     "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'", True),
+    (["compile", T, "--host-profile", "{notes-txt}/none.toml", "-o", "out"],
+     "device profile '{notes-txt}/none.toml' does not exist", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),

@@ -114,6 +114,9 @@ def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
     assert {"model/config.json", "onnx/model.onnx", "redundancy.png", "onnx-tensorrt/model.onnx",
             "engine-orin-agx/build.sh", "engine-orin-agx/plan.json"} <= set(report["artifacts"])
     assert "## Verification" in (out / "report.md").read_text()
+    # measured here with ONNX Runtime, judged on this machine's profile (the tests choose the shipped one)
+    assert report["measured"]["profile_origin"].startswith("host-cpu shipped with d2mc (measured on ")
+    assert "Profile: host-cpu shipped with d2mc" in (out / "report.md").read_text()
     # no TensorRT here: the engine step leaves the device-side build and says where, relative to the final output
     engine = report["engine"]
     assert not engine["built"] and engine["onnx_verify"]["passed"]

@@ -23,13 +23,17 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
                    "conversion's --calib-data [default: the profile's float format].")
 @quantize_options(calibration=False)
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
+@click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
+              help="The profile of this machine the measurement is judged on: auto takes the one measured here "
+                   "before, else measures the machine once (a few minutes) and caches it; measure measures again; "
+                   "shipped takes d2mc's own; or a .toml file. Default: $D2MC_HOST_PROFILE, else auto.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
 @pipeline_recovery_options
 @quiet_option
 @json_option
 def command(model, target, eval_tokens, prefill, context, precision, quant_method, block_size, lm_head_precision,
-            accuracy_level, no_measure, output, overwrite, quiet, as_json, **plan):
+            accuracy_level, no_measure, host_profile, output, overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -54,8 +58,8 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
-                             measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
-                             conversion=convert_options_from(None, **plan), quantize=quantize)
+                             measure=not no_measure, host_profile=host_profile, prefill=prefill, context=context,
+                             overwrite=overwrite, conversion=convert_options_from(None, **plan), quantize=quantize)
     options.conversion.recovery = recovery
     check_compile_inputs(options)
     err = stderr_console()
@@ -76,7 +80,8 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     if report["measured"]:
         m = report["measured"]["decode"]
         out.print(f"measured decode here ({report['measured']['runtime']}): {m['measured_s'] * 1e3:.2f} ms, "
-                  f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%)")
+                  f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%; "
+                  f"profile: {report['measured']['profile_origin']})", markup=False)
     ppl = report["perplexity"]
     if ppl["dense"] is not None:
         after = (f" -> after recovery {ppl['recovered']:.2f}" if ppl["recovered"] is not None
