@@ -54,6 +54,9 @@ class OrtDecoder:
             raise UserError(f"no ONNX model at '{path}': export one with d2mc export")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ONNX Runtime would turn DequantizeLinear + MatMul (the tensorrt flavour's quantized weights) into
+        # MatMulNBits computing with int8 activations (accuracy level 4): keep fp32 activations, as TensorRT does
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:

@@ -20,6 +20,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.np_dtype, self.onnx_dtype = np_dtype, onnx_dtype
         self.trt = False  # emit only operators TensorRT parses natively
+        self.quantized: dict = {}  # Linear module -> its QuantizedLinear; a Linear not in it is lowered in float
         self._count = 0
         self._consts: dict[tuple, str] = {}
 

@@ -30,6 +30,7 @@ rewrites it into standard ops so that the flavour is verified against PyTorch li
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from d2mc.errors import UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
 from d2mc.lowering.builder import PRECISIONS, GraphBuilder, norm
 from d2mc.lowering.experts import LoweredBlock, lower_experts
+from d2mc.quantize import QuantizedLinear
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 MOE_OPS = ("dispatch", "contrib")
@@ -68,11 +70,13 @@ class LoweringOptions:
 
 
 def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = None, *, flavour: str | None = None,
-                  precision: str | None = None, moe_op: str | None = None) -> Path:
+                  precision: str | None = None, moe_op: str | None = None,
+                  quantized: Mapping[str, QuantizedLinear] | None = None) -> Path:
     """Write ``model.onnx`` (+ ``model.onnx.data``) for a dense or converted model into ``out_dir``.
 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
-    Returns the path of ``model.onnx``.
+    ``quantized`` maps Linear module names of ``model`` to their quantized weights (the tensorrt flavour's MoE
+    blocks take them into the plugin node). Returns the path of ``model.onnx``.
     """
     from d2mc.arch import ModelArch
 
@@ -85,6 +89,7 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     np_dtype, onnx_dtype = PRECISIONS[options.precision]
     g = GraphBuilder(np_dtype, onnx_dtype)
     g.trt = trt
+    g.quantized = {model.get_submodule(name): q for name, q in (quantized or {}).items()}
     blocks = _blocks_of(model)
     base = model.config.base_config if model.config.model_type == "d2mc_moe" else model.config
     eps = float(base.rms_norm_eps)

@@ -32,7 +32,16 @@ from d2mc.errors import UserError
 from d2mc.lowering import LoweringOptions, lower_to_onnx
 from d2mc.ops.moe import MoePluginAttributes
 from d2mc.profiles import load_profile
-from tests.moe_reference import block_reference, moe_block_onnx, moe_reference, plugin_weights, rms
+from tests.moe_reference import (
+    block_quantized_experts,
+    block_reference,
+    moe_block_onnx,
+    moe_reference,
+    plugin_weights,
+    quantize_experts,
+    rms,
+    unpack,
+)
 from tests.test_lowering import fused
 
 gs = pytest.importorskip("onnx_graphsurgeon")
@@ -170,6 +179,160 @@ def test_unit_weights_reach_the_plugin_as_normalize_2(tmp_path):
     assert verify_onnx(model, path, prefill=12, decode_steps=6).max_abs_diff < 1e-4
     with pytest.raises(UserError, match="normalize=3 must be 0, 1 or 2"):
         dataclasses.replace(attributes, normalize=3)
+
+
+def quantized_model(bits=4, block_size=32, **plan):
+    """A tiny converted model whose MoE block's experts are quantized (their Linears keep the dequantized weights),
+    with the quantized Linears by name and block 2's experts packed for the plugin."""
+    model = fused("llama", **plan)
+    quantized = quantize_experts(model, bits, block_size)
+    return model, quantized, block_quantized_experts(model.model.layers[2], quantized, 2)
+
+
+@pytest.mark.parametrize("bits, block_size", [(4, 32), (8, 16)])
+def test_quantized_plugin_node_carries_packed_weights_scales_and_attributes(tmp_path, bits, block_size):
+    model, quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    graph = gs.import_onnx(proto)
+    (node,) = [n for n in graph.nodes if n.op == "D2mcMoE"]
+    assert node.attrs == {"num_experts": 2, "num_shared": 1, "top_k": 2, "hidden_size": 64, "intermediate_size": 128,
+                          "activation": "swiglu", "normalize": 1, "weight_bits": bits, "block_size": block_size,
+                          "plugin_version": "1", "plugin_namespace": "d2mc"}
+    _, _, fc1, fc2, fc1_scales, fc2_scales = node.inputs
+    assert all(isinstance(t, gs.Constant) for t in (fc1, fc2, fc1_scales, fc2_scales))
+    assert (list(fc1.shape), fc1.dtype) == ([3, 256, 64 * bits // 8], np.int8)
+    assert (list(fc2.shape), fc2.dtype) == ([3, 64, 128 * bits // 8], np.int8)
+    assert (list(fc1_scales.shape), fc1_scales.dtype) == ([3, 256, 64 // block_size], np.float16)
+    assert (list(fc2_scales.shape), fc2_scales.dtype) == ([3, 64, 128 // block_size], np.float16)
+    summary = read_graph(path)
+    assert summary.moe_nodes[0].attributes.weight_bits == bits
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_round_trips_against_the_reference(bits):
+    model, quantized, packed = quantized_model(bits, 32, top_k=2, shared=1)
+    block = model.model.layers[2]
+    fc1 = unpack(packed.fc1, packed.fc1_scales, bits, 32)
+    fc2 = unpack(packed.fc2, packed.fc2_scales, bits, 32)
+    float_fc1, float_fc2 = plugin_weights(block)[:2]  # the same experts in the float layout: dequantized weights
+    assert torch.equal(fc1, float_fc1) and torch.equal(fc2, float_fc2)
+    # the bytes are ONNX's own INT4 (INT8) tensor of the logical shape, which the reference graph relies on
+    gate = quantized["model.layers.2.experts.1.mlp.gate_proj"]
+    signed = gate.codes.to(torch.int16) - 2 ** (bits - 1)
+    tensor = onnx.TensorProto(data_type=onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8,
+                              dims=[256, 64], raw_data=packed.fc1[1].tobytes())
+    assert np.array_equal(onnx.numpy_helper.to_array(tensor)[0::2], signed.numpy())
+    if bits == 4:
+        assert packed.fc1.shape[-1] == 32 and packed.fc1.view(np.uint8)[1, 0, 0] == (
+            (int(signed[0, 0]) & 0xF) | (int(signed[0, 1]) & 0xF) << 4)  # column 0 in the low nibble
+
+
+def _plugin_node_alone(attributes, packed, precision):
+    """A graph of the plugin node alone (hidden and router logits in, weights as initializers)."""
+    np_dtype, onnx_dtype = {"fp32": (np.float32, onnx.TensorProto.FLOAT),
+                            "fp16": (np.float16, onnx.TensorProto.FLOAT16)}[precision]
+    from onnx import helper, numpy_helper
+
+    from d2mc.ops.moe import moe_plugin_node
+
+    weights = [numpy_helper.from_array(packed.fc1, "fc1"), numpy_helper.from_array(packed.fc2, "fc2"),
+               numpy_helper.from_array(packed.fc1_scales.astype(np_dtype), "fc1_scales"),
+               numpy_helper.from_array(packed.fc2_scales.astype(np_dtype), "fc2_scales")]
+    node = moe_plugin_node("moe", "hidden", "router_logits", "fc1", "fc2", "out", attributes,
+                           ("fc1_scales", "fc2_scales"))
+    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("hidden", onnx_dtype, [None, 64]),
+                                              helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT,
+                                                                            [None, attributes.num_experts])],
+                              [helper.make_tensor_value_info("out", onnx_dtype, [None, 64])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("d2mc", 1)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("bits, top_k, normalize, shared", [(4, 2, True, 1), (4, 1, True, 0), (8, 2, False, 1)])
+def test_quantized_reference_equals_the_expanded_graph(precision, bits, top_k, normalize, shared):
+    """The plugin's quantized math on CPU (the reference on unpacked weights) against ONNX Runtime running the
+    standard-op expansion of the node (DequantizeLinear on the packed bytes)."""
+    import onnxruntime as ort
+
+    from d2mc.lowering.plugin_reference import expand_plugin_nodes
+
+    model, _, packed = quantized_model(bits, 32, top_k=top_k, normalize=normalize, shared=shared)
+    attributes = plugin_weights(model.model.layers[2], packed)[2]
+    proto = _plugin_node_alone(attributes, packed, precision)
+    assert expand_plugin_nodes(proto) == 1
+    onnx.checker.check_model(proto)
+    assert "DequantizeLinear" in {n.op_type for n in proto.graph.node}
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(10, 64, generator=generator)
+    hidden = hidden.half() if precision == "fp16" else hidden
+    logits = torch.randn(10, attributes.num_experts, generator=generator)
+    (got,) = session.run(None, {"hidden": hidden.numpy(), "router_logits": logits.numpy()})
+    fc1, fc2 = unpack(packed.fc1, packed.fc1_scales.astype(np.float16 if precision == "fp16" else np.float32),
+                      bits, 32), unpack(packed.fc2, packed.fc2_scales.astype(np.float16 if precision == "fp16"
+                                                                             else np.float32), bits, 32)
+    float_attributes = dataclasses.replace(attributes, weight_bits=0, block_size=0)
+    expected = moe_reference(hidden, logits, fc1, fc2, float_attributes)
+    assert got.dtype == hidden.numpy().dtype
+    difference = np.abs(got.astype(np.float32) - expected.float().numpy()).max()
+    assert difference < (1e-5 if precision == "fp32" else 2e-3), difference
+
+
+@pytest.mark.parametrize("bits, block_size, precision", [(4, 32, "fp32"), (4, 64, "fp16"), (8, 16, "fp16")])
+def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, block_size, precision):
+    """The whole tiny model with int4 (int8) experts in the plugin, run by ONNX Runtime with the node expanded,
+    against PyTorch computing with the dequantized weights."""
+    from d2mc.verify import verify_onnx
+
+    model, quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
+    result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
+    assert result.passed and result.greedy_agreement == 1.0
+    assert result.max_abs_diff < (1e-5 if precision == "fp32" else 5e-3)
+
+
+def test_quantized_experts_the_plugin_cannot_take_are_refused(tmp_path):
+    from d2mc.ops.moe import pack_quantized_experts
+    from d2mc.quantize import quantize_rtn
+
+    model = fused("llama", top_k=2)
+    experts = model.model.layers[2].experts
+    quantized = quantize_experts(model, 4, 32)
+    asymmetric = {**quantized, "model.layers.2.experts.0.mlp.up_proj": quantize_rtn(
+        experts[0].mlp.up_proj.weight, 4, 32, symmetric=False)}
+    with pytest.raises(UserError, match="takes symmetric expert weights"):
+        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=asymmetric)
+    mixed = {**quantized, "model.layers.2.experts.0.mlp.up_proj": quantize_rtn(experts[0].mlp.up_proj.weight, 8, 32)}
+    with pytest.raises(UserError, match="must share one bit width and block size, not 4 bits / block 32, 8 bits"):
+        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=mixed)
+    partial = {k: v for k, v in quantized.items() if ".experts.1." not in k}
+    with pytest.raises(ValueError, match="some expert projections are quantized and some are not"):
+        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=partial)
+    with torch.no_grad():
+        experts[1].post_attention_layernorm.weight.mul_(2)
+    with pytest.raises(ValueError, match="expert 1 keeps its norm weight beside quantized projections"):
+        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=quantized)
+    with pytest.raises(ValueError, match="takes 4 inputs"):
+        pack = pack_quantized_experts([(quantized["model.layers.2.experts.0.mlp.gate_proj"],) * 3])
+        assert pack.bits == 4
+        from d2mc.ops.moe import moe_plugin_node
+
+        moe_plugin_node("moe", "h", "l", "fc1", "fc2", "out", MoePluginAttributes(2, 0, 1, 64, 128), ("s1", "s2"))
+    attributes = MoePluginAttributes(2, 0, 1, 64, 128, weight_bits=4, block_size=32)
+    assert attributes.weight_shapes() == {"fc1": (2, 256, 32), "fc2": (2, 64, 64), "fc1_scales": (2, 256, 2),
+                                          "fc2_scales": (2, 64, 4)}
+    with pytest.raises(UserError, match=r"block_size=48 must be a multiple of 16 dividing hidden_size=64"):
+        dataclasses.replace(attributes, block_size=48)
+    with pytest.raises(UserError, match="weight_bits=3 must be 0"):
+        dataclasses.replace(attributes, weight_bits=3)
+    with pytest.raises(UserError, match="block_size=32 needs quantized weights"):
+        dataclasses.replace(attributes, weight_bits=0)
 
 
 def test_engine_profiles_from_the_tiny_model_onnx(tmp_path):
