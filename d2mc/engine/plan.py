@@ -1,6 +1,11 @@
 """The engine plan: shapes of the two optimisation profiles, precision, memory limits, all from the ONNX and
 the device profile, decided before TensorRT is imported.
 
+Precision: a strongly typed network computes in the ONNX's own types, so the asked precision must be what the ONNX
+holds. ``fp16``/``fp32``: float weights and activations of that type. ``int4``/``int8``: weight-only, the weights
+stored as codes with block scales (``DequantizeLinear`` before the dense MatMuls, the plugin's quantized experts)
+and the activations in the ONNX's float type; the device profile's ``tensorrt_precisions`` must list it.
+
 Profile 0, prefill: ``sequence_length`` 1..max_input with no past (``past_sequence_length`` 0).
 Profile 1, decode: one token after a past of 0..max_kv tokens.
 An engine built with both serves a whole generation: prefill the prompt on profile 0, decode on profile 1.
@@ -18,7 +23,8 @@ from d2mc.profiles import DeviceProfile
 
 PHASES = ("prefill", "decode")
 # what d2mc's exports contain; a strongly typed engine computes in the ONNX's own types
-ENGINE_PRECISIONS = ("fp16", "fp32")
+ENGINE_PRECISIONS = ("fp16", "fp32", "int8", "int4")
+WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # weight-only precisions: the width of the narrowest quantized weights
 DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 MEMORY_HEADROOM = 0.9  # a Jetson shares its memory with the OS and the application: plan within 90%
 DEFAULT_WORKSPACE_SHARE = 0.25
@@ -85,10 +91,22 @@ class EnginePlan:
             profiles.append(profile)
         return profiles
 
+    @property
+    def activation_precision(self) -> str:
+        """The float type the engine computes in (the weights' type, unless they are quantized)."""
+        return self.graph.precision
+
+    def quantization(self) -> dict | None:
+        """The quantized weights, as plan.json and the manifest record them; None for a float engine."""
+        if self.graph.quantization is None:
+            return None
+        return {**self.graph.quantization.to_dict(), "weight_only": True, "activations": self.activation_precision}
+
     def to_dict(self) -> dict:
         return {
             "onnx": str(self.graph.path), "device": self.profile.name, "sm": self.profile.sm,
-            "precision": self.precision, "max_input": self.max_input, "max_kv": self.max_kv,
+            "precision": self.precision, "quantization": self.quantization(), "max_input": self.max_input,
+            "max_kv": self.max_kv,
             "max_batch": self.max_batch, "workspace_bytes": self.workspace_bytes, "weight_bytes": self.weight_bytes,
             "kv_bytes": self.kv_bytes,
             "profiles": {phase: {n: s.to_dict() for n, s in shapes.items()} for phase, shapes in self.shapes.items()},
@@ -107,8 +125,31 @@ def check_precision(profile: DeviceProfile, precision: str) -> None:
                         f"{', '.join(profile.tensorrt_precisions)} (source: "
                         f"{profile.source.get('tensorrt_precisions', 'its profile')})")
     if precision not in ENGINE_PRECISIONS:
-        raise UserError(f"{precision} engines need a quantised (Q/DQ) ONNX, which d2mc does not export yet: "
-                        f"choose one of {', '.join(ENGINE_PRECISIONS)}")
+        raise UserError(f"{precision} engines need a {precision} ONNX, which d2mc does not export: choose one of "
+                        f"{', '.join(ENGINE_PRECISIONS)}")
+
+
+def check_graph_precision(graph: GraphSummary, precision: str) -> None:
+    """Refuse a precision the ONNX does not hold: a strongly typed engine takes its types from the ONNX."""
+    quantization = graph.quantization
+    bits = WEIGHT_ONLY_BITS.get(precision)
+    if bits is None:
+        if quantization is not None:
+            held = f"int{quantization.narrowest}"
+            raise UserError(f"the ONNX at '{graph.path}' holds {held} weights (weight-only, {graph.precision} "
+                            f"activations) but {precision} was asked: build it with --precision {held}")
+        if graph.precision != precision:
+            raise UserError(f"the ONNX at '{graph.path}' computes in {graph.precision} but {precision} was asked: a "
+                            f"strongly typed engine takes its types from the ONNX, so export it with --precision "
+                            f"{precision}")
+        return
+    if quantization is None or quantization.narrowest != bits:
+        held = "float weights" if quantization is None else f"int{quantization.narrowest} weights"
+        raise UserError(f"{precision} engines are weight-only {precision}, and the ONNX at '{graph.path}' holds "
+                        f"{held}: export it with --precision {precision}")
+    if quantization.unsigned:
+        raise UserError(f"the ONNX at '{graph.path}' holds unsigned codes with zero points; TensorRT dequantizes "
+                        "symmetric weights only (signed codes, zero point 0): quantize symmetrically")
 
 
 def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSettings | None = None,
@@ -116,10 +157,7 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
     """Decide shapes, precision and memory of the engine for ``profile``; every refusal is one line."""
     settings = settings or EngineSettings()
     check_precision(profile, settings.precision)
-    if graph.precision != settings.precision:
-        raise UserError(f"the ONNX at '{graph.path}' computes in {graph.precision} but {settings.precision} was "
-                        f"asked: a strongly typed engine takes its types from the ONNX, so export it with "
-                        f"--precision {settings.precision}")
+    check_graph_precision(graph, settings.precision)
     notes = []
     context = max_positions or 4096
     max_input = settings.max_input or min(2048, context)

@@ -65,10 +65,15 @@ def retargeted(tmp_path, precision="fp16", **plan):
     return model, out
 
 
-def block_artifact(tmp_path, precision="fp16", **plan):
-    """An artifact whose tensorrt flavour is one MoE block of a tiny converted model."""
+def block_artifact(tmp_path, precision="fp16", bits=0, **plan):
+    """An artifact whose tensorrt flavour is one MoE block of a tiny converted model (its experts quantized to
+    ``bits``, block 32, when ``bits`` is 4 or 8)."""
     model = fused("llama", **plan)
-    moe_block_onnx(model.model.layers[2], tmp_path / "artifact" / "tensorrt" / "model.onnx", precision)
+    packed = None
+    if bits:
+        packed = block_quantized_experts(model.model.layers[2], quantize_experts(model, bits, 32), 2)
+    moe_block_onnx(model.model.layers[2], tmp_path / "artifact" / "tensorrt" / "model.onnx", precision,
+                   quantized=packed)
     return model, tmp_path / "artifact"
 
 
@@ -360,8 +365,10 @@ def test_unsupported_precisions_are_refused_with_the_reason(tmp_path):
     with pytest.raises(UserError, match=r"^orin-agx \(SM 8\.7\) has no TensorRT fp8: it supports fp32, fp16, bf16, "
                                         r"int8, int4 \(source: TensorRT Support Matrix"):
         check_precision(load_profile("orin-agx"), "fp8")
-    with pytest.raises(UserError, match=r"int8 engines need a quantised \(Q/DQ\) ONNX"):
-        check_precision(load_profile("orin-agx"), "int8")
+    with pytest.raises(UserError, match=r"^bf16 engines need a bf16 ONNX, which d2mc does not export: choose one "
+                                        r"of fp16, fp32, int8, int4$"):
+        check_precision(load_profile("orin-agx"), "bf16")
+    check_precision(load_profile("orin-agx"), "int4")
     with pytest.raises(UserError, match="has no TensorRT"):
         check_precision(load_profile("host-cpu"), "fp16")
     check_precision(load_profile("thor"), "fp16")
@@ -426,6 +433,80 @@ def test_build_writes_the_device_side_script_and_says_so(tmp_path):
     assert exit_info.value.code == 1
 
 
+def _profile_without_int4(tmp_path):
+    """orin-agx's profile, as a file, without int4 in its TensorRT precisions (as a device whose TensorRT has no
+    int4 weight-only kernels would say)."""
+    text = load_profile("orin-agx").path.read_text()
+    text = text.replace('name = "orin-agx"', 'name = "gpu-without-int4"').replace(
+        'aliases = ["jetson-agx-orin-64gb", "agx-orin-64gb"]', "aliases = []").replace(
+        'tensorrt_precisions = ["fp32", "fp16", "bf16", "int8", "int4"]', 'tensorrt_precisions = ["fp32", "fp16"]')
+    path = tmp_path / "gpu-without-int4.toml"
+    path.write_text(text)
+    return path
+
+
+def test_int4_engine_plan_and_build_script_for_orin_agx(tmp_path):
+    """Weight-only int4 on orin-agx: the plan records the quantization the ONNX holds, and build.sh builds a strongly
+    typed network with no precision flags (the int4 codes, their fp16 scales and the fp16 activations are the
+    ONNX's own types)."""
+    _, artifact = block_artifact(tmp_path, bits=4, top_k=2, shared=1)
+    (artifact / "tensorrt" / "d2mc_artifact.json").write_text(json.dumps({"quantization": {"method": "rtn"}}))
+    if tensorrt_version() is not None and local_gpu() is not None:
+        pytest.skip("this machine could build the engine itself")
+    result = subprocess.run([D2MC, "build", str(artifact), "--target", "orin-agx", "--precision", "int4",
+                             "--max-input", "256"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = artifact / "engine-orin-agx"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["precision"] == "int4"
+    assert plan["quantization"] == {"method": "rtn", "bits": [4], "block_sizes": [32], "dequantize_nodes": 0,
+                                    "plugin_nodes": 1, "weight_only": True, "activations": "fp16"}
+    assert plan["moe_nodes"][0]["weight_bits"] == 4 and plan["moe_nodes"][0]["block_size"] == 32
+    script = (out / "build.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(out / "build.sh")]).returncode == 0
+    assert ("# Build the TensorRT engine for orin-agx (SM 8.7, int4 weight-only: int4 codes in blocks of 32, fp16 "
+            "activations, from the ONNX's types) on the device.") in script
+    assert "exec d2mc build .. --target orin-agx --precision int4 --max-input 256" in script
+    trtexec = script[script.index('"$TRTEXEC"'):]
+    assert "--stronglyTyped" in trtexec and "--dynamicPlugins=plugin/build/libd2mc_moe_plugin.so" in trtexec
+    assert not {"--fp16", "--int8", "--best", "--bf16"} & {a.strip(" \\\n") for a in trtexec.split()}
+    # the Python API writes the same plan, and the manifest of a build records the quantization
+    from d2mc.targets.tensorrt import build
+
+    engine = build(artifact, "orin-agx", EngineSettings(precision="int4", max_input=256))
+    assert engine.engine_plan.quantization() == plan["quantization"]
+
+
+def test_quantized_precisions_are_checked_against_the_profile_and_the_onnx(tmp_path):
+    _, artifact = block_artifact(tmp_path, bits=4, top_k=2)
+    graph = read_graph(artifact / "tensorrt" / "model.onnx")
+    assert graph.quantization.bits == (4,) and graph.quantization.method is None
+    profile = load_profile("orin-agx")
+    assert plan_engine(graph, profile, EngineSettings(precision="int4"), 512).quantization()["method"] is None
+    with pytest.raises(UserError, match=r"holds int4 weights \(weight-only, fp16 activations\) but fp16 was asked: "
+                                        r"build it with --precision int4$"):
+        plan_engine(graph, profile, EngineSettings(precision="fp16"), 512)
+    with pytest.raises(UserError, match=r"^int8 engines are weight-only int8, and the ONNX at .* holds int4 weights: "
+                                        r"export it with --precision int8$"):
+        plan_engine(graph, profile, EngineSettings(precision="int8"), 512)
+    _, path = retargeted(tmp_path)
+    with pytest.raises(UserError, match=r"^int4 engines are weight-only int4, and the ONNX at .* holds float "
+                                        r"weights: export it with --precision int4$"):
+        plan_engine(read_graph(path), profile, EngineSettings(precision="int4"), 512)
+    # a device whose TensorRT has no int4: refused first, with the profile's reason, on the command line too
+    without = _profile_without_int4(tmp_path)
+    with pytest.raises(UserError, match=r"^gpu-without-int4 \(SM 8\.7\) has no TensorRT int4: it supports fp32, "
+                                        r"fp16 \(source: TensorRT Support Matrix"):
+        plan_engine(graph, load_profile(str(without)), EngineSettings(precision="int4"), 512)
+    result = subprocess.run([D2MC, "build", str(artifact), "--target", str(without), "--precision", "int4"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: gpu-without-int4 (SM 8.7) has no TensorRT int4: it supports fp32, fp16 (source: TensorRT Support "
+        "Matrix: SM 8.7 supports FP32, FP16, BF16, INT8 and INT4 weight-only; no FP8)"]
+    assert not (artifact / "engine-gpu-without-int4").exists()
+
+
 def test_trtexec_command_lists_both_profiles_for_every_input(tmp_path):
     _, path = retargeted(tmp_path)
     plan = plan_engine(read_graph(path), load_profile("orin-nano-8gb"), EngineSettings(max_input=32, max_kv=127), 512)
@@ -450,9 +531,17 @@ def test_manifest_round_trip_and_its_mismatch_errors(tmp_path):
     from d2mc.engine.manifest import sha256_of
 
     (tmp_path / "model.engine").write_bytes(b"plan!")
-    manifest = _manifest(engine={"file": "model.engine", "sha256": sha256_of(tmp_path / "model.engine"), "bytes": 5})
+    manifest = _manifest(engine={"file": "model.engine", "sha256": sha256_of(tmp_path / "model.engine"), "bytes": 5},
+                         precision="int4", quantization={"method": "gptq", "bits": [4], "block_sizes": [64],
+                                                         "weight_only": True, "activations": "fp16"})
     write_manifest(manifest, tmp_path)
-    assert read_manifest(tmp_path) == manifest
+    assert read_manifest(tmp_path) == manifest and read_manifest(tmp_path).quantization["bits"] == [4]
+    # a manifest written before quantized engines reads as a float engine
+    older = json.loads((tmp_path / "manifest.json").read_text())
+    del older["quantization"]
+    (tmp_path / "manifest.json").write_text(json.dumps(older))
+    assert read_manifest(tmp_path).quantization is None
+    write_manifest(manifest, tmp_path)
     check_manifest(manifest, "10.3.0", "8.7", tmp_path)
     check_engine_file(manifest, tmp_path)
     with pytest.raises(UserError) as error:
@@ -544,15 +633,24 @@ def test_plugin_library_builds_and_passes_its_host_checks(tmp_path):
     assert checks.returncode == 0 and checks.stdout.startswith("ok "), checks.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels run on a CUDA GPU; this machine has none")
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 100])
-@pytest.mark.parametrize("top_k, normalize, shared", [(1, True, 0), (2, False, 1), (2, True, 1)])
-def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="the CUDA kernels run on a CUDA GPU; this machine has none")
+
+
+def _kernels():
+    """The plugin's kernels as a PyTorch extension (compiled once per process)."""
     from torch.utils.cpp_extension import load
 
     source = plugin_sources()
-    kernels = load("d2mc_moe_kernels", [str(source / "tests" / "torchBinding.cpp"), str(source / "moeKernels.cu")],
-                   extra_include_paths=[str(source)])
+    return load("d2mc_moe_kernels", [str(source / "tests" / "torchBinding.cpp"), str(source / "moeKernels.cu")],
+                extra_include_paths=[str(source)])
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 100])
+@pytest.mark.parametrize("top_k, normalize, shared", [(1, True, 0), (2, False, 1), (2, True, 1)])
+def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
+    kernels = _kernels()
     block = fused("llama", top_k=top_k, normalize=normalize, shared=shared).model.layers[2]
     fc1, fc2, attributes = plugin_weights(block)
     generator = torch.Generator().manual_seed(tokens)
@@ -564,20 +662,46 @@ def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
     assert (got.float() - expected.float()).abs().max() < 1e-2
 
 
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 3, 9, 100])  # GEMV path up to 8 tokens, grouped path above
+@pytest.mark.parametrize("bits, block_size", [(4, 32), (4, 64), (8, 16)])
+def test_quantized_cuda_kernels_match_the_reference(tokens, bits, block_size):
+    """int4/int8 experts dequantized inside the GEMV and grouped kernels, against the reference on the weights the
+    codes stand for (the fp16 scales the kernels read)."""
+    kernels = _kernels()
+    model, _, packed = quantized_model(bits, block_size, top_k=2, shared=1)
+    attributes = plugin_weights(model.model.layers[2], packed)[2]
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, 64, generator=generator).half()
+    logits = torch.randn(tokens, attributes.num_experts, generator=generator)
+    scales = [torch.from_numpy(s.astype(np.float16)) for s in (packed.fc1_scales, packed.fc2_scales)]
+    fc1, fc2 = (unpack(codes, s.numpy(), bits, block_size) for codes, s in zip((packed.fc1, packed.fc2), scales,
+                                                                                 strict=True))
+    expected = moe_reference(hidden, logits, fc1, fc2, dataclasses.replace(attributes, weight_bits=0, block_size=0))
+    got = kernels.moe_quantized(hidden.cuda(), logits.cuda(), torch.from_numpy(packed.fc1).cuda(),
+                                torch.from_numpy(packed.fc2).cuda(), scales[0].cuda(), scales[1].cuda(),
+                                attributes.num_experts, attributes.num_shared, attributes.top_k, attributes.normalize,
+                                bits, block_size).cpu()
+    assert (got.float() - expected.float()).abs().max() < 1e-2
+
+
 @needs_engine_machine
-def test_block_engine_matches_the_pytorch_block(tmp_path):
+@pytest.mark.parametrize("bits", [0, 4])
+def test_block_engine_matches_the_pytorch_block(tmp_path, bits):
     from polygraphy.backend.trt import TrtRunner
 
     from d2mc.engine.build import prepare_engine_build
     from d2mc.engine.manifest import load_engine
 
-    model, artifact = block_artifact(tmp_path, top_k=2, shared=1)
+    model, artifact = block_artifact(tmp_path, bits=bits, top_k=2, shared=1)
     # the GPU at hand stands in for the Orin: same plugin, same kernels, its own SM
     profile = dataclasses.replace(load_profile("orin-agx"), sm=local_gpu().sm)
-    result = prepare_engine_build(artifact / "tensorrt", profile, artifact / "engine", EngineSettings(max_input=128))
+    settings = EngineSettings(precision=f"int{bits}" if bits else "fp16", max_input=128)
+    result = prepare_engine_build(artifact / "tensorrt", profile, artifact / "engine", settings)
     assert result.built, result.reason
     engine, manifest = load_engine(result.out_dir)
     assert manifest.plugin["sha256"] and manifest.sm == local_gpu().sm
+    assert (manifest.quantization or {}).get("bits") == ([bits] if bits else None)
     block = model.model.layers[2]
     hidden = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(3))
     for profile_index, rows in ((0, hidden), (1, hidden[:, :1])):  # grouped path, then the GEMV path
