@@ -507,6 +507,60 @@ def test_quantized_precisions_are_checked_against_the_profile_and_the_onnx(tmp_p
     assert not (artifact / "engine-gpu-without-int4").exists()
 
 
+def _dense_qdq_graph(path, symmetric=True):
+    """``logits = x @ DequantizeLinear(W)`` with W a block-quantized int4 (or uint4 with zero points) initializer in
+    the form of :meth:`QuantizedLinear.dequantize_linear` (opset 21, axis 0, block 32): a dense projection of the
+    tensorrt flavour's quantized lowering."""
+    from onnx import helper, numpy_helper
+
+    from d2mc.quantize import quantize_rtn
+
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize_rtn(weight, 4, 32, symmetric)
+    codes, scales, zero_points = q.dequantize_linear()
+    kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    initializers = [helper.make_tensor("w", kind, codes.shape, codes.flatten().tolist()),
+                    numpy_helper.from_array(scales.astype(np.float16), "w_scale")]
+    inputs = ["w", "w_scale"]
+    if zero_points is not None:
+        initializers.append(helper.make_tensor("w_zero", kind, zero_points.shape, zero_points.flatten().tolist()))
+        inputs.append("w_zero")
+    nodes = [helper.make_node("DequantizeLinear", inputs, ["w_fp16"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["x", "w_fp16"], ["logits"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16,
+                                                                           ["batch_size", "sequence_length", 64])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT16,
+                                                             ["batch_size", "sequence_length", 48])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return model, q
+
+
+def test_dense_qdq_weights_are_read_and_unsigned_codes_refused(tmp_path):
+    import onnxruntime as ort
+
+    model, q = _dense_qdq_graph(tmp_path / "model.onnx")
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(1)).half()
+    (got,) = session.run(None, {"x": x.numpy()})
+    expected = x.float() @ q.dequantize().half().float().T  # the fp16 weights DequantizeLinear gives
+    assert np.abs(got.astype(np.float32) - expected.numpy()).max() < 2e-2
+    graph = read_graph(tmp_path / "model.onnx")
+    assert graph.quantization is not None
+    assert (graph.quantization.bits, graph.quantization.block_sizes, graph.quantization.dequantize_nodes,
+            graph.quantization.plugin_nodes) == ((4,), (32,), 1, 0)
+    from d2mc.engine.plan import check_graph_precision
+
+    check_graph_precision(graph, "int4")
+    _dense_qdq_graph(tmp_path / "asym.onnx", symmetric=False)
+    with pytest.raises(UserError, match="TensorRT dequantizes symmetric weights only"):
+        check_graph_precision(read_graph(tmp_path / "asym.onnx"), "int4")
+
+
 def test_trtexec_command_lists_both_profiles_for_every_input(tmp_path):
     _, path = retargeted(tmp_path)
     plan = plan_engine(read_graph(path), load_profile("orin-nano-8gb"), EngineSettings(max_input=32, max_kv=127), 512)
