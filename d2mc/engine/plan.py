@@ -91,24 +91,19 @@ class EnginePlan:
             profiles.append(profile)
         return profiles
 
-    @property
-    def activation_precision(self) -> str:
-        """The float type the engine computes in (the weights' type, unless they are quantized)."""
-        return self.graph.precision
-
     def quantization(self) -> dict | None:
-        """The quantized weights, as plan.json and the manifest record them; None for a float engine."""
+        """The quantized weights and the float type the engine computes in, as plan.json and the manifest record
+        them; None for a float engine."""
         if self.graph.quantization is None:
             return None
-        return {**self.graph.quantization.to_dict(), "weight_only": True, "activations": self.activation_precision}
+        return {**self.graph.quantization.to_dict(), "weight_only": True, "activations": self.graph.precision}
 
     def to_dict(self) -> dict:
         return {
             "onnx": str(self.graph.path), "device": self.profile.name, "sm": self.profile.sm,
             "precision": self.precision, "quantization": self.quantization(), "max_input": self.max_input,
-            "max_kv": self.max_kv,
-            "max_batch": self.max_batch, "workspace_bytes": self.workspace_bytes, "weight_bytes": self.weight_bytes,
-            "kv_bytes": self.kv_bytes,
+            "max_kv": self.max_kv, "max_batch": self.max_batch, "workspace_bytes": self.workspace_bytes,
+            "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
             "profiles": {phase: {n: s.to_dict() for n, s in shapes.items()} for phase, shapes in self.shapes.items()},
             "moe_nodes": [{"name": n.name, **dataclasses.asdict(n.attributes)} for n in self.graph.moe_nodes],
             "notes": self.notes,

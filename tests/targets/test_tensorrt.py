@@ -32,6 +32,7 @@ from d2mc.errors import UserError
 from d2mc.lowering import LoweringOptions, lower_to_onnx
 from d2mc.ops.moe import MoePluginAttributes
 from d2mc.profiles import load_profile
+from tests.conftest import requires_real_model
 from tests.moe_reference import (
     block_quantized_experts,
     block_reference,
@@ -300,6 +301,30 @@ def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, bloc
     result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
     assert result.passed and result.greedy_agreement == 1.0
     assert result.max_abs_diff < (1e-5 if precision == "fp32" else 5e-3)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@requires_real_model
+def test_smollm2_lfuc_with_int4_experts_verifies_with_the_plugin_expanded(tmp_path):
+    """SmolLM2-135M converted by LF-UC (layers 12-13 and 16-17 fused), its four experts' projections int4 (RTN,
+    block 64: 128 does not divide H = 576), lowered to the tensorrt flavour in fp16 and run by ONNX Runtime with the
+    plugin nodes expanded, against PyTorch computing with the same dequantized weights: within the fp16 tolerance
+    (1% of the largest logit), every greedy token the same."""
+    from d2mc.convert import ConvertOptions, convert
+    from d2mc.loading import load_model
+    from d2mc.verify import verify_onnx
+
+    ctx = convert(load_model("smollm2-135m"), ConvertOptions(plan="12-13,16-17", calib_sequences=2, calib_length=32,
+                                                             reconstruct_steps=5))
+    model = ctx.model.eval()
+    quantized = quantize_experts(model, 4, 64)
+    assert len(quantized) == 2 * 2 * 3
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
+    nodes = read_graph(path).moe_nodes
+    assert [(n.attributes.weight_bits, n.attributes.block_size) for n in nodes] == [(4, 64), (4, 64)]
+    result = verify_onnx(model, path, "fp16", prefill=16, decode_steps=8)
+    assert result.passed and result.greedy_agreement == 1.0
 
 
 def test_quantized_experts_the_plugin_cannot_take_are_refused(tmp_path):
