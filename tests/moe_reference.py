@@ -148,6 +148,41 @@ def block_reference(block, hidden: torch.Tensor) -> torch.Tensor:
         return out + block.dispatch(hidden)
 
 
+def plugin_node_onnx(attributes: MoePluginAttributes, packed: QuantizedExperts, precision: str = "fp16"
+                     ) -> onnx.ModelProto:
+    """A graph of one quantized plugin node alone: ``hidden`` (``precision``) and fp32 ``router_logits`` in, the
+    packed experts as initializers, ``out`` out; to run its standard-op expansion against :func:`moe_reference`."""
+    np_dtype, onnx_dtype = DTYPES[precision]
+    weights = [packed.fc1, packed.fc2, packed.fc1_scales.astype(np_dtype), packed.fc2_scales.astype(np_dtype)]
+    node = moe_plugin_node("moe", "hidden", "router_logits", "fc1", "fc2", "out", attributes,
+                           ("fc1_scales", "fc2_scales"))
+    size = attributes.hidden_size
+    graph = helper.make_graph(
+        [node], "d2mc_moe_node",
+        [helper.make_tensor_value_info("hidden", onnx_dtype, [None, size]),
+         helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, [None, attributes.num_experts])],
+        [helper.make_tensor_value_info("out", onnx_dtype, [None, size])],
+        [numpy_helper.from_array(w, n) for w, n in zip(weights, attributes.inputs[2:], strict=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PLUGIN_DOMAIN, 1)])
+    model.ir_version = 10
+    return model
+
+
+def run_expanded(model: onnx.ModelProto, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's output of ``model`` with its plugin nodes expanded into standard ops (fp32 activations for
+    the dequantized weights: no MatMulNBits rewrite)."""
+    import onnxruntime as ort
+
+    from d2mc.lowering.plugin_reference import expand_plugin_nodes
+
+    expand_plugin_nodes(model)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"hidden": hidden.numpy(), "router_logits": router_logits.float().numpy()})
+    return torch.from_numpy(out)
+
+
 def moe_block_onnx(block, path: str | Path, precision: str = "fp16", eps: float = 1e-6,
                    quantized: QuantizedExperts | None = None) -> Path:
     """Write ``output = hidden + D2mcMoE(rms(hidden), router(hidden), fc1, fc2[, fc1_scales, fc2_scales])``, the

@@ -29,11 +29,12 @@ def expand_plugin_nodes(model: onnx.ModelProto) -> int:
     """Rewrite ``model`` in place; returns how many plugin nodes were replaced."""
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
-    new_nodes, constants, replaced, quantized = [], [], 0, False
+    new_nodes, constants, replaced, quantized, replaced_inputs = [], [], 0, False, set()
     for node in graph.node:
         if node.op_type != PLUGIN_NAME or node.domain != PLUGIN_DOMAIN:
             new_nodes.append(node)
             continue
+        replaced_inputs.update(node.input)
         attributes = MoePluginAttributes.from_onnx({a.name: helper.get_attribute_value(a) for a in node.attribute},
                                                    f"'{node.name}'")
         if len(node.input) != len(attributes.inputs):
@@ -56,7 +57,11 @@ def expand_plugin_nodes(model: onnx.ModelProto) -> int:
     if replaced:
         del graph.node[:]
         graph.node.extend(new_nodes)
-        graph.initializer.extend(constants)
+        # the packed int4 weights are read through their INT4 views only
+        used = {name for node in new_nodes for name in node.input} | {o.name for o in graph.output}
+        kept_initializers = [i for i in graph.initializer if i.name in used or i.name not in replaced_inputs]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_initializers + constants)
         kept = [o for o in model.opset_import if o.domain != PLUGIN_DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(kept)

@@ -38,9 +38,11 @@ from tests.moe_reference import (
     block_reference,
     moe_block_onnx,
     moe_reference,
+    plugin_node_onnx,
     plugin_weights,
     quantize_experts,
     rms,
+    run_expanded,
     unpack,
 )
 from tests.test_lowering import fused
@@ -235,58 +237,26 @@ def test_packing_round_trips_against_the_reference(bits):
             (int(signed[0, 0]) & 0xF) | (int(signed[0, 1]) & 0xF) << 4)  # column 0 in the low nibble
 
 
-def _plugin_node_alone(attributes, packed, precision):
-    """A graph of the plugin node alone (hidden and router logits in, weights as initializers)."""
-    np_dtype, onnx_dtype = {"fp32": (np.float32, onnx.TensorProto.FLOAT),
-                            "fp16": (np.float16, onnx.TensorProto.FLOAT16)}[precision]
-    from onnx import helper, numpy_helper
-
-    from d2mc.ops.moe import moe_plugin_node
-
-    weights = [numpy_helper.from_array(packed.fc1, "fc1"), numpy_helper.from_array(packed.fc2, "fc2"),
-               numpy_helper.from_array(packed.fc1_scales.astype(np_dtype), "fc1_scales"),
-               numpy_helper.from_array(packed.fc2_scales.astype(np_dtype), "fc2_scales")]
-    node = moe_plugin_node("moe", "hidden", "router_logits", "fc1", "fc2", "out", attributes,
-                           ("fc1_scales", "fc2_scales"))
-    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("hidden", onnx_dtype, [None, 64]),
-                                              helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT,
-                                                                            [None, attributes.num_experts])],
-                              [helper.make_tensor_value_info("out", onnx_dtype, [None, 64])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("d2mc", 1)])
-    model.ir_version = 10
-    return model
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("bits, top_k, normalize, shared", [(4, 2, True, 1), (4, 1, True, 0), (8, 2, False, 1)])
 def test_quantized_reference_equals_the_expanded_graph(precision, bits, top_k, normalize, shared):
     """The plugin's quantized math on CPU (the reference on unpacked weights) against ONNX Runtime running the
     standard-op expansion of the node (DequantizeLinear on the packed bytes)."""
-    import onnxruntime as ort
-
-    from d2mc.lowering.plugin_reference import expand_plugin_nodes
-
     model, _, packed = quantized_model(bits, 32, top_k=top_k, normalize=normalize, shared=shared)
     attributes = plugin_weights(model.model.layers[2], packed)[2]
-    proto = _plugin_node_alone(attributes, packed, precision)
-    assert expand_plugin_nodes(proto) == 1
-    onnx.checker.check_model(proto)
-    assert "DequantizeLinear" in {n.op_type for n in proto.graph.node}
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    proto = plugin_node_onnx(attributes, packed, precision)
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(10, 64, generator=generator)
     hidden = hidden.half() if precision == "fp16" else hidden
     logits = torch.randn(10, attributes.num_experts, generator=generator)
-    (got,) = session.run(None, {"hidden": hidden.numpy(), "router_logits": logits.numpy()})
-    fc1, fc2 = unpack(packed.fc1, packed.fc1_scales.astype(np.float16 if precision == "fp16" else np.float32),
-                      bits, 32), unpack(packed.fc2, packed.fc2_scales.astype(np.float16 if precision == "fp16"
-                                                                             else np.float32), bits, 32)
-    float_attributes = dataclasses.replace(attributes, weight_bits=0, block_size=0)
-    expected = moe_reference(hidden, logits, fc1, fc2, float_attributes)
-    assert got.dtype == hidden.numpy().dtype
-    difference = np.abs(got.astype(np.float32) - expected.float().numpy()).max()
+    got = run_expanded(proto, hidden, logits)
+    onnx.checker.check_model(proto)
+    assert "DequantizeLinear" in {n.op_type for n in proto.graph.node} and got.dtype == hidden.dtype
+    scale_type = np.float16 if precision == "fp16" else np.float32  # the scales the graph holds
+    fc1, fc2 = (unpack(codes, scales.astype(scale_type), bits, 32)
+                for codes, scales in ((packed.fc1, packed.fc1_scales), (packed.fc2, packed.fc2_scales)))
+    expected = moe_reference(hidden, logits, fc1, fc2, dataclasses.replace(attributes, weight_bits=0, block_size=0))
+    difference = (got.float() - expected.float()).abs().max()
     assert difference < (1e-5 if precision == "fp32" else 2e-3), difference
 
 
