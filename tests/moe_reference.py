@@ -96,18 +96,28 @@ def quantize_experts(model, bits: int = 4, block_size: int = 32) -> dict:
     """Quantize every MoE block's experts of ``model`` in place the way the plugin takes them: norms folded, then
     round-to-nearest symmetric codes; each Linear keeps the dequantized weight, so that the PyTorch model computes
     with what the codes stand for. Returns ``{linear name: QuantizedLinear}`` for the lowering."""
+    return quantize_linears(model, bits, block_size, experts_only=True)
+
+
+def quantize_linears(model, bits: int = 4, block_size: int = 32, experts_only: bool = False) -> dict:
+    """Quantize in place, round-to-nearest and symmetric, every Linear of ``model`` but its routers (attention
+    projections, MLPs, every expert, the LM head; a tied embedding follows the LM head), or with ``experts_only``
+    only the experts of its MoE blocks; the experts' norms are folded first. Each Linear keeps the dequantized
+    weight. Returns ``{linear name: QuantizedLinear}`` for the lowering."""
+    for layer in model.model.layers:
+        if len(getattr(layer, "experts", ())) > 1:
+            fold_expert_norms(layer.experts)
     quantized = {}
-    for b, layer in enumerate(model.model.layers):
-        if len(getattr(layer, "experts", ())) < 2:
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("router"):
             continue
-        fold_expert_norms(layer.experts)
-        for e, expert in enumerate(layer.experts):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                linear = getattr(expert.mlp, projection)
-                q = quantize_rtn(linear.weight, bits, block_size)
-                with torch.no_grad():
-                    linear.weight.copy_(q.dequantize())
-                quantized[f"model.layers.{b}.experts.{e}.mlp.{projection}"] = q
+        if experts_only and not (".experts." in name and len(model.get_submodule(name.split(".experts.")[0])
+                                                             .experts) > 1):
+            continue
+        q = quantize_rtn(module.weight, bits, block_size)
+        with torch.no_grad():
+            module.weight.copy_(q.dequantize())
+        quantized[name] = q
     return quantized
 
 

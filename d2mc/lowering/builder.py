@@ -1,5 +1,10 @@
 """The ONNX graph under construction: named nodes and initializers, and the pieces every block uses (RMSNorm,
-a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them."""
+a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them.
+
+A projection whose weight was quantized (a :class:`~d2mc.quantize.QuantizedLinear` in ``GraphBuilder.quantized``,
+looked up by its module) is, in the tensorrt flavour, ``DequantizeLinear`` (opset 21, block-wise along the input
+axis, signed int4/int8 codes, no zero point: symmetric) feeding the ``MatMul``: TensorRT fuses the pair into a
+weight-only GEMM."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from d2mc.errors import UserError
 
 MS_DOMAIN = "com.microsoft"
 PRECISIONS = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
@@ -72,12 +79,41 @@ def rms(g: GraphBuilder, x: str, eps: float) -> str:
     return g.op1("Cast", [normed], to=g.onnx_dtype) if fp16 else normed
 
 
-def _linear_t(module) -> torch.Tensor:
-    return module.weight.T
-
-
 def project(g, x: str, linear, name: str) -> str:
-    out = g.op1("MatMul", [x, g.weight(f"{name}.weight_t", _linear_t(linear))])
+    """``x @ W.T (+ bias)`` for the Linear ``linear``, from its codes when ``g.quantized`` holds them."""
+    q = g.quantized.get(linear)
+    out = matmul(g, x, q if q is not None else linear.weight, f"{name}.weight")
     if getattr(linear, "bias", None) is not None:
         out = g.op1("Add", [out, g.weight(f"{name}.bias", linear.bias)])
     return out
+
+
+def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
+    """``x @ weight.T`` for a weight ``[out, in]``: a float tensor (``MatMul`` on the transposed initializer
+    ``{name}_t``) or a :class:`~d2mc.quantize.QuantizedLinear` (``DequantizeLinear`` of ``{name}_t_q{bits}`` and
+    ``{name}_t_scales`` first); into ``output`` when given."""
+    outputs = [output] if output else 1
+    if isinstance(weight, torch.Tensor):
+        return g.op("MatMul", [x, g.weight(f"{name}_t", weight.T)], outputs)[0]
+    if weight.pre_scale is not None:
+        x = g.op1("Mul", [x, g.weight(f"{name}.pre_scale", weight.pre_scale)])
+    return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
+
+
+def dequantized(g, q, name: str) -> str:
+    """The float weight ``[in, out]`` of the symmetric ``q`` as ``DequantizeLinear(codes, scales)`` (``axis=0``,
+    ``block_size``), its scales in the graph's float type (the type the weight comes out in)."""
+    from d2mc.quantize import pack_signed
+
+    if not g.trt:
+        raise ValueError("quantized weights lower to the tensorrt flavour's DequantizeLinear only")
+    if not q.symmetric:
+        raise UserError("the tensorrt flavour takes symmetric quantized weights (signed codes, zero point 0: what "
+                        "TensorRT dequantizes): quantize symmetrically")
+    codes = q.signed_codes().T  # [in, out]
+    packed = pack_signed(np.ascontiguousarray(codes), q.bits)
+    kind = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
+    g.initializers.append(onnx.TensorProto(name=f"{name}_q{q.bits}", data_type=kind, dims=list(codes.shape),
+                                           raw_data=packed.tobytes()))
+    return g.op1("DequantizeLinear", [f"{name}_q{q.bits}", g.weight(f"{name}_scales", q.scales.T)], axis=0,
+                 block_size=q.block_size)

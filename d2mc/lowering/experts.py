@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto
 
 from d2mc.arch import BlockPlan
-from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, norm
+from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, matmul, norm
 from d2mc.ops.moe import (
     QuantizedExperts,
     folded_gate_up,
@@ -69,11 +69,16 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
 
 
 def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
-    gate_w, up_w = folded_gate_up(mlp, gamma)
-    gate = g.op1("MatMul", [x, g.weight(f"{name}.gate_proj.weight_t", gate_w.T)])
-    up = g.op1("MatMul", [x, g.weight(f"{name}.up_proj.weight_t", up_w.T)])
+    if mlp.gate_proj in g.quantized:  # codes cannot take a norm weight in: it was folded before quantizing
+        if gamma is not None and not bool((gamma == 1).all()):
+            raise ValueError(f"{name}: a quantized expert's norm weight must be folded into its gate and up first")
+        gate_w, up_w, down_w = (g.quantized[m] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    else:
+        (gate_w, up_w), down_w = folded_gate_up(mlp, gamma), mlp.down_proj.weight
+    gate = matmul(g, x, gate_w, f"{name}.gate_proj.weight")
+    up = matmul(g, x, up_w, f"{name}.up_proj.weight")
     act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-    return g.op1("MatMul", [act, g.weight(f"{name}.down_proj.weight_t", mlp.down_proj.weight.T)])
+    return matmul(g, act, down_w, f"{name}.down_proj.weight")
 
 
 def _router_logits(g, block, residual: str, arch, name: str) -> tuple[str, str]:

@@ -24,7 +24,10 @@ RMSNorm as ``Pow, ReduceMean, Add, Sqrt, Div`` in fp32 then the weight; rotary f
 (and sliding-window) mask built from ``attention_mask``, softmax in fp32. Each MoE block is one ``d2mc::D2mcMoE``
 plugin node whose inputs and attributes follow :mod:`d2mc.ops.moe` (docs/tensorrt-plugin.md):
 ``D2mcMoE(rms(h), router(h), fc1, fc2)``, gate/up rows interleaved, shared experts first, each expert's norm weight
-folded into fc1. ONNX Runtime cannot run the plugin: :func:`d2mc.lowering.plugin_reference.expand_plugin_nodes`
+folded into fc1. With quantized weights (``quantized``: weight-only, symmetric, block-wise int4/int8) the flavour
+moves to opset 21: every quantized projection and the LM head read ``DequantizeLinear`` of their codes before the
+``MatMul``, and the plugin node takes its experts' packed codes and block scales (``weight_bits``, ``block_size``).
+ONNX Runtime cannot run the plugin: :func:`d2mc.lowering.plugin_reference.expand_plugin_nodes`
 rewrites it into standard ops so that the flavour is verified against PyTorch like the other.
 """
 
@@ -42,11 +45,12 @@ from onnx import TensorProto, helper
 from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
-from d2mc.lowering.builder import PRECISIONS, GraphBuilder, norm
+from d2mc.lowering.builder import PRECISIONS, GraphBuilder, matmul, norm
 from d2mc.lowering.experts import LoweredBlock, lower_experts
 from d2mc.quantize import QuantizedLinear
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
+QUANTIZED_OPSET = 21
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
 
@@ -75,8 +79,8 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     """Write ``model.onnx`` (+ ``model.onnx.data``) for a dense or converted model into ``out_dir``.
 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
-    ``quantized`` maps Linear module names of ``model`` to their quantized weights (the tensorrt flavour's MoE
-    blocks take them into the plugin node). Returns the path of ``model.onnx``.
+    ``quantized`` maps Linear module names of ``model`` to their quantized weights, which the tensorrt flavour
+    emits from their codes (``model`` carries the weights they stand for). Returns the path of ``model.onnx``.
     """
     from d2mc.arch import ModelArch
 
@@ -85,6 +89,8 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     if overrides:
         options = LoweringOptions(**{**options.__dict__, **overrides})
     trt = options.flavour == "tensorrt"
+    if quantized and not trt:
+        raise ValueError("quantized weights lower to the tensorrt flavour (DequantizeLinear and the D2mcMoE plugin)")
     arch = ModelArch.from_config(model.config)
     np_dtype, onnx_dtype = PRECISIONS[options.precision]
     g = GraphBuilder(np_dtype, onnx_dtype)
@@ -130,13 +136,13 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    lm_weight = model.lm_head.weight
-    logits_w = g.weight("lm_head.weight_t", lm_weight.T)
-    g.op("MatMul", [normed, logits_w], ["logits"])
+    head = g.quantized.get(model.lm_head)
+    matmul(g, normed, head if head is not None else model.lm_head.weight, "lm_head.weight", "logits")
 
     graph = helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
     domains = {n.domain for n in g.nodes} - {""}
-    opsets = [helper.make_opsetid("", OPSET[options.flavour])] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    opset = QUANTIZED_OPSET if g.quantized else OPSET[options.flavour]  # block-wise DequantizeLinear
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
     onnx_model.ir_version = 10
     out_dir = Path(out_dir)

@@ -231,6 +231,8 @@ def pack_quantized_experts(weights: Sequence[tuple[QuantizedLinear, QuantizedLin
     """The quantized twin of :func:`pack_experts`: ``weights`` holds each expert's ``(gate, up, down)`` quantized
     Linears, shared experts first, quantized after :func:`fold_expert_norms` (the codes stand for the folded
     weights). Every Linear must share one bit width and block size, be symmetric and carry no pre-scale."""
+    from d2mc.quantize import pack_signed
+
     linears = [q for expert in weights for q in expert]
     formats = {(q.bits, q.block_size) for q in linears}
     if len(formats) != 1:
@@ -246,27 +248,13 @@ def pack_quantized_experts(weights: Sequence[tuple[QuantizedLinear, QuantizedLin
     fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
     for gate, up, down in weights:
         # rows g0, u0, g1, u1, ...: the float layout's interleaving, for the codes and their scales alike
-        fc1.append(np.stack([_signed_codes(gate), _signed_codes(up)], axis=1).reshape(-1, gate.shape[1]))
+        fc1.append(np.stack([gate.signed_codes(), up.signed_codes()], axis=1).reshape(-1, gate.shape[1]))
         fc1_scales.append(np.stack([gate.scales.float().numpy(), up.scales.float().numpy()], axis=1)
                           .reshape(-1, gate.scales.shape[1]))
-        fc2.append(_signed_codes(down))
+        fc2.append(down.signed_codes())
         fc2_scales.append(down.scales.float().numpy())
-    return QuantizedExperts(bits, block_size, _pack_codes(np.stack(fc1), bits), _pack_codes(np.stack(fc2), bits),
+    return QuantizedExperts(bits, block_size, pack_signed(np.stack(fc1), bits), pack_signed(np.stack(fc2), bits),
                             np.stack(fc1_scales), np.stack(fc2_scales))
-
-
-def _signed_codes(q: QuantizedLinear) -> np.ndarray:
-    """The codes of a symmetric Linear as signed values ``[out, in]`` (``w = code * scale``)."""
-    return (q.codes.numpy().astype(np.int16) - 2 ** (q.bits - 1)).astype(np.int8)
-
-
-def _pack_codes(signed: np.ndarray, bits: int) -> np.ndarray:
-    """Signed codes as the plugin stores them: int8 as they are; int4 two per byte along the last axis, the even
-    column in the low nibble (the byte layout of ONNX's and TensorRT's INT4 tensors)."""
-    if bits == 8:
-        return np.ascontiguousarray(signed, dtype=np.int8)
-    nibbles = signed.astype(np.uint8) & 0x0F  # two's complement: -1 -> 0xF
-    return np.ascontiguousarray(nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).view(np.int8)
 
 
 def normalize_mode(normalize_topk: bool, unit_weights: bool) -> int:

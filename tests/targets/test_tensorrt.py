@@ -41,6 +41,7 @@ from tests.moe_reference import (
     plugin_node_onnx,
     plugin_weights,
     quantize_experts,
+    quantize_linears,
     rms,
     run_expanded,
     unpack,
@@ -189,12 +190,65 @@ def test_unit_weights_reach_the_plugin_as_normalize_2(tmp_path):
         dataclasses.replace(attributes, normalize=3)
 
 
-def quantized_model(bits=4, block_size=32, **plan):
-    """A tiny converted model whose MoE block's experts are quantized (their Linears keep the dequantized weights),
-    with the quantized Linears by name and block 2's experts packed for the plugin."""
+def quantized_model(bits=4, block_size=32, experts_only=True, **plan):
+    """A tiny converted model whose MoE block's experts (or, without ``experts_only``, all its Linears but the
+    router) are quantized, their Linears keeping the dequantized weights; with the quantized Linears by name and
+    block 2's experts packed for the plugin."""
     model = fused("llama", **plan)
-    quantized = quantize_experts(model, bits, block_size)
+    quantized = quantize_linears(model, bits, block_size, experts_only)
     return model, quantized, block_quantized_experts(model.model.layers[2], quantized, 2)
+
+
+def dequantize_inputs(graph):
+    """``{MatMul node name: its DequantizeLinear}`` over the MatMuls of ``graph`` (onnx-graphsurgeon) whose weight
+    is dequantized, and the names of the float constant weights MatMuls read."""
+    dequantized, float_weights = {}, []
+    for node in graph.nodes:
+        if node.op != "MatMul":
+            continue
+        weight = node.inputs[1]
+        if weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+            dequantized[node.name] = weight.inputs[0]
+        elif isinstance(weight, gs.Constant):
+            float_weights.append(weight.name)
+    return dequantized, float_weights
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_quantized_dense_graph_dequantizes_before_every_matmul(tmp_path, family, precision):
+    """A dense model with every Linear int4 (the LM head int8): block-wise DequantizeLinear (opset 21, axis 0,
+    signed codes, no zero point, scales in the graph's type) before each projection's MatMul; onnx.checker passes,
+    ONNX Runtime runs it and it matches PyTorch computing with the dequantized weights."""
+    from d2mc.quantize import quantize_rtn
+    from d2mc.verify import verify_onnx
+    from tests.conftest import tiny_model
+
+    model = tiny_model(family)
+    quantized = quantize_linears(model, 4, 32)
+    head = quantize_rtn(model.lm_head.weight, 8, 32)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.dequantize())
+    quantized["lm_head"] = head
+    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 21)]
+    dequantized, float_weights = dequantize_inputs(gs.import_onnx(proto))
+    assert float_weights == [] and len(dequantized) == len(quantized) == 6 * 7 + 1
+    scale_type = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for matmul, node in dequantized.items():
+        codes, scales = (initializers[t.name] for t in node.inputs)
+        head = "lm_head" in codes.name
+        assert node.attrs == {"axis": 0, "block_size": 32}, matmul
+        assert codes.data_type == (onnx.TensorProto.INT8 if head else onnx.TensorProto.INT4), codes.name
+        assert scales.data_type == scale_type and scales.dims[0] * 32 == codes.dims[0], scales.name
+    summary = read_graph(path)
+    assert (summary.quantization.bits, summary.quantization.block_sizes, summary.quantization.dequantize_nodes,
+            summary.quantization.plugin_nodes) == ((4, 8), (32,), 43, 0)
+    result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
+    assert result.passed and result.greedy_agreement == 1.0
+    assert result.max_abs_diff < (1e-4 if precision == "fp32" else 5e-3)
 
 
 @pytest.mark.parametrize("bits, block_size", [(4, 32), (8, 16)])
@@ -260,14 +314,21 @@ def test_quantized_reference_equals_the_expanded_graph(precision, bits, top_k, n
     assert difference < (1e-5 if precision == "fp32" else 2e-3), difference
 
 
-@pytest.mark.parametrize("bits, block_size, precision", [(4, 32, "fp32"), (4, 64, "fp16"), (8, 16, "fp16")])
-def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, block_size, precision):
-    """The whole tiny model with int4 (int8) experts in the plugin, run by ONNX Runtime with the node expanded,
-    against PyTorch computing with the dequantized weights."""
+@pytest.mark.parametrize("bits, block_size, precision, experts_only", [
+    (4, 32, "fp32", True), (4, 64, "fp16", True), (8, 16, "fp16", True), (4, 32, "fp32", False),
+    (4, 32, "fp16", False)])
+def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, block_size, precision, experts_only):
+    """The whole tiny converted model with int4 (int8) experts in the plugin (and, without ``experts_only``, every
+    other Linear dequantized before its MatMul), run by ONNX Runtime with the node expanded, against PyTorch
+    computing with the dequantized weights."""
     from d2mc.verify import verify_onnx
 
-    model, quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
+    model, quantized, _ = quantized_model(bits, block_size, experts_only, top_k=2, shared=1)
     path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
+    if not experts_only:
+        dequantized, float_weights = dequantize_inputs(gs.import_onnx(onnx.load(str(path))))
+        assert float_weights == ["blocks.2.router.weight_t"]  # routers stay float
+        assert len(dequantized) == len(quantized) - 3 * 3  # the plugin reads the experts' codes itself
     result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
     assert result.passed and result.greedy_agreement == 1.0
     assert result.max_abs_diff < (1e-5 if precision == "fp32" else 5e-3)
@@ -276,24 +337,32 @@ def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, bloc
 @pytest.mark.real_model
 @pytest.mark.slow
 @requires_real_model
-def test_smollm2_lfuc_with_int4_experts_verifies_with_the_plugin_expanded(tmp_path):
-    """SmolLM2-135M converted by LF-UC (layers 12-13 and 16-17 fused), its four experts' projections int4 (RTN,
-    block 64: 128 does not divide H = 576), lowered to the tensorrt flavour in fp16 and run by ONNX Runtime with the
-    plugin nodes expanded, against PyTorch computing with the same dequantized weights: within the fp16 tolerance
-    (1% of the largest logit), every greedy token the same."""
+@pytest.mark.parametrize("plan", ["dense", "12-13,16-17"])
+def test_smollm2_int4_tensorrt_onnx_verifies_with_the_plugin_expanded(tmp_path, plan):
+    """SmolLM2-135M dense, and converted by LF-UC (layers 12-13 and 16-17 fused), every Linear but the routers int4
+    (RTN, block 64: 128 does not divide H = 576; the tied embedding follows the LM head), lowered to the tensorrt
+    flavour in fp16 and run by ONNX Runtime with DequantizeLinear and the plugin nodes expanded, against PyTorch
+    computing with the same dequantized weights: within the fp16 tolerance (1% of the largest logit), every greedy
+    token the same."""
     from d2mc.convert import ConvertOptions, convert
     from d2mc.loading import load_model
     from d2mc.verify import verify_onnx
 
-    ctx = convert(load_model("smollm2-135m"), ConvertOptions(plan="12-13,16-17", calib_sequences=2, calib_length=32,
-                                                             reconstruct_steps=5))
-    model = ctx.model.eval()
-    quantized = quantize_experts(model, 4, 64)
-    assert len(quantized) == 2 * 2 * 3
+    loaded = load_model("smollm2-135m")
+    if plan == "dense":
+        model = loaded.model.eval()
+    else:
+        model = convert(loaded, ConvertOptions(plan=plan, calib_sequences=2, calib_length=32,
+                                               reconstruct_steps=5)).model.eval()
+    quantized = quantize_linears(model, 4, 64)
     path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
-    nodes = read_graph(path).moe_nodes
-    assert [(n.attributes.weight_bits, n.attributes.block_size) for n in nodes] == [(4, 64), (4, 64)]
+    summary = read_graph(path)
+    experts = 2 * 2 * 3 if plan != "dense" else 0  # two MoE blocks of two experts, read by the plugin
+    assert summary.quantization.dequantize_nodes == len(quantized) - experts
+    assert [(n.attributes.weight_bits, n.attributes.block_size) for n in summary.moe_nodes] == [(4, 64)] * (
+        2 if experts else 0)
     result = verify_onnx(model, path, "fp16", prefill=16, decode_steps=8)
+    print(f"{plan}: max |logit difference| {result.max_abs_diff:.4f} (tolerance {result.tolerance:.4f})")
     assert result.passed and result.greedy_agreement == 1.0
 
 
