@@ -36,7 +36,7 @@ GIB = 1 << 30
 class EngineSettings:
     """What the user may choose; ``None`` means derive it from the model and the device profile."""
 
-    precision: str = "fp16"
+    precision: str | None = None  # default: what the ONNX holds (held_precision)
     max_input: int | None = None  # longest prompt of one prefill; default min(2048, model context)
     max_kv: int | None = None  # longest past before a decode step; default the model context - 1
     max_batch: int = 1
@@ -124,6 +124,11 @@ def check_precision(profile: DeviceProfile, precision: str) -> None:
                         f"{', '.join(ENGINE_PRECISIONS)}")
 
 
+def held_precision(graph: GraphSummary) -> str:
+    """The precision the ONNX holds: ``int4``/``int8`` by its narrowest quantized weights, else its float type."""
+    return f"int{graph.quantization.narrowest}" if graph.quantization is not None else graph.precision
+
+
 def check_graph_precision(graph: GraphSummary, precision: str) -> None:
     """Refuse a precision the ONNX does not hold: a strongly typed engine takes its types from the ONNX."""
     quantization = graph.quantization
@@ -151,8 +156,9 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
                 max_positions: int | None = None) -> EnginePlan:
     """Decide shapes, precision and memory of the engine for ``profile``; every refusal is one line."""
     settings = settings or EngineSettings()
-    check_precision(profile, settings.precision)
-    check_graph_precision(graph, settings.precision)
+    precision = settings.precision or held_precision(graph)
+    check_precision(profile, precision)
+    check_graph_precision(graph, precision)
     notes = []
     context = max_positions or 4096
     max_input = settings.max_input or min(2048, context)
@@ -184,7 +190,7 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
     workspace = int(min(wanted, left))
     if workspace < wanted:
         notes.append(f"workspace capped at {workspace / GIB:.2f} GiB by {profile.name}'s {profile.memory_gb:g} GB")
-    return EnginePlan(graph, profile, settings.precision, max_input, max_kv, settings.max_batch, shapes, workspace,
+    return EnginePlan(graph, profile, precision, max_input, max_kv, settings.max_batch, shapes, workspace,
                       weight_bytes, kv_bytes, notes)
 
 
