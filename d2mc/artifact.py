@@ -118,7 +118,15 @@ def write_artifact_info(out_dir: Path, info: dict) -> Path:
 def artifact_info(onnx_dir: Path) -> dict:
     """``d2mc_artifact.json`` beside an ONNX file, or an empty dict where there is none."""
     path = Path(onnx_dir) / ARTIFACT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise UserError(f"'{path}' is corrupt: export the artifact again")
+    return info
 
 
 def read_artifact(path: str | Path) -> dict:
@@ -149,7 +157,7 @@ def find_runnable_onnx(spec: str | Path) -> Path | None:
 
     Another exporter's directory counts too. The onnxruntime flavour (the one with a ``genai_config.json``) is
     preferred; a tensorrt-flavoured graph runs with its plugin nodes expanded into standard ops
-    (:func:`d2mc.verify.runnable_onnx`). An incomplete d2mc artifact is refused in one line.
+    (:func:`d2mc.onnx_session.runnable_onnx`). An incomplete d2mc artifact is refused in one line.
     """
     path = Path(spec).expanduser()
     if not path.is_dir():

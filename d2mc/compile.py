@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from d2mc.artifact import ONNX_DIR, TENSORRT_ONNX_DIR, engine_dir
 from d2mc.convert import ConvertOptions, convert, recovers, write_converted
-from d2mc.errors import OptionError
 from d2mc.loading import load_model
-from d2mc.outputs import atomic_output_dir
+from d2mc.outputs import atomic_output_dir, check_output_path
 from d2mc.profiles import DeviceProfile, load_profile
 from d2mc.roofline import RooflineSettings, estimate
 
@@ -246,5 +245,4 @@ def _block_rows(ctx, converted_cost) -> list[dict]:
 
 
 def check_output_free(path: str, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise OptionError(f"output '{path}' already exists: remove it or pass {{overwrite}}")
+    check_output_path(path, overwrite)

@@ -38,4 +38,4 @@ class Context:
     def from_loaded(cls, loaded, profile=None, calibration=None) -> Context:
         """A context over a :class:`d2mc.loading.LoadedModel`."""
         return cls(model=loaded.model, tokenizer=loaded.tokenizer, arch=loaded.arch, profile=profile,
-                   calibration=calibration, source=loaded.source)
+                   calibration=calibration, source=loaded.reference)

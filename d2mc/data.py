@@ -47,17 +47,36 @@ def corpus_path() -> Path:
     return target
 
 
+# the most characters of a text file that may be undecodable or control characters (a stray byte of another
+# encoding is tolerated; a binary file is not text)
+MAX_NON_TEXT = 0.01
+
+
 def read_text(path: str | Path) -> str:
-    """Plain text, or the ``text`` field of each line of a ``.jsonl`` file."""
+    """Plain UTF-8 text, or the ``text`` field of each line of a ``.jsonl`` file; a binary or empty file is
+    refused."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"no such text file: '{path}'")
+    if not path.is_file():
+        raise UserError(f"'{path}' is a directory: give a .txt or .jsonl file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}' ({exc.strerror})") from None
+    text = raw.decode("utf-8", errors="replace")
+    non_text = text.count("\ufffd") + sum(1 for c in text if c < " " and c not in "\n\r\t\f")
+    if b"\0" in raw or non_text > MAX_NON_TEXT * len(text):
+        raise UserError(f"'{path}' is not text ({non_text} of {len(text)} characters are binary or not UTF-8): give "
+                        "a UTF-8 .txt or .jsonl file")
     if path.suffix == ".jsonl":
         try:
-            return "\n\n".join(json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip())
+            text = "\n\n".join(json.loads(line)["text"] for line in text.splitlines() if line.strip())
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"'{path}': each line of a .jsonl file must be an object with a 'text' field") from None
-    return path.read_text(errors="replace")
+    if not text.strip():
+        raise UserError(f"'{path}' holds no text")
+    return text
 
 
 def _corpus_ids(tokenizer) -> torch.Tensor:

@@ -49,3 +49,9 @@ def require_module(module: str, purpose: str, install: str | None = None):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(module.split(".")[0], purpose, install) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), to quote inside a one-line error."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -19,7 +19,7 @@ import torch
 
 from d2mc.artifact import artifact_info, artifact_tokenizer, find_runnable_onnx, onnx_context_length
 from d2mc.data import HELDOUT_TOKENS, heldout_ids, perplexity, read_text
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 
 DEFAULT_TOKENS = 4096
 DEFAULT_WINDOW = 512
@@ -89,7 +89,7 @@ def evaluate_artifact_perplexity(artifact: str | Path, *, data: str | Path | Non
                                  window: int | None = None, threads: int | None = None) -> PerplexityResult:
     """Perplexity of an ONNX artifact run by ONNX Runtime through its KV-cache graph: each window is one prefill
     from an empty cache, whose logits at every position are scored (see :func:`evaluate_perplexity`)."""
-    from d2mc.verify import OrtDecoder, runnable_onnx
+    from d2mc.onnx_session import OrtDecoder, runnable_onnx
 
     window = window or DEFAULT_WINDOW
     onnx_path = find_runnable_onnx(artifact)
@@ -152,25 +152,11 @@ def _eval_windows(tokenizer, data: str | Path | None, tokens: int | None, window
 
 def _read_eval_text(path: str | Path) -> str:
     """The text of an evaluation file (plain UTF-8, or ``.jsonl`` with a ``text`` field), refusing binary and
-    empty files."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"no such text file: '{path}' (--data)")
-    if not path.is_file():
-        raise UserError(f"--data '{path}' is not a file: give a text file")
-    raw = path.read_bytes()
+    empty files (:func:`d2mc.data.read_text`) with the option named."""
     try:
-        raw.decode("utf-8")
-        binary = b"\x00" in raw
-    except UnicodeDecodeError:
-        binary = True
-    if binary:
-        raise UserError(f"--data '{path}' is not UTF-8 text (a binary file?): give a plain text or .jsonl "
-                        "file")
-    text = read_text(path)
-    if not text.strip():
-        raise UserError(f"--data '{path}' holds no text: give a file with the text to score")
-    return text
+        return read_text(path)
+    except UserError as exc:
+        raise OptionError(f"{{data}}: {exc}") from None
 
 
 def load_pytorch_model(spec: str | Path):

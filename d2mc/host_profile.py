@@ -314,11 +314,12 @@ def measure_host(progress=None, runtimes: tuple[str, ...] = RUNTIMES) -> HostMea
 
 def write_profile(measurement: HostMeasurement | str, path: str | Path, name: str = "host-cpu") -> Path:
     """Write a measured profile (or its TOML text) and validate it by loading it back."""
+    from d2mc.outputs import atomic_output_file
     from d2mc.profiles import load_profile_file
 
     text = measurement if isinstance(measurement, str) else measurement.to_toml(name)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    load_profile_file(path)
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text)
+        load_profile_file(tmp)
     return path

@@ -13,11 +13,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_TEXT, ModelArch
-from d2mc.errors import UserError
+from d2mc.errors import UserError, first_line
+from d2mc.faults import fault_point
 from d2mc.outputs import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,21 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
+    @property
+    def reference(self) -> str:
+        """How to name this model from anywhere: the absolute path of a local model, else its name or hub id."""
+        return source_reference(self.source)
+
+
+def source_reference(spec: str | os.PathLike) -> str:
+    """``spec`` as an artifact should record it: a local path made absolute (so the record works from any
+    directory), a name or hub id as it is."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec != EMBEDDED_NAME and path.exists():
+        return str(path.resolve())
+    return spec
+
 
 def cache_dir() -> Path:
     """Where d2mc keeps converted checkpoints (``$D2MC_CACHE``, default ``~/.cache/d2mc``)."""
@@ -60,12 +77,21 @@ def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    spec = str(spec)
+    loaded = _load(str(spec), config_only, dtype, tokenizer)
+    if not config_only:
+        _check_finite(loaded.model, loaded.source)
+        fault_point("model-loaded")
+    return loaded
+
+
+def _load(spec: str, config_only: bool, dtype: str, tokenizer: bool) -> LoadedModel:
     if spec == EMBEDDED_NAME:
         return _load_directory(embedded_checkpoint(), spec, config_only, dtype, tokenizer)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         _require_exists(path)
+        if not path.is_file():
+            raise UserError(f"'{spec}' is a directory, not a GGUF file")
         return _load_gguf(path, spec, config_only, dtype, tokenizer)
     if path.exists():
         if path.is_file():
@@ -73,7 +99,7 @@ def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str
                 return _load_directory(path.parent, spec, True, dtype, False, config_file=path)
             raise UserError(f"'{spec}' is a file: give a checkpoint directory, a .gguf file, or a config.json "
                             "with --config-only")
-        if not (path / "config.json").exists():
+        if not (path / "config.json").is_file():
             raise UserError(f"'{spec}' has no config.json: give a Hugging Face checkpoint directory")
         return _load_directory(path, spec, config_only, dtype, tokenizer)
     if _looks_like_path(spec):
@@ -125,17 +151,19 @@ def _load_directory(path: Path, spec: str, config_only: bool, dtype: str, want_t
     try:
         config = AutoConfig.from_pretrained(config_file or path)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot read the config of '{spec}': {_first_line(exc)}") from None
+        raise UserError(f"cannot read the config of '{spec}': {first_line(exc)}") from None
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(config, dtype), None, arch, spec, path, config_only=True)
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype),
+                                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"cannot load the weights of '{spec}' ({_first_line(exc)}): the checkpoint may be "
+        raise UserError(f"cannot load the weights of '{spec}' ({first_line(exc)}): the checkpoint may be "
                         "incomplete or corrupt; download it again") from None
+    _check_loading_info(info, spec)
     model.eval()
     _check_structure(model, arch)
     tok = _load_tokenizer(path, spec) if want_tokenizer else None
@@ -148,7 +176,7 @@ def _load_tokenizer(path, spec: str, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
-        log.warning("no tokenizer for %s (%s); commands that need text will refuse", spec, _first_line(exc))
+        log.warning("no tokenizer for %s (%s); commands that need text will refuse", spec, first_line(exc))
         return None
 
 
@@ -159,14 +187,14 @@ def _load_gguf(path: Path, spec: str, config_only: bool, dtype: str, want_tokeni
     try:
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
     except Exception as exc:  # gguf raises assorted errors on a bad file
-        raise UserError(f"cannot read GGUF file '{path}' ({_first_line(exc)}): is it a complete GGUF file?") from None
+        raise UserError(f"cannot read GGUF file '{path}' ({first_line(exc)}): is it a complete GGUF file?") from None
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(_plain_config(config), dtype), None, arch, spec, config_only=True)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=_torch_dtype(dtype))
     except Exception as exc:
-        raise UserError(f"cannot load GGUF file '{path}' ({_first_line(exc)}): the file may be corrupt") from None
+        raise UserError(f"cannot load GGUF file '{path}' ({first_line(exc)}): the file may be corrupt") from None
     model = _plain_model(quantized)
     _check_structure(model, arch)
     tok = _load_tokenizer(directory, spec, gguf_file=name) if want_tokenizer else None
@@ -207,23 +235,51 @@ def _load_hub(spec: str, config_only: bool, dtype: str, want_tokenizer: bool) ->
     try:
         config = AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load '{spec}' from the Hugging Face Hub ({_first_line(exc)}): check the id, "
+        raise UserError(f"cannot load '{spec}' from the Hugging Face Hub ({first_line(exc)}): check the id, "
                         "your network and HF_TOKEN, or give a local checkpoint directory") from None
     arch = ModelArch.from_config(config)
     if config_only:
         return LoadedModel(_model_from_config(config, dtype), None, arch, spec, config_only=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype)).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype),
+                                                           output_loading_info=True)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot download the weights of '{spec}' ({_first_line(exc)})") from None
+        raise UserError(f"cannot download the weights of '{spec}' ({first_line(exc)})") from None
+    _check_loading_info(info, spec)
+    model.eval()
     _check_structure(model, arch)
     tok = _load_tokenizer(spec, spec) if want_tokenizer else None
     return LoadedModel(model, tok, arch, spec)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _check_loading_info(info: dict, spec: str) -> None:
+    """Refuse a checkpoint that lacks a weight the model needs (transformers would fill it with random values) or
+    holds tensors the model has no place for (a checkpoint of another architecture or variant)."""
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if missing:
+        raise UserError(f"'{spec}' lacks {_count(missing, 'weight')} the model needs ({_some(missing)}): the "
+                        "checkpoint is incomplete; save or download it again")
+    if unexpected:
+        raise UserError(f"'{spec}' holds {_count(unexpected, 'tensor')} the model has no place for "
+                        f"({_some(unexpected)}): is its config.json the one of these weights?")
+
+
+def _count(names: list[str], noun: str) -> str:
+    return f"{len(names)} {noun}{'s' if len(names) != 1 else ''}"
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _check_finite(model, spec: str) -> None:
+    """Refuse weights holding NaN or infinity: no trained checkpoint has them, a corrupt file may."""
+    import torch
+
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise UserError(f"'{spec}' holds NaN or infinite values in {name}: the checkpoint is corrupt; save or "
+                            "download it again")
 
 
 def embedded_gguf() -> Path:
@@ -245,7 +301,9 @@ def embedded_checkpoint() -> Path:
     gguf = embedded_gguf()
     log.info("dequantizing %s into %s (once)", gguf.name, target)
     loaded = _load_gguf(gguf, EMBEDDED_NAME, False, "float32", True)
-    with atomic_output_dir(target, overwrite=True) as tmp:
+    if target.is_dir():  # an incomplete copy in d2mc's own cache (from a version that wrote no output marker)
+        shutil.rmtree(target)
+    with atomic_output_dir(target) as tmp:
         loaded.model.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)

@@ -263,7 +263,7 @@ class OnnxMeasurer:
     runtime = "onnxruntime-cpu"
 
     def __init__(self, onnx_path: str | Path, vocab: int):
-        from d2mc.verify import OrtDecoder
+        from d2mc.onnx_session import OrtDecoder
 
         self.decoder = OrtDecoder(onnx_path)
         self.vocab = vocab

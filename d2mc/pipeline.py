@@ -204,7 +204,7 @@ def load_recipe(path: str | Path) -> list[Pass]:
         raise UserError(f"recipe '{path}' does not exist")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"recipe '{path}': not valid TOML ({exc})") from None
     unknown = set(data) - {"passes", "options"}
     if unknown:

@@ -157,7 +157,7 @@ def builtin_profiles() -> list[DeviceProfile]:
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """A built-in profile by name or alias, or a profile TOML file by path."""
     text = str(name_or_path)
-    if text.endswith(".toml") or Path(text).expanduser().exists():
+    if text.endswith(".toml") or Path(text).expanduser().is_file():  # a directory named like a profile is not one
         return load_profile_file(Path(text).expanduser())
     profiles = builtin_profiles()
     for profile in profiles:
@@ -169,8 +169,9 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 def load_profile_file(path: Path) -> DeviceProfile:
     """Parse and validate one profile file; any problem is a one-line error naming the file and the field."""
-    if not path.exists():
-        raise UserError(f"device profile '{path}' does not exist")
+    if not path.is_file():
+        what = "is a directory, not a .toml file" if path.is_dir() else "does not exist"
+        raise UserError(f"device profile '{path}' {what}")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2mc.artifact import artifact_info, find_runnable_onnx
-from d2mc.errors import MissingDependencyError, UserError
+from d2mc.errors import MissingDependencyError, UserError, first_line
 from d2mc.evaluation import load_pytorch_model
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> 
         try:
             loaded = manager.load([name])
         except OSError as exc:  # datasets: no network, not in its cache, or a missing local file
-            raise UserError(f"the data of task '{name}' (--tasks) cannot be found ({_first_line(exc)}): run once "
+            raise UserError(f"the data of task '{name}' (--tasks) cannot be found ({first_line(exc)}): run once "
                             "with network access so that the datasets cache holds it, or give a local task "
                             "whose data is on disk with --include-path DIR") from None
         objects.extend(_top_level(loaded, name))
@@ -193,8 +193,3 @@ def _require_harness() -> None:
     if not log.isEnabledFor(logging.INFO):
         # the harness warns about what d2mc does on purpose (a model passed as an object, a task's own loader)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

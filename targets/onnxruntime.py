@@ -71,11 +71,12 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     return ExportResult(Path(out), seconds, result)
 
 
-def verify(artifact: str | Path, model: str | None = None, prefill: int = 16) -> dict:
+def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, positions: int | None = None) -> dict:
     """The artifact's onnxruntime-flavoured ONNX against its PyTorch source (``model``, else the converted model a
-    compile output holds, else the source its export recorded) on the same tokens."""
+    compile output holds, else the source its export recorded) on the same tokens (see :func:`d2mc.verify.verify_onnx`
+    for ``positions``)."""
     from d2mc.loading import load_model
-    from d2mc.verify import verify_onnx
+    from d2mc.verify import POSITION_SAMPLES, verify_onnx
 
     onnx_path = find_onnx(artifact, "onnxruntime")
     info = artifact_info(onnx_path.parent)
@@ -83,8 +84,18 @@ def verify(artifact: str | Path, model: str | None = None, prefill: int = 16) ->
     source = model or (str(compiled) if compiled.is_dir() else info.get("source"))
     if not source:
         raise OptionError(f"'{artifact}' does not name its source model: pass {{model}}")
-    loaded = load_model(source, tokenizer=False)
-    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill).to_dict()
+    beside = Path(artifact).parent / source  # older artifacts record the path as given, relative to where it ran
+    if not model and not Path(source).is_absolute() and not Path(source).exists() and beside.exists():
+        source = str(beside)
+    try:
+        loaded = load_model(source, tokenizer=False)
+    except UserError as exc:
+        if model:
+            raise
+        raise OptionError(f"the source model the artifact names, '{source}', does not load ({exc}): pass it with "
+                          "{model}") from None
+    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill,
+                       positions=POSITION_SAMPLES if positions is None else positions).to_dict()
 
 
 def write_genai_config(model, out_dir: Path, precision: str) -> Path:

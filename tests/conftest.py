@@ -94,3 +94,13 @@ def tiny_checkpoint_with_tokenizer(tmp_path):
                pad_token_id=2).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def single_thread():
+    """PyTorch on one thread for the test: tiny models gain nothing from two, and on a loaded machine two
+    threads contend for the cores (a tenfold slowdown measured here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

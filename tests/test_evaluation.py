@@ -135,9 +135,9 @@ def made(tmp_path_factory):
     (["{root}/model", "--window", "1"], "--window must be at least 2 tokens (got 1)"),
     (["{root}/model", "--window", "1024"], "--window 1024 is more than the model's maximum of 512 positions"),
     (["{root}/artifact", "--window", "1024"], "--window 1024 is more than the model's maximum of 512 positions"),
-    (["{root}/model", "--data", "{root}/empty.txt"], "--data '{root}/empty.txt' holds no text"),
-    (["{root}/model", "--data", "{root}/binary.bin"], "--data '{root}/binary.bin' is not UTF-8 text"),
-    (["{root}/model", "--data", "{root}/missing.txt"], "no such text file: '{root}/missing.txt'"),
+    (["{root}/model", "--data", "{root}/empty.txt"], "--data: '{root}/empty.txt' holds no text"),
+    (["{root}/model", "--data", "{root}/binary.bin"], "--data: '{root}/binary.bin' is not text"),
+    (["{root}/model", "--data", "{root}/missing.txt"], "--data: no such text file: '{root}/missing.txt'"),
     (["{root}/model", "--data", "{root}/short.txt"], "{root}/short.txt holds 10 tokens, fewer than one --window"),
     (["{root}/artifact", "--tasks", TASK], "--tasks needs the PyTorch model, not an ONNX artifact: give the model "
                                            "'{root}/artifact' was exported from ('{root}/model' for this one)"),

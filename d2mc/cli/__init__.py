@@ -58,14 +58,21 @@ for _name in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: a :class:`UserError` is one line on stderr and exit code 1."""
+    from d2mc.outputs import interrupt_status, termination_as_interrupt
+
     try:
-        cli.main(args=argv, prog_name="d2mc", standalone_mode=False)
+        with termination_as_interrupt():  # SIGTERM and SIGHUP clean up as Ctrl-C does
+            cli.main(args=argv, prog_name="d2mc", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(interrupt_status(exc))
+    except click.UsageError as exc:  # a bad option value is the user's mistake too: one line, exit code 1
+        command = exc.ctx.command_path if exc.ctx else "d2mc"
+        click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+        sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

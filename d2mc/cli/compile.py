@@ -32,6 +32,7 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     import time
     from pathlib import Path
 
+    from d2mc.checks import check_compile_inputs
     from d2mc.compile import CompileOptions, check_output_free, compile_model
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
@@ -46,6 +47,7 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
                              measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
                              conversion=convert_options_from(None, **plan))
     options.conversion.recovery = recovery
+    check_compile_inputs(options)
     err = stderr_console()
     start = time.perf_counter()
     progress = None if quiet or as_json else (lambda text: err.print(f"[{time.perf_counter() - start:6.1f}s] {text}"))

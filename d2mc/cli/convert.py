@@ -90,14 +90,18 @@ def _refuse_plan_options_beside(recipe: str) -> None:
 @json_option
 def command(model, target, output, overwrite, quiet, as_json, **plan):
     """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
+    from d2mc.checks import check_conversion_inputs
     from d2mc.convert import convert, save_converted
     from d2mc.loading import load_model
+    from d2mc.outputs import check_output_path
     from d2mc.recovery import remove_checkpoints
 
+    check_output_path(output, overwrite)
     recovery = pop_recovery_options(plan, output)
     options = convert_options_from(target, **plan)
     options.recovery = recovery
     progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
+    check_conversion_inputs(options, model)
     loaded = load_model(model)
     ctx = convert(loaded, options, progress=progress)
     save_converted(ctx, output, overwrite=overwrite)

@@ -27,14 +27,17 @@ FLAVOURS = ("onnxruntime", "tensorrt")  # d2mc.lowering.FLAVOURS, without import
 def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygraphy, output, overwrite, as_json):
     """Export MODEL (a dense model or a d2mc convert output) to an ONNX artifact with KV cache."""
     from d2mc.loading import load_model
+    from d2mc.outputs import check_output_path
     from d2mc.targets.onnxruntime import export_onnx
 
     if legacy_flavour:
         stderr_console().print(f"export --target is deprecated: use --format {legacy_flavour}")
         flavour = legacy_flavour
+    check_output_path(output, overwrite)
     loaded = load_model(model)
     result = export_onnx(loaded.model, loaded.tokenizer, output, precision=precision, moe_op=moe_op, flavour=flavour,
-                         verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite, source=model)
+                         verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite,
+                         source=loaded.reference)
     if as_json:
         print_json({"path": str(result.path), "flavour": flavour, "export_seconds": result.seconds,
                     "verify": result.verify})

@@ -55,7 +55,10 @@ def command(model, target, prefill, context, batch, precision, kv_precision, blo
         stderr_console().print("profile --calibrate is deprecated: use --measure-host")
     if measure_host or legacy_measure_host:
         from d2mc import host_profile
+        from d2mc.checks import is_profile_file
+        from d2mc.outputs import check_output_file
 
+        check_output_file(output or "host-cpu.toml", (".toml",), overwrite=overwrite, owned=is_profile_file)
         status = stderr_console()
         measured = host_profile.measure_host(progress=lambda text: status.print(f"measuring {text}..."))
         path = host_profile.write_profile(measured, output or "host-cpu.toml")
@@ -66,6 +69,10 @@ def command(model, target, prefill, context, batch, precision, kv_precision, blo
         return
     if model is None:
         raise UserError("give a MODEL (or --measure-host)")
+    if output:
+        from d2mc.outputs import check_output_path
+
+        check_output_path(output, overwrite)
     from d2mc.latency import profile_model
 
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,

@@ -86,11 +86,15 @@ def command(converted, teacher, output, no_resume, keep_checkpoints, overwrite, 
     Runs as is on one CPU or GPU; for several GPUs or nodes launch the same command with
     `torchrun --nproc_per_node N -m d2mc recover ...` (DDP; only the first process writes OUTPUT).
     """
+    from d2mc.checks import check_recovery_inputs
+    from d2mc.outputs import check_output_path
     from d2mc.recover import recover_model
     from d2mc.recovery import RecoveryOptions, is_main_process
 
+    check_output_path(output, overwrite)
     fields["checkpoint_dir"] = fields["checkpoint_dir"] or f"{str(output).rstrip('/')}.checkpoints"
     options = RecoveryOptions(resume=not no_resume, **fields)
+    check_recovery_inputs(options, converted)
     err = stderr_console()
     show = not (quiet or as_json) and is_main_process()
     summary = recover_model(converted, output, options, teacher=teacher, overwrite=overwrite,

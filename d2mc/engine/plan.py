@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from d2mc.arch import BYTES_PER_ELEMENT
+from d2mc.checks import check_number
 from d2mc.engine.graph import GraphSummary, TensorSpec
 from d2mc.errors import OptionError, UserError
 from d2mc.profiles import DeviceProfile
@@ -51,6 +52,7 @@ class EngineSettings:
                 raise OptionError(f"{{{name}}} must be at least 1, not {value}")
         if self.max_batch < 1:
             raise OptionError(f"{{max_batch}} must be at least 1, not {self.max_batch}")
+        check_number(self.workspace_gb, "{workspace_gb}", above=0)
 
 
 @dataclass(frozen=True)

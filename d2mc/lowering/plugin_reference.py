@@ -147,12 +147,15 @@ class _Expansion:
         probs = self.op("Softmax", [flat_logits], axis=-1)
         top = self._name("topk")
         indices = self._name("indices")
-        self.nodes.append(helper.make_node("TopK", [probs, self.const([a.top_k])], [top, indices], name=top, axis=-1))
-        weights = top
+        # chosen by the logits, as the plugin chooses: a saturated softmax rounds probabilities to equal values
+        self.nodes.append(helper.make_node("TopK", [flat_logits, self.const([a.top_k])], [top, indices], name=top,
+                                           axis=-1))
+        weights = self.op("GatherElements", [probs, indices], axis=-1)
         if a.normalize == 2:
-            weights = self.op("Add", [self.op("Mul", [top, self.const(0.0, np.float32)]), self.const(1.0, np.float32)])
+            weights = self.op("Add", [self.op("Mul", [weights, self.const(0.0, np.float32)]),
+                                      self.const(1.0, np.float32)])
         elif a.normalize:
-            weights = self.op("Div", [top, self.op("ReduceSum", [top, self.const([-1])], keepdims=1)])
+            weights = self.op("Div", [weights, self.op("ReduceSum", [weights, self.const([-1])], keepdims=1)])
         total = None
         for s in range(a.num_shared):
             out = self.expert(x, fc1, fc2, s, a)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from d2mc.errors import UserError
+from d2mc.outputs import remove_incomplete_checkpoints
 from d2mc.recovery.options import RecoveryOptions
 
 
@@ -14,6 +15,7 @@ def prepare_checkpoint_dir(path: Path, options: RecoveryOptions, writer: bool) -
     """Whether to resume from ``path``. Refuses checkpoints of a different run; ``resume=False`` starts over."""
     record = path / "recovery_run.json"
     identity = options.identity()
+    remove_incomplete_checkpoints(path)  # a run stopped while saving leaves one that must not be resumed
     has_checkpoint = path.exists() and any(path.glob("checkpoint-*"))
     if has_checkpoint and options.resume:
         saved = json.loads(record.read_text()) if record.exists() else None

@@ -74,10 +74,17 @@ def check_no_overlap(train_source: str | None, eval_source: str | None, train_te
         if a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b)):
             raise UserError(f"'{train_source}' is both the training data and the evaluation text: train on text "
                             "that does not overlap the evaluation text")
+    normalised = normalise_text(train_text)
     for snippet in evaluation_snippets(tokenizer, eval_source):
-        if snippet in train_text:
+        if normalise_text(snippet) in normalised:
             raise UserError(f"the training text contains the evaluation passage '{snippet[:40].strip()}...': "
                             "train on text that does not overlap the evaluation text")
+
+
+def normalise_text(text: str) -> str:
+    """Text compared for overlap: case folded, every run of whitespace one space (a reflowed or re-cased copy
+    of the evaluation text is still the evaluation text)."""
+    return " ".join(text.casefold().split())
 
 
 def evaluation_snippets(tokenizer, eval_source: str | None, count: int = 8, tokens: int = 24) -> list[str]:

@@ -62,6 +62,9 @@ class RecoveryOptions:
             raise UserError("the learning rate and the temperature must be positive")
         if min(self.ce_weight, self.kl_weight, self.balance_weight) < 0 or not (self.ce_weight or self.kl_weight):
             raise UserError("loss weights must be zero or more, and CE or KL must have a positive weight")
+        if not self.warmup >= 0:
+            raise UserError(f"--warmup must be zero or more (a fraction of the steps below 1, or steps), not "
+                            f"{self.warmup}")
         if self.teacher_topk < 0 or self.save_steps < 1 or self.log_every < 1:
             raise UserError("--teacher-topk must be zero or more; save and log intervals at least 1")
         if self.data is not None and self.data == self.eval_data:
@@ -71,6 +74,13 @@ class RecoveryOptions:
     def identity(self) -> dict:
         """The options that decide the trained weights (compared before resuming from a checkpoint)."""
         return {k: getattr(self, k) for k in _RUN_IDENTITY}
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warm-up in optimizer steps, always leaving at least one step at a positive learning rate (one step
+        of warm-up out of one would train at learning rate 0)."""
+        steps = int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+        return max(0, min(steps, self.steps - 1))
 
     @property
     def tokens_per_step(self) -> int:

@@ -49,7 +49,7 @@ def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_wi
     args = TrainingArguments(
         output_dir=checkpoint_dir, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr,
-        lr_scheduler_type=options.schedule, warmup_steps=options.warmup, weight_decay=options.weight_decay,
+        lr_scheduler_type=options.schedule, warmup_steps=options.warmup_steps, weight_decay=options.weight_decay,
         max_grad_norm=options.max_grad_norm, optim="adamw_torch", seed=options.seed, data_seed=options.seed,
         logging_steps=options.log_every, logging_first_step=True, save_strategy="no" if temporary else "steps", save_steps=options.save_steps,
         save_total_limit=options.save_limit, report_to="none", disable_tqdm=True, remove_unused_columns=False,

@@ -211,6 +211,19 @@ def test_recover_pass_from_a_recipe(tmp_path):
     assert ctx.report["passes"][-1]["name"] == "recover"
 
 
+@pytest.mark.parametrize("steps, warmup, expected", [(1, 0.05, 0), (1, 3, 0), (2, 5, 1), (100, 0.05, 5),
+                                                      (100, 10, 10), (0, 0.05, 0)])
+def test_warm_up_leaves_a_step_at_the_full_learning_rate(steps, warmup, expected):
+    assert RecoveryOptions(steps=steps, warmup=warmup).warmup_steps == expected
+
+
+def test_one_step_with_the_default_warm_up_changes_the_weights():
+    ctx = converted()
+    before = copy.deepcopy(ctx.model.state_dict())
+    train_recovery(ctx.model, ctx.teacher, WindowDataset(windows()), RecoveryOptions(steps=1, seq_len=32, batch_size=2))
+    assert any(not torch.equal(v, before[k]) for k, v in ctx.model.state_dict().items())
+
+
 def test_evaluation_text_is_never_trained_on(tmp_path):
     tokenizer = tiny_tokenizer()
     evaluation = tmp_path / "eval.txt"
@@ -225,6 +238,10 @@ def test_evaluation_text_is_never_trained_on(tmp_path):
     copied.write_text("Some other text first. " + evaluation.read_text())
     with pytest.raises(UserError, match="contains the evaluation passage"):
         check_no_overlap(str(copied), str(evaluation), copied.read_text(), tokenizer)
+    reflowed = tmp_path / "reflowed.txt"
+    reflowed.write_text("\n\n".join(" \n ".join(line.split()) for line in evaluation.read_text().splitlines()).upper())
+    with pytest.raises(UserError, match="contains the evaluation passage"):
+        check_no_overlap(str(reflowed), str(evaluation), reflowed.read_text(), tokenizer)
     other = tmp_path / "other.txt"
     other.write_text("An unrelated story about gardens, rivers and the people who fish in them. " * 20)
     check_no_overlap(str(other), str(evaluation), other.read_text(), tokenizer)  # no overlap: accepted

@@ -6,7 +6,7 @@ from d2mc.targets.onnxruntime import export_onnx
 
 from d2mc.artifact import read_artifact
 from d2mc.errors import UserError
-from d2mc.verify import OrtDecoder
+from d2mc.onnx_session import OrtDecoder
 from tests.conftest import requires_real_model, tiny_model
 
 
