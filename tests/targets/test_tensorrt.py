@@ -510,14 +510,14 @@ def _profile_without_int4(tmp_path):
 
 
 def test_int4_engine_plan_and_build_script_for_orin_agx(tmp_path):
-    """Weight-only int4 on orin-agx: the plan records the quantization the ONNX holds, and build.sh builds a strongly
-    typed network with no precision flags (the int4 codes, their fp16 scales and the fp16 activations are the
-    ONNX's own types)."""
+    """Weight-only int4 on orin-agx, the precision the ONNX holds when none is asked: the plan records the
+    quantization, and build.sh builds a strongly typed network with no precision flags (the int4 codes, their fp16
+    scales and the fp16 activations are the ONNX's own types)."""
     _, artifact = block_artifact(tmp_path, bits=4, top_k=2, shared=1)
     (artifact / "tensorrt" / "d2mc_artifact.json").write_text(json.dumps({"quantization": {"method": "rtn"}}))
     if tensorrt_version() is not None and local_gpu() is not None:
         pytest.skip("this machine could build the engine itself")
-    result = subprocess.run([D2MC, "build", str(artifact), "--target", "orin-agx", "--precision", "int4",
+    result = subprocess.run([D2MC, "build", str(artifact), "--target", "orin-agx",
                              "--max-input", "256"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     out = artifact / "engine-orin-agx"
@@ -539,6 +539,8 @@ def test_int4_engine_plan_and_build_script_for_orin_agx(tmp_path):
 
     engine = build(artifact, "orin-agx", EngineSettings(precision="int4", max_input=256))
     assert engine.engine_plan.quantization() == plan["quantization"]
+    _, path = retargeted(tmp_path)  # a float ONNX: its own type
+    assert plan_engine(read_graph(path), load_profile("orin-agx"), EngineSettings(), 512).precision == "fp16"
 
 
 def test_quantized_precisions_are_checked_against_the_profile_and_the_onnx(tmp_path):
