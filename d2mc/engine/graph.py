@@ -46,6 +46,8 @@ class WeightQuantization:
     bits: tuple[int, ...]  # the widths present, narrowest first (4, or 4 and 8 with an int8 LM head)
     block_sizes: tuple[int, ...]  # along the input axis; empty when every scale covers a whole row or tensor
     dequantize_nodes: int  # DequantizeLinear nodes on weight initializers (dense projections)
+    # (bits, block size) of those DequantizeLinear nodes; block size 0: per channel or per tensor
+    dequantize_formats: tuple[tuple[int, int], ...]
     plugin_nodes: int  # D2mcMoE nodes with quantized experts
     unsigned: bool  # some DequantizeLinear reads unsigned codes with zero points (asymmetric)
     method: str | None  # the quantization method the export recorded, None where it recorded none
@@ -109,7 +111,7 @@ def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) 
     from d2mc.artifact import artifact_info
 
     types = {i.name: i.data_type for i in model.graph.initializer}
-    bits, blocks, dequantize, unsigned = set(), set(), 0, False
+    bits, blocks, formats, dequantize, unsigned = set(), set(), set(), 0, False
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and \
                 types.get(node.input[0]) in QUANTIZED_TYPES:
@@ -118,6 +120,7 @@ def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) 
             unsigned = unsigned or is_unsigned
             block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
             blocks.update({block} - {0})
+            formats.add((width, block))
             dequantize += 1
     plugin = [n.attributes for n in moe_nodes if n.attributes.quantized]
     bits.update(a.weight_bits for a in plugin)
@@ -126,8 +129,8 @@ def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) 
         return None
     recorded = artifact_info(path.parent).get("quantization")
     method = recorded.get("method") if isinstance(recorded, dict) else recorded
-    return WeightQuantization(tuple(sorted(bits)), tuple(sorted(blocks)), dequantize, len(plugin), unsigned,
-                              str(method) if method else None)
+    return WeightQuantization(tuple(sorted(bits)), tuple(sorted(blocks)), dequantize, tuple(sorted(formats)),
+                              len(plugin), unsigned, str(method) if method else None)
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -26,6 +26,11 @@ PHASES = ("prefill", "decode")
 # what d2mc's exports contain; a strongly typed engine computes in the ONNX's own types
 ENGINE_PRECISIONS = ("fp16", "fp32", "int8", "int4")
 WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # weight-only precisions: the width of the narrowest quantized weights
+# what TensorRT's DequantizeLinear takes for weights: int4 only in blocks of these sizes, int8 only per channel or per
+# tensor (the plugin's experts dequantize themselves and take any block size it documents)
+TENSORRT_INT4_BLOCKS = (64, 128)
+TENSORRT_DEQUANTIZE_SOURCE = ("TensorRT documentation, Quantization Schemes: INT4 requires per-block scales of block "
+                              "size 64 or 128; NvInfer.h (IDequantizeLayer): block dequantization is INT4 only")
 DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 MEMORY_HEADROOM = 0.9  # a Jetson shares its memory with the OS and the application: plan within 90%
 DEFAULT_WORKSPACE_SHARE = 0.25
@@ -152,6 +157,16 @@ def check_graph_precision(graph: GraphSummary, precision: str) -> None:
     if quantization.unsigned:
         raise UserError(f"the ONNX at '{graph.path}' holds unsigned codes with zero points; TensorRT dequantizes "
                         "symmetric weights only (signed codes, zero point 0): quantize symmetrically")
+    for width, block in quantization.dequantize_formats:
+        if width == 4 and block not in TENSORRT_INT4_BLOCKS:
+            given = f"blocks of {block}" if block else "one scale per channel"
+            raise UserError(f"the ONNX at '{graph.path}' dequantizes int4 weights in {given}; TensorRT takes int4 "
+                            f"in blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE}):"
+                            f" export it with --block-size {TENSORRT_INT4_BLOCKS[0]} or {TENSORRT_INT4_BLOCKS[1]}")
+        if width == 8 and block:
+            raise UserError(f"the ONNX at '{graph.path}' dequantizes int8 weights in blocks of {block}; TensorRT takes "
+                            f"int8 weights with one scale per channel ({TENSORRT_DEQUANTIZE_SOURCE}): quantize them "
+                            "per channel")
 
 
 def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSettings | None = None,

@@ -101,8 +101,10 @@ def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
 
 
 def dequantized(g, q, name: str) -> str:
-    """The float weight ``[in, out]`` of the symmetric ``q`` as ``DequantizeLinear(codes, scales)`` (``axis=0``,
-    ``block_size``), its scales in the graph's float type (the type the weight comes out in)."""
+    """The float weight ``[in, out]`` of the symmetric ``q`` as ``DequantizeLinear(codes, scales)``, its scales in
+    the graph's float type (the type the weight comes out in): block-wise (``axis=0``, ``block_size``), or per
+    output channel (``axis=1``, scales ``[out]``) for int8 codes with one block per row, the form TensorRT
+    dequantizes int8 weights in (its block dequantization is int4 only)."""
     from d2mc.quantize import pack_signed
 
     if not g.trt:
@@ -115,5 +117,7 @@ def dequantized(g, q, name: str) -> str:
     kind = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
     g.initializers.append(onnx.TensorProto(name=f"{name}_q{q.bits}", data_type=kind, dims=list(codes.shape),
                                            raw_data=packed.tobytes()))
+    if q.bits == 8 and q.scales.shape[1] == 1:
+        return g.op1("DequantizeLinear", [f"{name}_q8", g.weight(f"{name}_scales", q.scales[:, 0])], axis=1)
     return g.op1("DequantizeLinear", [f"{name}_q{q.bits}", g.weight(f"{name}_scales", q.scales.T)], axis=0,
                  block_size=q.block_size)

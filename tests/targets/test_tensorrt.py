@@ -216,16 +216,17 @@ def dequantize_inputs(graph):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_quantized_dense_graph_dequantizes_before_every_matmul(tmp_path, family, precision):
-    """A dense model with every Linear int4 (the LM head int8): block-wise DequantizeLinear (opset 21, axis 0,
-    signed codes, no zero point, scales in the graph's type) before each projection's MatMul; onnx.checker passes,
-    ONNX Runtime runs it and it matches PyTorch computing with the dequantized weights."""
+    """A dense model with every Linear int4 in blocks of 64 (the LM head int8 per channel): DequantizeLinear (opset
+    21, signed codes, no zero point, scales in the graph's type; block-wise on axis 0, per channel on axis 1) before
+    each projection's MatMul; onnx.checker passes, the engine planner takes it, ONNX Runtime runs it and it matches
+    PyTorch computing with the dequantized weights."""
     from d2mc.quantize import quantize_rtn
     from d2mc.verify import verify_onnx
     from tests.conftest import tiny_model
 
     model = tiny_model(family)
-    quantized = quantize_linears(model, 4, 32)
-    head = quantize_rtn(model.lm_head.weight, 8, 32)
+    quantized = quantize_linears(model, 4, 64)
+    head = quantize_rtn(model.lm_head.weight, 8, 64)
     with torch.no_grad():
         model.lm_head.weight.copy_(head.dequantize())
     quantized["lm_head"] = head
@@ -240,12 +241,17 @@ def test_quantized_dense_graph_dequantizes_before_every_matmul(tmp_path, family,
     for matmul, node in dequantized.items():
         codes, scales = (initializers[t.name] for t in node.inputs)
         head = "lm_head" in codes.name
-        assert node.attrs == {"axis": 0, "block_size": 32}, matmul
+        assert node.attrs == ({"axis": 1} if head else {"axis": 0, "block_size": 64}), matmul
         assert codes.data_type == (onnx.TensorProto.INT8 if head else onnx.TensorProto.INT4), codes.name
-        assert scales.data_type == scale_type and scales.dims[0] * 32 == codes.dims[0], scales.name
+        assert scales.data_type == scale_type, scales.name
+        assert list(scales.dims) == ([codes.dims[1]] if head else [codes.dims[0] // 64, codes.dims[1]]), scales.name
     summary = read_graph(path)
     assert (summary.quantization.bits, summary.quantization.block_sizes, summary.quantization.dequantize_nodes,
-            summary.quantization.plugin_nodes) == ((4, 8), (32,), 43, 0)
+            summary.quantization.dequantize_formats, summary.quantization.plugin_nodes) == (
+        (4, 8), (64,), 43, ((4, 64), (8, 0)), 0)
+    if precision == "fp16":
+        plan = plan_engine(summary, load_profile("orin-agx"), EngineSettings(), 512)
+        assert plan.precision == "int4" and plan.quantization()["activations"] == "fp16"
     result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
     assert result.passed and result.greedy_agreement == 1.0
     assert result.max_abs_diff < (1e-4 if precision == "fp32" else 5e-3)
@@ -573,16 +579,16 @@ def test_quantized_precisions_are_checked_against_the_profile_and_the_onnx(tmp_p
     assert not (artifact / "engine-gpu-without-int4").exists()
 
 
-def _dense_qdq_graph(path, symmetric=True):
+def _dense_qdq_graph(path, symmetric=True, block=64):
     """``logits = x @ DequantizeLinear(W)`` with W a block-quantized int4 (or uint4 with zero points) initializer in
-    the form of :meth:`QuantizedLinear.dequantize_linear` (opset 21, axis 0, block 32): a dense projection of the
-    tensorrt flavour's quantized lowering."""
+    the form of :meth:`QuantizedLinear.dequantize_linear` (opset 21, axis 0, ``block``), as another exporter would
+    write a dense projection."""
     from onnx import helper, numpy_helper
 
     from d2mc.quantize import quantize_rtn
 
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
-    q = quantize_rtn(weight, 4, 32, symmetric)
+    q = quantize_rtn(weight, 4, block, symmetric)
     codes, scales, zero_points = q.dequantize_linear()
     kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
     initializers = [helper.make_tensor("w", kind, codes.shape, codes.flatten().tolist()),
@@ -591,7 +597,7 @@ def _dense_qdq_graph(path, symmetric=True):
     if zero_points is not None:
         initializers.append(helper.make_tensor("w_zero", kind, zero_points.shape, zero_points.flatten().tolist()))
         inputs.append("w_zero")
-    nodes = [helper.make_node("DequantizeLinear", inputs, ["w_fp16"], axis=0, block_size=32),
+    nodes = [helper.make_node("DequantizeLinear", inputs, ["w_fp16"], axis=0, block_size=block),
              helper.make_node("MatMul", ["x", "w_fp16"], ["logits"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16,
                                                                            ["batch_size", "sequence_length", 64])],
@@ -603,7 +609,7 @@ def _dense_qdq_graph(path, symmetric=True):
     return model, q
 
 
-def test_dense_qdq_weights_are_read_and_unsigned_codes_refused(tmp_path):
+def test_dense_qdq_weights_are_read_and_what_tensorrt_cannot_dequantize_refused(tmp_path):
     import onnxruntime as ort
 
     model, q = _dense_qdq_graph(tmp_path / "model.onnx")
@@ -618,13 +624,48 @@ def test_dense_qdq_weights_are_read_and_unsigned_codes_refused(tmp_path):
     graph = read_graph(tmp_path / "model.onnx")
     assert graph.quantization is not None
     assert (graph.quantization.bits, graph.quantization.block_sizes, graph.quantization.dequantize_nodes,
-            graph.quantization.plugin_nodes) == ((4,), (32,), 1, 0)
+            graph.quantization.dequantize_formats, graph.quantization.plugin_nodes) == ((4,), (64,), 1, ((4, 64),), 0)
     from d2mc.engine.plan import check_graph_precision
 
     check_graph_precision(graph, "int4")
     _dense_qdq_graph(tmp_path / "asym.onnx", symmetric=False)
     with pytest.raises(UserError, match="TensorRT dequantizes symmetric weights only"):
         check_graph_precision(read_graph(tmp_path / "asym.onnx"), "int4")
+    _dense_qdq_graph(tmp_path / "block32.onnx", block=32)
+    with pytest.raises(UserError, match=r"dequantizes int4 weights in blocks of 32; TensorRT takes int4 in blocks of "
+                                        r"64 or 128 \(TensorRT documentation, Quantization Schemes: .*\): export it "
+                                        r"with --block-size 64 or 128$"):
+        check_graph_precision(read_graph(tmp_path / "block32.onnx"), "int4")
+
+
+def test_int8_weights_are_dequantized_per_channel_for_tensorrt(tmp_path):
+    """int8 codes with one scale per row lower to a per-channel DequantizeLinear (axis 1), the form TensorRT takes
+    and plans; int8 in blocks lowers (ONNX Runtime runs it) but the engine planner refuses it with the reason."""
+    from d2mc.quantize import quantize_rtn
+    from d2mc.verify import verify_onnx
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            quantized[name] = quantize_rtn(module.weight, 8, module.in_features)  # one block per row
+            with torch.no_grad():
+                module.weight.copy_(quantized[name].dequantize())
+    path = lower_to_onnx(model, tmp_path / "per-channel", flavour="tensorrt", precision="fp16", quantized=quantized)
+    dequantized, _ = dequantize_inputs(gs.import_onnx(onnx.load(str(path))))
+    assert {tuple(sorted(n.attrs.items())) for n in dequantized.values()} == {(("axis", 1),)}
+    summary = read_graph(path)
+    assert summary.quantization.dequantize_formats == ((8, 0),)
+    plan = plan_engine(summary, load_profile("orin-agx"), EngineSettings(), 512)
+    assert plan.precision == "int8" and plan.quantization()["block_sizes"] == []
+    result = verify_onnx(model, path, "fp16", prefill=12, decode_steps=6)
+    assert result.passed and result.greedy_agreement == 1.0
+    blocked = {name: quantize_rtn(q.dequantize(), 8, 32) for name, q in quantized.items()}
+    path = lower_to_onnx(model, tmp_path / "blocked", flavour="tensorrt", precision="fp16", quantized=blocked)
+    with pytest.raises(UserError, match=r"dequantizes int8 weights in blocks of 32; TensorRT takes int8 weights with "
+                                        r"one scale per channel"):
+        plan_engine(read_graph(path), load_profile("orin-agx"), EngineSettings(), 512)
 
 
 def test_trtexec_command_lists_both_profiles_for_every_input(tmp_path):
