@@ -96,15 +96,13 @@ def quantized_rows(model, first: int, hidden: torch.Tensor, expected: torch.Tens
     """Block ``first`` of ``model`` with its experts quantized in each (bits, block size): the reference against
     the fp32 block's ``expected`` output, against the block on the dequantized weights, and ONNX Runtime's expanded
     node against the reference (fp32 hidden state). Returns the rows and the packed experts per format."""
-    import copy
-
     from tests.moe_reference import (
         block_quantized_experts,
         block_reference,
         moe_reference,
         plugin_node_onnx,
         plugin_weights,
-        quantize_experts,
+        quantized_rtn,
         rms,
         run_expanded,
         unpack,
@@ -113,9 +111,9 @@ def quantized_rows(model, first: int, hidden: torch.Tensor, expected: torch.Tens
     rows, packed_by_format = [], {}
     normed = rms(hidden, eps)
     for bits, block_size in formats:
-        quantized_model = copy.deepcopy(model)
-        block = quantized_model.model.layers[first]
-        packed = block_quantized_experts(block, quantize_experts(quantized_model, bits, block_size), first)
+        quantized = quantized_rtn(model, bits, block_size)
+        block = quantized.model.model.layers[first]
+        packed = block_quantized_experts(block, quantized.linears, first)
         attributes = plugin_weights(block, packed)[2]
         fc1, fc2 = (unpack(w, s, bits, block_size) for w, s in ((packed.fc1, packed.fc1_scales),
                                                                   (packed.fc2, packed.fc2_scales)))

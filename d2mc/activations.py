@@ -1,4 +1,8 @@
-"""Running a model over calibration batches while hooks record what the passes need."""
+"""Running a model over calibration batches while hooks record what the passes need.
+
+Batches go to the device the model is on and what the hooks record stays there, so router fitting and block
+reconstruction run where the model is.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,16 @@ import torch
 from torch import nn
 
 
-def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive batches of at most ``batch_size`` rows of ``ids``."""
+def model_device(model) -> torch.device:
+    """The device of the model's weights."""
+    return next(model.parameters()).device
+
+
+def batches(ids: torch.Tensor, batch_size: int, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+    """Consecutive batches of at most ``batch_size`` rows of ``ids``, on ``device`` when given."""
     for start in range(0, ids.shape[0], batch_size):
-        yield ids[start: start + batch_size]
+        batch = ids[start: start + batch_size]
+        yield batch if device is None else batch.to(device)
 
 
 @contextlib.contextmanager
@@ -40,21 +50,27 @@ def output_tensor(output) -> torch.Tensor:
 def capture(model, calibration: torch.Tensor, batch_size: int, *, inputs: Sequence[nn.Module] = (),
             outputs: Sequence[nn.Module] = ()) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run ``model`` over the calibration batches and record, for every token, the (first) input of each module of
-    ``inputs`` and the output of each module of ``outputs``: two lists of ``[tokens, hidden]`` fp32 tensors."""
-    recorded_in: list[list[torch.Tensor]] = [[] for _ in inputs]
-    recorded_out: list[list[torch.Tensor]] = [[] for _ in outputs]
+    ``inputs`` and the output of each module of ``outputs``: two lists of ``[tokens, hidden]`` fp32 tensors on the
+    model's device, each filled in place as the batches pass (no second copy to concatenate)."""
+    tokens = calibration.numel()
+    recorded: list[torch.Tensor | None] = [None] * (len(inputs) + len(outputs))
+    filled = [0]  # tokens of the batches before the current one
 
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).float()
+    def record(i: int, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if recorded[i] is None:
+            recorded[i] = torch.empty(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        recorded[i][filled[0]: filled[0] + x.shape[0]] = x
 
-    handles = [module.register_forward_pre_hook(lambda m, args, i=i: recorded_in[i].append(flat(args[0])))
+    handles = [module.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0]))
                for i, module in enumerate(inputs)]
-    handles += [module.register_forward_hook(lambda m, args, out, i=i: recorded_out[i].append(flat(output_tensor(out))))
+    handles += [module.register_forward_hook(lambda m, args, out, i=i: record(len(inputs) + i, output_tensor(out)))
                 for i, module in enumerate(outputs)]
     with hooks(handles):
-        for batch in batches(calibration, batch_size):
+        for batch in batches(calibration, batch_size, model_device(model)):
             model(batch, use_cache=False)
-    return [torch.cat(x) for x in recorded_in], [torch.cat(y) for y in recorded_out]
+            filled[0] += batch.numel()
+    return recorded[: len(inputs)], recorded[len(inputs):]
 
 
 def group_activations(dense, groups: Sequence[Sequence[int]], calibration: torch.Tensor, batch_size: int

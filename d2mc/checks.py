@@ -78,7 +78,11 @@ def check_compile_inputs(options) -> None:
 
     check_number(options.eval_tokens, "--eval-tokens", minimum=0)
     conversion = replace(options.conversion, target=options.conversion.target or options.target)
-    positions = check_conversion_inputs(conversion, options.model).max_position_embeddings
+    arch = check_conversion_inputs(conversion, options.model)
+    positions = arch.max_position_embeddings
+    if options.quantize is not None:
+        options.quantize.check_installed()
+        options.quantize.check_divides(arch)
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
     if options.context >= positions:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,9 +14,11 @@ from d2mc.errors import UserError
 from d2mc.loading import LoadedModel
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import Pass, PassManager, create_pass, load_recipe
+from d2mc.placement import Placement, needed_bytes, training_bytes
 from d2mc.plan import METHODS, PLANNED_METHODS
 from d2mc.profiles import load_profile
 from d2mc.recovery import RecoveryOptions, brief, write_recovery_outputs
+from d2mc.teacher import frozen_alias
 
 # the keys under which passes leave router statistics, in the order they fit routers: the last fit of a block wins
 ROUTER_RESULTS = ("routers", "reconstructed_routers", "split_routers")
@@ -122,14 +123,22 @@ def recipe_method(passes: list[Pass], path: str) -> str:
     return method
 
 
+def conversion_bytes(arch: ModelArch, placement: Placement, options: ConvertOptions) -> int:
+    """Estimated peak memory of converting (and, when the options ask for it, recovering) a model of ``arch``."""
+    needed = needed_bytes(arch, placement.dtype, "convert")
+    if recovers(options):
+        needed = max(needed, training_bytes(arch, placement))
+    return needed
+
+
 def recovers(options: ConvertOptions) -> bool:
     """Whether the options ask for recovery training."""
     return options.recovery is not None and options.recovery.steps > 0
 
 
 def conversion_context(loaded: LoadedModel, options: ConvertOptions, passes: list[Pass]) -> Context:
-    """A context with calibration text, the device profile and, when a pass or the recovery needs it, a frozen
-    copy of the dense parent (the teacher)."""
+    """A context with calibration text, the device profile and, when a pass or the recovery needs it, the dense
+    parent frozen as the teacher (sharing the parent's weights: :func:`d2mc.teacher.frozen_alias`)."""
     if loaded.config_only:
         raise UserError("conversion needs the weights: drop --config-only")
     if loaded.tokenizer is None:
@@ -141,7 +150,7 @@ def conversion_context(loaded: LoadedModel, options: ConvertOptions, passes: lis
     profile = load_profile(options.target) if options.target else None
     ctx = Context.from_loaded(loaded, profile=profile, calibration=calibration)
     if recovers(options) or any("teacher" in p.requires for p in passes):
-        ctx.teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+        ctx.teacher = frozen_alias(loaded.model)
     return ctx
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CORPUS_NAME = "lee_background.cor"
 CORPUS_MEMBER = "gensim/test/test_data/lee_background.cor"
 HELDOUT_TOKENS = 12288
+# tokens in a row that a calibration/training text may not share with the held-out text (a copied sentence)
+OVERLAP_SPAN = 32
 
 
 def corpus_path() -> Path:
@@ -97,8 +99,19 @@ def training_ids(tokenizer, source: str | Path | None = None) -> torch.Tensor:
         if Path(source).expanduser().resolve() == corpus_path().resolve():
             raise UserError(f"'{source}' holds the evaluation text: give calibration/training text that does "
                             "not overlap it")
-        return torch.tensor(tokenizer(read_text(source))["input_ids"], dtype=torch.long)
+        ids = torch.tensor(tokenizer(read_text(source))["input_ids"], dtype=torch.long)
+        overlap = first_overlap(ids, heldout_ids(tokenizer))
+        if overlap is not None:
+            raise UserError(f"'{source}' repeats the held-out evaluation text (from its token {overlap}): give "
+                            "calibration/training text that does not overlap it")
+        return ids
     return _corpus_ids(tokenizer)[:-HELDOUT_TOKENS]
+
+
+def first_overlap(ids: torch.Tensor, heldout: torch.Tensor, span: int = OVERLAP_SPAN) -> int | None:
+    """The first position of ``ids`` where ``span`` tokens in a row repeat a stretch of ``heldout``, else None."""
+    windows = {heldout[i: i + span].numpy().tobytes() for i in range(max(heldout.numel() - span + 1, 0))}
+    return next((i for i in range(ids.numel() - span + 1) if ids[i: i + span].numpy().tobytes() in windows), None)
 
 
 def heldout_windows(tokenizer, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:
@@ -127,8 +140,9 @@ def calibration_batch(tokenizer, n_sequences: int, seq_len: int, source: str | P
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of ``model`` on ``[n, window]`` token windows (each window scored on its own)."""
     total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start: start + batch_size]
+        batch = windows[start: start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                 reduction="sum")

@@ -74,13 +74,15 @@ def judging_profile(target: DeviceProfile, runtime: str) -> DeviceProfile:
 
 
 def compare_latency(arch: ModelArch, target: DeviceProfile, measurement: Measurement, precision: str,
-                    all_logits: bool) -> LatencyComparison:
+                    all_logits: bool, block_size: int = 128, lm_head_precision: str | None = None) -> LatencyComparison:
     """``measurement`` of ``arch`` next to the roofline's prediction for the same phases, lengths and batch, on the
-    profile that describes where it ran (:func:`judging_profile`), with weights in ``precision`` and, with
-    ``all_logits``, a prefill that computes logits at every position (as exported graphs do)."""
+    profile that describes where it ran (:func:`judging_profile`), with weights in ``precision`` (int4/int8 in blocks
+    of ``block_size``, the LM head at ``lm_head_precision``) and, with ``all_logits``, a prefill that computes
+    logits at every position (as exported graphs do)."""
     profile = judging_profile(target, measurement.runtime)
     settings = RooflineSettings(prefill=measurement.prefill_tokens, context=measurement.context,
-                                batch=measurement.batch, precision=precision, all_logits=all_logits)
+                                batch=measurement.batch, precision=precision, all_logits=all_logits,
+                                block_size=block_size, lm_head_precision=lm_head_precision)
     predicted = analyze(arch, profile, settings)
     phases, blocks = {}, {}
     for phase, cost in predicted.phases.items():

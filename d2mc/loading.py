@@ -6,6 +6,10 @@ A model is named by one of:
 - a path to a ``.gguf`` file (dequantized through transformers);
 - a local Hugging Face checkpoint directory, or a ``config.json`` (with ``config_only``);
 - a Hugging Face hub id, through the ordinary ``from_pretrained`` path.
+
+Where the weights go is a :class:`~d2mc.placement.Placement` (device and dtype); before they are read, the memory
+the command will need is estimated from the config and compared with the memory present on that device
+(:mod:`d2mc.placement`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from d2mc.arch import MOE_MODEL_TYPE, SUPPORTED_TEXT, ModelArch
 from d2mc.errors import UserError, first_line
 from d2mc.faults import fault_point
 from d2mc.outputs import atomic_output_dir
+from d2mc.placement import Placement, check_work_memory, dtype_name, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,45 +71,49 @@ def cache_dir() -> Path:
     return Path(os.environ.get("D2MC_CACHE", Path.home() / ".cache" / "d2mc")).expanduser()
 
 
-def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str = "float32",
-               tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str | os.PathLike, *, config_only: bool = False, dtype: str = "fp32",
+               tokenizer: bool = True, placement: Placement | None = None, work: str | None = "inference"
+               ) -> LoadedModel:
     """Load a supported dense or converted model from any of the forms in the module docstring.
 
     With ``config_only`` no weights are read: the model is built on the meta device from its config, so
-    parameter counts and the roofline work for models that were never downloaded.
+    parameter counts and the roofline work for models that were never downloaded. Otherwise the weights go where
+    ``placement`` says (default: the CPU, in ``dtype``), once :func:`d2mc.placement.check_work_memory` found room
+    for ``work`` (``inference``, ``convert`` or ``export``; None skips the check, for a caller that made its own).
     """
     if not log.isEnabledFor(logging.INFO):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    loaded = _load(str(spec), config_only, dtype, tokenizer)
+    placement = placement or Placement("cpu", dtype_name(dtype))
+    loaded = _load(str(spec), config_only, placement, tokenizer, work)
     if not config_only:
         _check_finite(loaded.model, loaded.source)
         fault_point("model-loaded")
     return loaded
 
 
-def _load(spec: str, config_only: bool, dtype: str, tokenizer: bool) -> LoadedModel:
+def _load(spec: str, config_only: bool, placement: Placement, tokenizer: bool, work: str | None) -> LoadedModel:
     if spec == EMBEDDED_NAME:
-        return _load_directory(embedded_checkpoint(), spec, config_only, dtype, tokenizer)
+        return _load_directory(embedded_checkpoint(), spec, config_only, placement, tokenizer, work)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         _require_exists(path)
         if not path.is_file():
             raise UserError(f"'{spec}' is a directory, not a GGUF file")
-        return _load_gguf(path, spec, config_only, dtype, tokenizer)
+        return _load_gguf(path, spec, config_only, placement, tokenizer, work)
     if path.exists():
         if path.is_file():
             if path.name.endswith(".json") and config_only:
-                return _load_directory(path.parent, spec, True, dtype, False, config_file=path)
+                return _load_directory(path.parent, spec, True, placement, False, work, config_file=path)
             raise UserError(f"'{spec}' is a file: give a checkpoint directory, a .gguf file, or a config.json "
                             "with --config-only")
         if not (path / "config.json").is_file():
             raise UserError(f"'{spec}' has no config.json: give a Hugging Face checkpoint directory")
-        return _load_directory(path, spec, config_only, dtype, tokenizer)
+        return _load_directory(path, spec, config_only, placement, tokenizer, work)
     if _looks_like_path(spec):
         _require_exists(path)
-    return _load_hub(spec, config_only, dtype, tokenizer)
+    return _load_hub(spec, config_only, placement, tokenizer, work)
 
 
 def _require_exists(path: Path) -> None:
@@ -116,19 +125,12 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".json", ".gguf"))
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-
-
 def _model_from_config(config, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
 
 
 def _check_structure(model, arch: ModelArch) -> None:
@@ -144,8 +146,16 @@ def _check_structure(model, arch: ModelArch) -> None:
             raise UserError(f"layer {i} has no gated mlp (gate_proj, up_proj, down_proj): {SUPPORTED_TEXT}")
 
 
-def _load_directory(path: Path, spec: str, config_only: bool, dtype: str, want_tokenizer: bool,
-                    config_file: Path | None = None) -> LoadedModel:
+def _weights_kwargs(placement: Placement) -> dict:
+    """``from_pretrained`` arguments that put the weights where the placement says, straight from the files."""
+    kwargs = {"dtype": placement.torch_dtype}
+    if placement.on_gpu:
+        kwargs["device_map"] = placement.device
+    return kwargs
+
+
+def _load_directory(path: Path, spec: str, config_only: bool, placement: Placement, want_tokenizer: bool,
+                    work: str | None, config_file: Path | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -154,12 +164,13 @@ def _load_directory(path: Path, spec: str, config_only: bool, dtype: str, want_t
         raise UserError(f"cannot read the config of '{spec}': {first_line(exc)}") from None
     arch = ModelArch.from_config(config)
     if config_only:
-        return LoadedModel(_model_from_config(config, dtype), None, arch, spec, path, config_only=True)
+        return LoadedModel(_model_from_config(config, placement.dtype), None, arch, spec, path, config_only=True)
+    check_work_memory(arch, placement, work)
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype),
-                                                           output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **_weights_kwargs(placement))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot load the weights of '{spec}' ({first_line(exc)}): the checkpoint may be "
                         "incomplete or corrupt; download it again") from None
@@ -180,7 +191,8 @@ def _load_tokenizer(path, spec: str, **kwargs):
         return None
 
 
-def _load_gguf(path: Path, spec: str, config_only: bool, dtype: str, want_tokenizer: bool) -> LoadedModel:
+def _load_gguf(path: Path, spec: str, config_only: bool, placement: Placement, want_tokenizer: bool,
+               work: str | None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, name = str(path.parent), path.name
@@ -190,12 +202,14 @@ def _load_gguf(path: Path, spec: str, config_only: bool, dtype: str, want_tokeni
         raise UserError(f"cannot read GGUF file '{path}' ({first_line(exc)}): is it a complete GGUF file?") from None
     arch = ModelArch.from_config(config)
     if config_only:
-        return LoadedModel(_model_from_config(_plain_config(config), dtype), None, arch, spec, config_only=True)
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=_torch_dtype(dtype))
+        return LoadedModel(_model_from_config(_plain_config(config), placement.dtype), None, arch, spec,
+                           config_only=True)
+    check_work_memory(arch, placement, work)
+    try:  # dequantized on the CPU, then moved
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=placement.torch_dtype)
     except Exception as exc:
         raise UserError(f"cannot load GGUF file '{path}' ({first_line(exc)}): the file may be corrupt") from None
-    model = _plain_model(quantized)
+    model = _plain_model(quantized).to(placement.torch_device)
     _check_structure(model, arch)
     tok = _load_tokenizer(directory, spec, gguf_file=name) if want_tokenizer else None
     return LoadedModel(model, tok, arch, spec)
@@ -229,7 +243,8 @@ def _plain_model(quantized):
     return model.eval()
 
 
-def _load_hub(spec: str, config_only: bool, dtype: str, want_tokenizer: bool) -> LoadedModel:
+def _load_hub(spec: str, config_only: bool, placement: Placement, want_tokenizer: bool,
+              work: str | None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -239,10 +254,11 @@ def _load_hub(spec: str, config_only: bool, dtype: str, want_tokenizer: bool) ->
                         "your network and HF_TOKEN, or give a local checkpoint directory") from None
     arch = ModelArch.from_config(config)
     if config_only:
-        return LoadedModel(_model_from_config(config, dtype), None, arch, spec, config_only=True)
+        return LoadedModel(_model_from_config(config, placement.dtype), None, arch, spec, config_only=True)
+    check_work_memory(arch, placement, work)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(dtype),
-                                                           output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(spec, output_loading_info=True,
+                                                           **_weights_kwargs(placement))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot download the weights of '{spec}' ({first_line(exc)})") from None
     _check_loading_info(info, spec)
@@ -300,7 +316,7 @@ def embedded_checkpoint() -> Path:
         return target
     gguf = embedded_gguf()
     log.info("dequantizing %s into %s (once)", gguf.name, target)
-    loaded = _load_gguf(gguf, EMBEDDED_NAME, False, "float32", True)
+    loaded = _load_gguf(gguf, EMBEDDED_NAME, False, Placement(), True, None)
     if target.is_dir():  # an incomplete copy in d2mc's own cache (from a version that wrote no output marker)
         shutil.rmtree(target)
     with atomic_output_dir(target) as tmp:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -111,8 +112,11 @@ class D2MCExpert(nn.Module):
         return self.mlp(self.post_attention_layernorm(hidden))
 
 
-class D2MCBlock(nn.Module):
-    """An optional attention, then shared and routed experts (see the module docstring for the math)."""
+class D2MCBlock(GradientCheckpointingLayer):
+    """An optional attention, then shared and routed experts (see the module docstring for the math). Under
+    gradient checkpointing (``model.gradient_checkpointing_enable()``, the Trainer's ``activation_checkpointing``)
+    a block keeps only its input for the backward pass and runs again there; its routing is a function of that
+    input, so the recomputed tokens go to the same experts."""
 
     def __init__(self, attention_config, plan: BlockPlan, classes: dict[str, type], attention_idx: int | None):
         super().__init__()
@@ -195,7 +199,7 @@ class D2MCMoEPreTrainedModel(PreTrainedModel):
     config_class = D2MCMoEConfig
     config: D2MCMoEConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["D2MCBlock"]
     _skip_keys_device_placement = [CACHE_ARG]
     _supports_sdpa = True

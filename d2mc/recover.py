@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from d2mc.context import Context
@@ -12,7 +13,9 @@ from d2mc.errors import UserError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import PassManager, create_pass
+from d2mc.placement import check_memory, resolve_placement, training_bytes
 from d2mc.recovery import RecoveryOptions, is_main_process, remove_checkpoints
+from d2mc.recovery.processes import world_size
 
 
 def recover_model(converted: str, output: str, options: RecoveryOptions, *, teacher: str | None = None,
@@ -23,15 +26,20 @@ def recover_model(converted: str, output: str, options: RecoveryOptions, *, teac
     ``torchrun`` every process trains; only the first one writes."""
     if Path(output).exists() and not overwrite:
         raise UserError(f"output '{output}' already exists: remove it or pass --overwrite")
-    loaded = load_model(converted)
-    if getattr(loaded.config, "blocks", None) is None:
+    # a plain run loads where it trains; launched processes load on the CPU and the engine places the weights
+    placement = resolve_placement(options.device if world_size() == 1 else "cpu", options.dtype, training=True)
+    config = load_model(converted, config_only=True, tokenizer=False)
+    if getattr(config.config, "blocks", None) is None:
         raise UserError(f"'{converted}' is not a converted model: convert it first (d2mc convert)")
+    if world_size() == 1:
+        check_memory(config.arch, placement, training_bytes(config.arch, placement), "training")
+    loaded = load_model(converted, placement=replace(placement, dtype="fp32"), work=None)  # fp32 master weights
     plan_file = loaded.path / "d2mc_plan.json" if loaded.path else None
     plan = json.loads(plan_file.read_text()) if plan_file and plan_file.exists() else {}
     teacher = teacher or plan.get("source")
     if not teacher:
         raise UserError(f"'{converted}' does not name its dense parent: give it with --teacher")
-    parent = load_model(teacher, tokenizer=False)
+    parent = load_model(teacher, tokenizer=False, placement=placement, work=None)
     if getattr(parent.config, "blocks", None) is not None:
         raise UserError(f"the teacher '{teacher}' is a converted model: give the dense parent")
     ctx = Context.from_loaded(loaded)

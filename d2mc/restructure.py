@@ -95,7 +95,8 @@ def restructure(model, blocks: list[BlockPlan]) -> D2MCMoEForCausalLM:
         if block.router is not None:
             router = modules.routers.get(signature)
             if router is None:
-                router = nn.Linear(config.hidden_size, block.router.out_features, bias=False, dtype=dtype)
+                router = nn.Linear(config.hidden_size, block.router.out_features, bias=False, dtype=dtype,
+                                   device=model.lm_head.weight.device)
                 nn.init.zeros_(router.weight)
             block.router = router
     converted.model.embed_tokens = model.model.embed_tokens

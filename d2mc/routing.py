@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from d2mc.teacher import own_parameters
+
 FIT_SHARE = 0.8  # of the calibration tokens, the share a router is fitted on; the rest measure agreement
 
 
@@ -25,7 +27,7 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, iterations: int, *, class
         classes = targets.shape[1]
     elif classes is None:
         raise ValueError("class indices as targets need the number of classes")
-    w = torch.zeros(classes, x.shape[1], requires_grad=True)
+    w = torch.zeros(classes, x.shape[1], device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
@@ -39,9 +41,10 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, iterations: int, *, class
     return w.detach()
 
 
-def split_tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded split of ``n`` token positions into those the router is fitted on and those held back."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+def split_tokens(n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded split of ``n`` token positions into those the router is fitted on and those held back (the same
+    split on every device)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
     cut = int(FIT_SHARE * n)
     return perm[:cut], perm[cut:]
 
@@ -52,15 +55,20 @@ def fit_group_router(block, h: torch.Tensor, y: torch.Tensor, fit_scales: bool =
 
     For every token the best expert is the one whose output, added to ``h``, lands closest to ``y``. With
     ``fit_scales`` each routed expert's output is first rescaled by the least-squares factor on its tokens (folded
-    into ``down_proj``). The router is then fitted to pick the best expert, each token's cross-entropy weighted by
-    how much the choice matters (the gap between the best and second-best expert). Returns router agreement on
-    held-back tokens, the router's and the best choice's load, the scales and the token count."""
+    into ``down_proj``, which gets storage of its own first: the dense parent may share it). The router is then
+    fitted to pick the best expert, each token's cross-entropy weighted by how much the choice matters (the gap
+    between the best and second-best expert). Returns router agreement on held-back tokens, the router's and the
+    best choice's load, the scales and the token count. Runs on the device of ``h``; the block's weights may be in
+    any dtype (the fit is in fp32)."""
     shared = block.shared_experts
     routed = block.experts[shared:]
+    dtype = block.router.weight.dtype
     with torch.no_grad():
-        residual = y - h - sum((e(h) for e in block.experts[:shared]), torch.zeros_like(h))
-        outs = torch.stack([e(h).float() for e in routed])  # [E, T, H]
-        scales = torch.ones(len(routed))
+        x = h.to(dtype)
+        residual = y - h - sum((e(x).float() for e in block.experts[:shared]), torch.zeros_like(h))
+        outs = torch.stack([e(x).float() for e in routed])  # [E, T, H]
+        del x
+        scales = torch.ones(len(routed), device=h.device)
         if fit_scales:
             labels = _errors(outs, residual).argmin(0)
             for e, expert in enumerate(routed):
@@ -68,28 +76,30 @@ def fit_group_router(block, h: torch.Tensor, y: torch.Tensor, fit_scales: bool =
                 if mine.any():
                     num = (outs[e, mine] * residual[mine]).sum()
                     den = (outs[e, mine] ** 2).sum().clamp_min(1e-12)
-                    scales[e] = float((num / den).clamp(0.5, 4.0))
-                expert.mlp.down_proj.weight.mul_(scales[e])
+                    scales[e] = (num / den).clamp(0.5, 4.0)
+                own_parameters(expert.mlp.down_proj)
+                expert.mlp.down_proj.weight.mul_(float(scales[e]))
                 if getattr(expert.mlp.down_proj, "bias", None) is not None:
-                    expert.mlp.down_proj.bias.mul_(scales[e])
-            outs = outs * scales[:, None, None]
+                    expert.mlp.down_proj.bias.mul_(float(scales[e]))
+            outs.mul_(scales[:, None, None])
         errors = _errors(outs, residual)  # [E, T]
         labels = errors.argmin(0)
         best2 = errors.topk(2, dim=0, largest=False).values
         weight = best2[1] - best2[0]
         weight = weight / weight.mean().clamp_min(1e-12)
+        del outs
     n = h.shape[0]
-    train, held = split_tokens(n, 0)
+    train, held = split_tokens(n, 0, h.device)
     scale = h[train].std(0).clamp_min(1e-6)
     weights = fit_router(h[train] / scale, labels[train], iterations, classes=len(routed), weight=weight[train])
     with torch.no_grad():
-        block.router.weight.copy_((weights / scale).to(block.router.weight.dtype))
-        chosen = block.router(h.to(block.router.weight.dtype)).argmax(-1)
+        block.router.weight.copy_((weights / scale).to(dtype))
+        chosen = block.router(h.to(dtype)).argmax(-1)
         agreement = float((chosen[held] == labels[held]).float().mean())
         load = torch.bincount(chosen, minlength=len(routed)).float() / n
         oracle_load = torch.bincount(labels, minlength=len(routed)).float() / n
     return {"agreement": agreement, "load": load.tolist(), "oracle_load": oracle_load.tolist(),
-            "scales": scales.tolist(), "tokens": n}
+            "scales": scales.cpu().tolist(), "tokens": n}
 
 
 def _errors(outs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -109,9 +119,9 @@ def fit_mass_router(block, h: torch.Tensor, expert_activity: list[torch.Tensor],
         dtype = block.router.weight.dtype
         mass = torch.stack([e(h.to(dtype)).float().norm(dim=-1) for e in routed], 1)  # [T, R]
         for e, active in enumerate(expert_activity):
-            mass[:, e] *= active.float()
+            mass[:, e] *= active.to(mass.device, mass.dtype)
     n = h.shape[0]
-    train, held = split_tokens(n, seed)
+    train, held = split_tokens(n, seed, h.device)
     x = h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)  # top-k does not depend on the token's scale
     scale = x[train].std(0).clamp_min(1e-6)
     target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)

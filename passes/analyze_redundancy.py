@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from d2mc.activations import batches, first_tensor, hooks, output_tensor
+from d2mc.activations import batches, first_tensor, hooks, model_device, output_tensor
 from d2mc.context import Context
 from d2mc.pipeline import Pass, PassResult, register_pass
 
@@ -58,7 +58,7 @@ class AnalyzeRedundancy(Pass):
             handles.append(layer.post_attention_layernorm.register_forward_pre_hook(record_mid(i)))
             handles.append(layer.register_forward_hook(record_out(i), with_kwargs=True))
         with hooks(handles):
-            for batch in batches(ctx.calibration, self.batch_size):
+            for batch in batches(ctx.calibration, self.batch_size, model_device(ctx.model)):
                 ctx.model(batch, use_cache=False)
                 count += batch.numel()
         result = {k: (v / count).tolist() for k, v in sums.items()}

@@ -35,8 +35,10 @@ class InsertRouter(Pass):
         if fused:
             inputs, targets = group_activations(ctx.teacher, [plan.expert_layers for _, plan in fused],
                                                 ctx.calibration, self.batch_size)
-            for (i, plan), h, y in zip(fused, inputs, targets, strict=False):
+            for i, plan in fused:  # each group's activations are let go once its router is fitted
+                h, y = inputs.pop(0), targets.pop(0)
                 stats[i] = fit_group_router(ctx.model.model.layers[i], h, y, self.fit_scales, self.iterations)
+                del h, y
                 log.info("block %d (layers %s): router agreement %.3f, load %s", i, list(plan.expert_layers),
                          stats[i]["agreement"], [round(x, 3) for x in stats[i]["load"]])
         ctx.results["routers"] = stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 class ReconstructBlocks(Pass):
     """The cheap first stage of recovery. For every fused block, on the dense parent's own activations: the
     post-attention hidden state ``h`` of the group's first layer in, the group's output ``y`` out. The block's
-    experts are trained (Adam, routing held at the fitted router's choice) so that
+    experts are trained (Adam in fp32 whatever the model's dtype, routing held at the fitted router's choice) so that
     ``h + experts(h)`` matches ``y``; each expert learns to stand in for the whole group on the tokens sent to
     it. The router is refitted afterwards on the trained experts, as insert-router fits it (its statistics are
     ``reconstructed_routers``). Attention weights do not change."""
@@ -39,25 +40,39 @@ class ReconstructBlocks(Pass):
         if fused and self.steps:
             inputs, targets = group_activations(ctx.teacher, [plan.expert_layers for _, plan in fused],
                                                 ctx.calibration, self.batch_size)
-            for (i, _), h, y in zip(fused, inputs, targets, strict=True):
+            for i, _ in fused:  # each group's activations are let go once its block is done
+                h, y = inputs.pop(0), targets.pop(0)
                 block = ctx.model.model.layers[i]
                 before, after = self._train(block, h, y)
                 routers[i] = fit_group_router(block, h, y)
                 stats[i] = {"mse_before": before, "mse_after": after}
                 log.info("block %d: reconstruction error %.4g -> %.4g", i, before, after)
+                del h, y
         ctx.results["reconstruction"] = stats
         ctx.results["reconstructed_routers"] = routers
         return PassResult(modified=bool(stats), summary={"blocks": {str(k): v for k, v in stats.items()}})
 
     def _train(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        params = [p for expert in block.experts for p in expert.parameters()]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        """Train the block's experts in fp32, on copies (the dense parent may share their weights), then put the
+        trained copies in the block in its own dtype; the router takes part in fp32 too, unchanged."""
+        experts, router = block.experts, block.router
+        dtype = router.weight.dtype
+        flags = [p.requires_grad for p in experts.parameters()]
+        block.experts = copy.deepcopy(experts).float().requires_grad_(True)
+        block.router = copy.deepcopy(router).float().requires_grad_(False)
+        try:
+            before, after = self._fit(block, h, y)
+        finally:
+            trained = block.experts.to(dtype)
+            for p, flag in zip(trained.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+            block.experts, block.router = trained, router
+        return before, after
+
+    def _fit(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        optimizer = torch.optim.Adam(block.experts.parameters(), lr=self.lr)
         generator = torch.Generator().manual_seed(self.seed)
-        dtype = params[0].dtype
-        h, target = h.to(dtype), (y - h).to(dtype)
+        target = y - h
 
         def loss_on(rows):
             x = h[rows]
@@ -65,15 +80,14 @@ class ReconstructBlocks(Pass):
             out = out + block.dispatch(x)
             return torch.nn.functional.mse_loss(out, target[rows])
 
+        everything = torch.arange(h.shape[0], device=h.device)
         with torch.no_grad():
-            before = float(loss_on(torch.arange(h.shape[0])))
+            before = float(loss_on(everything))
         for _ in range(self.steps):
-            rows = torch.randint(0, h.shape[0], (self.batch_tokens,), generator=generator)
+            rows = torch.randint(0, h.shape[0], (self.batch_tokens,), generator=generator).to(h.device)
             optimizer.zero_grad()
             loss_on(rows).backward()
             optimizer.step()
         with torch.no_grad():
-            after = float(loss_on(torch.arange(h.shape[0])))
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
+            after = float(loss_on(everything))
         return before, after

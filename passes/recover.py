@@ -38,5 +38,6 @@ class Recover(Pass):
                 self.progress(text)
 
         summary = run_recovery(ctx.model, ctx.teacher, ctx.tokenizer, self.options, progress=say)
+        ctx.model = summary.pop("model", ctx.model)  # gathered from the processes when the engine sharded it
         ctx.results["recovery"] = summary
         return PassResult(modified=summary["steps"] > 0, summary={"recovery": brief(summary)})

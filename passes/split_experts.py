@@ -111,7 +111,7 @@ class SplitExperts(Pass):
     def _cluster(self, norm, mlp, h: torch.Tensor, shared: int, generator) -> torch.Tensor:
         """A permutation of the MLP's neurons: ``shared`` groups of the largest mean contribution first, then the
         routed groups from balanced k-means on the neurons' contribution patterns."""
-        contribution = _contributions(norm, mlp, h)  # [T, I]
+        contribution = _contributions(norm, mlp, h).cpu()  # [T, I]; the clustering's bookkeeping runs on the CPU
         neurons = contribution.shape[1]
         size = neurons // self.experts
         first = torch.empty(0, dtype=torch.long)
@@ -141,7 +141,7 @@ def _source_activity(model, i: int, source: BlockPlan, h: torch.Tensor, converte
     """For each MLP of the source block, which tokens use it (its router's choice; always-active MLPs: all)."""
     always, _ = source.active_mlps
     count = len(source.expert_layers)
-    active = [torch.ones(h.shape[0], dtype=torch.bool) for _ in range(count)]
+    active = [torch.ones(h.shape[0], dtype=torch.bool, device=h.device) for _ in range(count)]
     if len(always) < count:
         block = model.model.layers[i]
         _, indices = block.route(h.to(block.router.weight.dtype))
@@ -170,7 +170,8 @@ def _contributions(norm, mlp, h: torch.Tensor, chunk: int = 2048) -> torch.Tenso
 
 @torch.no_grad()
 def _permute_neurons(mlp, order: torch.Tensor) -> None:
-    """Reorder the MLP's intermediate neurons (its function does not change)."""
+    """Reorder the MLP's intermediate neurons in place. Its function does not change, so a teacher sharing these
+    weights (:func:`d2mc.teacher.frozen_alias`) computes what it did, and no copy is needed."""
     for name in ("gate_proj", "up_proj"):
         linear = getattr(mlp, name)
         linear.weight.copy_(linear.weight[order])

@@ -13,6 +13,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``large`` run only when ``-m`` names that marker: they take longer than the whole suite."""
+    if "large" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a large-model test (more than 10 minutes here); select it with -m large")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_config(family: str = "llama", **overrides):
     """A small config of ``family``: 6 layers, hidden 64, GQA 4:2, vocab 256."""
     from transformers import AutoConfig

@@ -22,14 +22,13 @@ from d2mc.ops.moe import (
     PLUGIN_DOMAIN,
     MoePluginAttributes,
     QuantizedExperts,
-    fold_expert_norms,
     moe_plugin_node,
     normalize_mode,
     pack_experts,
     pack_quantized_experts,
     plugin_attributes,
 )
-from d2mc.quantize import quantize_rtn
+from d2mc.quantize import QuantizedModel, QuantizeOptions, quantize_model
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
@@ -92,40 +91,17 @@ def plugin_weights(block, quantized: QuantizedExperts | None = None
     return *pack_experts(block.experts), attributes
 
 
-def quantize_experts(model, bits: int = 4, block_size: int = 32) -> dict:
-    """Quantize every MoE block's experts of ``model`` in place the way the plugin takes them: norms folded, then
-    round-to-nearest symmetric codes; each Linear keeps the dequantized weight, so that the PyTorch model computes
-    with what the codes stand for. Returns ``{linear name: QuantizedLinear}`` for the lowering."""
-    return quantize_linears(model, bits, block_size, experts_only=True)
+def quantized_rtn(model, bits: int = 4, block_size: int = 32, lm_head_precision: str = "int8") -> QuantizedModel:
+    """``model`` through the quantize step by round-to-nearest (symmetric, experts' norms folded first): a copy
+    carrying the dequantized weights, and the codes of every Linear but the routers."""
+    return quantize_model(model, QuantizeOptions(f"int{bits}", "rtn", block_size, lm_head_precision))
 
 
-def quantize_linears(model, bits: int = 4, block_size: int = 32, experts_only: bool = False) -> dict:
-    """Quantize in place, round-to-nearest and symmetric, every Linear of ``model`` but its routers (attention
-    projections, MLPs, every expert, the LM head; a tied embedding follows the LM head), or with ``experts_only``
-    only the experts of its MoE blocks; the experts' norms are folded first. Each Linear keeps the dequantized
-    weight. Returns ``{linear name: QuantizedLinear}`` for the lowering."""
-    for layer in model.model.layers:
-        if len(getattr(layer, "experts", ())) > 1:
-            fold_expert_norms(layer.experts)
-    quantized = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.endswith("router"):
-            continue
-        if experts_only and not (".experts." in name and len(model.get_submodule(name.split(".experts.")[0])
-                                                             .experts) > 1):
-            continue
-        q = quantize_rtn(module.weight, bits, block_size)
-        with torch.no_grad():
-            module.weight.copy_(q.dequantize())
-        quantized[name] = q
-    return quantized
-
-
-def block_quantized_experts(block, quantized: dict, index: int) -> QuantizedExperts:
-    """The packed experts of block ``index`` from :func:`quantize_experts`' result."""
+def block_quantized_experts(block, linears: dict, index: int) -> QuantizedExperts:
+    """The packed experts of block ``index`` (``block`` itself) from a :class:`QuantizedModel`'s ``linears``."""
     prefix = f"model.layers.{index}.experts"
-    return pack_quantized_experts([tuple(quantized[f"{prefix}.{e}.mlp.{p}"] for p in ("gate_proj", "up_proj",
-                                                                                       "down_proj"))
+    return pack_quantized_experts([tuple(linears[f"{prefix}.{e}.mlp.{p}"] for p in ("gate_proj", "up_proj",
+                                                                                     "down_proj"))
                                    for e in range(len(block.experts))])
 
 

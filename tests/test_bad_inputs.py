@@ -5,6 +5,7 @@ Each row is ``(command line, the start of the error, checked before the weights 
 line is a path from the ``inputs`` fixture; every command runs in a fresh empty working directory.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2mc.cli import main
+from d2mc.data import corpus_path, read_text
 from d2mc.outputs import atomic_output_dir
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -78,6 +80,20 @@ def inputs(tmp_path_factory):
     (root / "binary-config").mkdir()
     (root / "binary-config" / "config.json").write_bytes(os.urandom(300))
     (root / "profile.toml").write_text(TINY_TOML)
+    (root / "huge").mkdir()  # a config of 1.2 trillion parameters, no weights: refused by the memory estimate
+    (root / "huge" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32768,
+        "intermediate_size": 131072, "num_hidden_layers": 80, "num_attention_heads": 256, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 4096, "tie_word_embeddings": False}))
+    for name, text in (("fsdp1", "distributed_type: FSDP\nmixed_precision: bf16\nfsdp_config:\n  fsdp_version: 1\n"),
+                       ("deepspeed", "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"),
+                       ("warp", "distributed_type: WARP_DRIVE\n"),
+                       ("ddp-bf16", "distributed_type: MULTI_GPU\nuse_cpu: true\nmixed_precision: bf16\n")):
+        (root / f"{name}.yaml").write_text(text)
+    (root / "no-int4.toml").write_text(TINY_TOML.replace("[peak_tflops]", 'tensorrt_precisions = ["fp32", "fp16", '
+                                                         '"int8"]\n[peak_tflops]') + 'tensorrt_precisions = "test"\n')
+    heldout = (root / "heldout-copy.txt")
+    heldout.write_text(read_text(corpus_path())[-6000:])
     (root / "nan-free-bad.toml").write_text(TINY_TOML.replace("kind = \"cpu\"", "kind = \"fpga\""))
     (root / "binary.toml").write_bytes(os.urandom(300))
     (root / "recipe-unknown.toml").write_text('passes = ["analyze-redundancy", "no-such-pass"]\n')
@@ -86,8 +102,9 @@ def inputs(tmp_path_factory):
     shutil.copytree(root / "artifact", corrupt)
     (corrupt / "d2mc_artifact.json").write_text("{not json")
     for name in ("binary.txt", "notes.txt", "empty.txt", "garbage.gguf", "dir.gguf", "dir.toml", "no-config",
-                 "gpt2", "binary-config", "profile.toml", "nan-free-bad.toml", "binary.toml", "recipe-unknown.toml",
-                 "recipe-binary.toml", "corrupt-artifact"):
+                 "gpt2", "binary-config", "profile.toml", "no-int4.toml", "heldout-copy.txt", "nan-free-bad.toml",
+                 "binary.toml", "recipe-unknown.toml", "recipe-binary.toml", "corrupt-artifact", "huge", "fsdp1.yaml",
+                 "deepspeed.yaml", "warp.yaml", "ddp-bf16.yaml"):
         paths[name.replace(".", "-")] = root / name
     victim = root / "victim"
     victim.mkdir()
@@ -188,6 +205,31 @@ ROWS = [
     (["recover", T, "-o", "out", "--lr", "nan"], "--lr must be a finite number, not nan", True),
     (["recover", T, "-o", "out", "--seq-len", "9999"], "--seq-len 9999 is longer than the model's 512 positions",
      True),
+    # where the model runs, and whether it fits
+    (["analyze", T, "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'", True),
+    (["convert", T, "--plan", "2-3", "--dtype", "fp8", "-o", "out"], "--dtype must be one of fp32, bf16, fp16", True),
+    (["convert", T, "--plan", "2-3", "--recover-steps", "2", "--dtype", "fp16", "-o", "out"],
+     "--dtype fp16 trains with mixed precision and loss scaling, which need a GPU", True),
+    (["recover", T, "-o", "out", "--dtype", "fp16", "--device", "cpu"], "--dtype fp16 trains with mixed precision",
+     True),
+    (["analyze", "{huge}"], "running this 1216.37B-parameter model in fp32 needs about 5891.7 GiB of memory", True),
+    (["convert", "{huge}", "--plan", "2-3", "-o", "out", "--dtype", "bf16"],
+     "converting this 1216.37B-parameter model in bf16 needs about", True),
+    (["export", "{huge}", "-o", "out"], "exporting this 1216.37B-parameter model in fp32 needs about", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "/no/such.yaml"], "--accelerate-config: no such file", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{fsdp1-yaml}"],
+     "--accelerate-config '{fsdp1-yaml}' asks for FSDP version 1: d2mc shards the teacher with FSDP version 2", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{warp-yaml}"],
+     "--accelerate-config '{warp-yaml}': unknown distributed_type 'WARP_DRIVE'", True),
+    (["recover", T, "-o", "out", "--accelerate-config", "{ddp-bf16-yaml}"],
+     "--accelerate-config '{ddp-bf16-yaml}' trains with mixed_precision bf16 and --dtype is fp32", True),
+    *([(["recover", T, "-o", "out", "--accelerate-config", "{deepspeed-yaml}"],
+        "--accelerate-config '{deepspeed-yaml}' asks for DeepSpeed, which is not installed", True)]
+      if importlib.util.find_spec("deepspeed") is None else []),
+    *([(["analyze", T, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
+       (["convert", T, "--plan", "2-3", "--device", "cuda:1", "-o", "out"], "--device cuda:1: no CUDA GPU", True),
+       (["recover", T, "-o", "out", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True)]
+      if not torch.cuda.is_available() else []),
     # export
     (["export", "/no/such/model", "-o", "out"], "no such file or directory", True),
     (["export", T, "-o", "{old-output}"], "output '{old-output}' already exists", True),
@@ -195,6 +237,20 @@ ROWS = [
     (["export", T, "-o", ".", "--overwrite"], "output '.' is the working directory", True),
     (["export", "{missing}", "-o", "out"], "'{missing}' lacks 1 weight", False),
     (["export", "{nan}", "-o", "out"], "'{nan}' holds NaN or infinite values", False),
+    (["export", T, "-o", "out", "--precision", "int4", "--block-size", "128"],
+     "--block-size 128 does not divide the hidden size (64) of the model: use --block-size 64 or 32", True),
+    (["export", T, "-o", "out", "--block-size", "64"],
+     "--block-size quantize weights: they need --precision int4 or int8, not fp32", True),
+    (["export", T, "-o", "out", "--precision", "fp16", "--quant-method", "rtn"],
+     "--quant-method quantize weights: they need --precision int4 or int8, not fp16", True),
+    (["export", T, "-o", "out", "--precision", "int8", "--calib-data", "{notes-txt}"],
+     "--calib-data is GPTQ's calibration text: rtn reads no data", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--block-size", "32"],
+     "--block-size 32 cannot go to TensorRT, which takes int4 weights in blocks of 64 or 128", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int8"],
+     "--precision int8 cannot go to TensorRT: TensorRT dequantizes int8 weights with one scale per channel", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--lm-head-precision", "int8"],
+     "--lm-head-precision int8 cannot go to TensorRT", True),
     # run
     (["run", A, "hello", "--temperature", "-1"], "--temperature must be above 0, not -1", True),
     (["run", A, "hello", "--temperature", "nan"], "--temperature must be a finite number", True),
@@ -217,6 +273,12 @@ ROWS = [
     (["compile", T, "--context", "100000", "-o", "out"], "--context 100000 is past the model's maximum of 512", True),
     (["compile", T, "--eval-tokens", "-5", "-o", "out"], "--eval-tokens must be at least 0, not -5", True),
     (["compile", T, "--calib-length", "600", "-o", "out"], "--calib-length 600 is longer than the model's 512", True),
+    (["compile", T, "--precision", "int4", "--target", "{no-int4-toml}", "--context", "256", "-o", "out"],
+     "--precision int4 is not a precision tiny's TensorRT supports (fp32, fp16, int8)", True),
+    (["compile", T, "--precision", "int4", "--block-size", "128", "-o", "out"],
+     "--block-size 128 does not divide the hidden size (64)", True),
+    (["compile", T, "--quant-method", "rtn", "-o", "out"], "--quant-method quantize weights", True),
+    (["compile", T, "--precision", "int8", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),
@@ -246,6 +308,34 @@ def fill(text: str, paths: dict) -> str:
 
 @pytest.mark.parametrize("args, message, early", ROWS, ids=[" ".join(r[0])[:60] for r in ROWS])
 def test_bad_input_is_one_line_and_leaves_nothing(args, message, early, inputs, tmp_path, monkeypatch, capsys):
+    check_refused(args, message, early, inputs, tmp_path, monkeypatch, capsys)
+
+
+GPTQ = ["--precision", "int4", "--quant-method", "gptq"]
+
+
+@pytest.mark.parametrize("command", ["export", "compile"])
+def test_a_missing_quantization_library_says_what_to_install(command, inputs, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from d2mc.quantize.options import GPTQMODEL_INSTALL
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else find_spec(name, *a))
+    check_refused([command, T, "-o", "out", *GPTQ], "GPTQ quantization needs the package 'gptqmodel': pip install "
+                  + GPTQMODEL_INSTALL, True, inputs, tmp_path, monkeypatch, capsys)
+
+
+def test_calibration_text_that_repeats_the_evaluation_text_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gptqmodel")
+    check_refused(["export", T, "-o", "out", *GPTQ, "--calib-data", "{heldout-copy-txt}"],
+                  "'{heldout-copy-txt}' repeats the held-out evaluation text", False, inputs, tmp_path, monkeypatch,
+                  capsys)
+
+
+def check_refused(args, message, early, inputs, tmp_path, monkeypatch, capsys):
+    """``args`` exits 1 with one line starting ``message``, no traceback, nothing new on disk and, when ``early``, no
+    weights read."""
     import d2mc.loading
 
     work = tmp_path / "work"

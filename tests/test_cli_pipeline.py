@@ -121,6 +121,22 @@ def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
     assert "d2mc build .. --target orin-agx" in (out / "engine-orin-agx" / "build.sh").read_text()
 
 
+@pytest.mark.slow
+def test_compile_int4_scores_the_quantized_model_and_the_artifact(tiny_checkpoint_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "host-cpu", "--remove-attention", "2",
+                    "--calib-sequences", "4", "--calib-length", "64", "--eval-tokens", "1024", "--context", "256",
+                    "--prefill", "32", "--no-measure", "--precision", "int4", "--block-size", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["precision"] == "int4" and report["verify"]["passed"]
+    assert report["verify"]["precision"] == "quantized-fp32" and "unquantized" in report["verify"]
+    ppl = report["perplexity"]
+    assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=0.05)  # int8 activations in the artifact only
+    assert "held-out perplexity of the shipped artifact (ONNX Runtime)" in result.output
+    assert "quantized (PyTorch)" in (out / "report.md").read_text()
+
+
 def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):
     from d2mc.convert import ConvertOptions, convert
     from d2mc.loading import load_model

@@ -118,6 +118,22 @@ def test_decode_step_costs_only_the_chosen_expert(tmp_path):
     assert sorted(outputs[name].shape[0] for name in gathers) == [0, 0, 1]
 
 
+@pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
+def test_a_tied_embedding_is_stored_once(flavour, tmp_path):
+    """The LM head's [hidden, vocab] table is also the token embedding (gathered by column); verify checks it."""
+    from tests.test_verify import overwrite_initializer_rows
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = lower_to_onnx(model, tmp_path, flavour=flavour)
+    tables = [t for t in onnx.load(path, load_external_data=False).graph.initializer if 256 in t.dims]
+    assert [(t.name, list(t.dims)) for t in tables] == [("lm_head.weight_t", [64, 256])]
+    result = verify_onnx(model, path, prefill=12, decode_steps=8)
+    assert result.passed and result.max_abs_diff < 1e-4 and "lm_head.weight_t" in result.tables_max_abs_diff
+    overwrite_initializer_rows(path, "lm_head.weight_t", 5, 0.25, rows=1)
+    assert verify_onnx(model, path).failing_table == "lm_head.weight_t"
+
+
 # --- the TensorRT flavour: standard ops plus one D2mcMoE plugin node per MoE block
 
 PLUGIN_ATTRIBUTES = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "activation",

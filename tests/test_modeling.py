@@ -130,3 +130,24 @@ def test_block_plans_keep_their_config_json_form(tmp_path):
         BlockPlan(2, (2,), routing_weights="uniform")
     with pytest.raises(ValueError, match=r"unknown block plan entries \['experts'\]"):
         BlockPlan.from_dict({**saved[0], "experts": 2})
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Each block keeps only its input and runs again in the backward pass; routing depends only on that input."""
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = restructure(tiny_model("llama"), fused_plan(top_k=1))
+        torch.nn.init.normal_(model.model.layers[2].router.weight, std=0.5)
+        model.train()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain.keys() and len(grads) > 10
+    assert all(torch.allclose(grads[n], plain[n], rtol=0, atol=1e-7) for n in grads)

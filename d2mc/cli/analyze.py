@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from d2mc.cli.common import console, json_option, model_argument, print_json, table
+from d2mc.cli.common import console, json_option, model_argument, placement_options, print_json, table
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes, chosen by the extension
 
@@ -16,8 +16,9 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes, chosen by
 @click.option("--calib-length", type=int, default=256, show_default=True)
 @click.option("--plot", type=click.Path(),
               help="Write a plot of the influences to this file (.png, .pdf or .svg).")
+@placement_options
 @json_option
-def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
+def command(model, calib_data, calib_sequences, calib_length, plot, device, dtype, as_json):
     """Print block, attention and MLP influence per layer (low = redundant)."""
     from d2mc.checks import check_number, check_sequence_length
     from d2mc.context import Context
@@ -26,7 +27,9 @@ def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
     from d2mc.loading import load_model
     from d2mc.outputs import atomic_output_file, check_output_file
     from d2mc.pipeline import PassManager, create_pass
+    from d2mc.placement import resolve_placement
 
+    placement = resolve_placement(device, dtype)
     check_number(calib_sequences, "--calib-sequences", minimum=1)
     check_number(calib_length, "--calib-length", minimum=2)
     if plot:
@@ -35,7 +38,7 @@ def command(model, calib_data, calib_sequences, calib_length, plot, as_json):
         read_text(calib_data)
     arch = load_model(model, config_only=True, tokenizer=False).arch
     check_sequence_length(calib_length, arch.max_position_embeddings, "--calib-length")
-    loaded = load_model(model)
+    loaded = load_model(model, placement=placement)
     if loaded.tokenizer is None:
         raise UserError(f"'{model}' has no tokenizer, which calibration needs")
     ctx = Context.from_loaded(loaded, calibration=calibration_batch(loaded.tokenizer, calib_sequences,

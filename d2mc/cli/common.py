@@ -31,6 +31,14 @@ config_only_option = click.option(
     "--config-only", is_flag=True,
     help="Read only the config (config.json or the GGUF header); build the model on the meta device.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
+
+
+def placement_options(func):
+    """``--device`` and ``--dtype``: where the model runs and in which dtype (:func:`d2mc.loading.resolve_placement`)."""
+    func = click.option("--dtype", default="fp32", show_default=True, metavar="fp32|bf16|fp16",
+                        help="Dtype of the weights in memory (bf16 and fp16 halve it).")(func)
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                        help="Where the model runs: auto is the first GPU when there is one, else the CPU.")(func)
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only the result, no progress.")
 
 
@@ -68,3 +76,32 @@ def human_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def command_line(ctx: click.Context, drop: set[str] = frozenset()) -> list[str]:
+    """The arguments that run the command of ``ctx`` again as it was given (every value not left at its default),
+    without the parameters named in ``drop``; the group's own options come first."""
+    from click.core import ParameterSource
+
+    args: list[str] = []
+    for level in (ctx.parent, ctx):
+        if level is None:
+            continue
+        if level is ctx:
+            args.append(ctx.info_name)
+        for param in level.command.params:
+            if param.name in drop or param.name not in level.params:
+                continue
+            value = level.params[param.name]
+            if isinstance(param, click.Argument):
+                args.append(str(value))
+            elif level.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+                continue
+            elif isinstance(param, click.Option) and param.is_flag:
+                if value:
+                    args.append(param.opts[0])
+                elif param.secondary_opts:
+                    args.append(param.secondary_opts[0])
+            else:
+                args += [max(param.opts, key=len), str(value)]
+    return args

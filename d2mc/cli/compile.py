@@ -6,6 +6,7 @@ import click
 
 from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
 from d2mc.cli.convert import convert_options_from, plan_options
+from d2mc.cli.export import QUANTIZED, quantize_options, quantize_options_from
 from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 
 
@@ -17,13 +18,18 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
               help="Held-out tokens for perplexity before and after (0 to skip).")
 @click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
 @click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode phase.")
+@click.option("--precision", type=click.Choice(QUANTIZED),
+              help="Quantize the converted model's weights (docs/quantization.md); GPTQ calibrates on the "
+                   "conversion's --calib-data [default: the profile's float format].")
+@quantize_options(calibration=False)
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
 @pipeline_recovery_options
 @quiet_option
 @json_option
-def command(model, target, eval_tokens, prefill, context, no_measure, output, overwrite, quiet, as_json, **plan):
+def command(model, target, eval_tokens, prefill, context, precision, quant_method, block_size, lm_head_precision,
+            accuracy_level, no_measure, output, overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -36,16 +42,23 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
     from d2mc.compile import CompileOptions, check_output_free, compile_model
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
+    from d2mc.profiles import load_profile
 
     if plan["recipe"] is None and plan["method"] in PLANNED_METHODS and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
+    gptq = quant_method == "gptq"
+    calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq else (None,) * 3
+    # the quantized weights also lower to TensorRT when the target has it (the engine step)
+    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, accuracy_level,
+                                     *calibration,
+                                     tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
                              measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
-                             conversion=convert_options_from(None, **plan))
+                             conversion=convert_options_from(None, **plan), quantize=quantize)
     options.conversion.recovery = recovery
     check_compile_inputs(options)
     err = stderr_console()
@@ -77,6 +90,14 @@ def command(model, target, eval_tokens, prefill, context, no_measure, output, ov
         r = report["recovery"]
         out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items()))
+    if report["quantization"]:
+        q = report["quantization"]
+        out.print(f"quantized: {q['precision']} {q['quant_method']} block {q['block_size']}, LM head "
+                  f"{q['lm_head_precision']}, {q['quantized_linears']} matrices in {q['seconds']:.1f} s")
+        if ppl["quantized"] is not None:
+            out.print(f"held-out perplexity quantized (PyTorch, same weights as the artifact): {ppl['quantized']:.2f}")
+    if ppl["artifact"] is not None:
+        out.print(f"held-out perplexity of the shipped artifact (ONNX Runtime): {ppl['artifact']:.2f}")
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
     out.print(f"engine: {report['engine']['summary']}")

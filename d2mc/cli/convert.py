@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
+from d2mc.cli.common import (
+    console,
+    json_option,
+    model_argument,
+    placement_options,
+    print_json,
+    quiet_option,
+    stderr_console,
+)
 from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 from d2mc.plan import METHODS, UPCYCLE_INITS
 
@@ -86,23 +94,27 @@ def _refuse_plan_options_beside(recipe: str) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (Hugging Face format).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @pipeline_recovery_options
+@placement_options
 @quiet_option
 @json_option
-def command(model, target, output, overwrite, quiet, as_json, **plan):
+def command(model, target, output, overwrite, device, dtype, quiet, as_json, **plan):
     """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
     from d2mc.checks import check_conversion_inputs
-    from d2mc.convert import convert, save_converted
+    from d2mc.convert import conversion_bytes, convert, save_converted
     from d2mc.loading import load_model
     from d2mc.outputs import check_output_path
+    from d2mc.placement import check_memory, resolve_placement
     from d2mc.recovery import remove_checkpoints
 
     check_output_path(output, overwrite)
-    recovery = pop_recovery_options(plan, output)
+    placement = resolve_placement(device, dtype, training=bool(plan["recover_steps"]))
+    recovery = pop_recovery_options(plan, output, placement)
     options = convert_options_from(target, **plan)
     options.recovery = recovery
     progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
-    check_conversion_inputs(options, model)
-    loaded = load_model(model)
+    arch = check_conversion_inputs(options, model)
+    check_memory(arch, placement, conversion_bytes(arch, placement, options), "converting")
+    loaded = load_model(model, placement=placement, work=None)
     ctx = convert(loaded, options, progress=progress)
     save_converted(ctx, output, overwrite=overwrite)
     if recovery:

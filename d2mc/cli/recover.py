@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import click
 
-from d2mc.cli.common import console, json_option, print_json, quiet_option, stderr_console
+from d2mc.cli.common import (
+    command_line,
+    console,
+    json_option,
+    placement_options,
+    print_json,
+    quiet_option,
+    stderr_console,
+)
 
 TRAIN_HELP = "What trains: the routers, the blocks the conversion changed, or the whole model."
 DATA_HELP = ("Training text: a .txt or .jsonl file, a datasets name (NAME or NAME:CONFIG), or 'generate' (the "
@@ -30,15 +38,17 @@ def pipeline_recovery_options(func):
     return func
 
 
-def pop_recovery_options(kwargs: dict, output: str):
-    """Take the ``--recover-*`` values out of ``kwargs``; a :class:`RecoveryOptions` or None (no recovery)."""
+def pop_recovery_options(kwargs: dict, output: str, placement=None):
+    """Take the ``--recover-*`` values out of ``kwargs``; a :class:`RecoveryOptions` or None (no recovery). The
+    training runs where the conversion ran (``placement``), with mixed precision in its dtype."""
     values = {k[len("recover_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("recover_")}
     if not values.get("steps"):
         return None
     from d2mc.recovery import RecoveryOptions
 
     checkpoint_dir = values.pop("checkpoint_dir") or f"{str(output).rstrip('/')}.recovery-checkpoints"
-    return RecoveryOptions(checkpoint_dir=checkpoint_dir, **values)
+    where = {"device": placement.device, "dtype": placement.dtype} if placement is not None else {}
+    return RecoveryOptions(checkpoint_dir=checkpoint_dir, **where, **values)
 
 
 @click.command("recover")
@@ -78,13 +88,23 @@ def pop_recovery_options(kwargs: dict, output: str):
 @click.option("--no-resume", is_flag=True, help="Start over even if the checkpoint directory holds a checkpoint.")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoint directory after success.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@placement_options
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Keep only each block's input for the backward pass and recompute the rest (less memory).")
+@click.option("--stream", is_flag=True, help="Read --data (a datasets name, a dataset directory or a text file) as "
+                                             "a stream, tokenised as training goes; resumes at its position.")
+@click.option("--accelerate-config", type=click.Path(),
+              help="Launch under accelerate launch with this config (DDP, FSDP, DeepSpeed; processes, nodes), "
+                   "checked against this machine first (docs/recovery.md).")
 @quiet_option
 @json_option
-def command(converted, teacher, output, no_resume, keep_checkpoints, overwrite, quiet, as_json, **fields):
+def command(converted, teacher, output, no_resume, keep_checkpoints, overwrite, accelerate_config, quiet, as_json,
+            **fields):
     """Recovery training of a CONVERTED model: CE + KL to the dense parent + router balance.
 
-    Runs as is on one CPU or GPU; for several GPUs or nodes launch the same command with
-    `torchrun --nproc_per_node N -m d2mc recover ...` (DDP; only the first process writes OUTPUT).
+    Runs as is on one CPU or GPU; for several GPUs or nodes give --accelerate-config (FSDP, DeepSpeed ZeRO-3 or
+    DDP), or launch the same command with `torchrun --nproc_per_node N -m d2mc recover ...` (DDP); only the first
+    process writes OUTPUT.
     """
     from d2mc.checks import check_recovery_inputs
     from d2mc.outputs import check_output_path
@@ -95,6 +115,15 @@ def command(converted, teacher, output, no_resume, keep_checkpoints, overwrite, 
     fields["checkpoint_dir"] = fields["checkpoint_dir"] or f"{str(output).rstrip('/')}.checkpoints"
     options = RecoveryOptions(resume=not no_resume, **fields)
     check_recovery_inputs(options, converted)
+    if accelerate_config:
+        import subprocess
+        import sys
+
+        from d2mc.recovery.launch import launch_command, read_launch_config
+
+        config = read_launch_config(accelerate_config, options.dtype)
+        ctx = click.get_current_context()
+        sys.exit(subprocess.run(launch_command(config, command_line(ctx, drop={"accelerate_config"}))).returncode)
     err = stderr_console()
     show = not (quiet or as_json) and is_main_process()
     summary = recover_model(converted, output, options, teacher=teacher, overwrite=overwrite,

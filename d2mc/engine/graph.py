@@ -107,7 +107,7 @@ def read_graph(onnx_path: str | Path) -> GraphSummary:
 def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) -> WeightQuantization | None:
     """Which weights are quantized: DequantizeLinear nodes reading an integer initializer, and plugin nodes with
     quantized experts; the method comes from what the export recorded beside the ONNX (``d2mc_artifact.json``'s
-    ``quantization``)."""
+    ``quantization.quant_method``)."""
     from d2mc.artifact import artifact_info
 
     types = {i.name: i.data_type for i in model.graph.initializer}
@@ -127,8 +127,8 @@ def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) 
     blocks.update(a.block_size for a in plugin)
     if not bits:
         return None
-    recorded = artifact_info(path.parent).get("quantization")
-    method = recorded.get("method") if isinstance(recorded, dict) else recorded
+    recorded = artifact_info(path.parent).get("quantization")  # QuantizedModel.to_dict()
+    method = recorded.get("quant_method") if isinstance(recorded, dict) else None
     return WeightQuantization(tuple(sorted(bits)), tuple(sorted(blocks)), dequantize, tuple(sorted(formats)),
                               len(plugin), unsigned, str(method) if method else None)
 

@@ -1,10 +1,11 @@
 """The ONNX graph under construction: named nodes and initializers, and the pieces every block uses (RMSNorm,
 a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them.
 
-A projection whose weight was quantized (a :class:`~d2mc.quantize.QuantizedLinear` in ``GraphBuilder.quantized``,
-looked up by its module) is, in the tensorrt flavour, ``DequantizeLinear`` (opset 21, block-wise along the input
-axis, signed int4/int8 codes, no zero point: symmetric) feeding the ``MatMul``: TensorRT fuses the pair into a
-weight-only GEMM."""
+A projection whose weight was quantized (:class:`~d2mc.quantize.QuantizedLinear`, looked up by its module in
+``GraphBuilder.quantized``) is ``com.microsoft::MatMulNBits`` in the onnxruntime flavour and ``DequantizeLinear``
+(opset 21, symmetric: signed codes, no zero point) feeding a ``MatMul`` in the tensorrt flavour, which TensorRT
+fuses into a weight-only GEMM: block-wise along the input axis, or per output channel for int8 codes with one block
+per row (TensorRT dequantizes int8 weights only so)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,53 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from d2mc.errors import UserError
+from d2mc.quantize import pack_signed
 
 MS_DOMAIN = "com.microsoft"
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
+EXTERNAL_ALIGNMENT = 4096  # each external tensor starts on a page, so ONNX Runtime can map it
 PRECISIONS = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers with unique names."""
+class ExternalData:
+    """The external data file of a graph, written as the initializers are made: the graph holds only their
+    locations, so lowering a model never keeps a second copy of its weights in memory."""
 
-    def __init__(self, np_dtype, onnx_dtype):
+    def __init__(self, path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last weight)
+
+    def add(self, name: str, array: np.ndarray, data_type: int | None = None, dims=None) -> onnx.TensorProto:
+        """A tensor proto for ``array`` whose bytes go to the file (little-endian, row-major); ``data_type`` and
+        ``dims`` describe bytes already packed (INT4 codes, two to a byte)."""
+        offset = -self.file.tell() % EXTERNAL_ALIGNMENT + self.file.tell()
+        self.file.seek(offset)
+        array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self.file)
+        tensor = TensorProto(name=name, data_type=data_type or helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape if dims is None else dims)
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names; with ``data`` the large initializers go straight to
+    that external data file. ``quantized`` maps a Linear module to its quantized weight, emitted at
+    ``accuracy_level`` (``MatMulNBits``'s: 4 computes with int8 activations)."""
+
+    def __init__(self, np_dtype, onnx_dtype, data: ExternalData | None = None, quantized: dict | None = None,
+                 accuracy_level: int = 0):
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.np_dtype, self.onnx_dtype = np_dtype, onnx_dtype
         self.trt = False  # emit only operators TensorRT parses natively
-        self.quantized: dict = {}  # Linear module -> its QuantizedLinear; a Linear not in it is lowered in float
+        self.quantized = quantized or {}
+        self.accuracy_level = accuracy_level
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -37,7 +71,20 @@ class GraphBuilder:
 
     def weight(self, name: str, tensor, dtype=None) -> str:
         array = tensor.detach().float().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        self.initializers.append(numpy_helper.from_array(array.astype(dtype or self.np_dtype), name))
+        array = array.astype(dtype or self.np_dtype, copy=False)
+        if self.data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(self.data.add(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def packed(self, name: str, data_type: int, dims, raw: bytes) -> str:
+        """An initializer of ``data_type`` and ``dims`` from bytes already in ONNX's layout (INT4: two codes to a
+        byte)."""
+        if self.data is not None and len(raw) >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(self.data.add(name, np.frombuffer(raw, np.uint8), data_type, dims))
+        else:
+            self.initializers.append(helper.make_tensor(name, data_type, dims, raw, raw=True))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -80,7 +127,7 @@ def rms(g: GraphBuilder, x: str, eps: float) -> str:
 
 
 def project(g, x: str, linear, name: str) -> str:
-    """``x @ W.T (+ bias)`` for the Linear ``linear``, from its codes when ``g.quantized`` holds them."""
+    """``x @ W.T (+ bias)`` for the Linear ``linear``, quantized when ``g.quantized`` holds its weight."""
     q = g.quantized.get(linear)
     out = matmul(g, x, q if q is not None else linear.weight, f"{name}.weight")
     if getattr(linear, "bias", None) is not None:
@@ -89,15 +136,34 @@ def project(g, x: str, linear, name: str) -> str:
 
 
 def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
-    """``x @ weight.T`` for a weight ``[out, in]``: a float tensor (``MatMul`` on the transposed initializer
-    ``{name}_t``) or a :class:`~d2mc.quantize.QuantizedLinear` (``DequantizeLinear`` of ``{name}_t_q{bits}`` and
-    ``{name}_t_scales`` first); into ``output`` when given."""
+    """``x @ weight.T`` for a weight ``[out, in]``: a float tensor (a ``MatMul`` on the transposed initializer
+    ``{name}_t``) or a :class:`~d2mc.quantize.QuantizedLinear`; into ``output`` when given."""
     outputs = [output] if output else 1
     if isinstance(weight, torch.Tensor):
         return g.op("MatMul", [x, g.weight(f"{name}_t", weight.T)], outputs)[0]
     if weight.pre_scale is not None:
         x = g.op1("Mul", [x, g.weight(f"{name}.pre_scale", weight.pre_scale)])
-    return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
+    if g.trt:
+        return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
+    return g.op("MatMulNBits", nbits_inputs(g, weight, name, x), outputs, MS_DOMAIN,
+                **nbits_attributes(g, weight))[0]
+
+
+def nbits_inputs(g, q, name: str, x: str = "") -> list[str]:
+    """``[x, B, scales(, zero_points)]`` of a ``MatMulNBits`` node for ``q`` (initializers ``{name}_q{bits}``,
+    ``{name}_scales``, ``{name}_zero_points``), without ``x`` when it is empty."""
+    packed, scales, zero_points = q.matmul_nbits()
+    inputs = [x] if x else []
+    inputs += [g.weight(f"{name}_q{q.bits}", packed, np.uint8), g.weight(f"{name}_scales", scales)]
+    if zero_points is not None:
+        inputs.append(g.weight(f"{name}_zero_points", zero_points, np.uint8))
+    return inputs
+
+
+def nbits_attributes(g, q) -> dict:
+    out_features, in_features = q.shape
+    return dict(K=in_features, N=out_features, bits=q.bits, block_size=q.block_size,
+                accuracy_level=g.accuracy_level)
 
 
 def dequantized(g, q, name: str) -> str:
@@ -105,19 +171,14 @@ def dequantized(g, q, name: str) -> str:
     the graph's float type (the type the weight comes out in): block-wise (``axis=0``, ``block_size``), or per
     output channel (``axis=1``, scales ``[out]``) for int8 codes with one block per row, the form TensorRT
     dequantizes int8 weights in (its block dequantization is int4 only)."""
-    from d2mc.quantize import pack_signed
-
-    if not g.trt:
-        raise ValueError("quantized weights lower to the tensorrt flavour's DequantizeLinear only")
     if not q.symmetric:
         raise UserError("the tensorrt flavour takes symmetric quantized weights (signed codes, zero point 0: what "
                         "TensorRT dequantizes): quantize symmetrically")
     codes = q.signed_codes().T  # [in, out]
     packed = pack_signed(np.ascontiguousarray(codes), q.bits)
     kind = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
-    g.initializers.append(onnx.TensorProto(name=f"{name}_q{q.bits}", data_type=kind, dims=list(codes.shape),
-                                           raw_data=packed.tobytes()))
+    codes_name = g.packed(f"{name}_q{q.bits}", kind, codes.shape, packed.tobytes())
     if q.bits == 8 and q.scales.shape[1] == 1:
-        return g.op1("DequantizeLinear", [f"{name}_q8", g.weight(f"{name}_scales", q.scales[:, 0])], axis=1)
-    return g.op1("DequantizeLinear", [f"{name}_q{q.bits}", g.weight(f"{name}_scales", q.scales.T)], axis=0,
+        return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales[:, 0])], axis=1)
+    return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales.T)], axis=0,
                  block_size=q.block_size)

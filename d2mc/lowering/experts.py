@@ -1,6 +1,7 @@
 """A block's experts in the ONNX graph: a plain MLP, or an MoE block as expert dispatch in standard ops,
-ONNX Runtime's ``com.microsoft::MoE`` op, or one ``d2mc::D2mcMoE`` plugin node (flavour ``tensorrt``), with
-each expert's post-attention norm weight folded into its gate and up projections."""
+ONNX Runtime's ``com.microsoft::MoE`` op (``com.microsoft::QMoE`` with quantized experts), or one ``d2mc::D2mcMoE``
+plugin node (flavour ``tensorrt``), with each expert's post-attention norm weight folded into its gate and up
+projections (for quantized experts the quantize step folded it before quantizing)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
     if block.router is None:
         parts += [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{len(shared) + i}")
                   for i, e in enumerate(routed)]
+    elif moe_op == "contrib" and g.quantized:
+        parts.append(_qmoe(g, block, routed, normed, residual, arch, name))
     elif moe_op == "contrib":
         parts.append(_moe_contrib(g, block, routed, normed, residual, arch, name))
     else:
@@ -157,7 +160,7 @@ def _quantized_experts(g, experts, name: str) -> QuantizedExperts | None:
     for index, expert in enumerate(experts):
         if not torch.all(expert.post_attention_layernorm.weight == 1):
             raise ValueError(f"{name}: expert {index} keeps its norm weight beside quantized projections; quantize "
-                             "after d2mc.ops.moe.fold_expert_norms (the codes must stand for the folded weights)")
+                             "after d2mc.quantize.fold_expert_norms (the codes must stand for the folded weights)")
     return pack_quantized_experts(found)
 
 
@@ -186,3 +189,41 @@ def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) 
                 activation_beta=0.0, swiglu_limit=1e9,
                 normalize_routing_weights=int(block.plan.normalize_topk or block.ones))
     return g.op1("Reshape", [out, g.op1("Shape", [residual])])
+
+
+
+def _qmoe(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
+    """ONNX Runtime's ``com.microsoft::QMoE`` (the CPU form of the MoE op above) on the experts' ``MatMulNBits``
+    tensors stacked per expert (``weights_prepacked=0``): fc1 ``[E, 2I, H * bits / 8]`` with gate and up rows
+    interleaved, fc2 ``[E, H, I * bits / 8]``, scales ``[E, rows, blocks]``."""
+    _, logits = _router_logits(g, block, residual, arch, name)
+    if block.ones:
+        logits = _chosen_only(g, logits, block.plan.top_k)
+    flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
+    fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
+    for expert in routed:
+        mlp = expert.mlp
+        (gate, gate_scales), (up, up_scales), (down, down_scales) = (
+            _nbits(g.quantized[m]) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        fc1.append(np.stack([gate, up], 1).reshape(2 * gate.shape[0], -1))  # rows g0, u0, g1, u1, ...
+        fc1_scales.append(np.stack([gate_scales, up_scales], 1).reshape(2 * gate.shape[0], -1))
+        fc2.append(down.reshape(down.shape[0], -1))
+        fc2_scales.append(down_scales * (block.plan.top_k if block.ones else 1))
+    q = g.quantized[routed[0].mlp.gate_proj]
+    inputs = [g.weight(f"{name}.moe.fc1_q{q.bits}", np.stack(fc1), np.uint8),
+              g.weight(f"{name}.moe.fc1_scales", np.stack(fc1_scales)), "",
+              g.weight(f"{name}.moe.fc2_q{q.bits}", np.stack(fc2), np.uint8),
+              g.weight(f"{name}.moe.fc2_scales", np.stack(fc2_scales))]
+    out = g.op1("QMoE", [flat_x, logits, *inputs], MS_DOMAIN, k=block.plan.top_k, activation_type="swiglu",
+                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=1e9,
+                normalize_routing_weights=int(block.plan.normalize_topk or block.ones), expert_weight_bits=q.bits,
+                block_size=q.block_size, weights_prepacked=0, accuracy_level=g.accuracy_level)
+    return g.op1("Reshape", [out, g.op1("Shape", [residual])])
+
+
+def _nbits(q) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits``'s packed weight and scales of a symmetric QuantizedLinear (QMoE takes no zero points)."""
+    packed, scales, zero_points = q.matmul_nbits()
+    if zero_points is not None:
+        raise ValueError("QMoE experts must be quantized symmetrically")
+    return packed, scales

@@ -33,7 +33,6 @@ rewrites it into standard ops so that the flavour is verified against PyTorch li
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,26 +42,39 @@ import torch
 from onnx import TensorProto, helper
 
 from d2mc.arch import BlockPlan
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
-from d2mc.lowering.builder import PRECISIONS, GraphBuilder, matmul, norm
+from d2mc.lowering.builder import (
+    MS_DOMAIN,
+    PRECISIONS,
+    ExternalData,
+    GraphBuilder,
+    matmul,
+    nbits_attributes,
+    nbits_inputs,
+    norm,
+)
 from d2mc.lowering.experts import LoweredBlock, lower_experts
-from d2mc.quantize import QuantizedLinear
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
 QUANTIZED_OPSET = 21
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
+DATA_FILE = "model.onnx.data"  # the weights, beside model.onnx
+LM_HEAD_TABLE = "lm_head.weight_t"  # [hidden, vocab]; with tied embeddings also the token embedding, by column
 
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """What to emit: ``flavour`` (onnxruntime | tensorrt), weight ``precision`` (fp32 | fp16) and, for the
-    onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt flavour always uses the plugin)."""
+    """What to emit: ``flavour`` (onnxruntime | tensorrt), the float ``precision`` (fp32 | fp16) of activations and
+    float weights and, for the onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt
+    flavour always uses the plugin) and the ``accuracy_level`` of quantized weights' ``MatMulNBits`` and ``QMoE``
+    nodes. Which weights are quantized, and how, is the :class:`~d2mc.quantize.QuantizedModel` lowered."""
 
     precision: str = "fp32"
     moe_op: str = "dispatch"
     flavour: str = "onnxruntime"
+    accuracy_level: int = 4
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -71,31 +83,53 @@ class LoweringOptions:
             raise UserError(f"unknown precision '{self.precision}' for ONNX: choose fp32 or fp16")
         if self.moe_op not in MOE_OPS:
             raise UserError(f"unknown MoE lowering '{self.moe_op}': choose one of {', '.join(MOE_OPS)}")
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
 
 
 def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = None, *, flavour: str | None = None,
-                  precision: str | None = None, moe_op: str | None = None,
-                  quantized: Mapping[str, QuantizedLinear] | None = None) -> Path:
+                  precision: str | None = None, moe_op: str | None = None, quantized=None) -> Path:
     """Write ``model.onnx`` (+ ``model.onnx.data``) for a dense or converted model into ``out_dir``.
 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
-    ``quantized`` maps Linear module names of ``model`` to their quantized weights, which the tensorrt flavour
-    emits from their codes (``model`` carries the weights they stand for). Returns the path of ``model.onnx``.
+    ``quantized``: the :class:`~d2mc.quantize.QuantizedModel` whose ``model`` is ``model``: its quantized Linears
+    are emitted from their codes. Returns the path of ``model.onnx``.
     """
-    from d2mc.arch import ModelArch
-
     options = options or LoweringOptions()
     overrides = {k: v for k, v in (("flavour", flavour), ("precision", precision), ("moe_op", moe_op)) if v}
     if overrides:
         options = LoweringOptions(**{**options.__dict__, **overrides})
+    by_module = {}
+    if quantized is not None:
+        if quantized.model is not model:
+            raise ValueError("lower a QuantizedModel's own model (quantized.model) with it")
+        by_module = quantized.by_module()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ExternalData(out_dir / DATA_FILE)
+    try:
+        graph = _build_graph(model, options, GraphBuilder(*PRECISIONS[options.precision], data, by_module,
+                                                          options.accuracy_level))
+    finally:
+        data.close()
+    domains = {n.domain for n in graph.node} - {""}
+    opset = QUANTIZED_OPSET if by_module else OPSET[options.flavour]  # block-wise DequantizeLinear is opset 21
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
+    onnx_model.ir_version = 10
+    path = out_dir / "model.onnx"
+    onnx.save_model(onnx_model, path)
+    return path
+
+
+def _build_graph(model, options: LoweringOptions, g: GraphBuilder) -> onnx.GraphProto:
+    """The graph of ``model``, its weights written to ``g``'s external data file as they are lowered."""
+    from d2mc.arch import ModelArch
+
     trt = options.flavour == "tensorrt"
-    if quantized and not trt:
-        raise ValueError("quantized weights lower to the tensorrt flavour (DequantizeLinear and the D2mcMoE plugin)")
     arch = ModelArch.from_config(model.config)
-    np_dtype, onnx_dtype = PRECISIONS[options.precision]
-    g = GraphBuilder(np_dtype, onnx_dtype)
+    onnx_dtype = g.onnx_dtype
     g.trt = trt
-    g.quantized = {model.get_submodule(name): q for name, q in (quantized or {}).items()}
     blocks = _blocks_of(model)
     base = model.config.base_config if model.config.model_type == "d2mc_moe" else model.config
     eps = float(base.rms_norm_eps)
@@ -125,8 +159,21 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
     else:
         attend = FusedAttention(g, arch)
 
-    embed = g.weight("embed_tokens", model.model.embed_tokens.weight)
-    residual = g.op1("Gather", [embed, "input_ids"])
+    head = g.quantized.get(model.lm_head)
+    tied = embedding_is_tied(model)
+    # a tied embedding reads the quantized LM head's own bytes (one copy of the vocabulary matrix)
+    shared = head is not None and tied and not trt
+    if head is None:
+        logits_w = g.weight(LM_HEAD_TABLE, model.lm_head.weight.T)
+    if shared:
+        head_inputs = nbits_inputs(g, head, "lm_head.weight")
+        rows = g.op1("Reshape", [head_inputs[0], g.const([head.shape[0], -1])])
+        residual = g.op1("GatherBlockQuantized", [rows, "input_ids", *head_inputs[1:]], MS_DOMAIN, bits=head.bits,
+                         block_size=head.block_size, gather_axis=0, quantize_axis=1)
+    elif head is None and tied:  # the head's table, gathered by column ([hidden, batch, seq]), is the embedding
+        residual = g.op1("Transpose", [g.op1("Gather", [logits_w, "input_ids"], axis=1)], perm=[1, 2, 0])
+    else:
+        residual = g.op1("Gather", [g.weight("embed_tokens", model.model.embed_tokens.weight), "input_ids"])
     delta = None
     attention_idx = 0
     for b, block in enumerate(blocks):
@@ -136,21 +183,19 @@ def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = 
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    head = g.quantized.get(model.lm_head)
-    matmul(g, normed, head if head is not None else model.lm_head.weight, "lm_head.weight", "logits")
+    if head is None:
+        g.op("MatMul", [normed, logits_w], ["logits"])
+    elif shared:
+        g.op("MatMulNBits", [normed, *head_inputs], ["logits"], MS_DOMAIN, **nbits_attributes(g, head))
+    else:
+        matmul(g, normed, head, "lm_head.weight", "logits")
 
-    graph = helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
-    domains = {n.domain for n in g.nodes} - {""}
-    opset = QUANTIZED_OPSET if g.quantized else OPSET[options.flavour]  # block-wise DequantizeLinear
-    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
-    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
-    onnx_model.ir_version = 10
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
-    onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    return path
+    return helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
+
+
+def embedding_is_tied(model) -> bool:
+    """Whether the LM head and the token embedding are one tensor (then the graph stores it once)."""
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def _blocks_of(model) -> list[LoweredBlock]:

@@ -195,21 +195,6 @@ def pack_experts(experts, routed_scale: float = 1.0) -> tuple[torch.Tensor, torc
     return torch.stack(fc1).detach(), torch.stack(fc2).detach()
 
 
-def fold_expert_norms(experts) -> None:
-    """Fold each expert's post-attention norm weight into its gate and up projections and set the norm weight to
-    ones, in place; what each expert computes is unchanged. The plugin and ONNX Runtime's MoE ops read one weightless
-    RMS-normalised input per block, and integer codes cannot take a norm weight in after quantization, so a block's
-    experts are folded before they are quantized."""
-    import torch
-
-    with torch.no_grad():
-        for expert in experts:
-            gamma = expert.post_attention_layernorm.weight
-            expert.mlp.gate_proj.weight.mul_(gamma[None, :])
-            expert.mlp.up_proj.weight.mul_(gamma[None, :])
-            gamma.fill_(1.0)
-
-
 @dataclass(frozen=True)
 class QuantizedExperts:
     """A block's quantized expert weights as the plugin node takes them (weight-only, symmetric, zero points 0):
@@ -229,8 +214,8 @@ class QuantizedExperts:
 def pack_quantized_experts(weights: Sequence[tuple[QuantizedLinear, QuantizedLinear, QuantizedLinear]]
                            ) -> QuantizedExperts:
     """The quantized twin of :func:`pack_experts`: ``weights`` holds each expert's ``(gate, up, down)`` quantized
-    Linears, shared experts first, quantized after :func:`fold_expert_norms` (the codes stand for the folded
-    weights). Every Linear must share one bit width and block size, be symmetric and carry no pre-scale."""
+    Linears, shared experts first, quantized after their norms were folded into gate and up
+    (:func:`d2mc.quantize.fold_expert_norms`: the codes stand for the folded weights). Every Linear must share one bit width and block size, be symmetric and carry no pre-scale."""
     from d2mc.quantize import pack_signed
 
     linears = [q for expert in weights for q in expert]

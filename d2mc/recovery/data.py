@@ -9,7 +9,10 @@ for both is refused, and so is training text that contains passages of the evalu
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from d2mc.errors import UserError, require_module
 
 log = logging.getLogger(__name__)
 
-GENERATE = "generate"
+STREAM_POSITION = "d2mc_stream.json"  # where a checkpoint keeps the position of a streamed source
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".cor")
 
 # Openings for self-generated training text: plain prose of several registers, no chat template.
@@ -41,24 +45,38 @@ def is_file_source(source: str) -> bool:
     return path.exists() or source.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES
 
 
-def source_text(source: str, split: str = "train", field: str = "text", max_chars: int | None = None) -> str:
-    """The text of a file or a ``datasets`` name (``NAME`` or ``NAME:CONFIG``)."""
-    if is_file_source(source):
-        return read_text(source)
+def open_stream(source: str, split: str = "train"):
+    """The rows of ``source`` as a ``datasets`` stream: a datasets name (``NAME`` or ``NAME:CONFIG``), a local dataset
+    directory, or a text file (a row per line; a ``.jsonl`` file, a row per object)."""
     datasets = require_module("datasets", f"training on the dataset '{source}'", "datasets")
-    name, _, config = source.partition(":")
     try:
-        rows = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        if is_file_source(source):
+            path = Path(source).expanduser()
+            builder = "json" if path.suffix == ".jsonl" else "text"
+            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        name, _, config = source.partition(":")
+        return datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as exc:  # datasets raises many kinds for a bad name, split or config
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the dataset '{source}' split '{split}' ({first[:160]}): give a text file, "
                         "a .jsonl file, a datasets name (NAME or NAME:CONFIG) or 'generate'") from None
+
+
+def row_text(row: dict, field: str, source: str) -> str:
+    """The training text of one dataset row."""
+    if field not in row:
+        raise UserError(f"the dataset '{source}' has no field '{field}' (it has {', '.join(row)}): choose "
+                        "one with --data-field")
+    return str(row[field])
+
+
+def source_text(source: str, split: str = "train", field: str = "text", max_chars: int | None = None) -> str:
+    """The text of a file or a ``datasets`` name (``NAME`` or ``NAME:CONFIG``)."""
+    if is_file_source(source):
+        return read_text(source)
     parts, size = [], 0
-    for row in rows:
-        if field not in row:
-            raise UserError(f"the dataset '{source}' has no field '{field}' (it has {', '.join(row)}): choose "
-                            "one with --data-field")
-        parts.append(str(row[field]))
+    for row in open_stream(source, split):
+        parts.append(row_text(row, field, source))
         size += len(parts[-1])
         if max_chars is not None and size >= max_chars:
             break
@@ -218,3 +236,78 @@ class WindowDataset(torch.utils.data.Dataset):
             item["teacher_logprobs"] = self.teacher.logprobs[i]
             item["teacher_indices"] = self.teacher.indices[i].long()
         return item
+
+
+class StreamedWindows(torch.utils.data.IterableDataset):
+    """Training windows read from a ``datasets`` stream while training runs (:func:`open_stream`): rows are
+    tokenised on the fly, each followed by the end-of-text token, and the token stream is cut into ``seq_len``-token
+    windows. Nothing is read ahead of what the steps consume, so the source may hold any number of tokens.
+
+    The stream is read in order and its position is resumable: :meth:`position` gives, for a number of windows
+    already trained on, the stream's state at the row that holds the next window's first token (the checkpoint
+    keeps it in :data:`STREAM_POSITION`), and ``start`` begins there, so a resumed run trains on exactly the
+    windows an uninterrupted one would, without reading the stream from its beginning. Each row is checked
+    against the evaluation passages (``snippets``) before it is trained on."""
+
+    def __init__(self, source: str, tokenizer, seq_len: int, *, split: str = "train", field: str = "text",
+                 snippets: list[str] = (), start: dict | None = None):
+        super().__init__()
+        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+        self.split, self.field, self.snippets, self.start = split, field, list(snippets), start
+        self.end_token = tokenizer.eos_token_id
+        self._rows: deque = deque()  # (global index of its first token, stream state before it) of recent rows
+        self._epoch_start = 0
+
+    def __iter__(self):
+        rows = open_stream(self.source, self.split)
+        first, skip = self._epoch_start, 0  # the global index of the next row's first token; tokens to drop
+        if self.start is not None:
+            rows.load_state_dict(self.start["stream"])
+            first, skip = self.start["row_first_token"], self.start["skip"]
+            self.start = None  # a later epoch reads the stream from its beginning
+        window_start = first + skip  # the global index of the buffer's first token: always a window boundary
+        buffer: list[int] = []
+        produced = False
+        iterator = iter(rows)
+        while True:
+            state = copy.deepcopy(rows.state_dict())
+            try:
+                row = next(iterator)
+            except StopIteration:
+                break
+            text = row_text(row, self.field, self.source)
+            for snippet in self.snippets:
+                if snippet in text:
+                    raise UserError(f"the training text contains the evaluation passage '{snippet[:40].strip()}...': "
+                                    "train on text that does not overlap the evaluation text")
+            ids = self.tokenizer(text)["input_ids"] + ([self.end_token] if self.end_token is not None else [])
+            self._rows.append((first, state))
+            first += len(ids)
+            buffer.extend(ids[skip:])
+            skip = 0
+            while len(buffer) >= self.seq_len:
+                window, buffer = buffer[: self.seq_len], buffer[self.seq_len:]
+                window_start += self.seq_len
+                produced = True
+                yield {"input_ids": torch.tensor(window, dtype=torch.long)}
+        if not produced:
+            raise UserError(f"the dataset '{self.source}' holds fewer tokens than one {self.seq_len}-token window")
+        self._epoch_start = window_start  # the tail short of a window is dropped; the next epoch starts aligned
+
+    def position(self, windows: int) -> dict:
+        """Where the stream stands once ``windows`` windows (of every process) are trained on: the state before
+        the row holding the next window's first token, and how many of that row's tokens to skip. Rows before it
+        are forgotten."""
+        token = windows * self.seq_len
+        while len(self._rows) > 1 and self._rows[1][0] <= token:
+            self._rows.popleft()
+        if not self._rows or self._rows[0][0] > token:
+            raise RuntimeError(f"the stream position of window {windows} was not kept")
+        first, state = self._rows[0]
+        return {"stream": state, "row_first_token": first, "skip": token - first, "windows": windows}
+
+
+def read_stream_position(checkpoint: str | Path | None) -> dict | None:
+    """The stream position a checkpoint kept (None when there is none)."""
+    path = Path(checkpoint) / STREAM_POSITION if checkpoint else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 
 TRAIN_CHOICES = ("routers", "blocks", "all")
+GENERATE = "generate"  # the data source the teacher writes itself
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 # options that change what the weights become; a checkpoint of other values is from another run
 _RUN_IDENTITY = ("steps", "seq_len", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
                  "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "train", "data",
-                 "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient", "seed")
+                 "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient", "seed", "dtype",
+                 "stream")
 
 
 @dataclass
@@ -48,6 +50,10 @@ class RecoveryOptions:
     save_limit: int = 2
     resume: bool = True
     log_every: int = 10
+    device: str = "auto"  # a plain run's device (auto, cpu, cuda[:N]); under a launcher each process takes its own
+    dtype: str = "fp32"  # bf16 or fp16: mixed precision over fp32 weights, and the teacher held in that dtype
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
+    stream: bool = False  # read a datasets name as a stream, tokenised on the fly (no windows prepared ahead)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -67,6 +73,12 @@ class RecoveryOptions:
                             f"{self.warmup}")
         if self.teacher_topk < 0 or self.save_steps < 1 or self.log_every < 1:
             raise UserError("--teacher-topk must be zero or more; save and log intervals at least 1")
+        if self.stream and (self.data is None or self.data == GENERATE):
+            raise OptionError("{stream} reads a datasets name (or a local dataset directory) as it trains: give it "
+                              "with {data}")
+        if self.stream and self.teacher_topk:
+            raise OptionError("{teacher_topk} runs the teacher over every training window before training, which a "
+                              "stream does not have: drop {teacher_topk} or {stream}")
         if self.data is not None and self.data == self.eval_data:
             raise UserError(f"'{self.data}' is both the training data and the evaluation text: train on text that "
                             "does not overlap the evaluation text")

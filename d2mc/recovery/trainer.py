@@ -3,12 +3,16 @@ when training runs)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from d2mc.recovery.data import STREAM_POSITION
+from d2mc.recovery.engines import teacher_for_deepspeed, teacher_for_fsdp
 from d2mc.recovery.losses import balance_loss, kl_full, kl_topk
 from d2mc.recovery.options import RecoveryOptions
 from d2mc.recovery.trainable import routed_blocks
@@ -23,18 +27,34 @@ def trainer_classes():
 
         def __init__(self, *args, teacher=None, recovery: RecoveryOptions, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher, self.recovery = teacher, recovery
+            self.recovery = recovery
             self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean; the Trainer scales for GA
             self._router_logits: list[tuple[torch.Tensor, int]] = []
+            self._collecting = False  # only the loss's forward; not a gradient-checkpointing recompute
             self._parts: dict[str, list[torch.Tensor]] = {"ce": [], "kl": [], "balance": []}
             self._hooks = [block.router.register_forward_hook(self._collector(getattr(block, "top_k", 1)))
                            for block in routed_blocks(self.model)]
-            if teacher is not None:
-                teacher.to(self.args.device)
+            self.teacher = None if teacher is None else self._place_teacher(teacher)
+
+        def _place_teacher(self, teacher):
+            """The teacher where the engine wants it: sharded like the student under FSDP or ZeRO-3, whole on
+            this process's device otherwise."""
+            if self.is_fsdp_enabled:
+                return teacher_for_fsdp(teacher, self.accelerator.state.fsdp_plugin)
+            if self.is_deepspeed_enabled:
+                return teacher_for_deepspeed(teacher, self.accelerator)
+            return teacher.to(self.args.device)
+
+        @property
+        def sharded(self) -> bool:
+            """Whether the engine splits the model's weights among the processes (every process runs each
+            forward)."""
+            return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
         def _collector(self, k: int):
             def collect(module, args, output):
-                self._router_logits.append((output, k))
+                if self._collecting:
+                    self._router_logits.append((output, k))
 
             return collect
 
@@ -46,7 +66,11 @@ def trainer_classes():
             r = self.recovery
             ids = inputs["input_ids"]
             self._router_logits.clear()
-            outputs = model(input_ids=ids, use_cache=False)
+            self._collecting = True
+            try:
+                outputs = model(input_ids=ids, use_cache=False)
+            finally:
+                self._collecting = False
             logits = outputs.logits
             loss = torch.zeros((), device=logits.device)
             if r.ce_weight:
@@ -115,11 +139,14 @@ def trainer_classes():
         """Held-out perplexity at step 0 and every ``every`` steps, kept in the Trainer state (so it survives a
         resume) for the curve. The first process evaluates; the others go on to the next step."""
 
-        def __init__(self, windows: torch.Tensor, every: int, tokens_per_step: int, progress=None):
+        def __init__(self, windows: torch.Tensor, every: int, tokens_per_step: int, progress=None,
+                     sharded: bool = False):
             self.windows, self.every, self.tokens_per_step, self.progress = windows, every, tokens_per_step, progress
+            self.sharded = sharded
 
         def _evaluate(self, args, state, model):
-            if not state.is_world_process_zero:
+            # a sharded model's forward needs every process; otherwise the first one evaluates alone
+            if not (state.is_world_process_zero or self.sharded):
                 return
             from d2mc.data import perplexity
 
@@ -129,7 +156,7 @@ def trainer_classes():
             model.train(was_training)
             state.log_history.append({"step": state.global_step, "heldout_perplexity": ppl,
                                       "tokens": state.global_step * self.tokens_per_step * args.world_size})
-            if self.progress:
+            if self.progress and state.is_world_process_zero:
                 self.progress(f"step {state.global_step}: held-out perplexity {ppl:.2f}")
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -140,7 +167,21 @@ def trainer_classes():
             if state.global_step % self.every == 0 or state.global_step == state.max_steps:
                 self._evaluate(args, state, model)
 
-    return DistillationTrainer, LastStepLogCallback, ProgressCallback, HeldoutCallback
+    class StreamPositionCallback(TrainerCallback):
+        """Keep the position of a streamed source in each checkpoint (:data:`d2mc.recovery.data.STREAM_POSITION`),
+        for the windows its steps trained on; the first process, which reads the stream, writes it."""
+
+        def __init__(self, dataset, windows_per_step: int):
+            self.dataset, self.windows_per_step = dataset, windows_per_step
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            position = self.dataset.position(state.global_step * self.windows_per_step)
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (checkpoint / STREAM_POSITION).write_text(json.dumps(position) + "\n")
+
+    return DistillationTrainer, LastStepLogCallback, ProgressCallback, HeldoutCallback, StreamPositionCallback
 
 
 def duration(seconds: float) -> str:

@@ -40,8 +40,7 @@ from tests.moe_reference import (
     moe_reference,
     plugin_node_onnx,
     plugin_weights,
-    quantize_experts,
-    quantize_linears,
+    quantized_rtn,
     rms,
     run_expanded,
     unpack,
@@ -75,7 +74,8 @@ def block_artifact(tmp_path, precision="fp16", bits=0, **plan):
     model = fused("llama", **plan)
     packed = None
     if bits:
-        packed = block_quantized_experts(model.model.layers[2], quantize_experts(model, bits, 32), 2)
+        quantized = quantized_rtn(model, bits, 32)
+        model, packed = quantized.model, block_quantized_experts(quantized.model.model.layers[2], quantized.linears, 2)
     moe_block_onnx(model.model.layers[2], tmp_path / "artifact" / "tensorrt" / "model.onnx", precision,
                    quantized=packed)
     return model, tmp_path / "artifact"
@@ -190,13 +190,11 @@ def test_unit_weights_reach_the_plugin_as_normalize_2(tmp_path):
         dataclasses.replace(attributes, normalize=3)
 
 
-def quantized_model(bits=4, block_size=32, experts_only=True, **plan):
-    """A tiny converted model whose MoE block's experts (or, without ``experts_only``, all its Linears but the
-    router) are quantized, their Linears keeping the dequantized weights; with the quantized Linears by name and
-    block 2's experts packed for the plugin."""
-    model = fused("llama", **plan)
-    quantized = quantize_linears(model, bits, block_size, experts_only)
-    return model, quantized, block_quantized_experts(model.model.layers[2], quantized, 2)
+def quantized_model(bits=4, block_size=32, **plan):
+    """A tiny converted model through the quantize step (round-to-nearest, every Linear but the router, the LM head
+    int8), and its block 2's experts packed for the plugin."""
+    quantized = quantized_rtn(fused("llama", **plan), bits, block_size)
+    return quantized, block_quantized_experts(quantized.model.model.layers[2], quantized.linears, 2)
 
 
 def dequantize_inputs(graph):
@@ -220,22 +218,17 @@ def test_quantized_dense_graph_dequantizes_before_every_matmul(tmp_path, family,
     21, signed codes, no zero point, scales in the graph's type; block-wise on axis 0, per channel on axis 1) before
     each projection's MatMul; onnx.checker passes, the engine planner takes it, ONNX Runtime runs it and it matches
     PyTorch computing with the dequantized weights."""
-    from d2mc.quantize import quantize_rtn
     from d2mc.verify import verify_onnx
     from tests.conftest import tiny_model
 
-    model = tiny_model(family)
-    quantized = quantize_linears(model, 4, 64)
-    head = quantize_rtn(model.lm_head.weight, 8, 64)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(head.dequantize())
-    quantized["lm_head"] = head
+    quantized = quantized_rtn(tiny_model(family), 4, 64, "int8")  # H = 64: one int8 block per row of the LM head
+    model = quantized.model
     path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 21)]
     dequantized, float_weights = dequantize_inputs(gs.import_onnx(proto))
-    assert float_weights == [] and len(dequantized) == len(quantized) == 6 * 7 + 1
+    assert float_weights == [] and len(dequantized) == len(quantized.linears) == 6 * 7 + 1
     scale_type = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
     initializers = {i.name: i for i in proto.graph.initializer}
     for matmul, node in dequantized.items():
@@ -257,10 +250,10 @@ def test_quantized_dense_graph_dequantizes_before_every_matmul(tmp_path, family,
     assert result.max_abs_diff < (1e-4 if precision == "fp32" else 5e-3)
 
 
-@pytest.mark.parametrize("bits, block_size", [(4, 32), (8, 16)])
+@pytest.mark.parametrize("bits, block_size", [(4, 32), (8, 64)])
 def test_quantized_plugin_node_carries_packed_weights_scales_and_attributes(tmp_path, bits, block_size):
-    model, quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
-    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
+    quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
+    path = lower_to_onnx(quantized.model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     graph = gs.import_onnx(proto)
@@ -280,14 +273,14 @@ def test_quantized_plugin_node_carries_packed_weights_scales_and_attributes(tmp_
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packing_round_trips_against_the_reference(bits):
-    model, quantized, packed = quantized_model(bits, 32, top_k=2, shared=1)
-    block = model.model.layers[2]
+    quantized, packed = quantized_model(bits, 32, top_k=2, shared=1)
+    block = quantized.model.model.layers[2]
     fc1 = unpack(packed.fc1, packed.fc1_scales, bits, 32)
     fc2 = unpack(packed.fc2, packed.fc2_scales, bits, 32)
     float_fc1, float_fc2 = plugin_weights(block)[:2]  # the same experts in the float layout: dequantized weights
     assert torch.equal(fc1, float_fc1) and torch.equal(fc2, float_fc2)
     # the bytes are ONNX's own INT4 (INT8) tensor of the logical shape, which the reference graph relies on
-    gate = quantized["model.layers.2.experts.1.mlp.gate_proj"]
+    gate = quantized.linears["model.layers.2.experts.1.mlp.gate_proj"]
     signed = gate.codes.to(torch.int16) - 2 ** (bits - 1)
     tensor = onnx.TensorProto(data_type=onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8,
                               dims=[256, 64], raw_data=packed.fc1[1].tobytes())
@@ -302,8 +295,8 @@ def test_packing_round_trips_against_the_reference(bits):
 def test_quantized_reference_equals_the_expanded_graph(precision, bits, top_k, normalize, shared):
     """The plugin's quantized math on CPU (the reference on unpacked weights) against ONNX Runtime running the
     standard-op expansion of the node (DequantizeLinear on the packed bytes)."""
-    model, _, packed = quantized_model(bits, 32, top_k=top_k, normalize=normalize, shared=shared)
-    attributes = plugin_weights(model.model.layers[2], packed)[2]
+    quantized, packed = quantized_model(bits, 32, top_k=top_k, normalize=normalize, shared=shared)
+    attributes = plugin_weights(quantized.model.model.layers[2], packed)[2]
     proto = plugin_node_onnx(attributes, packed, precision)
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(10, 64, generator=generator)
@@ -320,22 +313,19 @@ def test_quantized_reference_equals_the_expanded_graph(precision, bits, top_k, n
     assert difference < (1e-5 if precision == "fp32" else 2e-3), difference
 
 
-@pytest.mark.parametrize("bits, block_size, precision, experts_only", [
-    (4, 32, "fp32", True), (4, 64, "fp16", True), (8, 16, "fp16", True), (4, 32, "fp32", False),
-    (4, 32, "fp16", False)])
-def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, block_size, precision, experts_only):
-    """The whole tiny converted model with int4 (int8) experts in the plugin (and, without ``experts_only``, every
-    other Linear dequantized before its MatMul), run by ONNX Runtime with the node expanded, against PyTorch
-    computing with the dequantized weights."""
+@pytest.mark.parametrize("bits, block_size, precision", [(4, 32, "fp32"), (4, 64, "fp16"), (8, 32, "fp16")])
+def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, block_size, precision):
+    """The whole tiny converted model quantized, its experts int4 (int8) in the plugin and every other Linear but the
+    router dequantized before its MatMul, run by ONNX Runtime with the node expanded, against PyTorch computing with
+    the dequantized weights."""
     from d2mc.verify import verify_onnx
 
-    model, quantized, _ = quantized_model(bits, block_size, experts_only, top_k=2, shared=1)
-    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
-    if not experts_only:
-        dequantized, float_weights = dequantize_inputs(gs.import_onnx(onnx.load(str(path))))
-        assert float_weights == ["blocks.2.router.weight_t"]  # routers stay float
-        assert len(dequantized) == len(quantized) - 3 * 3  # the plugin reads the experts' codes itself
-    result = verify_onnx(model, path, precision, prefill=12, decode_steps=6)
+    quantized, _ = quantized_model(bits, block_size, top_k=2, shared=1)
+    path = lower_to_onnx(quantized.model, tmp_path, flavour="tensorrt", precision=precision, quantized=quantized)
+    dequantized, float_weights = dequantize_inputs(gs.import_onnx(onnx.load(str(path))))
+    assert float_weights == ["blocks.2.router.weight_t"]  # routers stay float
+    assert len(dequantized) == len(quantized.linears) - 3 * 3  # the plugin reads the experts' codes itself
+    result = verify_onnx(quantized.model, path, precision, prefill=12, decode_steps=6)
     assert result.passed and result.greedy_agreement == 1.0
     assert result.max_abs_diff < (1e-5 if precision == "fp32" else 5e-3)
 
@@ -346,7 +336,8 @@ def test_quantized_tensorrt_export_verifies_against_pytorch(tmp_path, bits, bloc
 @pytest.mark.parametrize("plan", ["dense", "12-13,16-17"])
 def test_smollm2_int4_tensorrt_onnx_verifies_with_the_plugin_expanded(tmp_path, plan):
     """SmolLM2-135M dense, and converted by LF-UC (layers 12-13 and 16-17 fused), every Linear but the routers int4
-    (RTN, block 64: 128 does not divide H = 576; the tied embedding follows the LM head), lowered to the tensorrt
+    (the quantize step by RTN, block 64: 128 does not divide H = 576; the LM head int4 too, and the tied embedding
+    follows it), lowered to the tensorrt
     flavour in fp16 and run by ONNX Runtime with DequantizeLinear and the plugin nodes expanded, against PyTorch
     computing with the same dequantized weights: within the fp16 tolerance (1% of the largest logit), every greedy
     token the same."""
@@ -360,14 +351,15 @@ def test_smollm2_int4_tensorrt_onnx_verifies_with_the_plugin_expanded(tmp_path, 
     else:
         model = convert(loaded, ConvertOptions(plan=plan, calib_sequences=2, calib_length=32,
                                                reconstruct_steps=5)).model.eval()
-    quantized = quantize_linears(model, 4, 64)
-    path = lower_to_onnx(model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
+    quantized = quantized_rtn(model, 4, 64, "int4")
+    path = lower_to_onnx(quantized.model, tmp_path, flavour="tensorrt", precision="fp16", quantized=quantized)
     summary = read_graph(path)
     experts = 2 * 2 * 3 if plan != "dense" else 0  # two MoE blocks of two experts, read by the plugin
-    assert summary.quantization.dequantize_nodes == len(quantized) - experts
+    assert summary.quantization.dequantize_nodes == len(quantized.linears) - experts
     assert [(n.attributes.weight_bits, n.attributes.block_size) for n in summary.moe_nodes] == [(4, 64)] * (
         2 if experts else 0)
-    result = verify_onnx(model, path, "fp16", prefill=16, decode_steps=8)
+    assert plan_engine(summary, load_profile("orin-agx"), EngineSettings(), 8192).precision == "int4"
+    result = verify_onnx(quantized.model, path, "fp16", prefill=16, decode_steps=8)
     print(f"{plan}: max |logit difference| {result.max_abs_diff:.4f} (tolerance {result.tolerance:.4f})")
     assert result.passed and result.greedy_agreement == 1.0
 
@@ -376,25 +368,26 @@ def test_quantized_experts_the_plugin_cannot_take_are_refused(tmp_path):
     from d2mc.ops.moe import pack_quantized_experts
     from d2mc.quantize import quantize_rtn
 
-    model = fused("llama", top_k=2)
+    quantized, _ = quantized_model(4, 32, top_k=2)
+    model, linears = quantized.model, quantized.linears
     experts = model.model.layers[2].experts
-    quantized = quantize_experts(model, 4, 32)
-    asymmetric = {**quantized, "model.layers.2.experts.0.mlp.up_proj": quantize_rtn(
-        experts[0].mlp.up_proj.weight, 4, 32, symmetric=False)}
+    up = "model.layers.2.experts.0.mlp.up_proj"
+
+    def lower(changed):
+        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=dataclasses.replace(quantized, linears=changed))
+
     with pytest.raises(UserError, match="takes symmetric expert weights"):
-        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=asymmetric)
-    mixed = {**quantized, "model.layers.2.experts.0.mlp.up_proj": quantize_rtn(experts[0].mlp.up_proj.weight, 8, 32)}
+        lower({**linears, up: quantize_rtn(experts[0].mlp.up_proj.weight, 4, 32, symmetric=False)})
     with pytest.raises(UserError, match="must share one bit width and block size, not 4 bits / block 32, 8 bits"):
-        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=mixed)
-    partial = {k: v for k, v in quantized.items() if ".experts.1." not in k}
+        lower({**linears, up: quantize_rtn(experts[0].mlp.up_proj.weight, 8, 32)})
     with pytest.raises(ValueError, match="some expert projections are quantized and some are not"):
-        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=partial)
+        lower({k: v for k, v in linears.items() if ".experts.1." not in k})
     with torch.no_grad():
         experts[1].post_attention_layernorm.weight.mul_(2)
     with pytest.raises(ValueError, match="expert 1 keeps its norm weight beside quantized projections"):
-        lower_to_onnx(model, tmp_path, flavour="tensorrt", quantized=quantized)
+        lower(linears)
     with pytest.raises(ValueError, match="takes 4 inputs"):
-        pack = pack_quantized_experts([(quantized["model.layers.2.experts.0.mlp.gate_proj"],) * 3])
+        pack = pack_quantized_experts([(linears["model.layers.2.experts.0.mlp.gate_proj"],) * 3])
         assert pack.bits == 4
         from d2mc.ops.moe import moe_plugin_node
 
@@ -503,6 +496,38 @@ def test_build_writes_the_device_side_script_and_says_so(tmp_path):
     assert exit_info.value.code == 1
 
 
+def test_int4_tensorrt_export_and_engine_plan_end_to_end(tmp_path, tiny_checkpoint_with_tokenizer):
+    """d2mc export --format tensorrt --precision int4 quantizes as TensorRT takes it (blocks of 64, a float LM head),
+    verifies, and d2mc build plans the int4 engine from it without --precision; a converted model's MoE blocks go
+    through the plugin's quantized path in the same export."""
+    from d2mc.targets.onnxruntime import export_onnx
+
+    from d2mc.quantize import QuantizeOptions, quantize_model
+
+    out = tmp_path / "dense-int4"
+    result = subprocess.run([D2MC, "export", str(tiny_checkpoint_with_tokenizer), "--format", "tensorrt",
+                             "--precision", "int4", "-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "(tensorrt, int4 rtn block 64, LM head float, fp16 activations" in result.stdout
+    assert "as shipped" not in result.stdout  # the tensorrt format ships what was verified
+    info = json.loads((out / "d2mc_artifact.json").read_text())
+    assert info["precision"] == "int4" and info["quantization"]["tensorrt"] and info["verify"]["passed"]
+    result = subprocess.run([D2MC, "build", str(out), "--target", "orin-agx", "--no-build"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((out / "engine-orin-agx" / "plan.json").read_text())
+    assert plan["precision"] == "int4" and plan["quantization"] == {
+        "method": "rtn", "bits": [4], "block_sizes": [64], "dequantize_nodes": 8 * 7, "plugin_nodes": 0,
+        "weight_only": True, "activations": "fp16"}
+    quantized = quantize_model(fused("llama", top_k=2, shared=1), QuantizeOptions("int4", tensorrt=True))
+    exported = export_onnx(quantized.model, None, tmp_path / "moe-int4", flavour="tensorrt", precision="fp16",
+                           quantized=quantized)
+    assert exported.verify["passed"] and exported.verify["greedy_agreement"] == 1.0
+    summary = read_graph(tmp_path / "moe-int4" / "model.onnx")
+    assert (summary.quantization.plugin_nodes, summary.quantization.dequantize_formats) == (1, ((4, 64),))
+    assert plan_engine(summary, load_profile("orin-agx"), EngineSettings(), 512).precision == "int4"
+
+
 def _profile_without_int4(tmp_path):
     """orin-agx's profile, as a file, without int4 in its TensorRT precisions (as a device whose TensorRT has no
     int4 weight-only kernels would say)."""
@@ -520,7 +545,7 @@ def test_int4_engine_plan_and_build_script_for_orin_agx(tmp_path):
     quantization, and build.sh builds a strongly typed network with no precision flags (the int4 codes, their fp16
     scales and the fp16 activations are the ONNX's own types)."""
     _, artifact = block_artifact(tmp_path, bits=4, top_k=2, shared=1)
-    (artifact / "tensorrt" / "d2mc_artifact.json").write_text(json.dumps({"quantization": {"method": "rtn"}}))
+    (artifact / "tensorrt" / "d2mc_artifact.json").write_text(json.dumps({"quantization": {"quant_method": "rtn"}}))
     if tensorrt_version() is not None and local_gpu() is not None:
         pytest.skip("this machine could build the engine itself")
     result = subprocess.run([D2MC, "build", str(artifact), "--target", "orin-agx",
@@ -580,16 +605,17 @@ def test_quantized_precisions_are_checked_against_the_profile_and_the_onnx(tmp_p
 
 
 def _dense_qdq_graph(path, symmetric=True, block=64):
-    """``logits = x @ DequantizeLinear(W)`` with W a block-quantized int4 (or uint4 with zero points) initializer in
-    the form of :meth:`QuantizedLinear.dequantize_linear` (opset 21, axis 0, ``block``), as another exporter would
-    write a dense projection."""
+    """``logits = x @ DequantizeLinear(W)`` with W a block-quantized int4 (or uint4 with zero points) initializer
+    ``[in, out]`` (opset 21, axis 0, ``block``), as another exporter would write a dense projection."""
     from onnx import helper, numpy_helper
 
     from d2mc.quantize import quantize_rtn
 
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
     q = quantize_rtn(weight, 4, block, symmetric)
-    codes, scales, zero_points = q.dequantize_linear()
+    codes = (q.signed_codes() if symmetric else q.codes.numpy()).T
+    scales = q.scales.T.numpy()
+    zero_points = None if symmetric else q.zero_points.T.numpy()
     kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
     initializers = [helper.make_tensor("w", kind, codes.shape, codes.flatten().tolist()),
                     numpy_helper.from_array(scales.astype(np.float16), "w_scale")]
@@ -641,17 +667,18 @@ def test_dense_qdq_weights_are_read_and_what_tensorrt_cannot_dequantize_refused(
 def test_int8_weights_are_dequantized_per_channel_for_tensorrt(tmp_path):
     """int8 codes with one scale per row lower to a per-channel DequantizeLinear (axis 1), the form TensorRT takes
     and plans; int8 in blocks lowers (ONNX Runtime runs it) but the engine planner refuses it with the reason."""
-    from d2mc.quantize import quantize_rtn
+    from d2mc.quantize import QuantizedModel, QuantizeOptions, quantize_rtn
     from d2mc.verify import verify_onnx
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
-    quantized = {}
+    linears = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            quantized[name] = quantize_rtn(module.weight, 8, module.in_features)  # one block per row
+            linears[name] = quantize_rtn(module.weight, 8, module.in_features)  # one block per row
             with torch.no_grad():
-                module.weight.copy_(quantized[name].dequantize())
+                module.weight.copy_(linears[name].dequantize())
+    quantized = QuantizedModel(model, linears, QuantizeOptions("int8", "rtn"), "", 0.0)
     path = lower_to_onnx(model, tmp_path / "per-channel", flavour="tensorrt", precision="fp16", quantized=quantized)
     dequantized, _ = dequantize_inputs(gs.import_onnx(onnx.load(str(path))))
     assert {tuple(sorted(n.attrs.items())) for n in dequantized.values()} == {(("axis", 1),)}
@@ -661,7 +688,7 @@ def test_int8_weights_are_dequantized_per_channel_for_tensorrt(tmp_path):
     assert plan.precision == "int8" and plan.quantization()["block_sizes"] == []
     result = verify_onnx(model, path, "fp16", prefill=12, decode_steps=6)
     assert result.passed and result.greedy_agreement == 1.0
-    blocked = {name: quantize_rtn(q.dequantize(), 8, 32) for name, q in quantized.items()}
+    blocked = dataclasses.replace(quantized, linears={n: quantize_rtn(q.dequantize(), 8, 32) for n, q in linears.items()})
     path = lower_to_onnx(model, tmp_path / "blocked", flavour="tensorrt", precision="fp16", quantized=blocked)
     with pytest.raises(UserError, match=r"dequantizes int8 weights in blocks of 32; TensorRT takes int8 weights with "
                                         r"one scale per channel"):
@@ -825,13 +852,13 @@ def test_cuda_kernels_match_the_reference(tokens, top_k, normalize, shared):
 
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 3, 9, 100])  # GEMV path up to 8 tokens, grouped path above
-@pytest.mark.parametrize("bits, block_size", [(4, 32), (4, 64), (8, 16)])
+@pytest.mark.parametrize("bits, block_size", [(4, 32), (4, 64), (8, 32)])
 def test_quantized_cuda_kernels_match_the_reference(tokens, bits, block_size):
     """int4/int8 experts dequantized inside the GEMV and grouped kernels, against the reference on the weights the
     codes stand for (the fp16 scales the kernels read)."""
     kernels = _kernels()
-    model, _, packed = quantized_model(bits, block_size, top_k=2, shared=1)
-    attributes = plugin_weights(model.model.layers[2], packed)[2]
+    quantized, packed = quantized_model(bits, block_size, top_k=2, shared=1)
+    attributes = plugin_weights(quantized.model.model.layers[2], packed)[2]
     generator = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(tokens, 64, generator=generator).half()
     logits = torch.randn(tokens, attributes.num_experts, generator=generator)
