@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from d2mc.artifact import ONNX_DIR, TENSORRT_ONNX_DIR, engine_dir
 from d2mc.convert import ConvertOptions, convert, recovers, write_converted
-from d2mc.errors import OptionError, UserError
+from d2mc.errors import OptionError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir, check_output_path
 from d2mc.profiles import DeviceProfile, load_profile
@@ -280,24 +280,18 @@ def _engine(state: CompileState, final: Path) -> None:
 
     precision = "fp16" if "fp16" in profile.tensorrt_precisions else "fp32"
     quantized = state.quantized
-    if quantized is not None:
-        from d2mc.lowering import check_quantized_lowering
-
-        try:
-            check_quantized_lowering(quantized.model, "tensorrt")
-        except UserError as exc:
-            state.engine = {"built": False, "reason": str(exc), "summary": f"no engine: {exc}"}
-            return
     with state.timed("lower to ONNX (TensorRT flavour) and verify"):
         exported = export_onnx(state.ctx.model, None, out / TENSORRT_ONNX_DIR, flavour="tensorrt",
                                precision=precision, quantized=quantized)
     with state.timed(f"engine for {profile.name}"):
         result = prepare_engine_build(out / TENSORRT_ONNX_DIR, profile, engine_dir(out, profile.name),
-                                      EngineSettings(precision=precision), artifact=out)
+                                      EngineSettings(precision=quantized.precision if quantized else precision),
+                                      artifact=out)
     script = engine_dir(final, profile.name) / result.script_path.name
     summary = (f"built {engine_dir(final, profile.name)} in {result.seconds:.0f} s" if result.built else
                f"not built here ({result.reason}); on the {profile.name} run: bash {script}")
-    state.engine = {**result.to_dict(), "summary": summary, "script": str(script), "precision": precision,
+    state.engine = {**result.to_dict(), "summary": summary, "script": str(script),
+                    "precision": result.engine_plan.precision,
                     "onnx_verify": exported.verify}
 
 

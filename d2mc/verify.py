@@ -173,10 +173,13 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
 
 def source_difference(model, onnx_path: str | Path, prefill: int = 16, decode_steps: int = 8, seed: int = 0) -> dict:
     """The largest |logit difference| between the ONNX at ``onnx_path`` and ``model`` (the unquantized source of a
-    quantized artifact, say) over a prefill and greedy decode steps, and how often both pick the same next token."""
+    quantized artifact, say) over a prefill and greedy decode steps, and how often both pick the same next token.
+    The graph runs as it ships, its plugin nodes (if any) expanded."""
     comparison = _Comparison(model, "fp32")
     ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(seed))
-    comparison.first_positions(OrtDecoder(Path(onnx_path)), ids, decode_steps)
+    path = Path(onnx_path)
+    comparison.first_positions(OrtDecoder(path, proto=runnable_proto(path, force_experts=False)[0]), ids,
+                               decode_steps)
     return {"max_abs_diff": comparison.worst, "logit_scale": comparison.scale, "greedy_agreement": comparison.agreement,
             "prefill_tokens": prefill, "decode_steps": decode_steps}
 

@@ -66,8 +66,9 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
             if not result["passed"]:
                 raise UserError(f"verification failed: max |logit difference| {result['max_abs_diff']:.3g} exceeds "
                                 f"{result['tolerance']:g} ({judged}); the artifact was not written")
-            if quantized:  # the graph as it ships (int8 activations at accuracy_level 4), and the unquantized model
+            if quantized and flavour == "onnxruntime":  # the graph as it ships (int8 activations at level 4)
                 result["shipped"] = source_difference(lowered, onnx_path)
+            if quantized:
                 result["unquantized"] = source_difference(model, onnx_path)
         if polygraphy:
             result = {**(result or {}), "polygraphy": verify_with_polygraphy(lowered, onnx_path, judged)}

@@ -245,6 +245,12 @@ ROWS = [
      "--quant-method quantize weights: they need --precision int4 or int8, not fp16", True),
     (["export", T, "-o", "out", "--precision", "int8", "--calib-data", "{notes-txt}"],
      "--calib-data is GPTQ's calibration text: rtn reads no data", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--block-size", "32"],
+     "--block-size 32 cannot go to TensorRT, which takes int4 weights in blocks of 64 or 128", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int8"],
+     "--precision int8 cannot go to TensorRT: TensorRT dequantizes int8 weights with one scale per channel", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--lm-head-precision", "int8"],
+     "--lm-head-precision int8 cannot go to TensorRT", True),
     # run
     (["run", A, "hello", "--temperature", "-1"], "--temperature must be above 0, not -1", True),
     (["run", A, "hello", "--temperature", "nan"], "--temperature must be a finite number", True),
@@ -276,6 +282,7 @@ ROWS = [
      "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'", True),
     (["compile", T, "--host-profile", "{notes-txt}/none.toml", "-o", "out"],
      "device profile '{notes-txt}/none.toml' does not exist", True),
+    (["compile", T, "--precision", "int8", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),

@@ -46,14 +46,17 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     from d2mc.compile import CompileOptions, check_output_free, compile_model
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
+    from d2mc.profiles import load_profile
 
     if plan["recipe"] is None and plan["method"] in PLANNED_METHODS and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
     gptq = quant_method == "gptq"
+    calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq else (None,) * 3
+    # the quantized weights also lower to TensorRT when the target has it (the engine step)
     quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, accuracy_level,
-                                     *((plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq
-                                       else ()))
+                                     *calibration,
+                                     tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)

@@ -3,8 +3,9 @@ a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them.
 
 A projection whose weight was quantized (:class:`~d2mc.quantize.QuantizedLinear`, looked up by its module in
 ``GraphBuilder.quantized``) is ``com.microsoft::MatMulNBits`` in the onnxruntime flavour and ``DequantizeLinear``
-(opset 21, block-wise along the input axis, symmetric: no zero point) feeding a ``MatMul`` in the tensorrt
-flavour."""
+(opset 21, symmetric: signed codes, no zero point) feeding a ``MatMul`` in the tensorrt flavour, which TensorRT
+fuses into a weight-only GEMM: block-wise along the input axis, or per output channel for int8 codes with one block
+per row (TensorRT dequantizes int8 weights only so)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from d2mc.errors import UserError
+from d2mc.quantize import pack_signed
 
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
@@ -140,7 +144,7 @@ def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
     if weight.pre_scale is not None:
         x = g.op1("Mul", [x, g.weight(f"{name}.pre_scale", weight.pre_scale)])
     if g.trt:
-        return g.op("MatMul", [x, dequantized(g, weight, name)], outputs)[0]
+        return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
     return g.op("MatMulNBits", nbits_inputs(g, weight, name, x), outputs, MS_DOMAIN,
                 **nbits_attributes(g, weight))[0]
 
@@ -163,24 +167,18 @@ def nbits_attributes(g, q) -> dict:
 
 
 def dequantized(g, q, name: str) -> str:
-    """The float weight ``[in, out]`` of ``q`` as ``DequantizeLinear(codes, scales)`` (axis 0, block-wise): signed
-    int4/int8 codes and no zero point (symmetric, zero point 0)."""
+    """The float weight ``[in, out]`` of the symmetric ``q`` as ``DequantizeLinear(codes, scales)``, its scales in
+    the graph's float type (the type the weight comes out in): block-wise (``axis=0``, ``block_size``), or per
+    output channel (``axis=1``, scales ``[out]``) for int8 codes with one block per row, the form TensorRT
+    dequantizes int8 weights in (its block dequantization is int4 only)."""
     if not q.symmetric:
-        raise ValueError("the tensorrt flavour takes symmetric quantized weights only")
-    codes, scales, _ = q.dequantize_linear()
+        raise UserError("the tensorrt flavour takes symmetric quantized weights (signed codes, zero point 0: what "
+                        "TensorRT dequantizes): quantize symmetrically")
+    codes = q.signed_codes().T  # [in, out]
+    packed = pack_signed(np.ascontiguousarray(codes), q.bits)
     kind = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
-    packed = g.packed(f"{name}_t_q{q.bits}", kind, codes.shape, pack_signed(codes, q.bits))
-    return g.op1("DequantizeLinear", [packed, g.weight(f"{name}_t_scales", scales)], axis=0,
+    codes_name = g.packed(f"{name}_q{q.bits}", kind, codes.shape, packed.tobytes())
+    if q.bits == 8 and q.scales.shape[1] == 1:
+        return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales[:, 0])], axis=1)
+    return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales.T)], axis=0,
                  block_size=q.block_size)
-
-
-def pack_signed(codes: np.ndarray, bits: int) -> bytes:
-    """The raw bytes ONNX stores signed ``codes`` in: one per byte at 8 bits; at 4 bits two per byte, the first in
-    the low half, an odd count padded."""
-    flat = codes.astype(np.int8).ravel()
-    if bits == 8:
-        return flat.tobytes()
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nibbles = flat.view(np.uint8) & 0x0F
-    return ((nibbles[0::2]) | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()

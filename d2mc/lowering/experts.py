@@ -8,12 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from onnx import TensorProto
 
 from d2mc.arch import BlockPlan
-from d2mc.errors import UserError
 from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, matmul, norm
-from d2mc.ops.moe import folded_gate_up, moe_plugin_node, normalize_mode, pack_experts, plugin_attributes
+from d2mc.ops.moe import (
+    QuantizedExperts,
+    folded_gate_up,
+    moe_plugin_node,
+    normalize_mode,
+    pack_experts,
+    pack_quantized_experts,
+    plugin_attributes,
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,6 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
         return _swiglu(g, normed, expert.mlp, None, f"{name}.mlp"), residual
     normed, residual = norm(g, residual, delta, None, eps, f"{name}.norm", arch.hidden_size)  # gammas folded
     if block.router is not None and g.trt:
-        if g.quantized:
-            return quantized_moe_plugin(g, block, experts, normed, residual, name), residual
         return _moe_plugin(g, block, experts, normed, residual, name), residual
     shared, routed = experts[: block.plan.shared_experts], experts[block.plan.shared_experts:]
     parts = [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{i}")
@@ -66,11 +72,10 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
 
 
 def _swiglu(g, x: str, mlp, gamma, name: str) -> str:
-    if mlp.gate_proj in g.quantized:
+    if mlp.gate_proj in g.quantized:  # codes cannot take a norm weight in: it was folded before quantizing
         if gamma is not None and not bool((gamma == 1).all()):
             raise ValueError(f"{name}: a quantized expert's norm weight must be folded into its gate and up first")
-        gate_w, up_w = g.quantized[mlp.gate_proj], g.quantized[mlp.up_proj]
-        down_w = g.quantized[mlp.down_proj]
+        gate_w, up_w, down_w = (g.quantized[m] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     else:
         (gate_w, up_w), down_w = folded_gate_up(mlp, gamma), mlp.down_proj.weight
     gate = matmul(g, x, gate_w, f"{name}.gate_proj.weight")
@@ -122,34 +127,41 @@ def _moe_dispatch(g, block, routed, normed: str, residual: str, arch, name: str,
 
 
 def _moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
-    """One ``d2mc::D2mcMoE`` node for the whole block (shared and routed experts), as the plugin contract says."""
-    fc1, fc2 = pack_experts(experts)
+    """One ``d2mc::D2mcMoE`` node for the whole block (shared and routed experts), as the plugin contract says:
+    float expert weights, or the experts' quantized weights (``g.quantized``) packed with their block scales."""
+    quantized = _quantized_experts(g, experts, name)
     attributes = plugin_attributes(experts, block.plan.shared_experts, block.plan.top_k,
-                                   normalize_mode(block.plan.normalize_topk, block.ones))
+                                   normalize_mode(block.plan.normalize_topk, block.ones), quantized)
     logits = g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block.router.weight.T)])
     out = g.name("moe")
-    g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, g.weight(f"{name}.moe.fc1", fc1),
-                                   g.weight(f"{name}.moe.fc2", fc2), out, attributes))
+    if quantized is None:
+        fc1, fc2 = pack_experts(experts)
+        weights, scales = (g.weight(f"{name}.moe.fc1", fc1), g.weight(f"{name}.moe.fc2", fc2)), None
+    else:
+        weights = (g.weight(f"{name}.moe.fc1", quantized.fc1, np.int8),
+                   g.weight(f"{name}.moe.fc2", quantized.fc2, np.int8))
+        scales = (g.weight(f"{name}.moe.fc1_scales", quantized.fc1_scales),
+                  g.weight(f"{name}.moe.fc2_scales", quantized.fc2_scales))
+    g.nodes.append(moe_plugin_node(g.name(f"{name}.moe"), normed, logits, *weights, out, attributes, scales))
     return out
 
 
-def quantized_moe_plugin(g, block, experts, normed: str, residual: str, name: str) -> str:
-    """One ``D2mcMoE`` node with block-wise quantized experts: the plugin's quantized path (its contract in
-    :mod:`d2mc.ops.moe`) fills this in; until then the tensorrt flavour refuses quantized MoE blocks."""
-    raise UserError(QUANTIZED_PLUGIN_MISSING)
-
-
-QUANTIZED_PLUGIN_MISSING = ("the D2mcMoE plugin has no int4/int8 experts yet: export a quantized model with MoE blocks "
-                            "in the onnxruntime format, or the TensorRT format at fp16")
-
-
-def check_quantized_lowering(model, flavour: str) -> None:
-    """Refuse, before any work, a quantized lowering this flavour cannot emit for ``model`` (MoE blocks with a router
-    in the tensorrt flavour: :func:`quantized_moe_plugin`)."""
-    routed = model.config.model_type == "d2mc_moe" and any(
-        getattr(layer, "router", None) is not None for layer in model.model.layers)
-    if flavour == "tensorrt" and routed:
-        raise UserError(QUANTIZED_PLUGIN_MISSING)
+def _quantized_experts(g, experts, name: str) -> QuantizedExperts | None:
+    """The block's experts packed for the plugin from their quantized gate, up and down projections, or None when
+    none of them is quantized."""
+    linears = [(e.mlp.gate_proj, e.mlp.up_proj, e.mlp.down_proj) for e in experts]
+    found = [tuple(g.quantized.get(linear) for linear in expert) for expert in linears]
+    present = [q is not None for expert in found for q in expert]
+    if not any(present):
+        return None
+    if not all(present):
+        raise ValueError(f"{name}: some expert projections are quantized and some are not; the plugin node takes "
+                         "one form for the whole block")
+    for index, expert in enumerate(experts):
+        if not torch.all(expert.post_attention_layernorm.weight == 1):
+            raise ValueError(f"{name}: expert {index} keeps its norm weight beside quantized projections; quantize "
+                             "after d2mc.quantize.fold_expert_norms (the codes must stand for the folded weights)")
+    return pack_quantized_experts(found)
 
 
 def _chosen_only(g, logits: str, top_k: int) -> str:

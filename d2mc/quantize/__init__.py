@@ -6,7 +6,7 @@ or converted model as :class:`QuantizeOptions` say (:mod:`d2mc.quantize.options`
 GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`).
 """
 
-from d2mc.quantize.linear import QuantizedLinear, concat_rows, quantize_rtn, scaled
+from d2mc.quantize.linear import QuantizedLinear, concat_rows, pack_signed, quantize_rtn, scaled
 from d2mc.quantize.model import QuantizedModel, fold_expert_norms, quantize_model
 from d2mc.quantize.options import (
     FLOAT_PRECISIONS,
@@ -17,5 +17,5 @@ from d2mc.quantize.options import (
 )
 
 __all__ = ["FLOAT_PRECISIONS", "GPTQMODEL_INSTALL", "PRECISIONS", "QuantizeOptions", "QuantizedLinear",
-           "QuantizedModel", "check_float_precision", "concat_rows", "fold_expert_norms", "quantize_model",
+           "QuantizedModel", "check_float_precision", "concat_rows", "fold_expert_norms", "pack_signed", "quantize_model",
            "quantize_rtn", "scaled"]

@@ -11,8 +11,10 @@ folded into the previous operator).
 Lowerings take their tensors from it:
 - :meth:`QuantizedLinear.matmul_nbits`: ``B``, ``scales`` and ``zero_points`` inputs of ``MatMulNBits`` (and, stacked
   per expert, of ``com.microsoft::QMoE`` with ``weights_prepacked=0``).
-- :meth:`QuantizedLinear.dequantize_linear`: int4/uint4 (or int8/uint8) codes ``[in, out]``, scales and zero points
-  for an ONNX ``DequantizeLinear`` (opset 21, ``axis=0``, ``block_size``) feeding a ``MatMul``: the TensorRT form.
+- :meth:`QuantizedLinear.signed_codes`: the signed codes ``[out, in]`` of a symmetric weight (``w = code * scale``),
+  stored by :func:`pack_signed` as ONNX's and TensorRT's INT4/INT8 tensors: transposed for a ``DequantizeLinear``
+  (opset 21) feeding a ``MatMul`` (the tensorrt flavour's dense weights), packed per expert for the ``D2mcMoE``
+  plugin.
 """
 
 from __future__ import annotations
@@ -99,16 +101,21 @@ class QuantizedLinear:
         zero_points = None if self.zero_points is None else _pack_rows(self.zero_points.numpy(), self.bits)
         return np.ascontiguousarray(packed), self.scales.float().numpy().copy(), zero_points
 
-    def dequantize_linear(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(codes [in, out], scales [in // block_size, out], zero_points or None)`` for ONNX ``DequantizeLinear``
-        (opset 21, ``axis=0``, ``block_size``) whose output is the ``[in, out]`` weight of a ``MatMul``: signed codes
-        (int8 holding int4/int8 values) when symmetric, else unsigned codes and zero points (uint8 holding
-        uint4/uint8 values); store them as INT4/UINT4 tensors for 4 bits."""
-        if self.zero_points is None:
-            signed = self.codes.to(torch.int16) - 2 ** (self.bits - 1)
-            return signed.to(torch.int8).T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(), None
-        return (self.codes.T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(),
-                self.zero_points.T.contiguous().numpy())
+    def signed_codes(self) -> np.ndarray:
+        """The codes of a symmetric weight as signed int8 values ``[out, in]``: ``w = code * scale``."""
+        if not self.symmetric:
+            raise ValueError("signed codes stand for a symmetric weight; this one has zero points")
+        return (self.codes.numpy().astype(np.int16) - 2 ** (self.bits - 1)).astype(np.int8)
+
+
+
+def pack_signed(signed: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes (int8 holding int4/int8 values) as ONNX and TensorRT store INT4/INT8 tensors: int8 as they are;
+    int4 two per byte along the last axis (of even length), the even column in the low nibble. Returns int8."""
+    if bits == 8:
+        return np.ascontiguousarray(signed, dtype=np.int8)
+    nibbles = signed.astype(np.uint8) & 0x0F  # two's complement: -1 -> 0xF
+    return np.ascontiguousarray(nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).view(np.int8)
 
 
 def concat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
+from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
 from d2mc.errors import MissingDependencyError, OptionError
 
 PRECISIONS = ("int4", "int8")
@@ -18,6 +19,11 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
 DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}  # gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL)
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
+# weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
+# so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
+# ships (an int4 head is --lm-head-precision int4)
+TENSORRT_DEFAULT_BLOCK_SIZE = TENSORRT_INT4_BLOCKS[0]
+TENSORRT_DEFAULT_LM_HEAD = "float"
 # GPTQModel cannot be installed with its declared dependencies here (it requires torch>=2.14.1 and the CUDA
 # stack); its per-layer GPTQ runs on the CPU build of torch with these few packages
 GPTQMODEL_INSTALL = "--no-deps gptqmodel==7.7.0 logbar tokenicer device-smi defuser pypcre"
@@ -34,18 +40,21 @@ class QuantizeOptions:
     per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
     int8, int4 or float; ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
     CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
-    ``calib_length`` tokens of it.
+    ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the tensorrt format, or a
+    compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks of 64 or 128 and int8
+    only per channel: int4 with the block size 64 and a float LM head by default, int8 weights and LM head refused.
     """
 
     precision: str = "int4"
     quant_method: str | None = None
     block_size: int | None = None
-    lm_head_precision: str = DEFAULT_LM_HEAD
+    lm_head_precision: str | None = None  # default DEFAULT_LM_HEAD (TENSORRT_DEFAULT_LM_HEAD for TensorRT)
     accuracy_level: int = 4
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
     seed: int = 0
+    tensorrt: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -54,7 +63,11 @@ class QuantizeOptions:
         if self.quant_method is None:
             object.__setattr__(self, "quant_method", DEFAULT_METHOD[self.precision])
         if self.block_size is None:
-            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE[self.precision])
+            object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
+                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+        if self.lm_head_precision is None:
+            object.__setattr__(self, "lm_head_precision", TENSORRT_DEFAULT_LM_HEAD if self.tensorrt
+                               else DEFAULT_LM_HEAD)
         if self.quant_method not in METHODS:
             raise OptionError(f"unknown {{quant_method}} '{self.quant_method}': choose one of {', '.join(METHODS)}")
         if isinstance(self.block_size, bool) or self.block_size not in (32, 64, 128):
@@ -69,6 +82,20 @@ class QuantizeOptions:
                               "{quant_method} gptq, or drop it)")
         if self.calib_sequences < 1 or self.calib_length < 2:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
+        if self.tensorrt:
+            self._check_tensorrt()
+
+    def _check_tensorrt(self) -> None:
+        """Refuse weights TensorRT's DequantizeLinear cannot take (the plugin's experts alone would take them)."""
+        int8 = ("TensorRT dequantizes int8 weights with one scale per channel, and the quantize step scales blocks "
+                f"({TENSORRT_DEQUANTIZE_SOURCE})")
+        if self.precision == "int8":
+            raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
+        if self.block_size not in TENSORRT_INT4_BLOCKS:
+            raise OptionError(f"{{block_size}} {self.block_size} cannot go to TensorRT, which takes int4 weights in "
+                              f"blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE})")
+        if self.lm_head_precision == "int8":
+            raise OptionError(f"{{lm_head_precision}} int8 cannot go to TensorRT: {int8}; choose int4 or float")
 
     @property
     def bits(self) -> int:
