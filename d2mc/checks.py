@@ -113,7 +113,15 @@ def check_compile_inputs(options) -> None:
     check_number(options.eval_tokens, "--eval-tokens", minimum=0)
     conversion = replace(options.conversion, target=options.conversion.target or options.target,
                          context=options.context)
-    positions = check_conversion_inputs(conversion, options.model).max_position_embeddings
+    arch = check_conversion_inputs(conversion, options.model)
+    positions = arch.max_position_embeddings
+    if options.quantize is not None:
+        options.quantize.check_installed()
+        options.quantize.check_divides(arch)
+    if options.measure:
+        from d2mc.host_profile import check_host_profile
+
+        check_host_profile(options.host_profile)
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
     check_context(options.context, positions)

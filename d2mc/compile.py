@@ -1,9 +1,10 @@
 """``d2mc compile``: the whole pipeline, from a dense checkpoint to a deployable artifact and its report.
 
-import -> roofline (dense) -> analyze-redundancy -> plan-fusion -> transform -> lower (ONNX) -> verify ->
-engine (device-side step) -> measure (here) -> report. Each phase fills its part of a :class:`CompileState`; the
-report is built from that state, one section per phase (:mod:`d2mc.report`). Everything is written into a
-temporary directory that is renamed to the output only when every step succeeded.
+import -> roofline (dense) -> analyze-redundancy -> plan-fusion -> transform -> [recovery] -> [quantize] -> lower
+(ONNX) -> verify -> score the artifact -> measure (here) -> engine (device-side step) -> report. Each phase fills
+its part of a :class:`CompileState`; the report is built from that state, one section per phase
+(:mod:`d2mc.report`). Everything is written into a temporary directory that is renamed to the output only when
+every step succeeded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from d2mc.artifact import ONNX_DIR, TENSORRT_ONNX_DIR, engine_dir
 from d2mc.convert import ConvertOptions, convert, recovers, write_converted
+from d2mc.errors import OptionError
 from d2mc.loading import load_model
 from d2mc.outputs import atomic_output_dir, check_output_path
 from d2mc.profiles import DeviceProfile, load_profile
@@ -26,8 +28,10 @@ from d2mc.roofline import RooflineSettings, estimate
 if TYPE_CHECKING:
     from d2mc.arch import ModelArch
     from d2mc.context import Context
+    from d2mc.evaluation import PerplexityResult
     from d2mc.latency import LatencyComparison
     from d2mc.loading import LoadedModel
+    from d2mc.quantize import QuantizedModel, QuantizeOptions
     from d2mc.targets.onnxruntime import ExportResult
 
 
@@ -39,12 +43,14 @@ class CompileOptions:
     conversion: ConvertOptions = field(default_factory=lambda: ConvertOptions(speedup=1.2))
     eval_tokens: int = 4096
     measure: bool = True
+    host_profile: str | None = None  # this machine's profile for judging the measurement (d2mc.host_profile)
     prefill: int = 128
     context: int = 512
     overwrite: bool = False
     tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks scored on the final model
     include_path: str | None = None  # a directory of task YAML files for ``tasks``
     task_limit: int | None = None  # documents per task
+    quantize: QuantizeOptions | None = None  # int4/int8 weights; None: the profile's float format
 
 
 @dataclass
@@ -72,6 +78,10 @@ class CompileState:
     recovery: dict | None = None  # the trainer's summary
     recovered_ppl: float | None = None
     tasks: Any = None  # d2mc.tasks.TaskScores of the final model
+    # quantization: the model that ships (PyTorch, dequantized weights) and its held-out perplexity
+    quantized: QuantizedModel | None = None
+    quantized_ppl: PerplexityResult | None = None
+    artifact_ppl: PerplexityResult | None = None  # the shipped ONNX artifact, run by ONNX Runtime
     # lowering, measurement and engine
     exported: ExportResult | None = None
     latency: LatencyComparison | None = None  # measured here, next to the roofline of this machine
@@ -98,8 +108,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     from d2mc.report import build_report, write_report
 
     profile = load_profile(options.target)
-    settings = RooflineSettings(prefill=options.prefill, context=options.context,
-                                precision="fp16" if profile.kind == "gpu" else "fp32", all_logits=True)
+    settings = roofline_settings(options, profile)
     conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
                                      context=options.context, precision=settings.precision)
     state = CompileState(options, profile, settings, conversion, progress or (lambda text: None))
@@ -117,7 +126,9 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         write_converted(out / "model", ctx.model, ctx.tokenizer, ctx.report["conversion"])
         done("save model")
 
+        _quantize(state)
         _lower(state)
+        _score(state)
         _measure(state)
         _engine(state, Path(options.output))
         if "redundancy" in ctx.results:
@@ -132,6 +143,23 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
 
         remove_checkpoints(conversion.recovery)
     return report
+
+
+def roofline_settings(options: CompileOptions, profile: DeviceProfile) -> RooflineSettings:
+    """What the roofline costs for this compile: the weights that ship (the profile's float format, or int4/int8 in
+    blocks with the LM head at its own precision), and a prefill that computes logits at every position (as the
+    artifacts do). Refuses a quantized precision the target's TensorRT does not support."""
+    float_format = "fp16" if profile.kind == "gpu" else "fp32"
+    quantize = options.quantize
+    if quantize is None:
+        return RooflineSettings(prefill=options.prefill, context=options.context, precision=float_format,
+                                all_logits=True)
+    if profile.tensorrt_precisions and quantize.precision not in profile.tensorrt_precisions:
+        raise OptionError(f"{{precision}} {quantize.precision} is not a precision {profile.name}'s TensorRT supports "
+                          f"({', '.join(profile.tensorrt_precisions)}): choose one of those, or another --target")
+    head = float_format if quantize.lm_head_precision == "float" else quantize.lm_head_precision
+    return RooflineSettings(prefill=options.prefill, context=options.context, precision=quantize.precision,
+                            block_size=quantize.block_size, lm_head_precision=head, all_logits=True)
 
 
 def _import(state: CompileState) -> None:
@@ -199,15 +227,41 @@ def _score_tasks(state: CompileState) -> None:
         state.tasks = evaluate_model_tasks(state.ctx.model, state.ctx.tokenizer, options.tasks,
                                            include_path=options.include_path, limit=options.task_limit,
                                            source=options.model)
+def _quantize(state: CompileState) -> None:
+    """int4/int8 weights, when asked for: the quantized model (what ships) and its held-out perplexity."""
+    options = state.options.quantize
+    if options is None:
+        return
+    from d2mc.quantize import quantize_model
+
+    ctx = state.ctx
+    with state.timed(f"quantize ({options.precision}, {options.quant_method})"):
+        state.quantized = quantize_model(ctx.model, options, ctx.tokenizer, progress=lambda t: state.say(f"  {t}"))
+    if state.options.eval_tokens:
+        from d2mc.evaluation import evaluate_model_perplexity
+
+        with state.timed("held-out perplexity (quantized, PyTorch)"):
+            state.quantized_ppl = evaluate_model_perplexity(state.quantized.model, ctx.tokenizer,
+                                                            tokens=state.options.eval_tokens)
 
 
 def _lower(state: CompileState) -> None:
-    """The onnxruntime-flavoured artifact, verified against the converted model."""
+    """The onnxruntime-flavoured artifact, verified against the model it ships (quantized, when it is)."""
     from d2mc.targets.onnxruntime import export_onnx
 
     with state.timed("lower to ONNX and verify"):
         state.exported = export_onnx(state.ctx.model, state.ctx.tokenizer, state.out / ONNX_DIR,
-                                     source=state.options.model)
+                                     source=state.options.model, quantized=state.quantized)
+
+
+def _score(state: CompileState) -> None:
+    """The held-out perplexity of the artifact itself, run by ONNX Runtime."""
+    if not state.options.eval_tokens:
+        return
+    from d2mc.evaluation import evaluate_artifact_perplexity
+
+    with state.timed("held-out perplexity (artifact, ONNX Runtime)"):
+        state.artifact_ppl = evaluate_artifact_perplexity(state.out / ONNX_DIR, tokens=state.options.eval_tokens)
 
 
 def _measure(state: CompileState) -> None:
@@ -221,7 +275,11 @@ def _measure(state: CompileState) -> None:
     with state.timed("measure (ONNX Runtime, this machine)"):
         measurement = measure_onnx(state.out / ONNX_DIR / "model.onnx", state.options.prefill,
                                    state.options.context, vocab=arch.vocab_size)
-        state.latency = compare_latency(arch, state.profile, measurement, precision="fp32", all_logits=True)
+        settings = state.settings
+        state.latency = compare_latency(arch, state.profile, measurement, precision=settings.precision,
+                                        all_logits=True, block_size=settings.block_size,
+                                        lm_head_precision="fp32" if settings.lm_head == "fp16" else settings.lm_head,
+                                        host=state.options.host_profile, progress=state.say)
 
 
 def _engine(state: CompileState, final: Path) -> None:
@@ -237,16 +295,19 @@ def _engine(state: CompileState, final: Path) -> None:
     from d2mc.targets.onnxruntime import export_onnx
 
     precision = "fp16" if "fp16" in profile.tensorrt_precisions else "fp32"
+    quantized = state.quantized
     with state.timed("lower to ONNX (TensorRT flavour) and verify"):
         exported = export_onnx(state.ctx.model, None, out / TENSORRT_ONNX_DIR, flavour="tensorrt",
-                               precision=precision)
+                               precision=precision, quantized=quantized)
     with state.timed(f"engine for {profile.name}"):
         result = prepare_engine_build(out / TENSORRT_ONNX_DIR, profile, engine_dir(out, profile.name),
-                                      EngineSettings(precision=precision), artifact=out)
+                                      EngineSettings(precision=quantized.precision if quantized else precision),
+                                      artifact=out)
     script = engine_dir(final, profile.name) / result.script_path.name
     summary = (f"built {engine_dir(final, profile.name)} in {result.seconds:.0f} s" if result.built else
                f"not built here ({result.reason}); on the {profile.name} run: bash {script}")
-    state.engine = {**result.to_dict(), "summary": summary, "script": str(script), "precision": precision,
+    state.engine = {**result.to_dict(), "summary": summary, "script": str(script),
+                    "precision": result.engine_plan.precision,
                     "onnx_verify": exported.verify}
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CORPUS_NAME = "lee_background.cor"
 CORPUS_MEMBER = "gensim/test/test_data/lee_background.cor"
 HELDOUT_TOKENS = 12288
+# tokens in a row that a calibration/training text may not share with the held-out text (a copied sentence)
+OVERLAP_SPAN = 32
 
 
 def corpus_path() -> Path:
@@ -97,8 +99,19 @@ def training_ids(tokenizer, source: str | Path | None = None) -> torch.Tensor:
         if Path(source).expanduser().resolve() == corpus_path().resolve():
             raise UserError(f"'{source}' holds the evaluation text: give calibration/training text that does "
                             "not overlap it")
-        return torch.tensor(tokenizer(read_text(source))["input_ids"], dtype=torch.long)
+        ids = torch.tensor(tokenizer(read_text(source))["input_ids"], dtype=torch.long)
+        overlap = first_overlap(ids, heldout_ids(tokenizer))
+        if overlap is not None:
+            raise UserError(f"'{source}' repeats the held-out evaluation text (from its token {overlap}): give "
+                            "calibration/training text that does not overlap it")
+        return ids
     return _corpus_ids(tokenizer)[:-HELDOUT_TOKENS]
+
+
+def first_overlap(ids: torch.Tensor, heldout: torch.Tensor, span: int = OVERLAP_SPAN) -> int | None:
+    """The first position of ``ids`` where ``span`` tokens in a row repeat a stretch of ``heldout``, else None."""
+    windows = {heldout[i: i + span].numpy().tobytes() for i in range(max(heldout.numel() - span + 1, 0))}
+    return next((i for i in range(ids.numel() - span + 1) if ids[i: i + span].numpy().tobytes() in windows), None)
 
 
 def heldout_windows(tokenizer, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:

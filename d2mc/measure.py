@@ -7,7 +7,9 @@ the runtime can, it also times each block. Runtimes:
 - :class:`TorchMeasurer`: PyTorch eager on a model in memory (CPU, or CUDA when the model is on a GPU). The decode
   step uses a preallocated (static) KV cache of exactly L + 1 positions, as a deployment runtime does: a growing
   cache would copy itself on every step and time the copy rather than the model.
-- :class:`OnnxMeasurer`: ONNX Runtime on an exported artifact (no per-block times: the graph is one session).
+- :class:`OnnxMeasurer`: ONNX Runtime on an exported artifact (no per-block times: the graph is one session). It
+  reads how the graph stores its weights (:func:`read_weight_format`: float, or ``MatMulNBits`` int4/int8 with their
+  block size), which the roofline needs to count the bytes the measured model reads.
 
 Other runtimes plug in by implementing :class:`Measurer` (``runtime`` and ``measure``).
 """
@@ -31,9 +33,22 @@ from d2mc.modeling import CACHE_ARG
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a graph stores its weight matrices when they are quantized: ``precision`` of the attention projections
+    and MLPs, ``lm_head_precision`` of the LM head (a float one stays fp32), elements per scale along each
+    matrix's input, and whether blocks carry zero points."""
+
+    precision: str
+    lm_head_precision: str
+    block_size: int
+    zero_points: bool
+
+
 @dataclass
 class Measurement:
-    """Medians of one runtime's prefill and decode, in seconds; ``blocks`` maps phase -> seconds per block."""
+    """Medians of one runtime's prefill and decode, in seconds; ``blocks`` maps phase -> seconds per block;
+    ``weights``: the measured graph's quantized weights (None: float weights)."""
 
     runtime: str
     prefill_seconds: float
@@ -44,6 +59,7 @@ class Measurement:
     batch: int = 1
     warmup: int = 2
     blocks: dict[str, list[float]] = field(default_factory=dict)
+    weights: WeightFormat | None = None
 
     def seconds(self, phase: str) -> float:
         return self.prefill_seconds if phase == "prefill" else self.decode_seconds
@@ -209,8 +225,21 @@ class TorchMeasurer:
     @torch.no_grad()
     def samples(self, phase: str, length: int, batch: int = 1, warmup: int = 2, repeats: int = 5) -> list[float]:
         """Raw wall times of ``repeats`` prefills of ``length`` tokens or decode steps at context ``length``."""
+        return time_samples(self.phase_call(phase, length, batch), warmup, repeats, self._sync)
+
+    @torch.no_grad()
+    def phase_call(self, phase: str, length: int, batch: int = 1) -> Callable[[], object]:
+        """One prefill of ``length`` tokens or one decode step at context ``length``, repeatable (the set-up, such
+        as filling the cache, is done once here), synchronised with the device."""
         fn = self._prefill_call(length, batch) if phase == "prefill" else self._decode_step(length, batch)
-        return time_samples(fn, warmup, repeats, self._sync)
+
+        @torch.no_grad()
+        def call():
+            out = fn()
+            self._sync()
+            return out
+
+        return call
 
     @torch.no_grad()
     def time_decode(self, context: int, batch: int = 1, warmup: int = 2, repeats: int = 5,
@@ -268,6 +297,7 @@ class OnnxMeasurer:
         self.decoder = OrtDecoder(onnx_path)
         self.vocab = vocab
         self.all_logits = True  # the graph's prefill computes logits at every position
+        self.weights = read_weight_format(onnx_path)
 
     def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
                 per_block: bool = False) -> Measurement:
@@ -276,18 +306,47 @@ class OnnxMeasurer:
             log.info("ONNX Runtime runs the graph as one session: no per-block times")
         prefill_s = statistics.median(self.samples("prefill", prefill, batch, warmup, repeats))
         decode_s = statistics.median(self.samples("decode", context, batch, warmup * 4, repeats * 4))
-        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup)
+        return Measurement(self.runtime, prefill_s, decode_s, prefill, context, repeats, batch, warmup,
+                           weights=self.weights)
 
     def samples(self, phase: str, length: int, batch: int = 1, warmup: int = 2, repeats: int = 5) -> list[float]:
         """Raw wall times of ``repeats`` prefills of ``length`` tokens or decode steps at context ``length``."""
+        return time_samples(self.phase_call(phase, length, batch), warmup, repeats)
+
+    def phase_call(self, phase: str, length: int, batch: int = 1) -> Callable[[], object]:
+        """One prefill of ``length`` tokens or one decode step at context ``length``, repeatable (the cache of the
+        decode step is filled once, here)."""
         decoder = self.decoder
         rng = np.random.default_rng(0)
         if phase == "prefill":
             ids = rng.integers(0, self.vocab, (batch, length))
-            return time_samples(lambda: decoder.step(ids, decoder.empty_cache(batch), 0), warmup, repeats)
+            return lambda: decoder.step(ids, decoder.empty_cache(batch), 0)
         _, cache = decoder.step(rng.integers(0, self.vocab, (batch, length)), decoder.empty_cache(batch), 0)
         token = rng.integers(0, self.vocab, (batch, 1))
-        return time_samples(lambda: decoder.step(token, cache, length), warmup, repeats)
+        return lambda: decoder.step(token, cache, length)
+
+
+def read_weight_format(onnx_path: str | Path) -> WeightFormat | None:
+    """How the graph at ``onnx_path`` stores its weight matrices: the ``com.microsoft::MatMulNBits`` nodes' bits,
+    block size and zero points (the LM head is the node that writes ``logits``), or None when no matrix is
+    quantized. Reads the graph only, not its weights."""
+    import onnx
+
+    nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
+    quantized = [n for n in nodes if n.op_type == "MatMulNBits"]
+    if not quantized:
+        return None
+
+    def precision(node) -> str:
+        return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)}"  # 4: the operator's default
+
+    head = [n for n in quantized if "logits" in n.output]
+    body = [n for n in quantized if "logits" not in n.output] or head
+    attributes = {a.name: a.i for a in body[0].attribute}
+    return WeightFormat(precision=statistics.mode(precision(n) for n in body),
+                        lm_head_precision=precision(head[0]) if head else "fp32",
+                        block_size=attributes["block_size"],
+                        zero_points=len(body[0].input) > 3 and bool(body[0].input[3]))
 
 
 def measure_torch(model, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2,

@@ -1,8 +1,8 @@
 """Running a lowered model in ONNX Runtime the way any caller does: step by step with an explicit KV cache.
 
 :class:`OrtDecoder` feeds the graph's inputs and reads its cache back; :func:`runnable_onnx` and
-:func:`runnable_proto` make a TensorRT-flavoured graph (with ``D2mcMoE`` plugin nodes) runnable here by expanding
-its plugin nodes into standard ops; :func:`add_router_bias_inputs` lets verification force each router's choice.
+:func:`runnable_proto` make a graph comparable with PyTorch here: a TensorRT-flavoured graph's ``D2mcMoE`` plugin
+nodes expanded into standard ops, quantized matmuls computing in the graph's float type if asked; :func:`add_router_bias_inputs` lets verification force each router's choice.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class OrtDecoder:
         self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ONNX Runtime fuses DequantizeLinear + MatMul (the tensorrt flavour's quantized weights) into MatMulNBits
+        # with int8 activations unless told otherwise: run them as TensorRT does, in the graph's float type
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         source = str(path)
@@ -99,20 +102,14 @@ def _kv_dims(path: Path, shape: list) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def runnable_onnx(onnx_path: str | Path) -> Iterator[Path]:
-    """``onnx_path``, or for a TensorRT-flavoured graph with ``D2mcMoE`` plugin nodes a copy beside it (sharing its
-    external weights) whose plugin nodes are expanded into standard ops that ONNX Runtime runs."""
+def runnable_onnx(onnx_path: str | Path, float_matmuls: bool = False) -> Iterator[Path]:
+    """``onnx_path``, or when :func:`runnable_proto` changes it (plugin nodes; with ``float_matmuls`` quantized
+    matmuls' accuracy level) a copy beside it, sharing its external weights, of the graph it returns."""
     import onnx
 
-    from d2mc.lowering.plugin_reference import expand_plugin_nodes
-
     path = Path(onnx_path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # unreadable: let ONNX Runtime name the problem in OrtDecoder
-        yield path
-        return
-    if not expand_plugin_nodes(proto):
+    proto, _ = runnable_proto(path, force_experts=False, float_matmuls=float_matmuls)
+    if proto is None:
         yield path
         return
     reference = path.with_name(f".{path.stem}.reference.onnx")
@@ -123,10 +120,12 @@ def runnable_onnx(onnx_path: str | Path) -> Iterator[Path]:
         reference.unlink(missing_ok=True)
 
 
-def runnable_proto(path: Path, force_experts: bool):
+def runnable_proto(path: Path, force_experts: bool, float_matmuls: bool = False):
     """The graph at ``path`` as ONNX Runtime can run it here, or None to run the file itself: plugin nodes expanded
-    into standard ops, and with ``force_experts`` a bias input ``d2mc_router_bias.{block}`` added to every
-    router's logits. Returns ``(proto or None, {block: experts})``."""
+    into standard ops, with ``float_matmuls`` quantized matmuls (``MatMulNBits``, ``QMoE``) at ``accuracy_level`` 0
+    (the graph's float type, as the session config does for ``DequantizeLinear``: a comparison with PyTorch then
+    judges the lowering, not the int8 rounding of activations), and with ``force_experts`` a bias input ``d2mc_router_bias.{block}``
+    added to every router's logits. Returns ``(proto or None, {block: experts})``."""
     import onnx
 
     from d2mc.lowering.plugin_reference import expand_plugin_nodes
@@ -136,6 +135,10 @@ def runnable_proto(path: Path, force_experts: bool):
     except Exception:  # unreadable: let ONNX Runtime name the problem in OrtDecoder
         return None, {}
     changed = expand_plugin_nodes(proto) > 0
+    for node in proto.graph.node if float_matmuls else ():
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level" and attribute.i != 0:
+                attribute.i, changed = 0, True
     routers = add_router_bias_inputs(proto) if force_experts else {}
     return (proto if changed or routers else None), routers
 

@@ -36,11 +36,26 @@ differently, each a table of overrides read by :meth:`DeviceProfile.for_runtime`
 Kernels whose weights are stored at a precision of their own (the GEMVs of int4 weights, which dequantize as they
 read) may stream and launch differently from the float kernels. A ``[precisions.NAME]`` table holds their figures,
 read by :meth:`DeviceProfile.for_precision` for the operators whose weights are at that precision; every other
-operator keeps the profile's own figures::
+operator keeps the profile's own figures. Such kernels may also compute at a precision of their own whatever their
+activations are (ONNX Runtime's ``MatMulNBits`` at accuracy level 4 quantizes its input to int8):
+``compute_precision`` names the ``peak_tflops`` entry their ``compute_efficiency`` is a fraction of::
 
     [precisions.int4]
     bandwidth_efficiency = 0.7
     kernel_overhead_us = 8.0
+    compute_efficiency = 0.3
+    compute_precision = "int8"
+
+The top-level ``[precisions.NAME]`` tables describe the profile's own runtime. Another runtime's come inside its
+table, ``[runtimes.NAME.precisions.PRECISION]``; a runtime without them uses its own figures for every operator.
+
+A profile measured on a machine (``d2mc profile --measure-host``) says which in an optional ``[machine]`` table
+(CPU model, cores, memory, runtime versions, when), so that a profile measured elsewhere is recognised as such::
+
+    [machine]
+    cpu = "AMD EPYC"
+    cores = 2
+    measured = "2026-12-01 11:50"
 """
 
 from __future__ import annotations
@@ -59,10 +74,11 @@ KINDS = ("gpu", "cpu")
 _NUMBERS = ("memory_bandwidth_gbps", "memory_gb", "bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
 _EFFICIENCIES = ("bandwidth_efficiency", "compute_efficiency")
 OP_CLASSES = ("embedding", "norm", "qkv_proj", "attention", "o_proj", "router", "mlp", "lm_head")
-# what a [runtimes.NAME] table may override
-RUNTIME_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us", "op_bandwidth_efficiency")
+# what a [runtimes.NAME] table may override (its precisions: tables [runtimes.NAME.precisions.PRECISION])
+RUNTIME_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us", "op_bandwidth_efficiency",
+                  "precisions")
 # what a [precisions.NAME] table may override
-PRECISION_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us")
+PRECISION_FIELDS = ("bandwidth_efficiency", "compute_efficiency", "kernel_overhead_us", "compute_precision")
 
 
 @dataclass(frozen=True)
@@ -87,17 +103,20 @@ class DeviceProfile:
     runtime: str | None = None  # the runtime the efficiencies and the overhead describe
     runtimes: dict[str, dict] = field(default_factory=dict)  # other runtimes: overrides of RUNTIME_FIELDS
     # kernels whose weights are at a precision of their own: overrides of PRECISION_FIELDS per precision
-    precisions: dict[str, dict[str, float]] = field(default_factory=dict)
+    precisions: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    machine: dict[str, str | int | float] = field(default_factory=dict)  # where a measured profile was measured
+    # the precision every matrix product runs at, whatever its activations (set only by a precision's table)
+    compute_precision: str | None = None
     path: Path | None = field(default=None, compare=False)
 
     def for_runtime(self, runtime: str) -> DeviceProfile:
-        """The profile as ``runtime`` sees it: its own fitted efficiencies and overhead where the profile has
-        them, else the profile's (which describe ``self.runtime``). The per-precision tables describe the
-        profile's own runtime, so another runtime's view has none."""
+        """The profile as ``runtime`` sees it: its own fitted efficiencies, overhead and per-precision tables where
+        the profile has them, else the profile's (which describe ``self.runtime``). The top-level per-precision
+        tables describe the profile's own runtime, so another runtime's view has only the ones in its own table."""
         override = self.runtimes.get(runtime)
         if not override:
             return self
-        return dataclasses.replace(self, runtime=runtime, precisions={}, **override)
+        return dataclasses.replace(self, runtime=runtime, **{"precisions": {}, **override})
 
     def for_precision(self, precision: str) -> DeviceProfile:
         """The profile as kernels with weights at ``precision`` see it: the ``[precisions.NAME]`` figures where
@@ -117,8 +136,9 @@ class DeviceProfile:
         return self.achievable_bandwidth * self.op_bandwidth_efficiency.get(op, 1.0)
 
     def achievable_flops(self, precision: str) -> float:
-        """FLOP/s the roofline assumes a matrix kernel reaches at ``precision``."""
-        return self.peak_for(precision) * 1e12 * self.compute_efficiency
+        """FLOP/s the roofline assumes a matrix kernel reaches at ``precision`` (at ``compute_precision`` instead
+        when this view of the profile has one: kernels that compute at a precision of their own)."""
+        return self.peak_for(self.compute_precision or precision) * 1e12 * self.compute_efficiency
 
     def peak_for(self, precision: str) -> float:
         """Peak TFLOP/s at ``precision``; int4/fp8 weights compute at the fastest listed precision they map to."""
@@ -183,12 +203,12 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     def fail(field_name: str, why: str):
         raise UserError(f"device profile '{path}': field '{field_name}' {why}")
 
-    known = {f.name for f in fields(DeviceProfile)} - {"path"}
+    known = {f.name for f in fields(DeviceProfile)} - {"path", "compute_precision"}
     for key in data:
         if key not in known:
             fail(key, f"is not a profile field (known: {', '.join(sorted(known))})")
     optional = {"aliases", "sm", "tensorrt_precisions", "op_bandwidth_efficiency", "runtime", "runtimes",
-                "precisions"}
+                "precisions", "machine"}
     for key in sorted(known - optional):
         if key not in data:
             fail(key, "is missing")
@@ -203,6 +223,14 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
     _check_efficiencies(data, "", fail)
     if "runtime" in data and (not isinstance(data["runtime"], str) or not data["runtime"]):
         fail("runtime", "must be a runtime name such as \"onnxruntime-cpu\"")
+    peaks = data["peak_tflops"]
+    if not isinstance(peaks, dict) or not peaks:
+        fail("peak_tflops", "must be a table of precision = TFLOP/s")
+    for precision, value in peaks.items():
+        if precision not in BYTES_PER_ELEMENT:
+            fail(f"peak_tflops.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
+        _check_number(value, f"peak_tflops.{precision}", fail)
+    _check_precision_tables(data.get("precisions", {}), "precisions", peaks, fail)
     runtimes = data.get("runtimes", {})
     if not isinstance(runtimes, dict) or not all(isinstance(v, dict) for v in runtimes.values()):
         fail("runtimes", "must be tables [runtimes.NAME] of " + ", ".join(RUNTIME_FIELDS))
@@ -214,25 +242,11 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
             if key in override:
                 _check_number(override[key], f"runtimes.{runtime}.{key}", fail)
         _check_efficiencies(override, f"runtimes.{runtime}.", fail)
-    precision_tables = data.get("precisions", {})
-    if not isinstance(precision_tables, dict) or not all(isinstance(v, dict) for v in precision_tables.values()):
-        fail("precisions", "must be tables [precisions.NAME] of " + ", ".join(PRECISION_FIELDS))
-    for precision, override in precision_tables.items():
-        if precision not in BYTES_PER_ELEMENT:
-            fail(f"precisions.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
-        for key, value in override.items():
-            if key not in PRECISION_FIELDS:
-                fail(f"precisions.{precision}.{key}",
-                     f"cannot be set per precision (known: {', '.join(PRECISION_FIELDS)})")
-            _check_number(value, f"precisions.{precision}.{key}", fail)
-        _check_efficiencies(override, f"precisions.{precision}.", fail)
-    peaks = data["peak_tflops"]
-    if not isinstance(peaks, dict) or not peaks:
-        fail("peak_tflops", "must be a table of precision = TFLOP/s")
-    for precision, value in peaks.items():
-        if precision not in BYTES_PER_ELEMENT:
-            fail(f"peak_tflops.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
-        _check_number(value, f"peak_tflops.{precision}", fail)
+        _check_precision_tables(override.get("precisions", {}), f"runtimes.{runtime}.precisions", peaks, fail)
+    machine = data.get("machine", {})
+    if not isinstance(machine, dict) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
+                                                for v in machine.values()):
+        fail("machine", "must be a table of the machine's description = text or number")
     precisions = data.get("tensorrt_precisions", [])
     if not isinstance(precisions, list) or any(p not in BYTES_PER_ELEMENT for p in precisions):
         fail("tensorrt_precisions", f"must be a list drawn from {', '.join(BYTES_PER_ELEMENT)}")
@@ -260,12 +274,45 @@ def _validate(data: dict, path: Path) -> DeviceProfile:
         kernel_overhead_us=float(data["kernel_overhead_us"]), source=dict(source),
         aliases=tuple(aliases), sm=data.get("sm"), tensorrt_precisions=tuple(precisions),
         op_bandwidth_efficiency=_op_efficiency(data), runtime=data.get("runtime"),
-        runtimes={name: {**{k: float(v) for k, v in o.items() if k != "op_bandwidth_efficiency"},
-                         **({"op_bandwidth_efficiency": _op_efficiency(o)} if "op_bandwidth_efficiency" in o else {})}
-                  for name, o in runtimes.items()},
-        precisions={name: {k: float(v) for k, v in o.items()} for name, o in precision_tables.items()},
-        path=path,
+        runtimes={name: _runtime_override(o) for name, o in runtimes.items()},
+        precisions=_precision_overrides(data.get("precisions", {})), machine=dict(machine), path=path,
     )
+
+
+def _runtime_override(table: dict) -> dict:
+    """A ``[runtimes.NAME]`` table as :meth:`DeviceProfile.for_runtime` applies it."""
+    override = {k: float(v) for k, v in table.items() if k in ("kernel_overhead_us", *_EFFICIENCIES)}
+    if "op_bandwidth_efficiency" in table:
+        override["op_bandwidth_efficiency"] = _op_efficiency(table)
+    if "precisions" in table:
+        override["precisions"] = _precision_overrides(table["precisions"])
+    return override
+
+
+def _precision_overrides(tables: dict) -> dict[str, dict[str, float | str]]:
+    return {name: {k: v if k == "compute_precision" else float(v) for k, v in table.items()}
+            for name, table in tables.items()}
+
+
+def _check_precision_tables(tables, prefix: str, peaks: dict, fail) -> None:
+    """``[precisions.NAME]`` tables (at ``prefix``): known precisions, known fields, numbers and fractions, and a
+    ``compute_precision`` the profile has a peak for."""
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        fail(prefix, f"must be tables [{prefix}.NAME] of " + ", ".join(PRECISION_FIELDS))
+    for precision, override in tables.items():
+        if precision not in BYTES_PER_ELEMENT:
+            fail(f"{prefix}.{precision}", f"is not a precision (known: {', '.join(BYTES_PER_ELEMENT)})")
+        for key, value in override.items():
+            if key not in PRECISION_FIELDS:
+                fail(f"{prefix}.{precision}.{key}",
+                     f"cannot be set per precision (known: {', '.join(PRECISION_FIELDS)})")
+            if key == "compute_precision":
+                if not isinstance(value, str) or value not in peaks:
+                    fail(f"{prefix}.{precision}.{key}",
+                         f"must name a precision of peak_tflops ({', '.join(peaks)}), not {value!r}")
+            else:
+                _check_number(value, f"{prefix}.{precision}.{key}", fail)
+        _check_efficiencies(override, f"{prefix}.{precision}.", fail)
 
 
 def _check_efficiencies(data: dict, prefix: str, fail) -> None:
@@ -293,7 +340,7 @@ def _check_number(value, key: str, fail) -> None:
         fail(key, f"must be a number, not {value!r}")
     if not math.isfinite(value):
         fail(key, f"must be a finite number, not {value}")
-    if value < 0 or (value == 0 and key != "kernel_overhead_us"):
+    if value < 0 or (value == 0 and not key.endswith("kernel_overhead_us")):
         fail(key, f"must be positive, not {value}")
 
 

@@ -84,6 +84,8 @@ def build_report(state: CompileState) -> dict[str, Any]:
         dense, converted = state.dense_cost[phase].seconds, state.converted_cost[phase].seconds
         phases[phase] = {"dense_s": dense, "converted_s": converted, "speedup": dense / converted}
     verify = state.exported.verify
+    quantized_ppl = state.quantized_ppl.perplexity if state.quantized_ppl else None
+    artifact_ppl = state.artifact_ppl.perplexity if state.artifact_ppl else None
     sections = [
         plan_section(fusion_plan, conversion["redundancy"]),
         plan_search_section(conversion.get("plan_search")),
@@ -93,7 +95,7 @@ def build_report(state: CompileState) -> dict[str, Any]:
         prediction_section(profile, settings, phases),
         measured_section(state.latency),
         perplexity_section(options.eval_tokens, state.dense_ppl, state.converted_ppl, state.recovered_ppl,
-                           state.recovery is not None),
+                           state.recovery is not None, quantized_ppl, artifact_ppl),
         recovery_section(state.recovery),
         tasks_section(state.tasks),
         verification_section(verify),
@@ -120,7 +122,8 @@ def build_report(state: CompileState) -> dict[str, Any]:
         "measured": measured_entry(state.latency),
         "perplexity": {"dense": state.dense_ppl, "converted": state.converted_ppl, "tokens": options.eval_tokens,
                        "text": "held-out part of the built-in corpus, never used for calibration or training",
-                       "recovered": state.recovered_ppl},
+                       "recovered": state.recovered_ppl, "quantized": quantized_ppl, "artifact": artifact_ppl},
+        "quantization": state.quantized.to_dict() if state.quantized else None,
         "verify": verify,
         "engine": state.engine,
         "artifacts": artifacts,
@@ -135,7 +138,7 @@ def measured_entry(latency: LatencyComparison | None) -> dict | None:
     """The report's ``measured``: the runtime, the profile it was judged on, and each phase's comparison."""
     if latency is None:
         return None
-    return {"runtime": latency.runtime, "profile": latency.profile,
+    return {"runtime": latency.runtime, "profile": latency.profile, "profile_origin": latency.profile_origin,
             **{phase: c.to_dict() for phase, c in latency.phases.items()}}
 
 
@@ -211,19 +214,23 @@ def measured_section(latency: LatencyComparison | None) -> dict | None:
     if latency is None:
         return None
     return {"title": f"Measured on this machine ({latency.runtime}) next to the {latency.profile} roofline",
+            "text": f"Profile: {latency.profile_origin}.",
             "columns": ["phase", "predicted ms", "measured ms", "error"],
             "rows": [[p, f"{c.predicted_s * 1e3:.2f}", f"{c.measured_s * 1e3:.2f}", f"{c.error * 100:+.1f}%"]
                      for p, c in latency.phases.items()]}
 
 
 def perplexity_section(eval_tokens: int, dense: float | None, converted: float | None, recovered: float | None,
-                       recovery_ran: bool) -> dict | None:
-    """Held-out perplexity of the dense, converted and (after recovery training) recovered model."""
+                       recovery_ran: bool, quantized: float | None = None, artifact: float | None = None) -> dict | None:
+    """Held-out perplexity of the dense, converted and (after recovery training) recovered model, of its quantized
+    weights, and of the artifact that ships (run by ONNX Runtime)."""
     if dense is None:
         return None
     values = {"dense": f"{dense:.2f}", "converted": f"{converted:.2f}"}
-    if recovered is not None:
-        values["after recovery"] = f"{recovered:.2f}"
+    for name, value in (("after recovery", recovered), ("quantized (PyTorch)", quantized),
+                        ("shipped artifact (ONNX Runtime)", artifact)):
+        if value is not None:
+            values[name] = f"{value:.2f}"
     return {"title": "Held-out perplexity",
             "text": (f"{eval_tokens} tokens of the held-out text in 512-token windows (never used for calibration "
                      "or training). " + ("Recovery training as below." if recovery_ran
@@ -264,7 +271,11 @@ def verification_section(verify: dict) -> dict:
         f"ONNX Runtime against PyTorch on the same tokens, a {verify['prefill_tokens']}-token prefill and "
         f"{verify['decode_steps']} decode steps through the KV cache: max |logit difference| "
         f"{verify['max_abs_diff']:.3g} (tolerance {verify['tolerance']:g}, {verify['precision']}), greedy "
-        f"agreement {verify['greedy_agreement'] * 100:.0f}%.")}
+        f"agreement {verify['greedy_agreement'] * 100:.0f}%." + "".join(
+            f" {what}: max |logit difference| {verify[key]['max_abs_diff']:.3g}, greedy agreement "
+            f"{verify[key]['greedy_agreement'] * 100:.0f}%." for key, what in (
+                ("shipped", "The quantized artifact as it ships (its accuracy level; verified at level 0)"),
+                ("unquantized", "Against the unquantized model")) if key in verify))}
 
 
 def engine_section(profile: DeviceProfile, engine: dict) -> dict:

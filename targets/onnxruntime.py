@@ -31,41 +31,56 @@ class ExportResult:
 
 def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str = "dispatch",
                 flavour: str = "onnxruntime", verify: bool = True, polygraphy: bool = False,
-                overwrite: bool = False, source: str = "") -> ExportResult:
+                overwrite: bool = False, source: str = "", quantized=None) -> ExportResult:
     """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it.
 
-    Verification compares PyTorch and ONNX Runtime logits through a prefill and 8 cached decode steps and refuses
-    to write the artifact when they differ by more than :data:`d2mc.verify.TOLERANCE` for the precision;
+    ``precision`` is the float format of the graph (fp32 | fp16). With ``quantized`` (a
+    :class:`~d2mc.quantize.QuantizedModel` of ``model``), ``quantized.model`` is what is lowered, from its codes,
+    and verified; the artifact records the quantization, and its logit difference to ``model`` itself. ``moe_op``:
+    the onnxruntime flavour's MoE form, dispatch through standard ops or the contrib op (``MoE``, ``QMoE`` when
+    quantized: docs/quantization.md).
+
+    Verification compares PyTorch and ONNX Runtime logits (:func:`d2mc.verify.verify_onnx`) and refuses to write
+    the artifact when they differ by more than :data:`d2mc.verify.TOLERANCE` for the precision;
     ``polygraphy`` also runs the comparison through Polygraphy's Comparator (recorded, and enforced the same way).
     """
-    from d2mc.verify import verify_onnx, verify_with_polygraphy
+    from d2mc.polygraphy_compare import verify_with_polygraphy
+    from d2mc.verify import QUANTIZED_FP32, source_difference, verify_onnx
 
-    options = LoweringOptions(precision=precision, moe_op=moe_op, flavour=flavour)
+    accuracy_level = quantized.options.accuracy_level if quantized else 0
+    options = LoweringOptions(precision=precision, moe_op=moe_op, flavour=flavour, accuracy_level=accuracy_level)
+    lowered = quantized.model if quantized else model
+    judged = QUANTIZED_FP32 if quantized and precision == "fp32" else precision
     start = time.perf_counter()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        onnx_path = lower_to_onnx(model, tmp, options)
+        onnx_path = lower_to_onnx(lowered, tmp, options, quantized=quantized)
         if flavour == "onnxruntime":
-            write_genai_config(model, tmp, precision)
-        model.config.save_pretrained(tmp)  # lets d2mc profile read the architecture of the artifact
+            write_genai_config(lowered, tmp, precision)
+        lowered.config.save_pretrained(tmp)  # lets d2mc profile read the architecture of the artifact
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         seconds = time.perf_counter() - start
         result = None
         if verify:
-            result = verify_onnx(model, onnx_path, precision).to_dict()
+            result = verify_onnx(lowered, onnx_path, judged).to_dict()
             if not result["passed"]:
                 raise UserError(f"verification failed: max |logit difference| {result['max_abs_diff']:.3g} exceeds "
-                                f"{result['tolerance']:g} ({precision}); the artifact was not written")
+                                f"{result['tolerance']:g} ({judged}); the artifact was not written")
+            if quantized and flavour == "onnxruntime":  # the graph as it ships (int8 activations at level 4)
+                result["shipped"] = source_difference(lowered, onnx_path)
+            if quantized:
+                result["unquantized"] = source_difference(model, onnx_path)
         if polygraphy:
-            result = {**(result or {}), "polygraphy": verify_with_polygraphy(model, onnx_path, precision)}
+            result = {**(result or {}), "polygraphy": verify_with_polygraphy(lowered, onnx_path, judged)}
             if not result["polygraphy"]["passed"]:
                 raise UserError(f"Polygraphy comparison failed: max |logit difference| "
                                 f"{result['polygraphy']['max_abs_diff']:.3g} exceeds "
                                 f"{result['polygraphy']['tolerance']:.3g}; the artifact was not written")
         arch = ModelArch.from_config(model.config)
         write_artifact_info(tmp, {
-            "source": source, "flavour": flavour, "precision": precision,
-            "moe_op": moe_op if flavour == "onnxruntime" else "plugin",
+            "source": source, "flavour": flavour, "precision": quantized.precision if quantized else precision,
+            "activations": precision, "moe_op": moe_op if flavour == "onnxruntime" else "plugin",
+            "quantization": quantized.to_dict() if quantized else None,
             "model_type": model.config.model_type, "attention_blocks": len(arch.attention_blocks),
             "blocks": arch.num_blocks, "export_seconds": round(seconds, 2), "verify": result})
     return ExportResult(Path(out), seconds, result)
@@ -87,14 +102,22 @@ def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, po
     beside = Path(artifact).parent / source  # older artifacts record the path as given, relative to where it ran
     if not model and not Path(source).is_absolute() and not Path(source).exists() and beside.exists():
         source = str(beside)
+    recorded = info.get("quantization")
     try:
-        loaded = load_model(source, tokenizer=False)
+        loaded = load_model(source, tokenizer=bool(recorded))
     except UserError as exc:
         if model:
             raise
         raise OptionError(f"the source model the artifact names, '{source}', does not load ({exc}): pass it with "
                           "{model}") from None
-    return verify_onnx(loaded.model, onnx_path, info.get("precision", "fp32"), prefill=prefill,
+    reference, precision = loaded.model, info.get("activations") or info.get("precision", "fp32")
+    if recorded:  # the source with the same quantized weights, quantized again as the artifact records
+        from d2mc.quantize import QuantizeOptions, quantize_model
+        from d2mc.verify import QUANTIZED_FP32
+
+        reference = quantize_model(loaded.model, QuantizeOptions.from_dict(recorded), loaded.tokenizer).model
+        precision = QUANTIZED_FP32 if precision == "fp32" else precision
+    return verify_onnx(reference, onnx_path, precision, prefill=prefill,
                        positions=POSITION_SAMPLES if positions is None else positions).to_dict()
 
 

@@ -25,7 +25,8 @@ def build(artifact: str | Path, target: str = "orin-agx", settings: EngineSettin
           plugin: str | Path | None = None, build_here: bool = True) -> EngineBuildResult:
     """Build (or prepare on the device) the engine of ``artifact`` for device profile ``target``."""
     profile = load_profile(target)
-    check_precision(profile, (settings or EngineSettings()).precision)  # the device's reason comes first
+    if settings is not None and settings.precision:
+        check_precision(profile, settings.precision)  # the device's reason comes first
     onnx_path = find_onnx(artifact, "tensorrt")
     return prepare_engine_build(onnx_path.parent, profile, engine_dir(artifact, target), settings, plugin,
                                 artifact=Path(artifact), build_here=build_here)

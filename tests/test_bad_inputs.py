@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2mc.cli import main
+from d2mc.data import corpus_path, read_text
 from d2mc.outputs import atomic_output_dir
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -89,6 +90,10 @@ def inputs(tmp_path_factory):
                        ("warp", "distributed_type: WARP_DRIVE\n"),
                        ("ddp-bf16", "distributed_type: MULTI_GPU\nuse_cpu: true\nmixed_precision: bf16\n")):
         (root / f"{name}.yaml").write_text(text)
+    (root / "no-int4.toml").write_text(TINY_TOML.replace("[peak_tflops]", 'tensorrt_precisions = ["fp32", "fp16", '
+                                                         '"int8"]\n[peak_tflops]') + 'tensorrt_precisions = "test"\n')
+    heldout = (root / "heldout-copy.txt")
+    heldout.write_text(read_text(corpus_path())[-6000:])
     (root / "nan-free-bad.toml").write_text(TINY_TOML.replace("kind = \"cpu\"", "kind = \"fpga\""))
     (root / "binary.toml").write_bytes(os.urandom(300))
     (root / "recipe-unknown.toml").write_text('passes = ["analyze-redundancy", "no-such-pass"]\n')
@@ -97,9 +102,9 @@ def inputs(tmp_path_factory):
     shutil.copytree(root / "artifact", corrupt)
     (corrupt / "d2mc_artifact.json").write_text("{not json")
     for name in ("binary.txt", "notes.txt", "empty.txt", "garbage.gguf", "dir.gguf", "dir.toml", "no-config",
-                 "gpt2", "binary-config", "profile.toml", "nan-free-bad.toml", "binary.toml", "recipe-unknown.toml",
-                 "recipe-binary.toml", "corrupt-artifact", "huge", "fsdp1.yaml", "deepspeed.yaml", "warp.yaml",
-                 "ddp-bf16.yaml"):
+                 "gpt2", "binary-config", "profile.toml", "no-int4.toml", "heldout-copy.txt", "nan-free-bad.toml",
+                 "binary.toml", "recipe-unknown.toml", "recipe-binary.toml", "corrupt-artifact", "huge", "fsdp1.yaml",
+                 "deepspeed.yaml", "warp.yaml", "ddp-bf16.yaml"):
         paths[name.replace(".", "-")] = root / name
     victim = root / "victim"
     victim.mkdir()
@@ -242,6 +247,20 @@ ROWS = [
     (["export", T, "-o", ".", "--overwrite"], "output '.' is the working directory", True),
     (["export", "{missing}", "-o", "out"], "'{missing}' lacks 1 weight", False),
     (["export", "{nan}", "-o", "out"], "'{nan}' holds NaN or infinite values", False),
+    (["export", T, "-o", "out", "--precision", "int4", "--block-size", "128"],
+     "--block-size 128 does not divide the hidden size (64) of the model: use --block-size 64 or 32", True),
+    (["export", T, "-o", "out", "--block-size", "64"],
+     "--block-size quantize weights: they need --precision int4 or int8, not fp32", True),
+    (["export", T, "-o", "out", "--precision", "fp16", "--quant-method", "rtn"],
+     "--quant-method quantize weights: they need --precision int4 or int8, not fp16", True),
+    (["export", T, "-o", "out", "--precision", "int8", "--calib-data", "{notes-txt}"],
+     "--calib-data is GPTQ's calibration text: rtn reads no data", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--block-size", "32"],
+     "--block-size 32 cannot go to TensorRT, which takes int4 weights in blocks of 64 or 128", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int8"],
+     "--precision int8 cannot go to TensorRT: TensorRT dequantizes int8 weights with one scale per channel", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--lm-head-precision", "int8"],
+     "--lm-head-precision int8 cannot go to TensorRT", True),
     # run
     (["run", A, "hello", "--temperature", "-1"], "--temperature must be above 0, not -1", True),
     (["run", A, "hello", "--temperature", "nan"], "--temperature must be a finite number", True),
@@ -267,6 +286,16 @@ ROWS = [
     (["compile", T, "--tasks", "no_such_task", "--context", "256", "-o", "out"], "unknown task 'no_such_task' for --tasks", True),
     (["compile", T, "--method", "auto", "--speedup", "40", "--context", "256", "-o", "out"],
      "--speedup 40 is out of reach on orin-agx at context 256", True),
+    (["compile", T, "--precision", "int4", "--target", "{no-int4-toml}", "--context", "256", "-o", "out"],
+     "--precision int4 is not a precision tiny's TensorRT supports (fp32, fp16, int8)", True),
+    (["compile", T, "--precision", "int4", "--block-size", "128", "--context", "256", "-o", "out"],
+     "--block-size 128 does not divide the hidden size (64)", True),
+    (["compile", T, "--quant-method", "rtn", "--context", "256", "-o", "out"], "--quant-method quantize weights", True),
+    (["compile", T, "--host-profile", "fastest", "--context", "256", "-o", "out"],
+     "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'", True),
+    (["compile", T, "--host-profile", "{notes-txt}/none.toml", "--context", "256", "-o", "out"],
+     "device profile '{notes-txt}/none.toml' does not exist", True),
+    (["compile", T, "--precision", "int8", "--context", "256", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),
@@ -296,6 +325,35 @@ def fill(text: str, paths: dict) -> str:
 
 @pytest.mark.parametrize("args, message, early", ROWS, ids=[" ".join(r[0])[:60] for r in ROWS])
 def test_bad_input_is_one_line_and_leaves_nothing(args, message, early, inputs, tmp_path, monkeypatch, capsys):
+    check_refused(args, message, early, inputs, tmp_path, monkeypatch, capsys)
+
+
+GPTQ = ["--precision", "int4", "--quant-method", "gptq"]
+
+
+@pytest.mark.parametrize("command", ["export", "compile"])
+def test_a_missing_quantization_library_says_what_to_install(command, inputs, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from d2mc.quantize.options import GPTQMODEL_INSTALL
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else find_spec(name, *a))
+    context = ["--context", "256"] if command == "compile" else []  # the tiny model's 512 positions
+    check_refused([command, T, "-o", "out", *GPTQ, *context], "GPTQ quantization needs the package 'gptqmodel': pip install "
+                  + GPTQMODEL_INSTALL, True, inputs, tmp_path, monkeypatch, capsys)
+
+
+def test_calibration_text_that_repeats_the_evaluation_text_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gptqmodel")
+    check_refused(["export", T, "-o", "out", *GPTQ, "--calib-data", "{heldout-copy-txt}"],
+                  "'{heldout-copy-txt}' repeats the held-out evaluation text", False, inputs, tmp_path, monkeypatch,
+                  capsys)
+
+
+def check_refused(args, message, early, inputs, tmp_path, monkeypatch, capsys):
+    """``args`` exits 1 with one line starting ``message``, no traceback, nothing new on disk and, when ``early``, no
+    weights read."""
     import d2mc.loading
 
     work = tmp_path / "work"

@@ -114,6 +114,9 @@ def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
     assert {"model/config.json", "onnx/model.onnx", "redundancy.png", "onnx-tensorrt/model.onnx",
             "engine-orin-agx/build.sh", "engine-orin-agx/plan.json"} <= set(report["artifacts"])
     assert "## Verification" in (out / "report.md").read_text()
+    # measured here with ONNX Runtime, judged on this machine's profile (the tests choose the shipped one)
+    assert report["measured"]["profile_origin"].startswith("host-cpu shipped with d2mc (measured on ")
+    assert "Profile: host-cpu shipped with d2mc" in (out / "report.md").read_text()
     # no TensorRT here: the engine step leaves the device-side build and says where, relative to the final output
     engine = report["engine"]
     assert not engine["built"] and engine["onnx_verify"]["passed"]
@@ -140,6 +143,38 @@ def test_compile_auto_reports_its_plan_search_and_task_scores(tiny_checkpoint_wi
     assert "## Plan search (auto)" in markdown and search["chosen"]["plan"] in markdown
     assert [t["task"] for t in report["tasks"]["tasks"]] == [TASK]
     assert "## Tasks" in markdown
+
+
+@pytest.mark.slow
+def test_compile_int4_scores_the_quantized_model_and_the_artifact(tiny_checkpoint_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "host-cpu", "--remove-attention", "2",
+                    "--calib-sequences", "4", "--calib-length", "64", "--eval-tokens", "1024", "--context", "256",
+                    "--prefill", "32", "--no-measure", "--precision", "int4", "--block-size", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["precision"] == "int4" and report["verify"]["passed"]
+    assert report["verify"]["precision"] == "quantized-fp32" and "unquantized" in report["verify"]
+    ppl = report["perplexity"]
+    assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=0.05)  # int8 activations in the artifact only
+    assert "held-out perplexity of the shipped artifact (ONNX Runtime)" in result.output
+    assert "quantized (PyTorch)" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_compile_int4_for_orin_agx_plans_an_int4_engine(tiny_checkpoint_with_tokenizer, tmp_path):
+    """On a device with TensorRT the one quantization takes TensorRT's forms (int4 in blocks of 64, a float LM head),
+    and the engine step lowers the MoE block through the plugin's quantized path and plans an int4 engine."""
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--plan", "2-3",
+                    "--calib-sequences", "4", "--calib-length", "64", "--eval-tokens", "512", "--context", "256",
+                    "--prefill", "32", "--no-measure", "--precision", "int4", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert (report["quantization"]["block_size"], report["quantization"]["lm_head_precision"]) == (64, "float")
+    engine = report["engine"]
+    assert engine["precision"] == "int4" and engine["onnx_verify"]["passed"]
+    assert engine["plan"]["quantization"]["plugin_nodes"] == 1 and engine["plan"]["quantization"]["bits"] == [4]
 
 
 def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):

@@ -132,6 +132,35 @@ def test_per_precision_figures_apply_to_their_precision_only(tmp_path):
     assert load_profile(path).for_runtime("pytorch-cpu").for_precision("int4").kernel_overhead_us == 40.0
 
 
+def test_a_runtime_may_carry_per_precision_figures_of_its_own(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(with_table(INT4 + "\n[runtimes.onnxruntime-cpu]\nkernel_overhead_us = 2.0\n"
+                                      "[runtimes.onnxruntime-cpu.precisions.int4]\nbandwidth_efficiency = 0.3\n"
+                                      "compute_efficiency = 0.25\ncompute_precision = \"int8\"\n"
+                                      "[runtimes.onnxruntime-cpu.precisions.int8]\nbandwidth_efficiency = 0.5\n",
+                               'precisions = "fitted"\nruntimes = "fitted"\n').replace("fp16 = 10.0",
+                                                                                      "fp16 = 10.0\nint8 = 40.0"))
+    profile = load_profile(path)
+    ort = profile.for_runtime("onnxruntime-cpu")
+    assert ort.kernel_overhead_us == 2.0 and set(ort.precisions) == {"int4", "int8"}
+    int4 = ort.for_precision("int4")
+    assert int4.achievable_bandwidth == pytest.approx(30e9) and int4.kernel_overhead_us == 2.0
+    # the int4 kernels compute at int8 whatever the activations are; the others at what they are asked
+    assert int4.achievable_flops("fp16") == pytest.approx(0.25 * 40e12)
+    assert ort.for_precision("int8").achievable_flops("fp16") == pytest.approx(0.5 * 10e12)
+    # the profile's own runtime keeps its own tables
+    assert profile.for_precision("int4").achievable_bandwidth == pytest.approx(70e9)
+
+
+def test_a_measured_profile_names_its_machine(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD + '\n[machine]\ncpu = "AMD EPYC"\ncores = 2\nmeasured = "2026-12-01 11:50"\n')
+    assert load_profile(path).machine == {"cpu": "AMD EPYC", "cores": 2, "measured": "2026-12-01 11:50"}
+    path.write_text(GOOD + "\n[machine]\ncores = [2]\n")
+    with pytest.raises(UserError, match="field 'machine' must be a table"):
+        load_profile(path)
+
+
 def test_a_profile_without_precision_tables_still_loads(tmp_path):
     path = tmp_path / "board.toml"
     path.write_text(GOOD)
@@ -150,11 +179,19 @@ def test_a_profile_without_precision_tables_still_loads(tmp_path):
      "field 'precisions.int4.bandwidth_efficiency' must be a fraction in (0, 1]"),
     ("[precisions.int4]\nmemory_bandwidth_gbps = 50.0\n",
      "field 'precisions.int4.memory_bandwidth_gbps' cannot be set per precision (known: bandwidth_efficiency, "
-     "compute_efficiency, kernel_overhead_us)"),
+     "compute_efficiency, kernel_overhead_us, compute_precision)"),
     ("[precisions.int4]\nbandwidth_efficiency = \"high\"\n",
      "field 'precisions.int4.bandwidth_efficiency' must be a number, not 'high'"),
     ("[precisions.int3]\nbandwidth_efficiency = 0.5\n", "field 'precisions.int3' is not a precision"),
     ("precisions = 3\n", "field 'precisions' must be tables [precisions.NAME]"),
+    ("[precisions.int4]\ncompute_precision = \"int8\"\n",
+     "field 'precisions.int4.compute_precision' must name a precision of peak_tflops (fp16), not 'int8'"),
+    ("[runtimes.onnxruntime-cpu.precisions.int4]\nbandwidth_efficiency = 2.0\n",
+     "field 'runtimes.onnxruntime-cpu.precisions.int4.bandwidth_efficiency' must be a fraction in (0, 1]"),
+    ("[runtimes.onnxruntime-cpu.precisions.int5]\nbandwidth_efficiency = 0.5\n",
+     "field 'runtimes.onnxruntime-cpu.precisions.int5' is not a precision"),
+    ("[runtimes.onnxruntime-cpu]\nprecisions = 1\n",
+     "field 'runtimes.onnxruntime-cpu.precisions' must be tables [runtimes.onnxruntime-cpu.precisions.NAME]"),
 ])
 def test_bad_precision_tables_are_one_line_naming_file_and_key(tmp_path, table, message):
     path = tmp_path / "bad.toml"

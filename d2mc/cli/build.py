@@ -10,8 +10,10 @@ from d2mc.cli.common import json_option, print_json
 @click.command("build")
 @click.argument("artifact", type=click.Path())
 @click.option("--target", default="orin-agx", show_default=True, help="Device profile (name or .toml).")
-@click.option("--precision", default="fp16", show_default=True,
-              help="Engine precision; must be in the profile's tensorrt_precisions and match the ONNX.")
+@click.option("--precision",
+              help="Engine precision: fp16 or fp32, or int4/int8 weight-only (int codes with block scales, float "
+                   "activations); must be in the profile's tensorrt_precisions and be what the ONNX holds "
+                   "[default: what the ONNX holds].")
 @click.option("--max-input", type=int, help="Longest prompt of one prefill (default min(2048, model context)).")
 @click.option("--max-kv", type=int, help="Longest past before a decode step (default model context - 1).")
 @click.option("--max-batch", type=int, default=1, show_default=True)

@@ -6,6 +6,7 @@ import click
 
 from d2mc.cli.common import console, json_option, model_argument, print_json, quiet_option, stderr_console
 from d2mc.cli.convert import convert_options_from, plan_options
+from d2mc.cli.export import QUANTIZED, quantize_options, quantize_options_from
 from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 
 
@@ -17,18 +18,27 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
               help="Held-out tokens for perplexity before and after (0 to skip).")
 @click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
 @click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode phase.")
+@click.option("--precision", type=click.Choice(QUANTIZED),
+              help="Quantize the converted model's weights (docs/quantization.md); GPTQ calibrates on the "
+                   "conversion's --calib-data [default: the profile's float format].")
+@quantize_options(calibration=False)
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("--tasks", help="lm-evaluation-harness tasks scored on the final model, comma-separated (e.g. "
                               "hellaswag,arc_easy; pip install 'd2mc[eval]').")
 @click.option("--include-path", type=click.Path(), help="A directory of your own task YAML files (--tasks).")
 @click.option("--task-limit", type=int, help="Score at most this many documents per task (--tasks).")
+@click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
+              help="The profile of this machine the measurement is judged on: auto takes the one measured here "
+                   "before, else measures the machine once (a few minutes) and caches it; measure measures again; "
+                   "shipped takes d2mc's own; or a .toml file. Default: $D2MC_HOST_PROFILE, else auto.")
 @click.option("-o", "--output", type=click.Path(), help="Output directory (default: out/<model>-<target>).")
 @click.option("--overwrite", is_flag=True)
 @pipeline_recovery_options
 @quiet_option
 @json_option
-def command(model, target, eval_tokens, prefill, context, no_measure, tasks, include_path, task_limit, output,
-            overwrite, quiet, as_json, **plan):
+def command(model, target, eval_tokens, prefill, context, precision, quant_method, block_size, lm_head_precision,
+            accuracy_level, no_measure, tasks, include_path, task_limit, host_profile, output, overwrite, quiet,
+            as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -41,18 +51,25 @@ def command(model, target, eval_tokens, prefill, context, no_measure, tasks, inc
     from d2mc.compile import CompileOptions, check_output_free, compile_model
     from d2mc.convert import method_lines
     from d2mc.plan import PLANNED_METHODS
+    from d2mc.profiles import load_profile
 
     if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
+    gptq = quant_method == "gptq"
+    calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq else (None,) * 3
+    # the quantized weights also lower to TensorRT when the target has it (the engine step)
+    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, accuracy_level,
+                                     *calibration,
+                                     tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
-                             measure=not no_measure, prefill=prefill, context=context, overwrite=overwrite,
+                             measure=not no_measure, host_profile=host_profile, prefill=prefill, context=context,
+                             overwrite=overwrite, conversion=convert_options_from(None, **plan), quantize=quantize,
                              tasks=tuple(tasks.split(",")) if tasks is not None else (),
-                             include_path=include_path, task_limit=task_limit,
-                             conversion=convert_options_from(None, **plan))
+                             include_path=include_path, task_limit=task_limit)
     options.conversion.recovery = recovery
     check_compile_inputs(options)
     err = stderr_console()
@@ -73,7 +90,8 @@ def command(model, target, eval_tokens, prefill, context, no_measure, tasks, inc
     if report["measured"]:
         m = report["measured"]["decode"]
         out.print(f"measured decode here ({report['measured']['runtime']}): {m['measured_s'] * 1e3:.2f} ms, "
-                  f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%)")
+                  f"{report['measured']['profile']} roofline {m['predicted_s'] * 1e3:.2f} ms ({m['error'] * 100:+.1f}%; "
+                  f"profile: {report['measured']['profile_origin']})", markup=False)
     ppl = report["perplexity"]
     if ppl["dense"] is not None:
         after = (f" -> after recovery {ppl['recovered']:.2f}" if ppl["recovered"] is not None
@@ -86,6 +104,14 @@ def command(model, target, eval_tokens, prefill, context, no_measure, tasks, inc
         r = report["recovery"]
         out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items()))
+    if report["quantization"]:
+        q = report["quantization"]
+        out.print(f"quantized: {q['precision']} {q['quant_method']} block {q['block_size']}, LM head "
+                  f"{q['lm_head_precision']}, {q['quantized_linears']} matrices in {q['seconds']:.1f} s")
+        if ppl["quantized"] is not None:
+            out.print(f"held-out perplexity quantized (PyTorch, same weights as the artifact): {ppl['quantized']:.2f}")
+    if ppl["artifact"] is not None:
+        out.print(f"held-out perplexity of the shipped artifact (ONNX Runtime): {ppl['artifact']:.2f}")
     out.print(f"verified: max |logit diff| {report['verify']['max_abs_diff']:.3g} "
               f"(tolerance {report['verify']['tolerance']:g})")
     out.print(f"engine: {report['engine']['summary']}")

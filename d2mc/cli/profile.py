@@ -38,7 +38,13 @@ from d2mc.cli.common import (
                                              "(d2mc build), on the device, instead of ONNX Runtime here.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats per phase with --measure "
                                                                         "(decode takes four times as many).")
-@click.option("--measure-host", is_flag=True, help="Measure this machine and write its device profile TOML.")
+@click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
+              help="The profile of this machine a measurement here is judged on (and --target host-cpu predicts "
+                   "with): auto takes the one measured here before, else measures the machine once (a few "
+                   "minutes) and caches it; measure measures again; shipped takes d2mc's own; or a .toml file. "
+                   "Default: $D2MC_HOST_PROFILE, else auto.")
+@click.option("--measure-host", is_flag=True, help="Measure this machine and write its device profile TOML (also "
+                                                   "cached as this machine's profile).")
 @click.option("--calibrate", "legacy_measure_host", is_flag=True, hidden=True,
               help="Deprecated spelling of --measure-host (calibration names the text analysis runs on).")
 @click.option("-o", "--output", type=click.Path(), help="Directory for roofline.json and roofline.png; with "
@@ -47,21 +53,22 @@ from d2mc.cli.common import (
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @json_option
 def command(model, target, prefill, context, batch, precision, kv_precision, block_size, lm_head_precision, config_only,
-            measure, engine, repeats, measure_host, legacy_measure_host, output, overwrite, as_json):
+            measure, engine, repeats, host_profile, measure_host, legacy_measure_host, output, overwrite, as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
     from d2mc.errors import UserError
 
     if legacy_measure_host:
         stderr_console().print("profile --calibrate is deprecated: use --measure-host")
     if measure_host or legacy_measure_host:
-        from d2mc import host_profile
+        import d2mc.host_profile as machine
         from d2mc.checks import is_profile_file
         from d2mc.outputs import check_output_file
 
         check_output_file(output or "host-cpu.toml", (".toml",), overwrite=overwrite, owned=is_profile_file)
         status = stderr_console()
-        measured = host_profile.measure_host(progress=lambda text: status.print(f"measuring {text}..."))
-        path = host_profile.write_profile(measured, output or "host-cpu.toml")
+        measured = machine.measure_host(progress=lambda text: status.print(f"measuring {text}..."))
+        path = machine.write_profile(measured, output or "host-cpu.toml")
+        machine.write_profile(measured, machine.cached_profile_path())
         if as_json:
             print_json({"path": str(path), **dataclasses.asdict(measured)})
         else:
@@ -75,9 +82,11 @@ def command(model, target, prefill, context, batch, precision, kv_precision, blo
         check_output_path(output, overwrite)
     from d2mc.latency import profile_model
 
+    status = stderr_console()
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
                            kv_precision=kv_precision, block_size=block_size, lm_head_precision=lm_head_precision,
-                           config_only=config_only, measure=measure, repeats=repeats, engine=engine)
+                           config_only=config_only, measure=measure, repeats=repeats, engine=engine, host=host_profile,
+                           progress=lambda text: status.print(f"{text}..."))
     if output:
         from d2mc.outputs import atomic_output_dir
         from d2mc.plots import plot_roofline
@@ -99,6 +108,8 @@ def _print(result: dict, output) -> None:
               + (f" (blocks of {s['block_size']})" if "block_size" in s else "")
               + (f", {s['lm_head']} LM head" if s["lm_head"] != s["precision"] else "")
               + f", {s['kv']} KV cache, batch {s['batch']}")
+    if "origin" in p:
+        out.print(f"profile: {p['origin']}", markup=False)
     out.print(f"MoE accounting: {result['moe_accounting']}", markup=False)
     for phase in ("prefill", "decode"):
         cost = result["phases"][phase]
@@ -119,7 +130,7 @@ def _print(result: dict, output) -> None:
 def _print_measured(out, measured: dict) -> None:
     phases = measured["phases"]
     title = (f"measured on {measured['runtime']} ({measured['precision']}, median of {measured['repeats']} after "
-             f"{measured['warmup']} warm-up) next to the {measured['profile']} roofline")
+             f"{measured['warmup']} warm-up) next to the roofline of {measured['profile_origin']}")
     rows = [[phase, f"{v['predicted_s'] * 1e3:.3f}", f"{v['measured_s'] * 1e3:.3f}", f"{v['error'] * 100:+.1f}%"]
             for phase, v in phases.items()]
     out.print()

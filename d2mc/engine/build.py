@@ -101,7 +101,9 @@ def _refuse_unparsable(graph: GraphSummary) -> None:
 
 def trtexec_command(engine_plan: EnginePlan, onnx: str, engine: str, plugin: str | None,
                     trtexec: str = "trtexec") -> list[str]:
-    """The ``trtexec`` command line that builds the same engine as :func:`build_engine`."""
+    """The ``trtexec`` command line that builds the same engine as :func:`build_engine`. Strongly typed: every
+    precision, int4/int8 weights included, comes from the ONNX's types (its DequantizeLinear nodes and the plugin's
+    quantized inputs), so no precision flag (--fp16, --int8, --best) is given; TensorRT refuses them with Q/DQ."""
     args = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", "--stronglyTyped", "--skipInference"]
     for index, phase in enumerate(PHASES):
         args.append(f"--profile={index}")
@@ -134,7 +136,7 @@ def write_build_script(engine_plan: EnginePlan, out_dir: Path, artifact: Path | 
     lines = [
         "#!/usr/bin/env bash",
         f"# Build the TensorRT engine for {engine_plan.profile.name} (SM {engine_plan.profile.sm}, "
-        f"{engine_plan.precision}) on the device.",
+        f"{_precision_words(engine_plan)}) on the device.",
         "# Engines are specific to the TensorRT version and GPU that build them.",
         "# Usage: bash build.sh            (d2mc build when d2mc is installed, trtexec otherwise)",
         "#        bash build.sh --trtexec  (trtexec only; d2mc verify/profile need the manifest d2mc build writes)",
@@ -162,6 +164,16 @@ def write_build_script(engine_plan: EnginePlan, out_dir: Path, artifact: Path | 
     script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
     return script
+
+
+def _precision_words(engine_plan: EnginePlan) -> str:
+    """``fp16``, or for a weight-only engine what its weights and activations are."""
+    quantization = engine_plan.quantization()
+    if quantization is None:
+        return engine_plan.precision
+    blocks = "/".join(map(str, quantization["block_sizes"])) or "per row"
+    return (f"{engine_plan.precision} weight-only: int{'/int'.join(map(str, quantization['bits']))} codes in "
+            f"blocks of {blocks}, {quantization['activations']} activations, from the ONNX's types")
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -233,7 +245,8 @@ def build_engine(engine_plan: EnginePlan, out_dir: Path, plugin_library: Path | 
         onnx={"path": _relative(engine_plan.graph.path, out_dir), "sha256": sha256_of(engine_plan.graph.path)},
         engine={"file": ENGINE_FILE, "sha256": sha256_of(engine_path), "bytes": engine_path.stat().st_size},
         plugin={"library": PLUGIN_LIBRARY, "sha256": sha256_of(plugin), "serialized_in_engine": True} if plugin else None,
-        moe_nodes=engine_plan.to_dict()["moe_nodes"], build_seconds=round(seconds, 2))
+        moe_nodes=engine_plan.to_dict()["moe_nodes"], quantization=engine_plan.quantization(),
+        build_seconds=round(seconds, 2))
     write_manifest(manifest, out_dir)
     return manifest
 

@@ -1,4 +1,5 @@
-"""What the engine builder reads from a TensorRT-flavoured ONNX: its inputs, its plugin nodes, its weights.
+"""What the engine builder reads from a TensorRT-flavoured ONNX: its inputs, its plugin nodes, its weights and
+how they are quantized.
 
 Only the graph is loaded (external weight data stays on disk), so this runs on any machine in milliseconds.
 """
@@ -19,6 +20,9 @@ ONNX_PRECISION = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp1
                   onnx.TensorProto.BOOL: "bool", onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
 # ONNX Runtime contrib ops: TensorRT's ONNX parser has no importer for these
 CONTRIB_DOMAINS = ("com.microsoft",)
+# element types of quantized weights: their width, and whether they are unsigned (stored with a zero point)
+QUANTIZED_TYPES = {onnx.TensorProto.INT4: (4, False), onnx.TensorProto.UINT4: (4, True),
+                   onnx.TensorProto.INT8: (8, False), onnx.TensorProto.UINT8: (8, True)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,28 @@ class MoeNode:
     inputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class WeightQuantization:
+    """The quantized weights of a graph, weight-only and block-wise, as its operators carry them."""
+
+    bits: tuple[int, ...]  # the widths present, narrowest first (4, or 4 and 8 with an int8 LM head)
+    block_sizes: tuple[int, ...]  # along the input axis; empty when every scale covers a whole row or tensor
+    dequantize_nodes: int  # DequantizeLinear nodes on weight initializers (dense projections)
+    # (bits, block size) of those DequantizeLinear nodes; block size 0: per channel or per tensor
+    dequantize_formats: tuple[tuple[int, int], ...]
+    plugin_nodes: int  # D2mcMoE nodes with quantized experts
+    unsigned: bool  # some DequantizeLinear reads unsigned codes with zero points (asymmetric)
+    method: str | None  # the quantization method the export recorded, None where it recorded none
+
+    @property
+    def narrowest(self) -> int:
+        return self.bits[0]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "bits": list(self.bits), "block_sizes": list(self.block_sizes),
+                "dequantize_nodes": self.dequantize_nodes, "plugin_nodes": self.plugin_nodes}
+
+
 @dataclass
 class GraphSummary:
     path: Path
@@ -44,6 +70,7 @@ class GraphSummary:
     unparsable_ops: list[str]  # "domain::op" TensorRT cannot import
     weight_bytes: int
     precision: str  # the float type of the logits: a strongly typed network computes in the ONNX's types
+    quantization: WeightQuantization | None = None  # None: every weight is float
 
     @property
     def kv_inputs(self) -> list[TensorSpec]:
@@ -74,7 +101,36 @@ def read_graph(onnx_path: str | Path) -> GraphSummary:
     if logits is None:
         raise UserError(f"'{path}' has no outputs: export it again")
     return GraphSummary(path, inputs, outputs, moe_nodes, sorted(unparsable), _weight_bytes(path, model),
-                        logits.dtype)
+                        logits.dtype, _quantization(path, model, moe_nodes))
+
+
+def _quantization(path: Path, model: onnx.ModelProto, moe_nodes: list[MoeNode]) -> WeightQuantization | None:
+    """Which weights are quantized: DequantizeLinear nodes reading an integer initializer, and plugin nodes with
+    quantized experts; the method comes from what the export recorded beside the ONNX (``d2mc_artifact.json``'s
+    ``quantization.quant_method``)."""
+    from d2mc.artifact import artifact_info
+
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    bits, blocks, formats, dequantize, unsigned = set(), set(), set(), 0, False
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and \
+                types.get(node.input[0]) in QUANTIZED_TYPES:
+            width, is_unsigned = QUANTIZED_TYPES[types[node.input[0]]]
+            bits.add(width)
+            unsigned = unsigned or is_unsigned
+            block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+            blocks.update({block} - {0})
+            formats.add((width, block))
+            dequantize += 1
+    plugin = [n.attributes for n in moe_nodes if n.attributes.quantized]
+    bits.update(a.weight_bits for a in plugin)
+    blocks.update(a.block_size for a in plugin)
+    if not bits:
+        return None
+    recorded = artifact_info(path.parent).get("quantization")  # QuantizedModel.to_dict()
+    method = recorded.get("quant_method") if isinstance(recorded, dict) else None
+    return WeightQuantization(tuple(sorted(bits)), tuple(sorted(blocks)), dequantize, tuple(sorted(formats)),
+                              len(plugin), unsigned, str(method) if method else None)
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -87,10 +143,11 @@ def _moe_node(node: onnx.NodeProto, shapes: dict) -> MoeNode:
     where = f"'{node.name}'"
     attributes = MoePluginAttributes.from_onnx({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
                                                where)
-    if len(node.input) != 4:
-        raise UserError(f"{PLUGIN_NAME} node {where} has {len(node.input)} inputs; the plugin takes 4 (hidden, "
-                        "router_logits, fc1, fc2)")
-    for name, expected in ((node.input[2], attributes.fc1_shape()), (node.input[3], attributes.fc2_shape())):
+    if len(node.input) != len(attributes.inputs):
+        raise UserError(f"{PLUGIN_NAME} node {where} has {len(node.input)} inputs; with weight_bits="
+                        f"{attributes.weight_bits} the plugin takes {len(attributes.inputs)} "
+                        f"({', '.join(attributes.inputs)})")
+    for name, expected in zip(node.input[2:], attributes.weight_shapes().values(), strict=True):
         if name in shapes and shapes[name] != expected:
             raise UserError(f"{PLUGIN_NAME} node {where}: weight '{name}' has shape {list(shapes[name])}, its "
                             f"attributes say {list(expected)}")

@@ -34,6 +34,8 @@ class EngineManifest:
     engine: dict  # {"file", "sha256", "bytes"}
     plugin: dict | None  # {"library", "sha256", "serialized_in_engine"} or None without MoE blocks
     moe_nodes: list = field(default_factory=list)
+    # weight-only quantization: {"method", "bits", "block_sizes", ..., "activations"}; None for a float engine
+    quantization: dict | None = None
     build_seconds: float = 0.0
     format: int = FORMAT
 

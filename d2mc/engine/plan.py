@@ -1,6 +1,11 @@
 """The engine plan: shapes of the two optimisation profiles, precision, memory limits, all from the ONNX and
 the device profile, decided before TensorRT is imported.
 
+Precision: a strongly typed network computes in the ONNX's own types, so the asked precision must be what the ONNX
+holds. ``fp16``/``fp32``: float weights and activations of that type. ``int4``/``int8``: weight-only, the weights
+stored as codes with block scales (``DequantizeLinear`` before the dense MatMuls, the plugin's quantized experts)
+and the activations in the ONNX's float type; the device profile's ``tensorrt_precisions`` must list it.
+
 Profile 0, prefill: ``sequence_length`` 1..max_input with no past (``past_sequence_length`` 0).
 Profile 1, decode: one token after a past of 0..max_kv tokens.
 An engine built with both serves a whole generation: prefill the prompt on profile 0, decode on profile 1.
@@ -19,7 +24,13 @@ from d2mc.profiles import DeviceProfile
 
 PHASES = ("prefill", "decode")
 # what d2mc's exports contain; a strongly typed engine computes in the ONNX's own types
-ENGINE_PRECISIONS = ("fp16", "fp32")
+ENGINE_PRECISIONS = ("fp16", "fp32", "int8", "int4")
+WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # weight-only precisions: the width of the narrowest quantized weights
+# what TensorRT's DequantizeLinear takes for weights: int4 only in blocks of these sizes, int8 only per channel or per
+# tensor (the plugin's experts dequantize themselves and take any block size it documents)
+TENSORRT_INT4_BLOCKS = (64, 128)
+TENSORRT_DEQUANTIZE_SOURCE = ("TensorRT documentation, Quantization Schemes: INT4 requires per-block scales of block "
+                              "size 64 or 128; NvInfer.h (IDequantizeLayer): block dequantization is INT4 only")
 DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 MEMORY_HEADROOM = 0.9  # a Jetson shares its memory with the OS and the application: plan within 90%
 DEFAULT_WORKSPACE_SHARE = 0.25
@@ -31,7 +42,7 @@ GIB = 1 << 30
 class EngineSettings:
     """What the user may choose; ``None`` means derive it from the model and the device profile."""
 
-    precision: str = "fp16"
+    precision: str | None = None  # default: what the ONNX holds (held_precision)
     max_input: int | None = None  # longest prompt of one prefill; default min(2048, model context)
     max_kv: int | None = None  # longest past before a decode step; default the model context - 1
     max_batch: int = 1
@@ -87,12 +98,19 @@ class EnginePlan:
             profiles.append(profile)
         return profiles
 
+    def quantization(self) -> dict | None:
+        """The quantized weights and the float type the engine computes in, as plan.json and the manifest record
+        them; None for a float engine."""
+        if self.graph.quantization is None:
+            return None
+        return {**self.graph.quantization.to_dict(), "weight_only": True, "activations": self.graph.precision}
+
     def to_dict(self) -> dict:
         return {
             "onnx": str(self.graph.path), "device": self.profile.name, "sm": self.profile.sm,
-            "precision": self.precision, "max_input": self.max_input, "max_kv": self.max_kv,
-            "max_batch": self.max_batch, "workspace_bytes": self.workspace_bytes, "weight_bytes": self.weight_bytes,
-            "kv_bytes": self.kv_bytes,
+            "precision": self.precision, "quantization": self.quantization(), "max_input": self.max_input,
+            "max_kv": self.max_kv, "max_batch": self.max_batch, "workspace_bytes": self.workspace_bytes,
+            "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
             "profiles": {phase: {n: s.to_dict() for n, s in shapes.items()} for phase, shapes in self.shapes.items()},
             "moe_nodes": [{"name": n.name, **dataclasses.asdict(n.attributes)} for n in self.graph.moe_nodes],
             "notes": self.notes,
@@ -109,19 +127,55 @@ def check_precision(profile: DeviceProfile, precision: str) -> None:
                         f"{', '.join(profile.tensorrt_precisions)} (source: "
                         f"{profile.source.get('tensorrt_precisions', 'its profile')})")
     if precision not in ENGINE_PRECISIONS:
-        raise UserError(f"{precision} engines need a quantised (Q/DQ) ONNX, which d2mc does not export yet: "
-                        f"choose one of {', '.join(ENGINE_PRECISIONS)}")
+        raise UserError(f"{precision} engines need a {precision} ONNX, which d2mc does not export: choose one of "
+                        f"{', '.join(ENGINE_PRECISIONS)}")
+
+
+def held_precision(graph: GraphSummary) -> str:
+    """The precision the ONNX holds: ``int4``/``int8`` by its narrowest quantized weights, else its float type."""
+    return f"int{graph.quantization.narrowest}" if graph.quantization is not None else graph.precision
+
+
+def check_graph_precision(graph: GraphSummary, precision: str) -> None:
+    """Refuse a precision the ONNX does not hold: a strongly typed engine takes its types from the ONNX."""
+    quantization = graph.quantization
+    bits = WEIGHT_ONLY_BITS.get(precision)
+    if bits is None:
+        if quantization is not None:
+            held = f"int{quantization.narrowest}"
+            raise UserError(f"the ONNX at '{graph.path}' holds {held} weights (weight-only, {graph.precision} "
+                            f"activations) but {precision} was asked: build it with --precision {held}")
+        if graph.precision != precision:
+            raise UserError(f"the ONNX at '{graph.path}' computes in {graph.precision} but {precision} was asked: a "
+                            f"strongly typed engine takes its types from the ONNX, so export it with --precision "
+                            f"{precision}")
+        return
+    if quantization is None or quantization.narrowest != bits:
+        held = "float weights" if quantization is None else f"int{quantization.narrowest} weights"
+        raise UserError(f"{precision} engines are weight-only {precision}, and the ONNX at '{graph.path}' holds "
+                        f"{held}: export it with --precision {precision}")
+    if quantization.unsigned:
+        raise UserError(f"the ONNX at '{graph.path}' holds unsigned codes with zero points; TensorRT dequantizes "
+                        "symmetric weights only (signed codes, zero point 0): quantize symmetrically")
+    for width, block in quantization.dequantize_formats:
+        if width == 4 and block not in TENSORRT_INT4_BLOCKS:
+            given = f"blocks of {block}" if block else "one scale per channel"
+            raise UserError(f"the ONNX at '{graph.path}' dequantizes int4 weights in {given}; TensorRT takes int4 "
+                            f"in blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE}):"
+                            f" export it with --block-size {TENSORRT_INT4_BLOCKS[0]} or {TENSORRT_INT4_BLOCKS[1]}")
+        if width == 8 and block:
+            raise UserError(f"the ONNX at '{graph.path}' dequantizes int8 weights in blocks of {block}; TensorRT takes "
+                            f"int8 weights with one scale per channel ({TENSORRT_DEQUANTIZE_SOURCE}): quantize them "
+                            "per channel")
 
 
 def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSettings | None = None,
                 max_positions: int | None = None) -> EnginePlan:
     """Decide shapes, precision and memory of the engine for ``profile``; every refusal is one line."""
     settings = settings or EngineSettings()
-    check_precision(profile, settings.precision)
-    if graph.precision != settings.precision:
-        raise UserError(f"the ONNX at '{graph.path}' computes in {graph.precision} but {settings.precision} was "
-                        f"asked: a strongly typed engine takes its types from the ONNX, so export it with "
-                        f"--precision {settings.precision}")
+    precision = settings.precision or held_precision(graph)
+    check_precision(profile, precision)
+    check_graph_precision(graph, precision)
     notes = []
     context = max_positions or 4096
     max_input = settings.max_input or min(2048, context)
@@ -153,7 +207,7 @@ def plan_engine(graph: GraphSummary, profile: DeviceProfile, settings: EngineSet
     workspace = int(min(wanted, left))
     if workspace < wanted:
         notes.append(f"workspace capped at {workspace / GIB:.2f} GiB by {profile.name}'s {profile.memory_gb:g} GB")
-    return EnginePlan(graph, profile, settings.precision, max_input, max_kv, settings.max_batch, shapes, workspace,
+    return EnginePlan(graph, profile, precision, max_input, max_kv, settings.max_batch, shapes, workspace,
                       weight_bytes, kv_bytes, notes)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, project, rms
+from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, matmul, project, rms
+from d2mc.quantize import concat_rows
 
 MASKED = -1e9  # additive attention bias of a masked position (fp32 scores: exp() underflows to exactly 0)
 
@@ -35,8 +36,9 @@ class FusedAttention:
             key = _head_norm(g, key, attention.k_norm, arch.num_kv_heads, arch, f"{name}.k_norm")
             gqa_inputs = [query, key, value]
         else:  # one packed projection: one weight read, one MatMul
-            w = torch.cat([q.weight, k.weight, v.weight], 0)
-            packed = g.op1("MatMul", [x, g.weight(f"{name}.qkv_proj.weight_t", w.T)])
+            parts = [g.quantized.get(m) for m in (q, k, v)]
+            w = concat_rows(parts) if parts[0] is not None else torch.cat([q.weight, k.weight, v.weight], 0)
+            packed = matmul(g, x, w, f"{name}.qkv_proj.weight")
             if q.bias is not None:
                 bias = torch.cat([q.bias, k.bias, v.bias])
                 packed = g.op1("Add", [packed, g.weight(f"{name}.qkv_proj.bias", bias)])

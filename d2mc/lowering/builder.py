@@ -1,5 +1,11 @@
 """The ONNX graph under construction: named nodes and initializers, and the pieces every block uses (RMSNorm,
-a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them."""
+a projection); :mod:`d2mc.lowering.onnx_graph` assembles a model from them.
+
+A projection whose weight was quantized (:class:`~d2mc.quantize.QuantizedLinear`, looked up by its module in
+``GraphBuilder.quantized``) is ``com.microsoft::MatMulNBits`` in the onnxruntime flavour and ``DequantizeLinear``
+(opset 21, symmetric: signed codes, no zero point) feeding a ``MatMul`` in the tensorrt flavour, which TensorRT
+fuses into a weight-only GEMM: block-wise along the input axis, or per output channel for int8 codes with one block
+per row (TensorRT dequantizes int8 weights only so)."""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from d2mc.errors import UserError
+from d2mc.quantize import pack_signed
 
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
@@ -22,12 +31,14 @@ class ExternalData:
         self.path = path
         self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last weight)
 
-    def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
-        """A tensor proto for ``array`` whose bytes go to the file (little-endian, row-major)."""
+    def add(self, name: str, array: np.ndarray, data_type: int | None = None, dims=None) -> onnx.TensorProto:
+        """A tensor proto for ``array`` whose bytes go to the file (little-endian, row-major); ``data_type`` and
+        ``dims`` describe bytes already packed (INT4 codes, two to a byte)."""
         offset = -self.file.tell() % EXTERNAL_ALIGNMENT + self.file.tell()
         self.file.seek(offset)
         array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self.file)
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor = TensorProto(name=name, data_type=data_type or helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape if dims is None else dims)
         for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
             tensor.external_data.add(key=key, value=str(value))
         tensor.data_location = TensorProto.EXTERNAL
@@ -39,14 +50,18 @@ class ExternalData:
 
 class GraphBuilder:
     """Accumulates nodes and initializers with unique names; with ``data`` the large initializers go straight to
-    that external data file."""
+    that external data file. ``quantized`` maps a Linear module to its quantized weight, emitted at
+    ``accuracy_level`` (``MatMulNBits``'s: 4 computes with int8 activations)."""
 
-    def __init__(self, np_dtype, onnx_dtype, data: ExternalData | None = None):
+    def __init__(self, np_dtype, onnx_dtype, data: ExternalData | None = None, quantized: dict | None = None,
+                 accuracy_level: int = 0):
         self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.np_dtype, self.onnx_dtype = np_dtype, onnx_dtype
         self.trt = False  # emit only operators TensorRT parses natively
+        self.quantized = quantized or {}
+        self.accuracy_level = accuracy_level
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -61,6 +76,15 @@ class GraphBuilder:
             self.initializers.append(self.data.add(name, array))
         else:
             self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def packed(self, name: str, data_type: int, dims, raw: bytes) -> str:
+        """An initializer of ``data_type`` and ``dims`` from bytes already in ONNX's layout (INT4: two codes to a
+        byte)."""
+        if self.data is not None and len(raw) >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(self.data.add(name, np.frombuffer(raw, np.uint8), data_type, dims))
+        else:
+            self.initializers.append(helper.make_tensor(name, data_type, dims, raw, raw=True))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -102,12 +126,59 @@ def rms(g: GraphBuilder, x: str, eps: float) -> str:
     return g.op1("Cast", [normed], to=g.onnx_dtype) if fp16 else normed
 
 
-def _linear_t(module) -> torch.Tensor:
-    return module.weight.T
-
-
 def project(g, x: str, linear, name: str) -> str:
-    out = g.op1("MatMul", [x, g.weight(f"{name}.weight_t", _linear_t(linear))])
+    """``x @ W.T (+ bias)`` for the Linear ``linear``, quantized when ``g.quantized`` holds its weight."""
+    q = g.quantized.get(linear)
+    out = matmul(g, x, q if q is not None else linear.weight, f"{name}.weight")
     if getattr(linear, "bias", None) is not None:
         out = g.op1("Add", [out, g.weight(f"{name}.bias", linear.bias)])
     return out
+
+
+def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
+    """``x @ weight.T`` for a weight ``[out, in]``: a float tensor (a ``MatMul`` on the transposed initializer
+    ``{name}_t``) or a :class:`~d2mc.quantize.QuantizedLinear`; into ``output`` when given."""
+    outputs = [output] if output else 1
+    if isinstance(weight, torch.Tensor):
+        return g.op("MatMul", [x, g.weight(f"{name}_t", weight.T)], outputs)[0]
+    if weight.pre_scale is not None:
+        x = g.op1("Mul", [x, g.weight(f"{name}.pre_scale", weight.pre_scale)])
+    if g.trt:
+        return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
+    return g.op("MatMulNBits", nbits_inputs(g, weight, name, x), outputs, MS_DOMAIN,
+                **nbits_attributes(g, weight))[0]
+
+
+def nbits_inputs(g, q, name: str, x: str = "") -> list[str]:
+    """``[x, B, scales(, zero_points)]`` of a ``MatMulNBits`` node for ``q`` (initializers ``{name}_q{bits}``,
+    ``{name}_scales``, ``{name}_zero_points``), without ``x`` when it is empty."""
+    packed, scales, zero_points = q.matmul_nbits()
+    inputs = [x] if x else []
+    inputs += [g.weight(f"{name}_q{q.bits}", packed, np.uint8), g.weight(f"{name}_scales", scales)]
+    if zero_points is not None:
+        inputs.append(g.weight(f"{name}_zero_points", zero_points, np.uint8))
+    return inputs
+
+
+def nbits_attributes(g, q) -> dict:
+    out_features, in_features = q.shape
+    return dict(K=in_features, N=out_features, bits=q.bits, block_size=q.block_size,
+                accuracy_level=g.accuracy_level)
+
+
+def dequantized(g, q, name: str) -> str:
+    """The float weight ``[in, out]`` of the symmetric ``q`` as ``DequantizeLinear(codes, scales)``, its scales in
+    the graph's float type (the type the weight comes out in): block-wise (``axis=0``, ``block_size``), or per
+    output channel (``axis=1``, scales ``[out]``) for int8 codes with one block per row, the form TensorRT
+    dequantizes int8 weights in (its block dequantization is int4 only)."""
+    if not q.symmetric:
+        raise UserError("the tensorrt flavour takes symmetric quantized weights (signed codes, zero point 0: what "
+                        "TensorRT dequantizes): quantize symmetrically")
+    codes = q.signed_codes().T  # [in, out]
+    packed = pack_signed(np.ascontiguousarray(codes), q.bits)
+    kind = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
+    codes_name = g.packed(f"{name}_q{q.bits}", kind, codes.shape, packed.tobytes())
+    if q.bits == 8 and q.scales.shape[1] == 1:
+        return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales[:, 0])], axis=1)
+    return g.op1("DequantizeLinear", [codes_name, g.weight(f"{name}_scales", q.scales.T)], axis=0,
+                 block_size=q.block_size)

@@ -24,7 +24,10 @@ RMSNorm as ``Pow, ReduceMean, Add, Sqrt, Div`` in fp32 then the weight; rotary f
 (and sliding-window) mask built from ``attention_mask``, softmax in fp32. Each MoE block is one ``d2mc::D2mcMoE``
 plugin node whose inputs and attributes follow :mod:`d2mc.ops.moe` (docs/tensorrt-plugin.md):
 ``D2mcMoE(rms(h), router(h), fc1, fc2)``, gate/up rows interleaved, shared experts first, each expert's norm weight
-folded into fc1. ONNX Runtime cannot run the plugin: :func:`d2mc.lowering.plugin_reference.expand_plugin_nodes`
+folded into fc1. With quantized weights (``quantized``: weight-only, symmetric, block-wise int4/int8) the flavour
+moves to opset 21: every quantized projection and the LM head read ``DequantizeLinear`` of their codes before the
+``MatMul``, and the plugin node takes its experts' packed codes and block scales (``weight_bits``, ``block_size``).
+ONNX Runtime cannot run the plugin: :func:`d2mc.lowering.plugin_reference.expand_plugin_nodes`
 rewrites it into standard ops so that the flavour is verified against PyTorch like the other.
 """
 
@@ -39,12 +42,22 @@ import torch
 from onnx import TensorProto, helper
 
 from d2mc.arch import BlockPlan
-from d2mc.errors import UserError
+from d2mc.errors import OptionError, UserError
 from d2mc.lowering.attention import FusedAttention, StandardAttention
-from d2mc.lowering.builder import PRECISIONS, ExternalData, GraphBuilder, norm
+from d2mc.lowering.builder import (
+    MS_DOMAIN,
+    PRECISIONS,
+    ExternalData,
+    GraphBuilder,
+    matmul,
+    nbits_attributes,
+    nbits_inputs,
+    norm,
+)
 from d2mc.lowering.experts import LoweredBlock, lower_experts
 
 OPSET = {"onnxruntime": 21, "tensorrt": 18}
+QUANTIZED_OPSET = 21
 MOE_OPS = ("dispatch", "contrib")
 FLAVOURS = ("onnxruntime", "tensorrt")
 DATA_FILE = "model.onnx.data"  # the weights, beside model.onnx
@@ -53,12 +66,15 @@ LM_HEAD_TABLE = "lm_head.weight_t"  # [hidden, vocab]; with tied embeddings also
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """What to emit: ``flavour`` (onnxruntime | tensorrt), weight ``precision`` (fp32 | fp16) and, for the
-    onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt flavour always uses the plugin)."""
+    """What to emit: ``flavour`` (onnxruntime | tensorrt), the float ``precision`` (fp32 | fp16) of activations and
+    float weights and, for the onnxruntime flavour, the MoE form ``moe_op`` (dispatch | contrib; the tensorrt
+    flavour always uses the plugin) and the ``accuracy_level`` of quantized weights' ``MatMulNBits`` and ``QMoE``
+    nodes. Which weights are quantized, and how, is the :class:`~d2mc.quantize.QuantizedModel` lowered."""
 
     precision: str = "fp32"
     moe_op: str = "dispatch"
     flavour: str = "onnxruntime"
+    accuracy_level: int = 4
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
@@ -67,28 +83,38 @@ class LoweringOptions:
             raise UserError(f"unknown precision '{self.precision}' for ONNX: choose fp32 or fp16")
         if self.moe_op not in MOE_OPS:
             raise UserError(f"unknown MoE lowering '{self.moe_op}': choose one of {', '.join(MOE_OPS)}")
+        if self.accuracy_level not in range(5):
+            raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
 
 
 def lower_to_onnx(model, out_dir: str | Path, options: LoweringOptions | None = None, *, flavour: str | None = None,
-                  precision: str | None = None, moe_op: str | None = None) -> Path:
+                  precision: str | None = None, moe_op: str | None = None, quantized=None) -> Path:
     """Write ``model.onnx`` (+ ``model.onnx.data``) for a dense or converted model into ``out_dir``.
 
     ``options`` or the keywords ``flavour``, ``precision``, ``moe_op`` (keywords win) choose what is emitted.
-    Returns the path of ``model.onnx``.
+    ``quantized``: the :class:`~d2mc.quantize.QuantizedModel` whose ``model`` is ``model``: its quantized Linears
+    are emitted from their codes. Returns the path of ``model.onnx``.
     """
     options = options or LoweringOptions()
     overrides = {k: v for k, v in (("flavour", flavour), ("precision", precision), ("moe_op", moe_op)) if v}
     if overrides:
         options = LoweringOptions(**{**options.__dict__, **overrides})
+    by_module = {}
+    if quantized is not None:
+        if quantized.model is not model:
+            raise ValueError("lower a QuantizedModel's own model (quantized.model) with it")
+        by_module = quantized.by_module()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ExternalData(out_dir / DATA_FILE)
     try:
-        graph = _build_graph(model, options, GraphBuilder(*PRECISIONS[options.precision], data))
+        graph = _build_graph(model, options, GraphBuilder(*PRECISIONS[options.precision], data, by_module,
+                                                          options.accuracy_level))
     finally:
         data.close()
     domains = {n.domain for n in graph.node} - {""}
-    opsets = [helper.make_opsetid("", OPSET[options.flavour])] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    opset = QUANTIZED_OPSET if by_module else OPSET[options.flavour]  # block-wise DequantizeLinear is opset 21
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="d2mc")
     onnx_model.ir_version = 10
     path = out_dir / "model.onnx"
@@ -133,8 +159,18 @@ def _build_graph(model, options: LoweringOptions, g: GraphBuilder) -> onnx.Graph
     else:
         attend = FusedAttention(g, arch)
 
-    logits_w = g.weight(LM_HEAD_TABLE, model.lm_head.weight.T)
-    if embedding_is_tied(model):  # the head's table, gathered by column ([hidden, batch, seq]), is the embedding
+    head = g.quantized.get(model.lm_head)
+    tied = embedding_is_tied(model)
+    # a tied embedding reads the quantized LM head's own bytes (one copy of the vocabulary matrix)
+    shared = head is not None and tied and not trt
+    if head is None:
+        logits_w = g.weight(LM_HEAD_TABLE, model.lm_head.weight.T)
+    if shared:
+        head_inputs = nbits_inputs(g, head, "lm_head.weight")
+        rows = g.op1("Reshape", [head_inputs[0], g.const([head.shape[0], -1])])
+        residual = g.op1("GatherBlockQuantized", [rows, "input_ids", *head_inputs[1:]], MS_DOMAIN, bits=head.bits,
+                         block_size=head.block_size, gather_axis=0, quantize_axis=1)
+    elif head is None and tied:  # the head's table, gathered by column ([hidden, batch, seq]), is the embedding
         residual = g.op1("Transpose", [g.op1("Gather", [logits_w, "input_ids"], axis=1)], perm=[1, 2, 0])
     else:
         residual = g.op1("Gather", [g.weight("embed_tokens", model.model.embed_tokens.weight), "input_ids"])
@@ -147,7 +183,12 @@ def _build_graph(model, options: LoweringOptions, g: GraphBuilder) -> onnx.Graph
             attention_idx += 1
         delta, residual = lower_experts(g, block, residual, delta, arch, eps, options.moe_op, f"blocks.{b}")
     normed, _ = norm(g, residual, delta, model.model.norm.weight, eps, "final_norm")
-    g.op("MatMul", [normed, logits_w], ["logits"])
+    if head is None:
+        g.op("MatMul", [normed, logits_w], ["logits"])
+    elif shared:
+        g.op("MatMulNBits", [normed, *head_inputs], ["logits"], MS_DOMAIN, **nbits_attributes(g, head))
+    else:
+        matmul(g, normed, head, "lm_head.weight", "logits")
 
     return helper.make_graph(g.nodes, f"d2mc_{arch.family}_{options.flavour}", inputs, outputs, g.initializers)
 

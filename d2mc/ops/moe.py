@@ -9,6 +9,17 @@ One node per MoE block (docs/tensorrt-plugin.md has the full text)::
     domain "d2mc"; attributes plugin_version="1", plugin_namespace="d2mc", num_experts=E (routed),
     num_shared=S, top_k, hidden_size=H, intermediate_size=I, activation="swiglu", normalize (0, 1 or 2)
 
+With quantized expert weights (``weight_bits`` 4 or 8, weight-only, symmetric: ``w = code * scale``)::
+
+    D2mcMoE(hidden, router_logits, fc1 [S+E, 2I, H*bits/8] int8, fc2 [S+E, H, I*bits/8] int8,
+            fc1_scales [S+E, 2I, H/block_size], fc2_scales [S+E, H, I/block_size]) -> out
+
+    attributes as above plus weight_bits (4 or 8) and block_size (a multiple of 16 dividing H and I)
+
+``fc1``/``fc2`` then hold signed codes, two int4 codes per byte (the even input column in the low nibble, as
+ONNX's and TensorRT's INT4 tensors pack them), one scale in the type of ``hidden`` per ``block_size`` codes along
+each row (the input axis).
+
 ``hidden`` is the block's RMS-normalised hidden state *without* a norm weight: each expert's own
 post-attention norm weight is folded into its rows of ``fc1`` (as the ONNX Runtime lowering does).
 ``fc1`` interleaves gate and up rows (row ``2i`` is gate_i, row ``2i+1`` is up_i: the layout of ONNX Runtime's
@@ -20,19 +31,27 @@ cut from one MLP's neurons, which add up to it). Shared experts always run with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from d2mc.errors import UserError
 
 if TYPE_CHECKING:  # the contract itself is read without torch (the engine builder, the roofline)
     import torch
 
+    from d2mc.quantize import QuantizedLinear
+
 PLUGIN_NAME = "D2mcMoE"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "d2mc"
 PLUGIN_DOMAIN = "d2mc"
 PLUGIN_INPUTS = ("hidden", "router_logits", "fc1", "fc2")
+QUANTIZED_INPUTS = PLUGIN_INPUTS + ("fc1_scales", "fc2_scales")
+WEIGHT_BITS = (0, 4, 8)  # 0: fc1 and fc2 in the type of hidden; 4 or 8: signed codes with block scales
+BLOCK_MULTIPLE = 16  # the kernels read 32-bit words of codes, each inside one block
 ACTIVATIONS = ("swiglu",)
 MAX_EXPERTS = 64  # the routing kernel keeps one token's logits in one warp's registers (two per lane)
 MAX_TOP_K = 8
@@ -53,6 +72,8 @@ class MoePluginAttributes:
     intermediate_size: int
     activation: str = "swiglu"
     normalize: int = 1
+    weight_bits: int = 0
+    block_size: int = 0
     plugin_version: str = PLUGIN_VERSION
     plugin_namespace: str = PLUGIN_NAMESPACE
 
@@ -70,6 +91,14 @@ class MoePluginAttributes:
             problems.append(f"activation '{self.activation}' is not one of {', '.join(ACTIVATIONS)}")
         if self.normalize not in NORMALIZE:
             problems.append(f"normalize={self.normalize} must be 0, 1 or 2")
+        if self.weight_bits not in WEIGHT_BITS:
+            problems.append(f"weight_bits={self.weight_bits} must be 0 (float weights), 4 or 8")
+        elif not self.weight_bits and self.block_size:
+            problems.append(f"block_size={self.block_size} needs quantized weights (weight_bits 4 or 8)")
+        elif self.weight_bits and (self.block_size < BLOCK_MULTIPLE or self.block_size % BLOCK_MULTIPLE
+                                   or self.hidden_size % self.block_size or self.intermediate_size % self.block_size):
+            problems.append(f"block_size={self.block_size} must be a multiple of {BLOCK_MULTIPLE} dividing "
+                            f"hidden_size={self.hidden_size} and intermediate_size={self.intermediate_size}")
         if self.plugin_version != PLUGIN_VERSION:
             problems.append(f"plugin_version '{self.plugin_version}' is not {PLUGIN_VERSION}")
         if self.plugin_namespace != PLUGIN_NAMESPACE:
@@ -81,15 +110,38 @@ class MoePluginAttributes:
     def total_experts(self) -> int:
         return self.num_experts + self.num_shared
 
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits != 0
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The node's inputs, in order."""
+        return QUANTIZED_INPUTS if self.quantized else PLUGIN_INPUTS
+
     def fc1_shape(self) -> tuple[int, int, int]:
+        """The logical (unpacked) shape of fc1."""
         return (self.total_experts, 2 * self.intermediate_size, self.hidden_size)
 
     def fc2_shape(self) -> tuple[int, int, int]:
+        """The logical (unpacked) shape of fc2."""
         return (self.total_experts, self.hidden_size, self.intermediate_size)
 
+    def weight_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The stored shape of each weight input: fc1 and fc2 packed, and their scales when quantized."""
+        if not self.quantized:
+            return {"fc1": self.fc1_shape(), "fc2": self.fc2_shape()}
+        (experts, rows1, cols1), (_, rows2, cols2) = self.fc1_shape(), self.fc2_shape()
+        bits, block = self.weight_bits, self.block_size
+        return {"fc1": (experts, rows1, cols1 * bits // 8), "fc2": (experts, rows2, cols2 * bits // 8),
+                "fc1_scales": (experts, rows1, cols1 // block), "fc2_scales": (experts, rows2, cols2 // block)}
+
     def to_onnx(self) -> dict:
-        """Attributes as the ONNX node carries them."""
-        return asdict(self)
+        """Attributes as the ONNX node carries them (a float node leaves out weight_bits and block_size)."""
+        attributes = asdict(self)
+        if not self.quantized:
+            del attributes["weight_bits"], attributes["block_size"]
+        return attributes
 
     @classmethod
     def from_onnx(cls, attrs: dict, where: str = "") -> MoePluginAttributes:
@@ -100,18 +152,22 @@ class MoePluginAttributes:
         if missing:
             raise UserError(f"{PLUGIN_NAME} node {where}: missing attribute(s) {', '.join(missing)}")
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        for key in required + ("normalize",):
+        for key in required + ("normalize", "weight_bits", "block_size"):
             if key in known:
                 known[key] = int(known[key])
         return cls(**known)
 
 
 def moe_plugin_node(name: str, hidden: str, router_logits: str, fc1: str, fc2: str, output: str,
-                    attributes: MoePluginAttributes):
-    """The ``D2mcMoE`` ONNX node (with ``onnx.helper``); the graph must import the opset ``(PLUGIN_DOMAIN, 1)``."""
+                    attributes: MoePluginAttributes, scales: tuple[str, str] | None = None):
+    """The ``D2mcMoE`` ONNX node (with ``onnx.helper``); the graph must import the opset ``(PLUGIN_DOMAIN, 1)``.
+    ``scales`` names fc1's and fc2's block scales, which quantized attributes need and float ones refuse."""
     from onnx import helper
 
-    return helper.make_node(PLUGIN_NAME, [hidden, router_logits, fc1, fc2], [output], name=name,
+    if attributes.quantized != (scales is not None):
+        raise ValueError(f"a {PLUGIN_NAME} node with weight_bits={attributes.weight_bits} takes "
+                         f"{len(attributes.inputs)} inputs ({', '.join(attributes.inputs)})")
+    return helper.make_node(PLUGIN_NAME, [hidden, router_logits, fc1, fc2, *(scales or ())], [output], name=name,
                             domain=PLUGIN_DOMAIN, **attributes.to_onnx())
 
 
@@ -139,14 +195,65 @@ def pack_experts(experts, routed_scale: float = 1.0) -> tuple[torch.Tensor, torc
     return torch.stack(fc1).detach(), torch.stack(fc2).detach()
 
 
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """A block's quantized expert weights as the plugin node takes them (weight-only, symmetric, zero points 0):
+    ``fc1`` int8 ``[S+E, 2I, H*bits/8]`` (gate and up rows interleaved), ``fc2`` int8 ``[S+E, H, I*bits/8]``,
+    each row's signed codes packed two per byte for 4 bits (the even column in the low nibble); ``fc1_scales``
+    ``[S+E, 2I, H/block_size]`` and ``fc2_scales`` ``[S+E, H, I/block_size]`` in float32 (the graph stores them in
+    the type of ``hidden``)."""
+
+    bits: int
+    block_size: int
+    fc1: np.ndarray
+    fc2: np.ndarray
+    fc1_scales: np.ndarray
+    fc2_scales: np.ndarray
+
+
+def pack_quantized_experts(weights: Sequence[tuple[QuantizedLinear, QuantizedLinear, QuantizedLinear]]
+                           ) -> QuantizedExperts:
+    """The quantized twin of :func:`pack_experts`: ``weights`` holds each expert's ``(gate, up, down)`` quantized
+    Linears, shared experts first, quantized after their norms were folded into gate and up
+    (:func:`d2mc.quantize.fold_expert_norms`: the codes stand for the folded weights). Every Linear must share one bit width and block size, be symmetric and carry no pre-scale."""
+    from d2mc.quantize import pack_signed
+
+    linears = [q for expert in weights for q in expert]
+    formats = {(q.bits, q.block_size) for q in linears}
+    if len(formats) != 1:
+        raise UserError(f"the experts of one {PLUGIN_NAME} node must share one bit width and block size, not "
+                        f"{', '.join(f'{b} bits / block {s}' for b, s in sorted(formats))}")
+    (bits, block_size), = formats
+    if any(not q.symmetric for q in linears):
+        raise UserError(f"the {PLUGIN_NAME} plugin takes symmetric expert weights (zero points 0, as TensorRT's "
+                        "int4): quantize the experts symmetrically for the tensorrt flavour")
+    if any(q.pre_scale is not None for q in linears):
+        raise UserError(f"the {PLUGIN_NAME} plugin has no input scale for an expert: fold each pre-scale into the "
+                        "layer before it, or quantize without one")
+    fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
+    for gate, up, down in weights:
+        # rows g0, u0, g1, u1, ...: the float layout's interleaving, for the codes and their scales alike
+        fc1.append(np.stack([gate.signed_codes(), up.signed_codes()], axis=1).reshape(-1, gate.shape[1]))
+        fc1_scales.append(np.stack([gate.scales.float().numpy(), up.scales.float().numpy()], axis=1)
+                          .reshape(-1, gate.scales.shape[1]))
+        fc2.append(down.signed_codes())
+        fc2_scales.append(down.scales.float().numpy())
+    return QuantizedExperts(bits, block_size, pack_signed(np.stack(fc1), bits), pack_signed(np.stack(fc2), bits),
+                            np.stack(fc1_scales), np.stack(fc2_scales))
+
+
 def normalize_mode(normalize_topk: bool, unit_weights: bool) -> int:
     """The plugin's ``normalize`` attribute: 2 when every chosen expert counts with weight 1 (experts cut from one
     MLP), else 1 (renormalised over the top-k) or 0 (full-softmax probability)."""
     return 2 if unit_weights else int(normalize_topk)
 
 
-def plugin_attributes(experts, num_shared: int, top_k: int, normalize: int) -> MoePluginAttributes:
-    """The attributes of the node for ``experts`` (shared first), sized from the first expert's MLP."""
+def plugin_attributes(experts, num_shared: int, top_k: int, normalize: int,
+                      quantized: QuantizedExperts | None = None) -> MoePluginAttributes:
+    """The attributes of the node for ``experts`` (shared first), sized from the first expert's MLP; with
+    ``quantized`` weights, their bit width and block size."""
     first = experts[0].mlp.gate_proj.weight
     return MoePluginAttributes(num_experts=len(experts) - num_shared, num_shared=num_shared, top_k=top_k,
-                               hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=normalize)
+                               hidden_size=first.shape[1], intermediate_size=first.shape[0], normalize=normalize,
+                               weight_bits=quantized.bits if quantized else 0,
+                               block_size=quantized.block_size if quantized else 0)

@@ -48,7 +48,11 @@ private:
 
 LoggerFinder gLogger;
 
-char const* const kIntFields[] = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "normalize"};
+// the first kRequiredFields must be given; the others default (normalize 1, float weights)
+char const* const kIntFields[]
+    = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "normalize", "weight_bits", "block_size"};
+constexpr int32_t kNbIntFields = sizeof(kIntFields) / sizeof(kIntFields[0]);
+constexpr int32_t kRequiredFields = 5;
 
 int32_t* intField(MoeParams& p, std::string_view name)
 {
@@ -64,6 +68,10 @@ int32_t* intField(MoeParams& p, std::string_view name)
         return &p.intermediateSize;
     if (name == "normalize")
         return &p.normalize;
+    if (name == "weight_bits")
+        return &p.weightBits;
+    if (name == "block_size")
+        return &p.blockSize;
     return nullptr;
 }
 
@@ -89,6 +97,11 @@ bool sameDim(int64_t actual, int64_t expected)
     return actual == -1 || actual == expected; // -1: dynamic, checked at the next configure
 }
 
+bool sameMatrix(Dims const& dims, int64_t experts, int64_t rows, int64_t cols)
+{
+    return dims.nbDims == 3 && sameDim(dims.d[0], experts) && sameDim(dims.d[1], rows) && sameDim(dims.d[2], cols);
+}
+
 } // namespace
 
 std::string MoeParams::validate() const
@@ -106,6 +119,15 @@ std::string MoeParams::validate() const
         problems << "normalize must be 0, 1 or 2; ";
     if (activation != "swiglu")
         problems << "activation '" << activation << "' is not swiglu; ";
+    if (weightBits != 0 && weightBits != 4 && weightBits != 8)
+        problems << "weight_bits=" << weightBits << " must be 0 (float weights), 4 or 8; ";
+    else if (weightBits == 0 && blockSize != 0)
+        problems << "block_size=" << blockSize << " needs quantized weights (weight_bits 4 or 8); ";
+    else if (weightBits != 0
+        && (blockSize < kBlockMultiple || blockSize % kBlockMultiple != 0 || hiddenSize % blockSize != 0
+            || intermediateSize % blockSize != 0))
+        problems << "block_size=" << blockSize << " must be a multiple of " << kBlockMultiple
+                 << " dividing hidden_size and intermediate_size; ";
     return problems.str();
 }
 
@@ -116,7 +138,7 @@ MoeParams paramsFromFields(PluginFieldCollection const* fc)
         throw std::invalid_argument("no fields");
     }
     MoeParams params;
-    bool seen[6] = {false, false, false, false, false, false};
+    bool seen[kNbIntFields] = {};
     for (int32_t i = 0; i < fc->nbFields; ++i)
     {
         PluginField const& field = fc->fields[i];
@@ -124,7 +146,7 @@ MoeParams paramsFromFields(PluginFieldCollection const* fc)
         if (int32_t* target = intField(params, name))
         {
             *target = static_cast<int32_t>(readInt(field));
-            for (int32_t k = 0; k < 6; ++k)
+            for (int32_t k = 0; k < kNbIntFields; ++k)
             {
                 seen[k] = seen[k] || name == kIntFields[k];
             }
@@ -138,7 +160,7 @@ MoeParams paramsFromFields(PluginFieldCollection const* fc)
         }
         // plugin_version / plugin_namespace select the creator; other fields are ignored
     }
-    for (int32_t k = 0; k < 5; ++k) // normalize may be left out (default 1)
+    for (int32_t k = 0; k < kRequiredFields; ++k)
     {
         if (!seen[k])
             throw std::invalid_argument(std::string("missing field ") + kIntFields[k]);
@@ -182,6 +204,8 @@ void MoePlugin::buildSerializedFields()
     mSerialized.emplace_back("hidden_size", &mParams.hiddenSize, PluginFieldType::kINT32, 1);
     mSerialized.emplace_back("intermediate_size", &mParams.intermediateSize, PluginFieldType::kINT32, 1);
     mSerialized.emplace_back("normalize", &mParams.normalize, PluginFieldType::kINT32, 1);
+    mSerialized.emplace_back("weight_bits", &mParams.weightBits, PluginFieldType::kINT32, 1);
+    mSerialized.emplace_back("block_size", &mParams.blockSize, PluginFieldType::kINT32, 1);
     mSerialized.emplace_back("activation", mParams.activation.c_str(), PluginFieldType::kCHAR,
         static_cast<int32_t>(mParams.activation.size() + 1));
     mSerializedCollection.nbFields = static_cast<int32_t>(mSerialized.size());
@@ -235,25 +259,41 @@ int32_t MoePlugin::getNbOutputs() const noexcept
 int32_t MoePlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != 4 || nbOutputs != 1)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != 1)
     {
-        gLogger.error("takes 4 inputs (hidden, router_logits, fc1, fc2) and gives 1 output");
+        gLogger.error(mParams.weightBits == 0
+                ? "takes 4 inputs (hidden, router_logits, fc1, fc2) and gives 1 output"
+                : "with quantized weights takes 6 inputs (hidden, router_logits, fc1, fc2, fc1_scales, fc2_scales) "
+                  "and gives 1 output");
         return -1;
     }
     Dims const& hidden = in[0].desc.dims;
     Dims const& logits = in[1].desc.dims;
-    Dims const& fc1 = in[2].desc.dims;
-    Dims const& fc2 = in[3].desc.dims;
-    int32_t const experts = mParams.numShared + mParams.numExperts;
-    bool const ok = hidden.nbDims >= 2 && sameDim(hidden.d[hidden.nbDims - 1], mParams.hiddenSize)
-        && logits.nbDims >= 2 && sameDim(logits.d[logits.nbDims - 1], mParams.numExperts) && fc1.nbDims == 3
-        && sameDim(fc1.d[0], experts) && sameDim(fc1.d[1], 2 * mParams.intermediateSize)
-        && sameDim(fc1.d[2], mParams.hiddenSize) && fc2.nbDims == 3 && sameDim(fc2.d[0], experts)
-        && sameDim(fc2.d[1], mParams.hiddenSize) && sameDim(fc2.d[2], mParams.intermediateSize);
+    int64_t const experts = mParams.numShared + mParams.numExperts;
+    int64_t const h = mParams.hiddenSize;
+    int64_t const i = mParams.intermediateSize;
+    bool ok = hidden.nbDims >= 2 && sameDim(hidden.d[hidden.nbDims - 1], h) && logits.nbDims >= 2
+        && sameDim(logits.d[logits.nbDims - 1], mParams.numExperts);
+    if (mParams.weightBits == 0)
+    {
+        ok = ok && sameMatrix(in[2].desc.dims, experts, 2 * i, h) && sameMatrix(in[3].desc.dims, experts, h, i);
+    }
+    else
+    {
+        int64_t const perByte = 8 / mParams.weightBits;
+        int64_t const block = mParams.blockSize;
+        ok = ok && sameMatrix(in[2].desc.dims, experts, 2 * i, h / perByte)
+            && sameMatrix(in[3].desc.dims, experts, h, i / perByte)
+            && sameMatrix(in[4].desc.dims, experts, 2 * i, h / block)
+            && sameMatrix(in[5].desc.dims, experts, h, i / block);
+    }
     if (!ok)
     {
-        gLogger.error("input shapes do not match the attributes (hidden [T,H], router_logits [T,E], fc1 [S+E,2I,H], "
-                      "fc2 [S+E,H,I])");
+        gLogger.error(mParams.weightBits == 0
+                ? "input shapes do not match the attributes (hidden [T,H], router_logits [T,E], fc1 [S+E,2I,H], "
+                  "fc2 [S+E,H,I])"
+                : "input shapes do not match the attributes (hidden [T,H], router_logits [T,E], fc1 [S+E,2I,H*bits/8], "
+                  "fc2 [S+E,H,I*bits/8], fc1_scales [S+E,2I,H/block_size], fc2_scales [S+E,H,I/block_size])");
         return -1;
     }
     return 0;
@@ -262,7 +302,7 @@ int32_t MoePlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nb
 bool MoePlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != 4 || nbOutputs != 1 || pos < 0 || pos > 4)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != 1 || pos < 0 || pos > nbInputs)
     {
         return false;
     }
@@ -276,13 +316,17 @@ bool MoePlugin::supportsFormatCombination(
     {
         return floating; // router logits may stay fp32 while the experts run in fp16
     }
-    return desc.type == inOut[0].desc.type; // weights and output share the hidden state's type
+    if ((pos == 2 || pos == 3) && mParams.weightBits != 0)
+    {
+        return desc.type == DataType::kINT8; // codes: int8, or two int4 per byte
+    }
+    return desc.type == inOut[0].desc.type; // float weights, scales and output share the hidden state's type
 }
 
 int32_t MoePlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbOutputs != 1 || nbInputs != 4)
+    if (nbOutputs != 1 || nbInputs != mParams.nbInputs())
     {
         return -1;
     }
@@ -293,7 +337,7 @@ int32_t MoePlugin::getOutputDataTypes(
 int32_t MoePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
     int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
 {
-    if (nbInputs != 4 || nbOutputs != 1)
+    if (nbInputs != mParams.nbInputs() || nbOutputs != 1)
     {
         return -1;
     }
@@ -304,7 +348,7 @@ int32_t MoePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, Di
 MoeShape MoePlugin::shapeFor(int32_t tokens) const noexcept
 {
     return MoeShape{tokens, mParams.hiddenSize, mParams.intermediateSize, mParams.numExperts, mParams.numShared,
-        mParams.topK, mParams.normalize};
+        mParams.topK, mParams.normalize, mParams.weightBits, mParams.blockSize};
 }
 
 size_t MoePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t /*nbInputs*/,
@@ -324,8 +368,10 @@ int32_t MoePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc c
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     int64_t const tokens = tokensOf(inputDesc[0].dims);
+    bool const quantized = mParams.weightBits != 0;
+    MoeWeights const weights{inputs[2], inputs[3], quantized ? inputs[4] : nullptr, quantized ? inputs[5] : nullptr};
     int32_t const status = enqueueMoe(shapeFor(static_cast<int32_t>(tokens)), toMoeType(inputDesc[0].type), inputs[0],
-        inputs[1], toMoeType(inputDesc[1].type), inputs[2], inputs[3], outputs[0], workspace, stream);
+        inputs[1], toMoeType(inputDesc[1].type), weights, outputs[0], workspace, stream);
     if (status != 0)
     {
         gLogger.error(std::string("kernel launch failed: ") + cudaGetErrorString(static_cast<cudaError_t>(status)));

@@ -1,6 +1,6 @@
 // D2mcMoE: a TensorRT IPluginV3 running one Dense2MoE block's experts (routing + SwiGLU experts) on SM 8.0+,
 // in particular Jetson Orin (SM 8.7), where TensorRT's own MoE layer does not run.
-// Contract (ONNX node, attributes, inputs): docs/tensorrt-plugin.md and d2mc/engine/plugin_spec.py.
+// Contract (ONNX node, attributes, inputs): docs/tensorrt-plugin.md and d2mc/ops/moe.py.
 #pragma once
 
 #include "NvInfer.h"
@@ -25,10 +25,17 @@ struct MoeParams
     int32_t hiddenSize{0};
     int32_t intermediateSize{0};
     int32_t normalize{1};
+    int32_t weightBits{0}; // 0: fc1/fc2 in the hidden state's type; 4 or 8: int8-typed codes plus two scale inputs
+    int32_t blockSize{0};
     std::string activation{"swiglu"};
 
     // Empty when valid, else what is wrong (reported through the TensorRT logger).
     std::string validate() const;
+    // hidden, router_logits, fc1, fc2 (and fc1_scales, fc2_scales when the weights are quantized)
+    int32_t nbInputs() const noexcept
+    {
+        return weightBits == 0 ? 4 : 6;
+    }
 };
 
 // Reads the creator's fields (as the ONNX parser or deserialisation passes them); throws on a bad field.

@@ -1,8 +1,12 @@
 // CUDA kernels of the D2mcMoE plugin (SM 8.0 and newer; built for Jetson Orin as sm_87).
 //
-// Rounding points match d2mc/engine/moe_reference.py: routing in fp32; gate and up products accumulated in fp32,
+// Rounding points match tests/moe_reference.py: routing in fp32; gate and up products accumulated in fp32,
 // the SwiGLU activation stored in the tensor type; down products accumulated in fp32, weighted and summed in fp32,
 // rounded once to the tensor type.
+//
+// Expert weights are read through an accessor: DenseWeights (the tensor type) or QuantWeights (int4/int8 signed
+// codes, one scale per block of a row), which dequantizes each code as it is read: code * scale is exact in fp32, so
+// quantized experts compute with exactly the weights the codes stand for and only the bytes read differ.
 //
 // Decode (T <= kGemvMaxTokens): one warp per output row. gateUpGemv reads each selected expert's gate and up rows
 // once per token, downGemv reads each down row once per token and sums the token's experts in registers: the
@@ -47,6 +51,124 @@ __device__ __forceinline__ __half fromFloat<__half>(float v)
 {
     return __float2half_rn(v);
 }
+
+// Weights in the tensor type, a [rows, k] matrix per call.
+template <typename T>
+struct DenseWeights
+{
+    T const* data;
+
+    __device__ __forceinline__ float at(size_t row, int32_t col, int32_t k) const
+    {
+        return toFloat(data[row * k + col]);
+    }
+
+    // This lane's share of (row . x) and (row + 1 . x), reading x once.
+    __device__ __forceinline__ float2 pairDot(size_t row, T const* x, int32_t k, int32_t lane) const
+    {
+        T const* first = data + row * k;
+        T const* second = first + k;
+        float2 acc = make_float2(0.0f, 0.0f);
+        for (int32_t c = lane; c < k; c += kWarp)
+        {
+            float const xv = toFloat(x[c]);
+            acc.x += xv * toFloat(first[c]);
+            acc.y += xv * toFloat(second[c]);
+        }
+        return acc;
+    }
+
+    __device__ __forceinline__ float dot(size_t row, T const* x, int32_t k, int32_t lane) const
+    {
+        T const* w = data + row * k;
+        float acc = 0.0f;
+        for (int32_t c = lane; c < k; c += kWarp)
+        {
+            acc += toFloat(x[c]) * toFloat(w[c]);
+        }
+        return acc;
+    }
+};
+
+// Symmetric block-quantized weights: Bits-bit signed codes packed along each row (int4: the even column in the low
+// nibble), one scale (tensor type) per blockSize codes. k is a multiple of blockSize, itself a multiple of
+// kBlockMultiple, so every row starts on a 32-bit word and every word of codes lies inside one block.
+template <typename T, int32_t Bits>
+struct QuantWeights
+{
+    static constexpr int32_t kPerWord = 32 / Bits;
+
+    int8_t const* codes;
+    T const* scales;
+    int32_t blockSize;
+
+    // Code j of a word, sign-extended: shift it to the top, then arithmetically back down.
+    __device__ __forceinline__ static float code(uint32_t word, int32_t j)
+    {
+        return static_cast<float>(static_cast<int32_t>(word << (32 - Bits * (j + 1))) >> (32 - Bits));
+    }
+
+    __device__ __forceinline__ float at(size_t row, int32_t col, int32_t k) const
+    {
+        size_t const index = row * k + col;
+        uint32_t const byte = static_cast<uint8_t>(codes[index * Bits / 8]);
+        uint32_t const shift = Bits == 4 ? static_cast<uint32_t>(index & 1) * 4 : 0;
+        return code(byte >> shift, 0) * toFloat(scales[row * (k / blockSize) + col / blockSize]);
+    }
+
+    __device__ __forceinline__ uint32_t const* words(size_t row, int32_t k) const
+    {
+        return reinterpret_cast<uint32_t const*>(codes + row * k / (8 / Bits));
+    }
+
+    // The lane takes whole words: kPerWord codes against kPerWord consecutive x values, scaled once per word.
+    __device__ __forceinline__ float2 pairDot(size_t row, T const* x, int32_t k, int32_t lane) const
+    {
+        uint32_t const* first = words(row, k);
+        uint32_t const* second = words(row + 1, k);
+        T const* firstScales = scales + row * (k / blockSize);
+        T const* secondScales = firstScales + k / blockSize;
+        float2 acc = make_float2(0.0f, 0.0f);
+        for (int32_t w = lane; w < k / kPerWord; w += kWarp)
+        {
+            uint32_t const a = first[w];
+            uint32_t const b = second[w];
+            int32_t const col = w * kPerWord;
+            float partA = 0.0f;
+            float partB = 0.0f;
+#pragma unroll
+            for (int32_t j = 0; j < kPerWord; ++j)
+            {
+                float const xv = toFloat(x[col + j]);
+                partA += xv * code(a, j);
+                partB += xv * code(b, j);
+            }
+            acc.x += partA * toFloat(firstScales[col / blockSize]);
+            acc.y += partB * toFloat(secondScales[col / blockSize]);
+        }
+        return acc;
+    }
+
+    __device__ __forceinline__ float dot(size_t row, T const* x, int32_t k, int32_t lane) const
+    {
+        uint32_t const* w = words(row, k);
+        T const* rowScales = scales + row * (k / blockSize);
+        float acc = 0.0f;
+        for (int32_t i = lane; i < k / kPerWord; i += kWarp)
+        {
+            uint32_t const word = w[i];
+            int32_t const col = i * kPerWord;
+            float part = 0.0f;
+#pragma unroll
+            for (int32_t j = 0; j < kPerWord; ++j)
+            {
+                part += toFloat(x[col + j]) * code(word, j);
+            }
+            acc += part * toFloat(rowScales[col / blockSize]);
+        }
+        return acc;
+    }
+};
 
 __device__ __forceinline__ float silu(float v)
 {
@@ -155,8 +277,8 @@ __device__ __forceinline__ int32_t slotExpert(MoeShape const& s, int32_t const* 
 }
 
 // Decode: act[token, slot, i] = silu(x . gate_i) * (x . up_i) for each of the token's S + k experts.
-template <typename T>
-__global__ void gateUpGemv(T const* x, T const* fc1, int32_t const* topIdx, MoeShape s, T* act)
+template <typename T, typename W>
+__global__ void gateUpGemv(T const* x, W fc1, int32_t const* topIdx, MoeShape s, T* act)
 {
     int32_t const slots = s.numShared + s.topK;
     int32_t const pair = blockIdx.y; // token * slots + slot
@@ -168,19 +290,11 @@ __global__ void gateUpGemv(T const* x, T const* fc1, int32_t const* topIdx, MoeS
     {
         return;
     }
-    T const* gate = fc1 + (static_cast<size_t>(expert) * 2 * s.intermediate + 2 * i) * s.hidden;
-    T const* up = gate + s.hidden; // interleaved: row 2i gate_i, row 2i+1 up_i
-    T const* xr = x + static_cast<size_t>(token) * s.hidden;
-    float g = 0.0f;
-    float u = 0.0f;
-    for (int32_t h = lane; h < s.hidden; h += kWarp)
-    {
-        float const xv = toFloat(xr[h]);
-        g += xv * toFloat(gate[h]);
-        u += xv * toFloat(up[h]);
-    }
-    g = warpSum(g);
-    u = warpSum(u);
+    // interleaved: row 2i gate_i, row 2i+1 up_i
+    size_t const gateRow = static_cast<size_t>(expert) * 2 * s.intermediate + 2 * i;
+    float2 const dots = fc1.pairDot(gateRow, x + static_cast<size_t>(token) * s.hidden, s.hidden, lane);
+    float const g = warpSum(dots.x);
+    float const u = warpSum(dots.y);
     if (lane == 0)
     {
         act[static_cast<size_t>(pair) * s.intermediate + i] = fromFloat<T>(silu(g) * u);
@@ -188,8 +302,8 @@ __global__ void gateUpGemv(T const* x, T const* fc1, int32_t const* topIdx, MoeS
 }
 
 // Decode: out[token, h] = sum over the token's experts of weight * (act . down_h).
-template <typename T>
-__global__ void downGemv(T const* act, T const* fc2, int32_t const* topIdx, float const* topW, MoeShape s, T* out)
+template <typename T, typename W>
+__global__ void downGemv(T const* act, W fc2, int32_t const* topIdx, float const* topW, MoeShape s, T* out)
 {
     int32_t const slots = s.numShared + s.topK;
     int32_t const token = blockIdx.y;
@@ -205,13 +319,8 @@ __global__ void downGemv(T const* act, T const* fc2, int32_t const* topIdx, floa
         int32_t const expert = slotExpert(s, topIdx, token, slot);
         float const weight = slot < s.numShared ? 1.0f : topW[token * s.topK + slot - s.numShared];
         T const* a = act + (static_cast<size_t>(token) * slots + slot) * s.intermediate;
-        T const* w = fc2 + (static_cast<size_t>(expert) * s.hidden + h) * s.intermediate;
-        float dot = 0.0f;
-        for (int32_t i = lane; i < s.intermediate; i += kWarp)
-        {
-            dot += toFloat(a[i]) * toFloat(w[i]);
-        }
-        acc += weight * warpSum(dot);
+        size_t const row = static_cast<size_t>(expert) * s.hidden + h;
+        acc += weight * warpSum(fc2.dot(row, a, s.intermediate, lane));
     }
     if (lane == 0)
     {
@@ -277,8 +386,8 @@ __device__ __forceinline__ Group groupOf(MoeShape const& s, int32_t g, int32_t c
 }
 
 // Prefill: act[base + r, i] = silu(x_r . gate_i) * (x_r . up_i), a 32-row x 32-column tile per block.
-template <typename T>
-__global__ void groupedGateUp(T const* x, T const* fc1, int32_t const* counts, int32_t const* offsets,
+template <typename T, typename W>
+__global__ void groupedGateUp(T const* x, W fc1, int32_t const* counts, int32_t const* offsets,
     int32_t const* permToken, MoeShape s, T* act)
 {
     Group const grp = groupOf(s, blockIdx.z, counts, offsets, permToken);
@@ -294,7 +403,7 @@ __global__ void groupedGateUp(T const* x, T const* fc1, int32_t const* counts, i
     int32_t const ty = threadIdx.x / kWarp; // rows ty*4 .. ty*4+3
     float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    T const* weights = fc1 + static_cast<size_t>(grp.expert) * 2 * s.intermediate * s.hidden;
+    size_t const firstRow = static_cast<size_t>(grp.expert) * 2 * s.intermediate;
     for (int32_t k0 = 0; k0 < s.hidden; k0 += kTileK)
     {
         for (int32_t id = threadIdx.x; id < kTileRows * kTileK; id += kThreads)
@@ -315,9 +424,8 @@ __global__ void groupedGateUp(T const* x, T const* fc1, int32_t const* counts, i
             int32_t const n = id / kTileK;
             int32_t const c = id % kTileK;
             int32_t const fcRow = 2 * col0 + n;
-            tileW[n][c] = (fcRow < 2 * s.intermediate && k0 + c < s.hidden)
-                ? toFloat(weights[static_cast<size_t>(fcRow) * s.hidden + k0 + c])
-                : 0.0f;
+            tileW[n][c] = (fcRow < 2 * s.intermediate && k0 + c < s.hidden) ? fc1.at(firstRow + fcRow, k0 + c, s.hidden)
+                                                                           : 0.0f;
         }
         __syncthreads();
 #pragma unroll 8
@@ -351,8 +459,8 @@ __global__ void groupedGateUp(T const* x, T const* fc1, int32_t const* counts, i
 }
 
 // Prefill: y[base + r, h] = act[base + r] . down_h (fp32, unweighted), a 32 x 32 tile per block.
-template <typename T>
-__global__ void groupedDown(T const* act, T const* fc2, int32_t const* counts, int32_t const* offsets,
+template <typename T, typename W>
+__global__ void groupedDown(T const* act, W fc2, int32_t const* counts, int32_t const* offsets,
     int32_t const* permToken, MoeShape s, float* y)
 {
     Group const grp = groupOf(s, blockIdx.z, counts, offsets, permToken);
@@ -367,7 +475,7 @@ __global__ void groupedDown(T const* act, T const* fc2, int32_t const* counts, i
     int32_t const tx = threadIdx.x % kWarp;
     int32_t const ty = threadIdx.x / kWarp;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    T const* weights = fc2 + static_cast<size_t>(grp.expert) * s.hidden * s.intermediate;
+    size_t const firstRow = static_cast<size_t>(grp.expert) * s.hidden;
     for (int32_t k0 = 0; k0 < s.intermediate; k0 += kTileK)
     {
         for (int32_t id = threadIdx.x; id < kTileRows * kTileK; id += kThreads)
@@ -383,7 +491,7 @@ __global__ void groupedDown(T const* act, T const* fc2, int32_t const* counts, i
             int32_t const n = id / kTileK;
             int32_t const c = id % kTileK;
             tileW[n][c] = (col0 + n < s.hidden && k0 + c < s.intermediate)
-                ? toFloat(weights[static_cast<size_t>(col0 + n) * s.intermediate + k0 + c])
+                ? fc2.at(firstRow + col0 + n, k0 + c, s.intermediate)
                 : 0.0f;
         }
         __syncthreads();
@@ -492,17 +600,16 @@ int32_t ceilDiv(int32_t a, int32_t b)
     return (a + b - 1) / b;
 }
 
-template <typename T>
-int32_t runExperts(MoeShape const& s, T const* x, T const* fc1, T const* fc2, T* out, Workspace const& ws,
-    cudaStream_t stream)
+template <typename T, typename W>
+int32_t runExperts(MoeShape const& s, T const* x, W fc1, W fc2, T* out, Workspace const& ws, cudaStream_t stream)
 {
     T* act = static_cast<T*>(ws.act);
     if (s.tokens <= kGemvMaxTokens)
     {
         dim3 const gateGrid(ceilDiv(s.intermediate, kWarpsPerBlock), s.tokens * (s.numShared + s.topK));
-        gateUpGemv<T><<<gateGrid, kThreads, 0, stream>>>(x, fc1, ws.topIdx, s, act);
+        gateUpGemv<T, W><<<gateGrid, kThreads, 0, stream>>>(x, fc1, ws.topIdx, s, act);
         dim3 const downGrid(ceilDiv(s.hidden, kWarpsPerBlock), s.tokens);
-        downGemv<T><<<downGrid, kThreads, 0, stream>>>(act, fc2, ws.topIdx, ws.topW, s, out);
+        downGemv<T, W><<<downGrid, kThreads, 0, stream>>>(act, fc2, ws.topIdx, ws.topW, s, out);
         return static_cast<int32_t>(cudaGetLastError());
     }
     int32_t const assignments = s.tokens * s.topK;
@@ -513,13 +620,48 @@ int32_t runExperts(MoeShape const& s, T const* x, T const* fc1, T const* fc2, T*
         ws.topIdx, assignments, s.topK, ws.offsets, ws.cursor, ws.permToken, ws.posOf);
     int32_t const groups = s.numShared + s.numExperts;
     dim3 const gateGrid(ceilDiv(s.intermediate, kTileCols), ceilDiv(s.tokens, kTileRows), groups);
-    groupedGateUp<T><<<gateGrid, kThreads, 0, stream>>>(x, fc1, ws.counts, ws.offsets, ws.permToken, s, act);
+    groupedGateUp<T, W><<<gateGrid, kThreads, 0, stream>>>(x, fc1, ws.counts, ws.offsets, ws.permToken, s, act);
     dim3 const downGrid(ceilDiv(s.hidden, kTileCols), ceilDiv(s.tokens, kTileRows), groups);
-    groupedDown<T><<<downGrid, kThreads, 0, stream>>>(act, fc2, ws.counts, ws.offsets, ws.permToken, s, ws.y);
+    groupedDown<T, W><<<downGrid, kThreads, 0, stream>>>(act, fc2, ws.counts, ws.offsets, ws.permToken, s, ws.y);
     size_t const outputs = static_cast<size_t>(s.tokens) * s.hidden;
     combineKernel<T><<<static_cast<uint32_t>((outputs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         ws.y, ws.topW, ws.posOf, s, out);
     return static_cast<int32_t>(cudaGetLastError());
+}
+
+// The experts with the weight accessor the shape's weightBits asks for.
+template <typename T>
+int32_t runWithWeights(MoeShape const& s, T const* x, MoeWeights const& w, T* out, Workspace const& ws,
+    cudaStream_t stream)
+{
+    switch (s.weightBits)
+    {
+    case 0:
+        return runExperts(s, x, DenseWeights<T>{static_cast<T const*>(w.fc1)},
+            DenseWeights<T>{static_cast<T const*>(w.fc2)}, out, ws, stream);
+    case 4:
+        return runExperts(s, x,
+            QuantWeights<T, 4>{static_cast<int8_t const*>(w.fc1), static_cast<T const*>(w.fc1Scales), s.blockSize},
+            QuantWeights<T, 4>{static_cast<int8_t const*>(w.fc2), static_cast<T const*>(w.fc2Scales), s.blockSize},
+            out, ws, stream);
+    case 8:
+        return runExperts(s, x,
+            QuantWeights<T, 8>{static_cast<int8_t const*>(w.fc1), static_cast<T const*>(w.fc1Scales), s.blockSize},
+            QuantWeights<T, 8>{static_cast<int8_t const*>(w.fc2), static_cast<T const*>(w.fc2Scales), s.blockSize},
+            out, ws, stream);
+    default: return static_cast<int32_t>(cudaErrorInvalidValue);
+    }
+}
+
+bool validWeights(MoeShape const& s, MoeWeights const& w)
+{
+    if (s.weightBits == 0)
+    {
+        return s.blockSize == 0;
+    }
+    return (s.weightBits == 4 || s.weightBits == 8) && s.blockSize >= kBlockMultiple && s.blockSize % kBlockMultiple == 0
+        && s.hidden % s.blockSize == 0 && s.intermediate % s.blockSize == 0 && w.fc1Scales != nullptr
+        && w.fc2Scales != nullptr;
 }
 
 } // namespace
@@ -530,14 +672,14 @@ size_t moeWorkspaceSize(MoeShape const& shape, MoeDataType type)
 }
 
 int32_t enqueueMoe(MoeShape const& shape, MoeDataType type, void const* hidden, void const* logits,
-    MoeDataType logitsType, void const* fc1, void const* fc2, void* out, void* workspace, cudaStream_t stream)
+    MoeDataType logitsType, MoeWeights const& weights, void* out, void* workspace, cudaStream_t stream)
 {
     if (shape.tokens == 0)
     {
         return 0;
     }
     if (shape.numExperts < 1 || shape.numExperts > kMaxExperts || shape.topK < 1 || shape.topK > kMaxTopK
-        || shape.topK > shape.numExperts)
+        || shape.topK > shape.numExperts || !validWeights(shape, weights))
     {
         return static_cast<int32_t>(cudaErrorInvalidValue);
     }
@@ -555,11 +697,10 @@ int32_t enqueueMoe(MoeShape const& shape, MoeDataType type, void const* hidden, 
     }
     if (type == MoeDataType::kHALF)
     {
-        return runExperts<__half>(shape, static_cast<__half const*>(hidden), static_cast<__half const*>(fc1),
-            static_cast<__half const*>(fc2), static_cast<__half*>(out), ws, stream);
+        return runWithWeights(
+            shape, static_cast<__half const*>(hidden), weights, static_cast<__half*>(out), ws, stream);
     }
-    return runExperts<float>(shape, static_cast<float const*>(hidden), static_cast<float const*>(fc1),
-        static_cast<float const*>(fc2), static_cast<float*>(out), ws, stream);
+    return runWithWeights(shape, static_cast<float const*>(hidden), weights, static_cast<float*>(out), ws, stream);
 }
 
 } // namespace d2mc

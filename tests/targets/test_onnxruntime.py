@@ -130,7 +130,7 @@ def test_run_refuses_greedy_with_sampling_options(tmp_path, capsys):
 
 def test_polygraphy_comparison_passes_and_catches_a_difference(tmp_path):
     pytest.importorskip("polygraphy")
-    from d2mc.verify import verify_with_polygraphy
+    from d2mc.polygraphy_compare import verify_with_polygraphy
     from tests.test_lowering import fused
 
     model = fused("llama", top_k=2)

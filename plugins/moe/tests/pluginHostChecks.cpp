@@ -33,11 +33,13 @@ struct Fields
     std::string activation = "swiglu";
     PluginFieldCollection collection{};
 
-    Fields(int32_t experts, int32_t shared, int32_t topK, int32_t hidden, int32_t inter, int32_t normalize)
-        : ints{experts, shared, topK, hidden, inter, normalize}
+    Fields(int32_t experts, int32_t shared, int32_t topK, int32_t hidden, int32_t inter, int32_t normalize,
+        int32_t weightBits = 0, int32_t blockSize = 0)
+        : ints{experts, shared, topK, hidden, inter, normalize, weightBits, blockSize}
     {
-        char const* names[] = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "normalize"};
-        for (int i = 0; i < 6; ++i)
+        char const* names[] = {"num_experts", "num_shared", "top_k", "hidden_size", "intermediate_size", "normalize",
+            "weight_bits", "block_size"};
+        for (int i = 0; i < 8; ++i)
         {
             fields.emplace_back(names[i], &ints[i], PluginFieldType::kINT32, 1);
         }
@@ -73,7 +75,7 @@ int main()
     check(std::strcmp(creator->getPluginName(), "D2mcMoE") == 0, "creator name D2mcMoE");
     check(std::strcmp(creator->getPluginVersion(), "1") == 0, "creator version 1");
     check(std::strcmp(creator->getPluginNamespace(), "d2mc") == 0, "creator namespace d2mc");
-    check(creator->getFieldNames()->nbFields == 7, "seven documented fields");
+    check(creator->getFieldNames()->nbFields == 9, "nine documented fields");
 
     Fields good(3, 1, 2, 64, 128, 1);
     IPluginV3* plugin = creator->createPlugin("moe", &good.collection, TensorRTPhase::kBUILD);
@@ -133,6 +135,56 @@ int main()
     threeD.d[2] = 64;
     check(d2mc::tokensOf(threeD) == 14, "[B, S, H] has B*S tokens");
 
+    // int4 experts: H = 64, I = 128, block 32; fc1 [4, 256, 32] and fc2 [4, 64, 64] int8, scales [.., 2] and [.., 4]
+    Fields int4(3, 1, 2, 64, 128, 1, 4, 32);
+    IPluginV3* quantized = creator->createPlugin("moe", &int4.collection, TensorRTPhase::kBUILD);
+    check(quantized != nullptr, "int4 plugin from valid fields");
+    auto* qbuild = static_cast<IPluginV3OneBuild*>(quantized->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* qruntime
+        = static_cast<IPluginV3OneRuntime*>(quantized->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    IPluginV3* qrestored = creator->createPlugin("moe", qruntime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME);
+    check(qrestored != nullptr && static_cast<d2mc::MoePlugin*>(qrestored)->params().weightBits == 4
+            && static_cast<d2mc::MoePlugin*>(qrestored)->params().blockSize == 32,
+        "weight_bits and block_size survive serialisation");
+    std::vector<DynamicPluginTensorDesc> qio = {desc(DataType::kHALF, {16, 64}, {4096, 64}),
+        desc(DataType::kFLOAT, {16, 3}, {4096, 3}), desc(DataType::kINT8, {4, 256, 32}),
+        desc(DataType::kINT8, {4, 64, 64}), desc(DataType::kHALF, {4, 256, 2}), desc(DataType::kHALF, {4, 64, 4}),
+        desc(DataType::kHALF, {16, 64}, {4096, 64})};
+    for (int32_t pos = 0; pos < 7; ++pos)
+    {
+        check(qbuild->supportsFormatCombination(pos, qio.data(), 6, 1), "int4 inputs and output accepted");
+    }
+    check(!qbuild->supportsFormatCombination(2, qio.data(), 4, 1), "an int4 plugin refuses 4 inputs");
+    check(!build->supportsFormatCombination(2, qio.data(), 6, 1), "a float plugin refuses 6 inputs");
+    qio[2].desc.type = DataType::kHALF;
+    check(!qbuild->supportsFormatCombination(2, qio.data(), 6, 1), "int4 fc1 must be int8-typed bytes");
+    qio[2].desc.type = DataType::kINT8;
+    qio[4].desc.type = DataType::kFLOAT;
+    check(!qbuild->supportsFormatCombination(4, qio.data(), 6, 1), "scales take the hidden state's type");
+    qio[4].desc.type = DataType::kHALF;
+    DataType qin[6] = {DataType::kHALF, DataType::kFLOAT, DataType::kINT8, DataType::kINT8, DataType::kHALF,
+        DataType::kHALF};
+    check(qbuild->getOutputDataTypes(out, 1, qin, 6) == 0 && out[0] == DataType::kHALF, "int4 output = hidden type");
+    check(qbuild->configurePlugin(qio.data(), 6, qio.data() + 6, 1) == 0, "packed int4 shapes accepted");
+    auto unpacked = qio;
+    unpacked[2] = desc(DataType::kINT8, {4, 256, 64}); // one code per byte is the int8 layout, not int4's
+    check(qbuild->configurePlugin(unpacked.data(), 6, unpacked.data() + 6, 1) != 0, "unpacked int4 fc1 refused");
+    auto blocks = qio;
+    blocks[5] = desc(DataType::kHALF, {4, 64, 2}); // fc2 scales for blocks of 64, not 32
+    check(qbuild->configurePlugin(blocks.data(), 6, blocks.data() + 6, 1) != 0, "scales of another block refused");
+    check(qbuild->configurePlugin(qio.data(), 4, qio.data() + 6, 1) != 0, "4 inputs refused when quantized");
+    Fields badBlock(3, 1, 2, 64, 128, 1, 4, 48); // 48 does not divide H = 64
+    check(creator->createPlugin("moe", &badBlock.collection, TensorRTPhase::kBUILD) == nullptr, "block 48 refused");
+    Fields badBits(3, 1, 2, 64, 128, 1, 3, 32);
+    check(creator->createPlugin("moe", &badBits.collection, TensorRTPhase::kBUILD) == nullptr, "3 bits refused");
+    Fields blockWithoutBits(3, 1, 2, 64, 128, 1, 0, 32);
+    check(creator->createPlugin("moe", &blockWithoutBits.collection, TensorRTPhase::kBUILD) == nullptr,
+        "a block size without weight bits refused");
+    check(qbuild->getWorkspaceSize(qio.data(), 6, qio.data() + 6, 1) == workspace,
+        "int4 weights need no more workspace than fp16 ones");
+
+    delete qrestored;
+    delete quantized;
     delete restored;
     delete plugin;
     if (gFailures)

@@ -1,6 +1,6 @@
 """Block-wise quantized Linear weights: one typed form that every lowering reads.
 
-A quantization library (ModelOpt's AWQ, GPTQ, or plain round-to-nearest) turns a PyTorch Linear weight
+A quantization method (GPTQ through GPTQModel, or plain round-to-nearest) turns a PyTorch Linear weight
 ``[out, in]`` into integer codes, per-block scales and, when asymmetric, per-block zero points, blocks running along
 the input axis. :class:`QuantizedLinear` holds exactly that, in the convention of ONNX Runtime's
 ``com.microsoft::MatMulNBits``: unsigned codes in ``[0, 2**bits)`` and ``w = (code - zero_point) * scale``, with the
@@ -11,8 +11,10 @@ folded into the previous operator).
 Lowerings take their tensors from it:
 - :meth:`QuantizedLinear.matmul_nbits`: ``B``, ``scales`` and ``zero_points`` inputs of ``MatMulNBits`` (and, stacked
   per expert, of ``com.microsoft::QMoE`` with ``weights_prepacked=0``).
-- :meth:`QuantizedLinear.dequantize_linear`: int4/uint4 (or int8/uint8) codes ``[in, out]``, scales and zero points
-  for an ONNX ``DequantizeLinear`` (opset 21, ``axis=0``, ``block_size``) feeding a ``MatMul``: the TensorRT form.
+- :meth:`QuantizedLinear.signed_codes`: the signed codes ``[out, in]`` of a symmetric weight (``w = code * scale``),
+  stored by :func:`pack_signed` as ONNX's and TensorRT's INT4/INT8 tensors: transposed for a ``DequantizeLinear``
+  (opset 21) feeding a ``MatMul`` (the tensorrt flavour's dense weights), packed per expert for the ``D2mcMoE``
+  plugin.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d2mc.errors import UserError
+from d2mc.errors import OptionError
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -73,8 +75,10 @@ class QuantizedLinear:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` these codes stand for (``pre_scale`` folded into its columns)."""
-        centred = self.codes.float() - self._zero_points().float().repeat_interleave(self.block_size, 1)
-        weight = centred * self.scales.float().repeat_interleave(self.block_size, 1)
+        out_features, in_features = self.shape
+        blocks = self.codes.view(out_features, -1, self.block_size).float()
+        weight = ((blocks - self._zero_points().float()[..., None]) * self.scales.float()[..., None]).view(
+            out_features, in_features)
         return weight * self.pre_scale.float()[None, :] if self.pre_scale is not None else weight
 
     def nbytes(self) -> int:
@@ -97,16 +101,38 @@ class QuantizedLinear:
         zero_points = None if self.zero_points is None else _pack_rows(self.zero_points.numpy(), self.bits)
         return np.ascontiguousarray(packed), self.scales.float().numpy().copy(), zero_points
 
-    def dequantize_linear(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(codes [in, out], scales [in // block_size, out], zero_points or None)`` for ONNX ``DequantizeLinear``
-        (opset 21, ``axis=0``, ``block_size``) whose output is the ``[in, out]`` weight of a ``MatMul``: signed codes
-        (int8 holding int4/int8 values) when symmetric, else unsigned codes and zero points (uint8 holding
-        uint4/uint8 values); store them as INT4/UINT4 tensors for 4 bits."""
-        if self.zero_points is None:
-            signed = self.codes.to(torch.int16) - 2 ** (self.bits - 1)
-            return signed.to(torch.int8).T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(), None
-        return (self.codes.T.contiguous().numpy(), self.scales.float().T.contiguous().numpy(),
-                self.zero_points.T.contiguous().numpy())
+    def signed_codes(self) -> np.ndarray:
+        """The codes of a symmetric weight as signed int8 values ``[out, in]``: ``w = code * scale``."""
+        if not self.symmetric:
+            raise ValueError("signed codes stand for a symmetric weight; this one has zero points")
+        return (self.codes.numpy().astype(np.int16) - 2 ** (self.bits - 1)).astype(np.int8)
+
+
+
+def pack_signed(signed: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes (int8 holding int4/int8 values) as ONNX and TensorRT store INT4/INT8 tensors: int8 as they are;
+    int4 two per byte along the last axis (of even length), the even column in the low nibble. Returns int8."""
+    if bits == 8:
+        return np.ascontiguousarray(signed, dtype=np.int8)
+    nibbles = signed.astype(np.uint8) & 0x0F  # two's complement: -1 -> 0xF
+    return np.ascontiguousarray(nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).view(np.int8)
+
+
+def concat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """One QuantizedLinear whose output rows are those of ``parts`` in order (a packed projection such as q, k and v
+    read from one input; or an MoE op's gate and up rows): the same bits and block size, and no pre-scale."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.block_size != first.block_size or p.pre_scale is not None for p in parts) or (
+            len({p.symmetric for p in parts}) > 1):
+        raise ValueError("only parts with the same bits, block size and symmetry and no pre-scale concatenate")
+    zero_points = None if first.symmetric else torch.cat([p.zero_points for p in parts])
+    return QuantizedLinear(first.bits, first.block_size, torch.cat([p.codes for p in parts]),
+                           torch.cat([p.scales for p in parts]), zero_points)
+
+
+def scaled(q: QuantizedLinear, factor: float) -> QuantizedLinear:
+    """``q`` standing for its weight times ``factor`` (its scales multiplied; the codes unchanged)."""
+    return QuantizedLinear(q.bits, q.block_size, q.codes, q.scales * factor, q.zero_points, q.pre_scale)
 
 
 def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -128,11 +154,11 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, block_size: int = 32, symm
     Asymmetric: the block's range widened to include 0, ``2**bits - 1`` steps, an integer zero point.
     """
     if bits not in BITS:
-        raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+        raise ValueError(f"bits must be one of {BITS}, not {bits}")
     out_features, in_features = weight.shape
     if block_size not in BLOCK_SIZES or in_features % block_size:
-        raise UserError(f"block size {block_size} does not divide the input size {in_features} of a weight: "
-                        f"choose one of {', '.join(map(str, BLOCK_SIZES))} that does")
+        raise OptionError(f"{{block_size}} {block_size} does not divide the input size {in_features} of a weight: "
+                          f"choose one of {', '.join(map(str, BLOCK_SIZES))} that does")
     blocks = weight.detach().float().reshape(out_features, in_features // block_size, block_size)
     levels = 2 ** bits
     if symmetric:

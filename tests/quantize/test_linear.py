@@ -70,21 +70,22 @@ def test_matmul_nbits_computes_the_dequantized_weight(symmetric, bits):
     np.testing.assert_allclose(_run([node], inits, x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_dequantize_linear_int4_computes_the_dequantized_weight(symmetric):
-    q = quantize_rtn(_weight(), 4, 32, symmetric)
-    codes, scales, zero_points = q.dequantize_linear()
-    kind = TensorProto.INT4 if symmetric else TensorProto.UINT4
-    inits = [helper.make_tensor("W", kind, codes.shape, codes.flatten().tolist()),
-             numpy_helper.from_array(scales, "S")]
-    inputs = ["W", "S"]
-    if zero_points is not None:
-        inits.append(helper.make_tensor("Z", kind, zero_points.shape, zero_points.flatten().tolist()))
-        inputs.append("Z")
-    nodes = [helper.make_node("DequantizeLinear", inputs, ["w"], axis=0, block_size=q.block_size),
+@pytest.mark.parametrize("bits", [4, 8])
+def test_signed_codes_through_dequantize_linear_compute_the_dequantized_weight(bits):
+    """The tensorrt flavour's form: signed codes ``[in, out]`` stored by pack_signed, block scales, no zero point."""
+    from d2mc.quantize import pack_signed
+
+    q = quantize_rtn(_weight(), bits, 32)
+    codes = np.ascontiguousarray(q.signed_codes().T)
+    kind = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+    inits = [TensorProto(name="W", data_type=kind, dims=list(codes.shape), raw_data=pack_signed(codes, bits).tobytes()),
+             numpy_helper.from_array(q.scales.T.contiguous().numpy(), "S")]
+    nodes = [helper.make_node("DequantizeLinear", ["W", "S"], ["w"], axis=0, block_size=q.block_size),
              helper.make_node("MatMul", ["x", "w"], ["y"])]
     x = np.random.default_rng(1).standard_normal((3, q.shape[1])).astype(np.float32)
     np.testing.assert_allclose(_run(nodes, inits, x, optimize=False), x @ q.dequantize().T.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="signed codes stand for a symmetric weight"):
+        quantize_rtn(_weight(), bits, 32, symmetric=False).signed_codes()
 
 
 def test_rtn_error_is_within_half_a_step():
@@ -109,5 +110,5 @@ def test_bytes_count_packed_codes_scales_and_zero_points():
 
 
 def test_block_size_must_divide_the_input():
-    with pytest.raises(UserError, match="block size 128 does not divide the input size 96"):
+    with pytest.raises(UserError, match="block_size 128 does not divide the input size 96"):
         quantize_rtn(_weight(8, 96), 4, 128)

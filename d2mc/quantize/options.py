@@ -1,0 +1,144 @@
+"""What to quantize and how: :class:`QuantizeOptions`, checked before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
+from d2mc.errors import MissingDependencyError, OptionError
+
+PRECISIONS = ("int4", "int8")
+FLOAT_PRECISIONS = ("fp32", "fp16")
+METHODS = ("rtn", "gptq")
+LM_HEAD_PRECISIONS = ("int8", "int4", "float")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
+# as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
+DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
+DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}  # gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL)
+DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
+# weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
+# so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
+# ships (an int4 head is --lm-head-precision int4)
+TENSORRT_DEFAULT_BLOCK_SIZE = TENSORRT_INT4_BLOCKS[0]
+TENSORRT_DEFAULT_LM_HEAD = "float"
+# GPTQModel cannot be installed with its declared dependencies here (it requires torch>=2.14.1 and the CUDA
+# stack); its per-layer GPTQ runs on the CPU build of torch with these few packages
+GPTQMODEL_INSTALL = "--no-deps gptqmodel==7.7.0 logbar tokenicer device-smi defuser pypcre"
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Weight-only block-wise quantization of every Linear of a model (attention projections, every expert's MLP,
+    the LM head at its own precision); routers, norms and, unless shared with a quantized LM head, the embedding
+    stay float.
+
+    ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data) or gptq (GPTQModel's GPTQ, layer
+    by layer from calibration activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
+    per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
+    int8, int4 or float; ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
+    CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
+    ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the tensorrt format, or a
+    compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks of 64 or 128 and int8
+    only per channel: int4 with the block size 64 and a float LM head by default, int8 weights and LM head refused.
+    """
+
+    precision: str = "int4"
+    quant_method: str | None = None
+    block_size: int | None = None
+    lm_head_precision: str | None = None  # default DEFAULT_LM_HEAD (TENSORRT_DEFAULT_LM_HEAD for TensorRT)
+    accuracy_level: int = 4
+    calib_data: str | None = None
+    calib_sequences: int = 16
+    calib_length: int = 256
+    seed: int = 0
+    tensorrt: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"{{precision}} {self.precision} is not a quantized precision: choose "
+                              f"{' or '.join(PRECISIONS)}")
+        if self.quant_method is None:
+            object.__setattr__(self, "quant_method", DEFAULT_METHOD[self.precision])
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
+                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+        if self.lm_head_precision is None:
+            object.__setattr__(self, "lm_head_precision", TENSORRT_DEFAULT_LM_HEAD if self.tensorrt
+                               else DEFAULT_LM_HEAD)
+        if self.quant_method not in METHODS:
+            raise OptionError(f"unknown {{quant_method}} '{self.quant_method}': choose one of {', '.join(METHODS)}")
+        if isinstance(self.block_size, bool) or self.block_size not in (32, 64, 128):
+            raise OptionError(f"{{block_size}} must be 32, 64 or 128, not {self.block_size}")
+        if self.lm_head_precision not in LM_HEAD_PRECISIONS:
+            raise OptionError(f"{{lm_head_precision}} must be one of {', '.join(LM_HEAD_PRECISIONS)}, not "
+                              f"{self.lm_head_precision}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
+        if self.calib_data is not None and not self.calibrated:
+            raise OptionError(f"{{calib_data}} is GPTQ's calibration text: {self.quant_method} reads no data (add "
+                              "{quant_method} gptq, or drop it)")
+        if self.calib_sequences < 1 or self.calib_length < 2:
+            raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
+        if self.tensorrt:
+            self._check_tensorrt()
+
+    def _check_tensorrt(self) -> None:
+        """Refuse weights TensorRT's DequantizeLinear cannot take (the plugin's experts alone would take them)."""
+        int8 = ("TensorRT dequantizes int8 weights with one scale per channel, and the quantize step scales blocks "
+                f"({TENSORRT_DEQUANTIZE_SOURCE})")
+        if self.precision == "int8":
+            raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
+        if self.block_size not in TENSORRT_INT4_BLOCKS:
+            raise OptionError(f"{{block_size}} {self.block_size} cannot go to TensorRT, which takes int4 weights in "
+                              f"blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE})")
+        if self.lm_head_precision == "int8":
+            raise OptionError(f"{{lm_head_precision}} int8 cannot go to TensorRT: {int8}; choose int4 or float")
+
+    @property
+    def bits(self) -> int:
+        return int(self.precision.removeprefix("int"))
+
+    @property
+    def lm_head_bits(self) -> int | None:
+        """The LM head's bits, None when it stays float."""
+        return None if self.lm_head_precision == "float" else int(self.lm_head_precision.removeprefix("int"))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quant_method == "gptq"
+
+    def check_installed(self) -> None:
+        """Refuse in one line a method whose library is missing, saying what to install."""
+        if self.quant_method == "gptq" and importlib.util.find_spec("gptqmodel") is None:
+            raise MissingDependencyError("gptqmodel", "GPTQ quantization", GPTQMODEL_INSTALL)
+
+    def check_divides(self, arch) -> None:
+        """Refuse a block size that does not divide the input size of a weight of ``arch`` it would quantize."""
+        inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
+        inputs += [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
+        for what, size in inputs:
+            if size % self.block_size:
+                fits = [str(b) for b in (128, 64, 32) if all(n % b == 0 for _, n in inputs)]
+                hint = f"use {{block_size}} {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
+                raise OptionError(f"{{block_size}} {self.block_size} does not divide {what} ({size}) of the model: "
+                                  f"{hint}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantizeOptions:
+        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def check_float_precision(precision: str, **given) -> None:
+    """Refuse quantization options (``given``: option key -> value, None when not given) with a float ``precision``:
+    they would be silently ignored."""
+    keys = [key for key, value in given.items() if value is not None]
+    if keys:
+        names = " and ".join(f"{{{key}}}" for key in keys)
+        raise OptionError(f"{names} quantize weights: they need {{precision}} int4 or int8, not {precision}")

@@ -1,0 +1,103 @@
+"""Quantized artifacts on tiny models of every family, dense and converted: ONNX Runtime against the PyTorch model
+with the same quantized weights, the graph's quantized ops, the perplexity of the artifact against PyTorch's, and
+generation through onnxruntime-genai and the command line."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from d2mc.targets.onnxruntime import export_onnx
+
+from d2mc.artifact import read_artifact
+from d2mc.cli import main
+from d2mc.evaluation import evaluate_artifact_perplexity, evaluate_model_perplexity
+from d2mc.quantize import QuantizeOptions, quantize_model
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.quantize.test_model import converted
+
+TOKENIZER = tiny_tokenizer()
+VOCAB = len(TOKENIZER)
+
+
+def op_counts(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("kind, moe_op", [("dense", "dispatch"), ("converted", "contrib"), ("converted", "dispatch")])
+def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, kind, moe_op, tmp_path):
+    model = tiny_model(family, vocab_size=VOCAB) if kind == "dense" else converted(family)
+    quantized = quantize_model(model, QuantizeOptions("int4", block_size=32), TOKENIZER)
+    result = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized, moe_op=moe_op)
+    verify = result.verify
+    assert verify["passed"] and verify["max_abs_diff"] < 1e-3 and verify["precision"] == "quantized-fp32"
+    # as shipped, int8 activations (accuracy level 4) move the logits a little: a few % of the largest on random
+    # tiny models (SmolLM2-135M: 3.7%, docs/quantization.md)
+    assert 0 < verify["shipped"]["max_abs_diff"] < 0.15 * verify["shipped"]["logit_scale"]
+    assert verify["unquantized"]["max_abs_diff"] > verify["max_abs_diff"]
+    ops = op_counts(tmp_path / "q")
+    assert ops["MatMulNBits"] >= 1
+    assert ops.get("QMoE", 0) == (1 if moe_op == "contrib" else 0)
+    assert ops.get("GatherBlockQuantized", 0) == (1 if model.config.tie_word_embeddings else 0)
+    info = read_artifact(tmp_path / "q")
+    assert info["precision"] == "int4" and info["quantization"]["quant_method"] == "rtn"
+
+
+def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
+    model = converted()
+    int8 = quantize_model(model, QuantizeOptions("int8", block_size=32), TOKENIZER)
+    assert export_onnx(model, TOKENIZER, tmp_path / "int8", quantized=int8).verify["passed"]
+    dense = tiny_model("qwen3", vocab_size=VOCAB)
+    int4 = quantize_model(dense, QuantizeOptions("int4", block_size=32), TOKENIZER)
+    result = export_onnx(dense, None, tmp_path / "trt", flavour="tensorrt", precision="fp16", quantized=int4)
+    assert result.verify["passed"] and op_counts(tmp_path / "trt")["DequantizeLinear"] >= 1
+
+
+def test_eval_of_the_artifact_equals_the_pytorch_perplexity(tmp_path):
+    model = converted("qwen2")
+    quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, accuracy_level=0), TOKENIZER)
+    export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized, verify=False)
+    text = tmp_path / "text.txt"
+    text.write_text("The council met on Tuesday to discuss the new budget for the city's schools and parks. " * 40)
+    onnx_ppl = evaluate_artifact_perplexity(tmp_path / "q", data=text, tokens=256, window=64).perplexity
+    torch_ppl = evaluate_model_perplexity(quantized.model, TOKENIZER, data=text, tokens=256, window=64).perplexity
+    assert onnx_ppl == pytest.approx(torch_ppl, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_decodes_the_quantized_model_greedily(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = tiny_model("llama", vocab_size=VOCAB)
+    quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, accuracy_level=0), TOKENIZER)
+    export_onnx(model, None, tmp_path / "q", quantized=quantized, verify=False)
+    prompt = [3, 17, 42, 99, 7]
+    genai_model = og.Model(str(tmp_path / "q"))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    with torch.no_grad():
+        expected = quantized.model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
+                                            do_sample=False)
+    assert tokens == expected[0, len(prompt):].tolist()
+
+
+def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "int4"
+    main(["export", str(tiny_checkpoint_with_tokenizer), "--precision", "int4", "--block-size", "32", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "int4 rtn block 32, LM head int8" in printed and "with the same quantized weights" in printed
+    assert "against the unquantized model" in printed
+    main(["run", str(out), "the council", "--max-new-tokens", "4"])  # generates through onnxruntime-genai
+    capsys.readouterr()  # a random tiny model's tokens may decode to whitespace; the genai test checks the tokens
+    main(["eval", str(out), "--tokens", "256", "--window", "64"])
+    assert "ONNX Runtime" in capsys.readouterr().out
+    main(["verify", str(out)])  # re-quantizes the source as the artifact records: a failure would exit 1
+    assert "PASSED" in capsys.readouterr().out
