@@ -175,6 +175,8 @@ CHOICES = [
     ("cached top-16 teacher", "lfuc", {}, {"teacher_topk": 16}),
     ("train routers only", "lfuc", {}, {"train": "routers"}),
     ("train the whole model", "lfuc", {}, {"train": "all"}),
+    ("train the whole model with the hidden-state loss at block boundaries (weight 1)", "lfuc", {},
+     {"train": "all", "hidden_weight": 1.0}),
     ("no gate gradient for top-1 routers", "lfuc", {}, {"router_gradient": False}),
     ("sequences of 128 tokens", "lfuc", {}, {"seq_len": 128, "batch_size": 8}),
     ("sequences of 512 tokens", "lfuc", {}, {"seq_len": 512, "batch_size": 2}),

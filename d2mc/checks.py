@@ -67,8 +67,42 @@ def check_conversion_inputs(options, model: str):
     if options.calib_data is not None:
         read_text(options.calib_data)
     if options.target is not None:
-        load_profile(options.target)
+        profile = load_profile(options.target)
+        if options.budget_ms is not None or options.speedup is not None:
+            check_context(options.context, arch.max_position_embeddings)
+            if options.method == "auto":
+                check_budget_reachable(options, arch, profile)
     return arch
+
+
+def check_context(context: int, positions: int) -> None:
+    """A decode step after ``context`` cached tokens must fit the model's positions."""
+    check_number(context, "{context}", minimum=1)
+    if context >= positions:
+        raise OptionError(f"{{context}} {context} is past the model's maximum of {positions} positions (the decode "
+                          f"step needs one more: use {{context}} {positions - 1} or less)")
+
+
+def check_budget_reachable(options, arch, profile) -> None:
+    """Refuse a latency budget (or speed-up) that no plan ``auto`` may choose can meet: even with every layer but the
+    first and the last dropped, the predicted decode is slower."""
+    from dataclasses import replace
+
+    from d2mc.arch import BlockSpec
+    from d2mc.roofline import predict_decode_seconds
+
+    dense = predict_decode_seconds(arch, profile, options.context, options.precision)
+    edges = replace(arch, blocks=(BlockSpec(), BlockSpec()) if arch.num_blocks > 1 else arch.blocks)
+    fastest = predict_decode_seconds(edges, profile, options.context, options.precision)
+    target = options.budget_ms * 1e-3 if options.budget_ms is not None else dense / options.speedup
+    if target < fastest:
+        given = "{budget_ms} " + f"{options.budget_ms:g}" if options.budget_ms is not None else \
+            "{speedup} " + f"{options.speedup:g}"
+        raise OptionError(f"{given} is out of reach on {profile.name} at context {options.context}: even with every "
+                          f"layer but the first and last dropped the predicted decode is {fastest * 1e3:.3f} ms "
+                          f"(dense {dense * 1e3:.3f} ms); ask for at most {{speedup}} "
+                          f"{math.floor(dense / fastest * 100) / 100:.2f} or at least {{budget_ms}} "
+                          f"{math.ceil(fastest * 1e6) / 1e3:.3f}")
 
 
 def check_compile_inputs(options) -> None:
@@ -77,7 +111,8 @@ def check_compile_inputs(options) -> None:
     from dataclasses import replace
 
     check_number(options.eval_tokens, "--eval-tokens", minimum=0)
-    conversion = replace(options.conversion, target=options.conversion.target or options.target)
+    conversion = replace(options.conversion, target=options.conversion.target or options.target,
+                         context=options.context)
     arch = check_conversion_inputs(conversion, options.model)
     positions = arch.max_position_embeddings
     if options.quantize is not None:
@@ -89,9 +124,12 @@ def check_compile_inputs(options) -> None:
         check_host_profile(options.host_profile)
     if options.prefill > positions:
         raise UserError(f"--prefill {options.prefill} is longer than the model's {positions} positions")
-    if options.context >= positions:
-        raise UserError(f"--context {options.context} is past the model's maximum of {positions} positions (the "
-                        f"decode step needs one more: use --context {positions - 1} or less)")
+    check_context(options.context, positions)
+    if options.tasks:
+        from d2mc.tasks import load_tasks
+
+        check_number(options.task_limit, "--task-limit", minimum=1)
+        load_tasks(options.tasks, options.include_path)
 
 
 def check_recovery_options(options, arch, prefix: str = "--") -> None:

@@ -47,6 +47,9 @@ class CompileOptions:
     prefill: int = 128
     context: int = 512
     overwrite: bool = False
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks scored on the final model
+    include_path: str | None = None  # a directory of task YAML files for ``tasks``
+    task_limit: int | None = None  # documents per task
     quantize: QuantizeOptions | None = None  # int4/int8 weights; None: the profile's float format
 
 
@@ -74,6 +77,7 @@ class CompileState:
     # recovery training
     recovery: dict | None = None  # the trainer's summary
     recovered_ppl: float | None = None
+    tasks: Any = None  # d2mc.tasks.TaskScores of the final model
     # quantization: the model that ships (PyTorch, dequantized weights) and its held-out perplexity
     quantized: QuantizedModel | None = None
     quantized_ppl: PerplexityResult | None = None
@@ -115,6 +119,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
         _import(state)
         _convert(state)
         _recover(state)
+        _score_tasks(state)
         ctx = state.ctx
 
         step("save model")
@@ -211,6 +216,17 @@ def _recover(state: CompileState) -> None:
             state.recovered_ppl = perplexity(ctx.model, state.eval_windows)
 
 
+def _score_tasks(state: CompileState) -> None:
+    """lm-evaluation-harness tasks on the final PyTorch model, when asked (their names were checked up front)."""
+    options = state.options
+    if not options.tasks:
+        return
+    from d2mc.tasks import evaluate_model_tasks
+
+    with state.timed("tasks (lm-evaluation-harness)"):
+        state.tasks = evaluate_model_tasks(state.ctx.model, state.ctx.tokenizer, options.tasks,
+                                           include_path=options.include_path, limit=options.task_limit,
+                                           source=options.model)
 def _quantize(state: CompileState) -> None:
     """int4/int8 weights, when asked for: the quantized model (what ships) and its held-out perplexity."""
     options = state.options.quantize

@@ -27,9 +27,10 @@ ROUTER_RESULTS = ("routers", "reconstructed_routers", "split_routers")
 @dataclass
 class ConvertOptions:
     """What to convert and how. Methods that remove layers (lfuc, drop-layers, drop-attention, lfuc-split) need
-    exactly one of the four plan sources; split-experts and upcycle take none. ``experts``, ``active_fraction``,
-    ``split_shared`` and ``layers`` shape split-experts (and the split of lfuc-split); ``experts``, ``top_k``,
-    ``upcycle_init`` and ``layers`` shape upcycle."""
+    exactly one of the four plan sources; ``auto`` (a mixed plan, :mod:`passes.plan_auto`) a budget or a speed-up
+    at ``context``, with groups of at most ``max_group`` layers (3 unless given); split-experts and upcycle take
+    none. ``experts``, ``active_fraction``, ``split_shared`` and ``layers`` shape split-experts (and the split of
+    lfuc-split); ``experts``, ``top_k``, ``upcycle_init`` and ``layers`` shape upcycle."""
 
     method: str = "lfuc"
     remove_attention: int | None = None
@@ -40,7 +41,7 @@ class ConvertOptions:
     top_k: int = 1
     shared_expert: bool = False
     normalize_topk: bool = True
-    max_group: int = 8
+    max_group: int | None = None  # None: 8 for the fixed-shape methods, 3 for auto
     reconstruct_steps: int = 150
     calib_data: str | None = None
     calib_sequences: int = 16
@@ -61,7 +62,17 @@ class ConvertOptions:
             self.method = recipe_method(load_recipe(self.recipe), self.recipe)
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
-        if self.method not in PLANNED_METHODS:
+        if self.method == "auto":
+            given = [k for k, v in {"--remove-attention": self.remove_attention, "--plan": self.plan}.items()
+                     if v is not None]
+            shaped = [k for k, v in {"--top-k": self.top_k != 1, "--shared-expert": self.shared_expert,
+                                     "--no-normalize": not self.normalize_topk}.items() if v]
+            if given or shaped:
+                raise UserError(f"{(given + shaped)[0]} does not apply to --method auto, which chooses each layer's "
+                                "action and each group's routing itself: give --budget-ms or --speedup")
+            if self.budget_ms is None and self.speedup is None:
+                raise UserError("--method auto needs --budget-ms or --speedup (and --target)")
+        elif self.method not in PLANNED_METHODS:
             given = [k for k, v in {"--remove-attention": self.remove_attention, "--budget-ms": self.budget_ms,
                                     "--speedup": self.speedup, "--plan": self.plan}.items() if v is not None]
             if given:
@@ -86,10 +97,14 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     if options.method == "upcycle":
         return [create_pass("upcycle", experts=options.experts, top_k=options.top_k, init=options.upcycle_init,
                             layers=options.layers, normalize_topk=options.normalize_topk, seed=options.seed)]
+    if options.method == "auto":
+        plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
+                           context=options.context, precision=options.precision, max_group=options.max_group or 3)
+        return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
                        top_k=options.top_k, shared_expert=options.shared_expert,
-                       normalize_topk=options.normalize_topk, max_group=options.max_group,
+                       normalize_topk=options.normalize_topk, max_group=options.max_group or 8,
                        context=options.context, precision=options.precision,
                        **({"experts": options.experts, "active_fraction": options.active_fraction,
                            "split_shared": options.split_shared, "layers": options.layers}
@@ -97,13 +112,19 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     passes = [create_pass("analyze-redundancy"), plan]
     if options.method == "drop-layers":
         return passes + [create_pass("drop-layers")]
-    passes.append(create_pass("prune-attention"))
-    if options.method in ("lfuc", "lfuc-split"):
-        passes += [create_pass("fuse-experts"), create_pass("insert-router")]
-        if options.reconstruct_steps:
-            passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps))
+    if options.method == "drop-attention":
+        return passes + [create_pass("prune-attention")]
+    passes += fusion_passes(options)
     if options.method == "lfuc-split":
         passes.append(_split_pass(options))
+    return passes
+
+
+def fusion_passes(options: ConvertOptions) -> list[Pass]:
+    """What LF-UC (and a mixed plan) does once the plan is made: prune, fuse, fit routers, reconstruct."""
+    passes = [create_pass("prune-attention"), create_pass("fuse-experts"), create_pass("insert-router")]
+    if options.reconstruct_steps:
+        passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps))
     return passes
 
 
@@ -178,6 +199,7 @@ def conversion_summary(ctx: Context, options: ConvertOptions) -> dict:
         "source": ctx.source,
         "options": asdict(options),
         "plan": ctx.results["plan"].to_dict() if "plan" in ctx.results else None,
+        "plan_search": ctx.results.get("plan_search"),
         "split": ctx.results.get("split"),
         "upcycle": ctx.results.get("upcycled"),
         "redundancy": ctx.results.get("redundancy"),

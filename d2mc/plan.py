@@ -7,9 +7,22 @@ from dataclasses import asdict, dataclass, field
 from d2mc.arch import BlockPlan
 from d2mc.errors import UserError
 
-METHODS = ("lfuc", "drop-layers", "drop-attention", "split-experts", "lfuc-split", "upcycle")
+METHODS = ("lfuc", "drop-layers", "drop-attention", "split-experts", "lfuc-split", "upcycle", "auto")
 PLANNED_METHODS = ("lfuc", "drop-layers", "drop-attention", "lfuc-split")  # those that remove layers by a plan
 UPCYCLE_INITS = ("copy", "partition")
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """How one fused group routes: with ``shared_expert`` the kept layer's MLP is always active, and ``top_k`` of
+    the other (routed) MLPs run per token."""
+
+    shared_expert: bool = False
+    top_k: int = 1
+
+    @property
+    def label(self) -> str:
+        return ("shared + " if self.shared_expert else "") + f"top-{self.top_k}"
 
 
 @dataclass
@@ -19,6 +32,10 @@ class FusionPlan:
     Under LF-UC a group becomes one block: the kept layer's attention, then every MLP of the group as an expert.
     Under drop-attention the other layers of a group lose their attention and keep their MLP in sequence.
     Under drop-layers they are removed whole (``dropped`` may name layers chosen outside the groups).
+
+    A mixed plan (``auto``) also names ``attention_dropped`` layers (their attention goes, their MLP stays a block
+    of its own), ``dropped`` layers (removed whole) and a :class:`GroupShape` per group in ``shapes`` (empty: every
+    group routes by the plan-wide ``top_k`` and ``shared_expert``).
     """
 
     num_layers: int
@@ -27,33 +44,56 @@ class FusionPlan:
     shared_expert: bool = False
     normalize_topk: bool = True
     dropped: list[int] = field(default_factory=list)
+    attention_dropped: list[int] = field(default_factory=list)
+    shapes: list[GroupShape] = field(default_factory=list)
     reason: str = ""
 
     @property
     def removed_attention(self) -> list[int]:
-        """Layers whose attention the plan removes."""
-        return sorted(layer for g in self.groups for layer in g[1:])
+        """Layers whose attention the plan removes while keeping their MLP (fused or on its own)."""
+        return sorted({layer for g in self.groups for layer in g[1:]} | set(self.attention_dropped))
+
+    def shape(self, group: int) -> GroupShape:
+        """The routing of group number ``group``."""
+        return self.shapes[group] if self.shapes else GroupShape(self.shared_expert, self.top_k)
 
     def blocks(self, method: str) -> list[BlockPlan]:
-        """The ``config.blocks`` list a method builds from this plan."""
+        """The ``config.blocks`` list a method builds from this plan (``auto`` builds the mixed plan as LF-UC)."""
         removed = set(self.removed_attention)
         if method == "drop-layers":
             dropped = set(self.dropped or removed)
             return [BlockPlan.dense(i) for i in range(self.num_layers) if i not in dropped]
         if method == "drop-attention":
             return [BlockPlan(None if i in removed else i, (i,)) for i in range(self.num_layers)]
-        if method not in ("lfuc", "lfuc-split"):
+        if method not in ("lfuc", "lfuc-split", "auto"):
             raise UserError(f"unknown method '{method}': choose one of {', '.join(PLANNED_METHODS)}")
-        starts = {g[0]: g for g in self.groups}
+        starts = {g[0]: n for n, g in enumerate(self.groups)}
+        fused = {layer for g in self.groups for layer in g[1:]}
         blocks = []
         for i in range(self.num_layers):
-            if i in removed:
+            if i in fused or i in self.dropped:
                 continue
-            group = starts.get(i, (i,))
-            shared = 1 if self.shared_expert and len(group) > 1 else 0
+            if i in self.attention_dropped:
+                blocks.append(BlockPlan(None, (i,)))
+                continue
+            if i not in starts:
+                blocks.append(BlockPlan.dense(i))
+                continue
+            group, shape = self.groups[starts[i]], self.shape(starts[i])
+            shared = 1 if shape.shared_expert and len(group) > 1 else 0
             routed = len(group) - shared
-            blocks.append(BlockPlan(i, group, shared, min(self.top_k, max(routed, 1)), self.normalize_topk))
+            blocks.append(BlockPlan(i, group, shared, min(shape.top_k, max(routed, 1)), self.normalize_topk))
         return blocks
+
+    def describe(self) -> str:
+        """The plan in a line as LF-UC and ``auto`` build it: fused groups with their routing, then the attention
+        and the layers it removes."""
+        parts = [f"fuse {g[0]}-{g[-1]} ({self.shape(n).label})" for n, g in enumerate(self.groups)]
+        if self.attention_dropped:
+            parts.append("drop attention " + _fmt_layers(self.attention_dropped))
+        if self.dropped:
+            parts.append("drop layers " + _fmt_layers(self.dropped))
+        return "; ".join(parts) or "dense"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "groups": [list(g) for g in self.groups],

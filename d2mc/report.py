@@ -88,6 +88,7 @@ def build_report(state: CompileState) -> dict[str, Any]:
     artifact_ppl = state.artifact_ppl.perplexity if state.artifact_ppl else None
     sections = [
         plan_section(fusion_plan, conversion["redundancy"]),
+        plan_search_section(conversion.get("plan_search")),
         split_section(conversion),
         blocks_section(profile, state.blocks),
         parameters_section(state.dense_arch.total_params, conversion),
@@ -96,6 +97,7 @@ def build_report(state: CompileState) -> dict[str, Any]:
         perplexity_section(options.eval_tokens, state.dense_ppl, state.converted_ppl, state.recovered_ppl,
                            state.recovery is not None, quantized_ppl, artifact_ppl),
         recovery_section(state.recovery),
+        tasks_section(state.tasks),
         verification_section(verify),
         engine_section(profile, state.engine),
         artifacts_section(artifacts),
@@ -107,6 +109,7 @@ def build_report(state: CompileState) -> dict[str, Any]:
         "settings": dataclasses.asdict(settings),
         "options": {**dataclasses.asdict(options.conversion), "eval_tokens": options.eval_tokens},
         "plan": fusion_plan,
+        "plan_search": conversion.get("plan_search"),
         "split": conversion.get("split"),
         "upcycle": conversion.get("upcycle"),
         "redundancy": conversion["redundancy"],
@@ -127,6 +130,7 @@ def build_report(state: CompileState) -> dict[str, Any]:
         "step_seconds": state.timings,
         "sections": [s for s in sections if s is not None],
         "recovery": brief(state.recovery) if state.recovery is not None else None,
+        "tasks": state.tasks.to_dict() if state.tasks is not None else None,
     }
 
 
@@ -150,6 +154,22 @@ def plan_section(fusion_plan: dict | None, redundancy: dict) -> dict | None:
             "rows": [[i, f"{b:.4f}", f"{a:.4f}", f"{m:.4f}"] for i, (b, a, m) in
                      enumerate(zip(redundancy["block"], redundancy["attention"], redundancy["mlp"], strict=False))],
             "image": "redundancy.png"}
+
+
+def plan_search_section(search: dict | None) -> dict | None:
+    """``--method auto``: the candidate plans measured whole, with their predicted latency and damage."""
+    if not search:
+        return None
+    return {"title": "Plan search (auto)",
+            "text": (f"Target {search['target_ms']:.3f} ms on {search['profile']} at context {search['context']} "
+                     f"(dense {search['dense_ms']:.3f} ms). Damage is the calibration-loss increase in nats per token "
+                     f"({search['probe_tokens']} calibration tokens): predicted as the sum of the actions' damages, "
+                     "each measured alone, and measured on the whole plan; the plan of least measured damage is "
+                     f"chosen. Search {search['seconds']:.0f} s ({search['cpu_seconds']:.0f} s of CPU time)."),
+            "columns": ["search", "plan", "predicted ms", "predicted damage", "measured damage", "chosen"],
+            "rows": [[a["search"], a["plan"], f"{a['predicted_ms']:.3f}", f"{a['predicted_damage']:.4f}",
+                      f"{a['measured_damage']:.4f}", "yes" if a["plan"] == search["chosen"]["plan"] else ""]
+                     for a in search["alternatives"]]}
 
 
 def split_section(conversion: dict) -> dict | None:
@@ -231,6 +251,18 @@ def recovery_section(summary: dict | None) -> dict | None:
         "values": {"final loss": final or "-", "tokens per second": f"{summary['tokens'] / summary['seconds']:.0f}"
                    if summary["seconds"] else "-"},
         "image": "recovery_curve.png"}
+
+
+def tasks_section(scores) -> dict | None:
+    """lm-evaluation-harness scores of the final model (``d2mc.tasks.TaskScores``), one row per task and metric."""
+    if scores is None:
+        return None
+    rows = [[t.task if i == 0 else "", t.samples if i == 0 and t.samples is not None else "", m.name,
+             f"{m.value:.4f}", f"{m.stderr:.4f}" if m.stderr is not None else "-"]
+            for t in scores.tasks for i, m in enumerate(t.metrics)]
+    return {"title": "Tasks", "text": f"lm-evaluation-harness {scores.harness} on the final PyTorch model"
+                                      + (f", at most {scores.limit} documents per task." if scores.limit else "."),
+            "columns": ["task", "documents", "metric", "value", "stderr"], "rows": rows}
 
 
 def verification_section(verify: dict) -> dict:

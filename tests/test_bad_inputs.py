@@ -196,6 +196,16 @@ ROWS = [
     (["convert", T, "--speedup", "1.2", "-o", "out"], "--budget-ms and --speedup need a device profile", True),
     (["convert", T, "--plan", "2-3", "--top-k", "0", "-o", "out"], "--top-k must be at least 1", True),
     (["convert", T, "--method", "split-experts", "--layers", "1-x", "-o", "out"], "bad layer range '1-x'", True),
+    (["convert", T, "--method", "auto", "--speedup", "50", "--target", "orin-agx", "--context", "256", "-o", "out"],
+     "--speedup 50 is out of reach on orin-agx at context 256", True),
+    (["convert", T, "--method", "auto", "--budget-ms", "0.001", "--target", "orin-agx", "--context", "256", "-o",
+      "out"], "--budget-ms 0.001 is out of reach on orin-agx at context 256", True),
+    (["convert", T, "--method", "auto", "--speedup", "1.1", "--target", "orin-agx", "--context", "100000", "-o",
+      "out"], "--context 100000 is past the model's maximum of 512 positions", True),
+    (["convert", T, "--method", "auto", "--target", "orin-agx", "-o", "out"],
+     "--method auto needs --budget-ms or --speedup", True),
+    (["convert", T, "--method", "auto", "--plan", "2-3", "-o", "out"], "--plan does not apply to --method auto",
+     True),
     # recover
     (["recover", T, "-o", "out", "--steps", "1"], "'{tiny}' is not a converted model", False),
     (["recover", T, "-o", "{old-output}"], "output '{old-output}' already exists", True),
@@ -273,16 +283,19 @@ ROWS = [
     (["compile", T, "--context", "100000", "-o", "out"], "--context 100000 is past the model's maximum of 512", True),
     (["compile", T, "--eval-tokens", "-5", "-o", "out"], "--eval-tokens must be at least 0, not -5", True),
     (["compile", T, "--calib-length", "600", "-o", "out"], "--calib-length 600 is longer than the model's 512", True),
+    (["compile", T, "--tasks", "no_such_task", "--context", "256", "-o", "out"], "unknown task 'no_such_task' for --tasks", True),
+    (["compile", T, "--method", "auto", "--speedup", "40", "--context", "256", "-o", "out"],
+     "--speedup 40 is out of reach on orin-agx at context 256", True),
     (["compile", T, "--precision", "int4", "--target", "{no-int4-toml}", "--context", "256", "-o", "out"],
      "--precision int4 is not a precision tiny's TensorRT supports (fp32, fp16, int8)", True),
-    (["compile", T, "--precision", "int4", "--block-size", "128", "-o", "out"],
+    (["compile", T, "--precision", "int4", "--block-size", "128", "--context", "256", "-o", "out"],
      "--block-size 128 does not divide the hidden size (64)", True),
-    (["compile", T, "--quant-method", "rtn", "-o", "out"], "--quant-method quantize weights", True),
-    (["compile", T, "--host-profile", "fastest", "-o", "out"],
+    (["compile", T, "--quant-method", "rtn", "--context", "256", "-o", "out"], "--quant-method quantize weights", True),
+    (["compile", T, "--host-profile", "fastest", "--context", "256", "-o", "out"],
      "--host-profile must be auto, measure, shipped or a device profile .toml file, not 'fastest'", True),
-    (["compile", T, "--host-profile", "{notes-txt}/none.toml", "-o", "out"],
+    (["compile", T, "--host-profile", "{notes-txt}/none.toml", "--context", "256", "-o", "out"],
      "device profile '{notes-txt}/none.toml' does not exist", True),
-    (["compile", T, "--precision", "int8", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
+    (["compile", T, "--precision", "int8", "--context", "256", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),
@@ -326,7 +339,8 @@ def test_a_missing_quantization_library_says_what_to_install(command, inputs, tm
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else find_spec(name, *a))
-    check_refused([command, T, "-o", "out", *GPTQ], "GPTQ quantization needs the package 'gptqmodel': pip install "
+    context = ["--context", "256"] if command == "compile" else []  # the tiny model's 512 positions
+    check_refused([command, T, "-o", "out", *GPTQ, *context], "GPTQ quantization needs the package 'gptqmodel': pip install "
                   + GPTQMODEL_INSTALL, True, inputs, tmp_path, monkeypatch, capsys)
 
 

@@ -125,6 +125,27 @@ def test_compile_end_to_end(tiny_checkpoint_with_tokenizer, tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_auto_reports_its_plan_search_and_task_scores(tiny_checkpoint_with_tokenizer, tmp_path):
+    from tests.test_evaluation import TASK, TASKS
+
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--method", "auto",
+                    "--speedup", "1.1", "--calib-sequences", "4", "--calib-length", "64", "--reconstruct-steps", "5",
+                    "--eval-tokens", "1024", "--context", "256", "--prefill", "32", "--tasks", TASK,
+                    "--include-path", TASKS, "--task-limit", "5", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    search, decode = report["plan_search"], report["predicted"]["decode"]
+    assert decode["converted_s"] <= decode["dense_s"] / 1.1
+    assert search["chosen"]["predicted_ms"] == pytest.approx(decode["converted_s"] * 1e3)
+    assert search["chosen"]["plan"] in [a["plan"] for a in search["alternatives"]]
+    markdown = (out / "report.md").read_text()
+    assert "## Plan search (auto)" in markdown and search["chosen"]["plan"] in markdown
+    assert [t["task"] for t in report["tasks"]["tasks"]] == [TASK]
+    assert "## Tasks" in markdown
+
+
+@pytest.mark.slow
 def test_compile_int4_scores_the_quantized_model_and_the_artifact(tiny_checkpoint_with_tokenizer, tmp_path):
     out = tmp_path / "out"
     result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "host-cpu", "--remove-attention", "2",

@@ -23,6 +23,10 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
                    "conversion's --calib-data [default: the profile's float format].")
 @quantize_options(calibration=False)
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
+@click.option("--tasks", help="lm-evaluation-harness tasks scored on the final model, comma-separated (e.g. "
+                              "hellaswag,arc_easy; pip install 'd2mc[eval]').")
+@click.option("--include-path", type=click.Path(), help="A directory of your own task YAML files (--tasks).")
+@click.option("--task-limit", type=int, help="Score at most this many documents per task (--tasks).")
 @click.option("--host-profile", default=None, metavar="auto|measure|shipped|FILE",
               help="The profile of this machine the measurement is judged on: auto takes the one measured here "
                    "before, else measures the machine once (a few minutes) and caches it; measure measures again; "
@@ -33,7 +37,8 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 @quiet_option
 @json_option
 def command(model, target, eval_tokens, prefill, context, precision, quant_method, block_size, lm_head_precision,
-            accuracy_level, no_measure, host_profile, output, overwrite, quiet, as_json, **plan):
+            accuracy_level, no_measure, tasks, include_path, task_limit, host_profile, output, overwrite, quiet,
+            as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -48,7 +53,7 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     from d2mc.plan import PLANNED_METHODS
     from d2mc.profiles import load_profile
 
-    if plan["recipe"] is None and plan["method"] in PLANNED_METHODS and not any(
+    if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
     gptq = quant_method == "gptq"
@@ -62,7 +67,9 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     recovery = pop_recovery_options(plan, output)
     options = CompileOptions(model=model, output=output, target=target, eval_tokens=eval_tokens,
                              measure=not no_measure, host_profile=host_profile, prefill=prefill, context=context,
-                             overwrite=overwrite, conversion=convert_options_from(None, **plan), quantize=quantize)
+                             overwrite=overwrite, conversion=convert_options_from(None, **plan), quantize=quantize,
+                             tasks=tuple(tasks.split(",")) if tasks is not None else (),
+                             include_path=include_path, task_limit=task_limit)
     options.conversion.recovery = recovery
     check_compile_inputs(options)
     err = stderr_console()
@@ -91,6 +98,8 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
                  else " (no recovery training)")
         out.print(f"held-out perplexity ({ppl['tokens']} tokens): dense {ppl['dense']:.2f} -> converted "
                   f"{ppl['converted']:.2f}{after}")
+    for task in (report["tasks"] or {}).get("tasks", []):
+        out.print(f"task {task['task']}: " + ", ".join(f"{m['name']} {m['value']:.4f}" for m in task["metrics"]))
     if report["recovery"]:
         r = report["recovery"]
         out.print(f"recovery: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s, final "

@@ -21,8 +21,9 @@ def plan_options(func):
     """The options that choose what to remove, shared by convert and compile."""
     for option in reversed([
         click.option("--method", type=click.Choice(METHODS), default="lfuc", show_default=True,
-                     help="Dense2MoE layer fusion, a baseline on the same plan, MLPs split into experts "
-                          "(split-experts; lfuc-split: LF-UC, then split), or sparse upcycling."),
+                     help="Dense2MoE layer fusion, a baseline on the same plan, a mixed plan chosen per layer under "
+                          "--budget-ms or --speedup (auto), MLPs split into experts (split-experts; lfuc-split: "
+                          "LF-UC, then split), or sparse upcycling."),
         click.option("--remove-attention", type=int, help="Remove this many attention modules."),
         click.option("--budget-ms", type=float, help="Predicted decode latency budget on --target (ms)."),
         click.option("--speedup", type=float, help="Predicted decode speed-up over dense on --target."),
@@ -30,7 +31,7 @@ def plan_options(func):
         click.option("--top-k", type=int, default=1, show_default=True, help="Routed experts per token."),
         click.option("--shared-expert", is_flag=True, help="Keep the kept layer's MLP always active."),
         click.option("--no-normalize", is_flag=True, help="Scale experts by their softmax probability."),
-        click.option("--max-group", type=int, default=8, show_default=True, help="Most layers fused into one block."),
+        click.option("--max-group", type=int, help="Most layers fused into one block (default: 8; auto: 3)."),
         click.option("--reconstruct-steps", type=int, default=150, show_default=True,
                      help="Block-wise reconstruction steps for the fused experts (0: routers only)."),
         click.option("--experts", type=int, default=8, show_default=True,
@@ -91,13 +92,15 @@ def _refuse_plan_options_beside(recipe: str) -> None:
 @model_argument
 @plan_options
 @click.option("--target", help="Device profile for --budget-ms / --speedup (name or .toml).")
+@click.option("--context", type=int, default=512, show_default=True,
+              help="Cached tokens of the decode step that --budget-ms and --speedup are planned at.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (Hugging Face format).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @pipeline_recovery_options
 @placement_options
 @quiet_option
 @json_option
-def command(model, target, output, overwrite, device, dtype, quiet, as_json, **plan):
+def command(model, target, context, output, overwrite, device, dtype, quiet, as_json, **plan):
     """Convert MODEL with Dense2MoE layer fusion (or a baseline) and save it loadable by from_pretrained."""
     from d2mc.checks import check_conversion_inputs
     from d2mc.convert import conversion_bytes, convert, save_converted
@@ -110,6 +113,7 @@ def command(model, target, output, overwrite, device, dtype, quiet, as_json, **p
     placement = resolve_placement(device, dtype, training=bool(plan["recover_steps"]))
     recovery = pop_recovery_options(plan, output, placement)
     options = convert_options_from(target, **plan)
+    options.context = context
     options.recovery = recovery
     progress = None if quiet or as_json else (lambda text: stderr_console().print(text))
     arch = check_conversion_inputs(options, model)

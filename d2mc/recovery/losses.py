@@ -1,4 +1,5 @@
-"""The recovery loss terms: KL to the teacher (full or from a cached top-k) and the routers' load balance."""
+"""The recovery loss terms: KL to the teacher (full or from a cached top-k), the routers' load balance, and the
+hidden-state loss at the boundaries of converted blocks."""
 
 from __future__ import annotations
 
@@ -33,4 +34,13 @@ def balance_loss(router_logits: list[tuple[torch.Tensor, int]]) -> torch.Tensor 
         share = torch.zeros(experts, device=probs.device).scatter_add_(
             0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)) / chosen.numel()
         terms.append(experts * (share * probs.mean(0)).sum())
+    return torch.stack(terms).mean() if terms else None
+
+
+def hidden_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Mean over ``(student, teacher)`` hidden-state pairs of the squared error per token relative to the teacher's
+    squared norm there (so that every boundary counts alike, whatever the scale of the residual stream at its
+    depth)."""
+    terms = [((s.float() - t.float()) ** 2).sum(-1).div(t.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+             for s, t in pairs]
     return torch.stack(terms).mean() if terms else None

@@ -11,9 +11,9 @@ GENERATE = "generate"  # the data source the teacher writes itself
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 # options that change what the weights become; a checkpoint of other values is from another run
 _RUN_IDENTITY = ("steps", "seq_len", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
-                 "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "train", "data",
-                 "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient", "seed", "dtype",
-                 "stream")
+                 "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "hidden_weight",
+                 "train", "data", "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient",
+                 "seed", "dtype", "stream")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class RecoveryOptions:
     kl_weight: float = 1.0
     temperature: float = 1.0
     balance_weight: float = 0.01
+    hidden_weight: float = 0.0  # hidden-state loss after each converted block against the teacher's (0: none)
     train: str = "all"  # measured best for the held-out perplexity (docs/recovery.md)
     data: str | None = None  # None: built-in corpus (training part); a .txt/.jsonl file; a datasets name; "generate"
     data_split: str = "train"
@@ -66,7 +67,8 @@ class RecoveryOptions:
             raise UserError(f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
         if self.lr <= 0 or self.temperature <= 0:
             raise UserError("the learning rate and the temperature must be positive")
-        if min(self.ce_weight, self.kl_weight, self.balance_weight) < 0 or not (self.ce_weight or self.kl_weight):
+        if min(self.ce_weight, self.kl_weight, self.balance_weight, self.hidden_weight) < 0 or not (
+                self.ce_weight or self.kl_weight):
             raise UserError("loss weights must be zero or more, and CE or KL must have a positive weight")
         if not self.warmup >= 0:
             raise UserError(f"--warmup must be zero or more (a fraction of the steps below 1, or steps), not "

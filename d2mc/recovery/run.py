@@ -133,7 +133,7 @@ def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_wi
         trained.to(came_in)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
-    curve = [{k: v for k, v in h.items() if k in ("step", "tokens", "loss", "ce", "kl", "balance",
+    curve = [{k: v for k, v in h.items() if k in ("step", "tokens", "loss", "ce", "kl", "balance", "hidden",
                                                   "learning_rate", "grad_norm")} for h in history if "loss" in h]
     heldout = [h for h in history if "heldout_perplexity" in h]
     final = curve[-1] if curve else {}
@@ -148,7 +148,7 @@ def train_recovery(model, teacher, dataset, options: RecoveryOptions, *, eval_wi
         "trained": options.train,
         "blocks": changed_blocks(model) if options.train == "blocks" else None,
         "routers_with_gate_gradient": gated,
-        "final": {k: final[k] for k in ("loss", "ce", "kl", "balance") if k in final},
+        "final": {k: final[k] for k in ("loss", "ce", "kl", "balance", "hidden") if k in final},
         "curve": curve,
         "heldout_curve": heldout,
         "teacher": f"cached top-{options.teacher_topk}" if options.teacher_topk else "online",

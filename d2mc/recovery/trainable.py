@@ -38,6 +38,16 @@ def changed_blocks(model) -> list[int]:
     return changed
 
 
+def block_boundaries(model) -> list[tuple[int, int]]:
+    """``(block, parent layer)`` for each block the conversion changed: the student's hidden state after that block
+    stands where the dense parent's stands after that layer (the last parent layer before the next block's first;
+    layers dropped in between count as passed)."""
+    plans = model.config.blocks
+    parent_layers = model.config.base_config.num_hidden_layers
+    return [(i, (min(plans[i + 1].layers) - 1) if i + 1 < len(plans) else parent_layers - 1)
+            for i in changed_blocks(model)]
+
+
 def trainable_parameters(model, train: str) -> list[str]:
     """Names of the parameters ``train`` selects (``routers``, ``blocks`` or ``all``)."""
     if train == "all":

@@ -13,9 +13,9 @@ from torch import nn
 
 from d2mc.recovery.data import STREAM_POSITION
 from d2mc.recovery.engines import teacher_for_deepspeed, teacher_for_fsdp
-from d2mc.recovery.losses import balance_loss, kl_full, kl_topk
+from d2mc.recovery.losses import balance_loss, hidden_loss, kl_full, kl_topk
 from d2mc.recovery.options import RecoveryOptions
-from d2mc.recovery.trainable import routed_blocks
+from d2mc.recovery.trainable import block_boundaries, routed_blocks
 
 
 def trainer_classes():
@@ -23,7 +23,8 @@ def trainer_classes():
     from transformers import Trainer, TrainerCallback
 
     class DistillationTrainer(Trainer):
-        """Trainer whose loss is CE + KL to the teacher + router balance (see :mod:`d2mc.recovery`)."""
+        """Trainer whose loss is CE + KL to the teacher + router balance, and with ``hidden_weight`` the hidden-state
+        loss at the boundaries of converted blocks (see :mod:`d2mc.recovery`)."""
 
         def __init__(self, *args, teacher=None, recovery: RecoveryOptions, **kwargs):
             super().__init__(*args, **kwargs)
@@ -31,9 +32,17 @@ def trainer_classes():
             self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean; the Trainer scales for GA
             self._router_logits: list[tuple[torch.Tensor, int]] = []
             self._collecting = False  # only the loss's forward; not a gradient-checkpointing recompute
-            self._parts: dict[str, list[torch.Tensor]] = {"ce": [], "kl": [], "balance": []}
+            self._parts: dict[str, list[torch.Tensor]] = {"ce": [], "kl": [], "balance": [], "hidden": []}
             self._hooks = [block.router.register_forward_hook(self._collector(getattr(block, "top_k", 1)))
                            for block in routed_blocks(self.model)]
+            self._hidden: dict[str, dict[int, torch.Tensor]] = {"student": {}, "teacher": {}}
+            self._boundaries = block_boundaries(self.model) if recovery.hidden_weight else []
+            if self._boundaries and teacher is None:
+                raise ValueError("the hidden-state loss needs the teacher model")
+            for block, layer in self._boundaries:  # on the modules themselves, before an engine wraps the teacher
+                self._hooks.append(self.model.model.layers[block].register_forward_hook(
+                    self._keeper("student", block)))
+                self._hooks.append(teacher.model.layers[layer].register_forward_hook(self._keeper("teacher", block)))
             self.teacher = None if teacher is None else self._place_teacher(teacher)
 
         def _place_teacher(self, teacher):
@@ -58,6 +67,13 @@ def trainer_classes():
 
             return collect
 
+        def _keeper(self, side: str, block: int):
+            def keep(module, args, output):
+                if side == "teacher" or self._collecting:  # not a gradient-checkpointing recompute
+                    self._hidden[side][block] = output[0] if isinstance(output, tuple) else output
+
+            return keep
+
         def remove_hooks(self) -> None:
             for handle in self._hooks:
                 handle.remove()
@@ -78,15 +94,22 @@ def trainer_classes():
                                                  ids[:, 1:].reshape(-1))
                 loss = loss + r.ce_weight * ce
                 self._parts["ce"].append(ce.detach())
+            teacher_logits = None
+            if (r.kl_weight and "teacher_logprobs" not in inputs) or self._boundaries:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
             if r.kl_weight:
                 if "teacher_logprobs" in inputs:
                     kl = kl_topk(logits, inputs["teacher_logprobs"], inputs["teacher_indices"], r.temperature)
                 else:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
                     kl = kl_full(logits, teacher_logits, r.temperature)
                 loss = loss + r.kl_weight * kl
                 self._parts["kl"].append(kl.detach())
+            if self._boundaries:
+                student, teacher = self._hidden["student"], self._hidden["teacher"]
+                hidden = hidden_loss([(student.pop(b), teacher.pop(b)) for b, _ in self._boundaries])
+                loss = loss + r.hidden_weight * hidden
+                self._parts["hidden"].append(hidden.detach())
             balance = balance_loss(self._router_logits)
             self._router_logits.clear()
             if balance is not None:
@@ -131,7 +154,7 @@ def trainer_classes():
             elapsed = time.perf_counter() - self.start
             rate = done * self.tokens_per_step * args.world_size / max(elapsed, 1e-9)
             eta = (state.max_steps - state.global_step) * elapsed / max(done, 1)
-            parts = ", ".join(f"{k} {logs[k]:.4f}" for k in ("ce", "kl", "balance") if k in logs)
+            parts = ", ".join(f"{k} {logs[k]:.4f}" for k in ("ce", "kl", "balance", "hidden") if k in logs)
             self.progress(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f} ({parts}), "
                           f"{rate:,.0f} tokens/s, ETA {duration(eta)}")
 

@@ -24,8 +24,8 @@ from d2mc.recovery.data import (
     generate_windows,
     source_text,
 )
-from d2mc.recovery.losses import balance_loss, kl_full, kl_topk
-from d2mc.recovery.trainable import changed_blocks, router_gradients
+from d2mc.recovery.losses import balance_loss, hidden_loss, kl_full, kl_topk
+from d2mc.recovery.trainable import block_boundaries, changed_blocks, router_gradients
 from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
 
 TEXT = ("The council said the new bridge would open next year after a long delay. Fire crews worked through the "
@@ -84,6 +84,39 @@ def test_changed_blocks_of_each_method():
     assert changed_blocks(converted("lfuc").model) == [2, 4]  # the fused blocks
     assert changed_blocks(converted("drop-attention").model) == [3, 6]  # the blocks without attention
     assert changed_blocks(converted("drop-layers").model) == [2, 3, 4, 5]  # around the removed layers 3 and 6
+
+
+def test_block_boundaries_pair_each_changed_block_with_a_parent_layer():
+    # lfuc 2-3,5-6 of 8 layers: blocks 0 1 [2 3] 4 [5 6] 7; drop-layers 2-3,5-6 drops 3 and 6
+    assert block_boundaries(converted("lfuc").model) == [(2, 3), (4, 6)]
+    assert block_boundaries(converted("drop-layers").model) == [(2, 3), (3, 4), (4, 6), (5, 7)]
+
+
+def test_the_hidden_state_loss_trains_towards_the_teacher_at_the_boundaries():
+    ctx = converted()
+    data = windows()
+    boundaries = block_boundaries(ctx.model)
+
+    def hidden_error() -> float:
+        kept = {}
+        handles = [ctx.model.model.layers[b].register_forward_hook(
+            lambda m, a, o, b=b: kept.__setitem__(("s", b), o)) for b, _ in boundaries]
+        handles += [ctx.teacher.model.layers[t].register_forward_hook(
+            lambda m, a, o, b=b: kept.__setitem__(("t", b), o[0] if isinstance(o, tuple) else o))
+            for b, t in boundaries]
+        with torch.no_grad():
+            ctx.model(data, use_cache=False)
+            ctx.teacher(data, use_cache=False)
+        for h in handles:
+            h.remove()
+        return float(hidden_loss([(kept[("s", b)], kept[("t", b)]) for b, _ in boundaries]))
+
+    before = hidden_error()
+    options = RecoveryOptions(steps=8, seq_len=32, batch_size=4, lr=1e-3, warmup=0, ce_weight=0, kl_weight=1e-6,
+                              hidden_weight=1.0, train="blocks", log_every=4)
+    summary = train_recovery(ctx.model, ctx.teacher, WindowDataset(data), options)
+    assert hidden_error() < before
+    assert "hidden" in summary["final"]
 
 
 def test_drop_layers_has_no_routers_to_train():
