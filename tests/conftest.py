@@ -108,6 +108,24 @@ def tiny_checkpoint_with_tokenizer(tmp_path):
     return path
 
 
+def saved_tiny_conversion(tmp_path, text: str):
+    """A tiny Llama with a tokenizer saved in ``tmp_path/dense`` and its LF-UC conversion (plan 1-2, calibrated
+    on ``text``, kept in ``tmp_path/train.txt``) in ``tmp_path/converted``: what ``d2mc recover`` reads. Returns
+    the conversion's context."""
+    from d2mc.convert import ConvertOptions, convert, save_converted
+    from d2mc.loading import load_model
+
+    tokenizer = tiny_tokenizer()
+    dense = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "train.txt").write_text(text)
+    ctx = convert(load_model(tmp_path / "dense"), ConvertOptions(plan="1-2", calib_sequences=2, calib_length=32,
+                                                                 calib_data=str(tmp_path / "train.txt")))
+    save_converted(ctx, tmp_path / "converted")
+    return ctx
+
+
 @pytest.fixture
 def single_thread():
     """PyTorch on one thread for the test: tiny models gain nothing from two, and on a loaded machine two

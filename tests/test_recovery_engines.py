@@ -16,7 +16,7 @@ from d2mc.errors import OptionError
 from d2mc.recovery import RecoveryOptions, train_recovery
 from d2mc.recovery.data import STREAM_POSITION, StreamedWindows, WindowDataset
 from d2mc.recovery.launch import launch_command, read_launch_config
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import saved_tiny_conversion, tiny_tokenizer
 from tests.passes.test_recover import TEXT, converted, objective, windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,17 +184,7 @@ def test_the_configs_in_the_docs_pass_the_check_on_a_gpu_machine(tmp_path, monke
 @pytest.mark.slow
 def test_recover_with_an_accelerate_config_runs_ddp_in_two_processes(tmp_path):
     """``d2mc recover --accelerate-config``: checked, then accelerate launch starts two gloo processes."""
-    from d2mc.convert import ConvertOptions, convert, save_converted
-    from d2mc.loading import load_model
-
-    tokenizer = tiny_tokenizer()
-    dense = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
-    dense.save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    (tmp_path / "train.txt").write_text(TEXT * 20)
-    ctx = convert(load_model(tmp_path / "dense"), ConvertOptions(plan="1-2", calib_sequences=2, calib_length=32,
-                                                                 calib_data=str(tmp_path / "train.txt")))
-    save_converted(ctx, tmp_path / "converted")
+    saved_tiny_conversion(tmp_path, TEXT * 20)
     result = subprocess.run(
         [sys.executable, "-m", "d2mc", "recover", str(tmp_path / "converted"), "--teacher", str(tmp_path / "dense"),
          "-o", str(tmp_path / "out"), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--data",
@@ -227,17 +217,9 @@ def test_the_teacher_sharded_by_fsdp2_over_gloo_gives_the_whole_teachers_logits(
                            "FSDP recovery through the Trainer needs two GPUs; the teacher's FSDP2 sharding is "
                            "tested over gloo above and the configs below")
 def test_recovery_under_fsdp_on_two_gpus(tmp_path):
-    from d2mc.convert import ConvertOptions, convert, save_converted
     from d2mc.loading import load_model
 
-    tokenizer = tiny_tokenizer()
-    dense = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
-    dense.save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    (tmp_path / "train.txt").write_text(TEXT * 20)
-    ctx = convert(load_model(tmp_path / "dense"), ConvertOptions(plan="1-2", calib_sequences=2, calib_length=32,
-                                                                 calib_data=str(tmp_path / "train.txt")))
-    save_converted(ctx, tmp_path / "converted")
+    ctx = saved_tiny_conversion(tmp_path, TEXT * 20)
     fsdp = config(tmp_path, FSDP.format(version=2).replace("num_processes: 8", "num_processes: 2"))
     result = subprocess.run(
         [sys.executable, "-m", "d2mc", "recover", str(tmp_path / "converted"), "--teacher", str(tmp_path / "dense"),

@@ -26,7 +26,7 @@ from d2mc.recovery.data import (
 )
 from d2mc.recovery.losses import balance_loss, hidden_loss, kl_full, kl_topk
 from d2mc.recovery.trainable import block_boundaries, changed_blocks, router_gradients
-from tests.conftest import requires_real_model, tiny_model, tiny_tokenizer
+from tests.conftest import requires_real_model, saved_tiny_conversion, tiny_model, tiny_tokenizer
 
 TEXT = ("The council said the new bridge would open next year after a long delay. Fire crews worked through the "
         "night as strong winds pushed the blaze towards the town. The minister met union leaders on Tuesday to "
@@ -321,17 +321,7 @@ def test_recovery_with_no_data_at_all():
 @pytest.mark.slow
 def test_two_processes_on_the_gloo_backend(tmp_path):
     """``torchrun --nproc_per_node 2 -m d2mc recover``: DDP over gloo on this CPU; the first process writes."""
-    tokenizer = tiny_tokenizer()
-    dense = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
-    dense.save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    from d2mc.convert import convert, save_converted
-    from d2mc.loading import load_model
-
-    (tmp_path / "train.txt").write_text(TEXT * 20)
-    ctx = convert(load_model(tmp_path / "dense"), ConvertOptions(plan="1-2", calib_sequences=2, calib_length=32,
-                                                                 calib_data=str(tmp_path / "train.txt")))
-    save_converted(ctx, tmp_path / "converted")
+    saved_tiny_conversion(tmp_path, TEXT * 20)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "d2mc",
