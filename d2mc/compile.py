@@ -110,7 +110,8 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     profile = load_profile(options.target)
     settings = roofline_settings(options, profile)
     conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
-                                     context=options.context, precision=settings.precision)
+                                     context=options.context, precision=settings.precision,
+                                     block_size=settings.block_size)
     state = CompileState(options, profile, settings, conversion, progress or (lambda text: None))
     step, done = state.step, state.done
 

@@ -49,6 +49,7 @@ class ConvertOptions:
     seed: int = 0
     context: int = 512
     precision: str = "fp16"
+    block_size: int = 128  # int4/int8 weights' block, for planning at that precision
     experts: int = 8
     active_fraction: float = 0.5
     split_shared: int | None = None
@@ -99,13 +100,14 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
                             layers=options.layers, normalize_topk=options.normalize_topk, seed=options.seed)]
     if options.method == "auto":
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
-                           context=options.context, precision=options.precision, max_group=options.max_group or 3)
+                           context=options.context, precision=options.precision, block_size=options.block_size,
+                           max_group=options.max_group or 3)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
                        top_k=options.top_k, shared_expert=options.shared_expert,
                        normalize_topk=options.normalize_topk, max_group=options.max_group or 8,
-                       context=options.context, precision=options.precision,
+                       context=options.context, precision=options.precision, block_size=options.block_size,
                        **({"experts": options.experts, "active_fraction": options.active_fraction,
                            "split_shared": options.split_shared, "layers": options.layers}
                           if options.method == "lfuc-split" else {}))

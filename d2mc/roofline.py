@@ -314,9 +314,11 @@ def analyze(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings 
 
 def predict_decode_seconds(arch: ModelArch, profile: DeviceProfile, context: int = 512,
                            precision: str = "fp16", batch: int = 1, kv_precision: str | None = None,
-                           expert_load: dict[int, list[float]] | None = None) -> float:
-    """Predicted seconds for one decode step at ``context`` (what latency budgets are planned against)."""
-    settings = RooflineSettings(context=context, precision=precision, batch=batch, kv_precision=kv_precision)
+                           expert_load: dict[int, list[float]] | None = None, block_size: int = 128) -> float:
+    """Predicted seconds for one decode step at ``context`` (what latency budgets are planned against); int4/int8
+    weights in blocks of ``block_size``."""
+    settings = RooflineSettings(context=context, precision=precision, batch=batch, kv_precision=kv_precision,
+                                block_size=block_size)
     return estimate_phase(arch, profile, "decode", settings, expert_load).seconds
 
 
