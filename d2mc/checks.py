@@ -91,10 +91,10 @@ def check_budget_reachable(options, arch, profile) -> None:
     from d2mc.arch import BlockSpec
     from d2mc.roofline import predict_decode_seconds
 
-    dense = predict_decode_seconds(arch, profile, options.context, options.precision, block_size=options.block_size)
+    settings = dict(block_size=options.block_size, lm_head_precision=options.lm_head_precision)
+    dense = predict_decode_seconds(arch, profile, options.context, options.precision, **settings)
     edges = replace(arch, blocks=(BlockSpec(), BlockSpec()) if arch.num_blocks > 1 else arch.blocks)
-    fastest = predict_decode_seconds(edges, profile, options.context, options.precision,
-                                     block_size=options.block_size)
+    fastest = predict_decode_seconds(edges, profile, options.context, options.precision, **settings)
     target = options.budget_ms * 1e-3 if options.budget_ms is not None else dense / options.speedup
     if target < fastest:
         given = "{budget_ms} " + f"{options.budget_ms:g}" if options.budget_ms is not None else \

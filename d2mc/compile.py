@@ -111,7 +111,7 @@ def compile_model(options: CompileOptions, progress: Callable[[str], None] | Non
     settings = roofline_settings(options, profile)
     conversion = dataclasses.replace(options.conversion, target=options.conversion.target or options.target,
                                      context=options.context, precision=settings.precision,
-                                     block_size=settings.block_size)
+                                     block_size=settings.block_size, lm_head_precision=settings.lm_head_precision)
     state = CompileState(options, profile, settings, conversion, progress or (lambda text: None))
     step, done = state.step, state.done
 

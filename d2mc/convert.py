@@ -50,6 +50,7 @@ class ConvertOptions:
     context: int = 512
     precision: str = "fp16"
     block_size: int = 128  # int4/int8 weights' block, for planning at that precision
+    lm_head_precision: str | None = None  # the LM head's, for planning (None: the weights')
     experts: int = 8
     active_fraction: float = 0.5
     split_shared: int | None = None
@@ -101,13 +102,14 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     if options.method == "auto":
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
                            context=options.context, precision=options.precision, block_size=options.block_size,
-                           max_group=options.max_group or 3)
+                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 3)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
                        top_k=options.top_k, shared_expert=options.shared_expert,
                        normalize_topk=options.normalize_topk, max_group=options.max_group or 8,
                        context=options.context, precision=options.precision, block_size=options.block_size,
+                       lm_head_precision=options.lm_head_precision,
                        **({"experts": options.experts, "active_fraction": options.active_fraction,
                            "split_shared": options.split_shared, "layers": options.layers}
                           if options.method == "lfuc-split" else {}))

@@ -314,11 +314,12 @@ def analyze(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings 
 
 def predict_decode_seconds(arch: ModelArch, profile: DeviceProfile, context: int = 512,
                            precision: str = "fp16", batch: int = 1, kv_precision: str | None = None,
-                           expert_load: dict[int, list[float]] | None = None, block_size: int = 128) -> float:
+                           expert_load: dict[int, list[float]] | None = None, block_size: int = 128,
+                           lm_head_precision: str | None = None) -> float:
     """Predicted seconds for one decode step at ``context`` (what latency budgets are planned against); int4/int8
-    weights in blocks of ``block_size``."""
+    weights in blocks of ``block_size``, the LM head at ``lm_head_precision`` (default: the weights')."""
     settings = RooflineSettings(context=context, precision=precision, batch=batch, kv_precision=kv_precision,
-                                block_size=block_size)
+                                block_size=block_size, lm_head_precision=lm_head_precision)
     return estimate_phase(arch, profile, "decode", settings, expert_load).seconds
 
 

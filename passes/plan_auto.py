@@ -51,10 +51,12 @@ class DecodeCosts:
     dense: float
 
 
-def decode_costs(arch: ModelArch, profile, context: int, precision: str, block_size: int = 128) -> DecodeCosts:
+def decode_costs(arch: ModelArch, profile, context: int, precision: str, block_size: int = 128,
+                 lm_head_precision: str | None = None) -> DecodeCosts:
     """Per-block decode seconds on ``profile`` at ``context`` cached tokens (the roofline adds blocks up, so a plan's
     seconds are ``outside`` plus its blocks')."""
-    settings = RooflineSettings(context=context, precision=precision, block_size=block_size)
+    settings = RooflineSettings(context=context, precision=precision, block_size=block_size,
+                                lm_head_precision=lm_head_precision)
     settings.check_fits(arch, ("decode",))
 
     def spec_seconds(spec: BlockSpec) -> float:
@@ -90,7 +92,8 @@ class PlanAuto(Pass):
     provides = ("plan", "plan_search")
 
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
-                 precision: str = "fp16", block_size: int = 128, max_group: int = 3, candidate_share: float = 0.7, shapes: bool = True,
+                 precision: str = "fp16", block_size: int = 128, lm_head_precision: str | None = None,
+                 max_group: int = 3, candidate_share: float = 0.7, shapes: bool = True,
                  screen: int = 6, probe_sequences: int = 2, batch_size: int = 2,
                  progress: Callable[[str], None] | None = None):
         if (budget_ms is None) == (speedup is None):
@@ -103,7 +106,7 @@ class PlanAuto(Pass):
             raise UserError("--max-group must be at least 2, the candidate share in (0, 1], and the screen and the "
                             "probe at least 1")
         self.budget_ms, self.speedup, self.context, self.precision = budget_ms, speedup, context, precision
-        self.block_size = block_size
+        self.block_size, self.lm_head_precision = block_size, lm_head_precision
         self.max_group, self.candidate_share, self.shapes, self.screen = max_group, candidate_share, shapes, screen
         self.probe_sequences, self.batch_size, self.progress = probe_sequences, batch_size, progress
 
@@ -112,7 +115,8 @@ class PlanAuto(Pass):
 
         start, start_cpu = time.perf_counter(), time.process_time()
         n = ctx.arch.num_blocks
-        costs = decode_costs(ctx.arch, ctx.profile, self.context, self.precision, self.block_size)
+        costs = decode_costs(ctx.arch, ctx.profile, self.context, self.precision, self.block_size,
+                             self.lm_head_precision)
         target = self.budget_ms * 1e-3 if self.budget_ms is not None else costs.dense / self.speedup
         actions = enumerate_actions(n, self._candidates(ctx.results["redundancy"]["block"]), self.max_group,
                                     self.shapes)
@@ -164,10 +168,10 @@ class PlanAuto(Pass):
         corrected = search(corrected_damages)
         measure({"corrected": corrected["mixed"]})
         chosen = min(measured.values(), key=lambda p: (p.measured, p.seconds))
+        settings = RooflineSettings(context=self.context, precision=self.precision, block_size=self.block_size,
+                                    lm_head_precision=self.lm_head_precision)
         check = estimate_phase(dataclasses.replace(ctx.arch, blocks=tuple(b.spec for b in chosen.blocks(n))),
-                               ctx.profile, "decode", RooflineSettings(context=self.context,
-                                                                       precision=self.precision,
-                                                                       block_size=self.block_size)).seconds
+                               ctx.profile, "decode", settings).seconds
         assert math.isclose(check, chosen.seconds, rel_tol=1e-9), (check, chosen.seconds)
         reason = (f"least measured damage ({chosen.measured:+.4f} nats/token on calibration text) of "
                   f"{len(measured)} candidate plans whose predicted decode ({chosen.seconds * 1e3:.3f} ms at context "

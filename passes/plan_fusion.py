@@ -31,7 +31,8 @@ class PlanFusion(Pass):
     def __init__(self, method: str = "lfuc", remove_attention: int | None = None, budget_ms: float | None = None,
                  speedup: float | None = None, plan: str | None = None, top_k: int = 1, shared_expert: bool = False,
                  normalize_topk: bool = True, max_group: int = 8, context: int = 512, precision: str = "fp16",
-                 block_size: int = 128, experts: int = 8, active_fraction: float = 0.5, split_shared: int = 0, layers: str | None = None):
+                 block_size: int = 128, lm_head_precision: str | None = None, experts: int = 8,
+                 active_fraction: float = 0.5, split_shared: int = 0, layers: str | None = None):
         given = [k for k, v in {"--remove-attention": remove_attention, "--budget-ms": budget_ms,
                                 "--speedup": speedup, "--plan": plan}.items() if v is not None]
         if len(given) != 1:
@@ -48,6 +49,7 @@ class PlanFusion(Pass):
         self.method, self.remove_attention, self.budget_ms, self.speedup = method, remove_attention, budget_ms, speedup
         self.plan, self.top_k, self.shared_expert, self.normalize_topk = plan, top_k, shared_expert, normalize_topk
         self.max_group, self.context, self.precision, self.block_size = max_group, context, precision, block_size
+        self.lm_head_precision = lm_head_precision
         self.split = {"experts": experts, "active_fraction": active_fraction, "shared": split_shared, "layers": layers}
 
     def run(self, ctx: Context) -> PassResult:
@@ -79,7 +81,8 @@ class PlanFusion(Pass):
         if ctx.profile is None:
             raise UserError("--budget-ms and --speedup need a device profile: add --target")
         dense = predict_decode_seconds(ctx.arch, ctx.profile, self.context, self.precision,
-                                       block_size=self.block_size)
+                                       block_size=self.block_size,
+                                       lm_head_precision=self.lm_head_precision)
         target = self.budget_ms * 1e-3 if self.budget_ms is not None else dense / self.speedup
         best = None
         for k in range(0, ctx.arch.num_blocks):
@@ -88,7 +91,8 @@ class PlanFusion(Pass):
             except UserError:
                 break
             predicted = predict_decode_seconds(self._arch_of(ctx.arch, plan), ctx.profile, self.context,
-                                               self.precision, block_size=self.block_size)
+                                               self.precision, block_size=self.block_size,
+                                       lm_head_precision=self.lm_head_precision)
             best = (plan, predicted)
             if predicted <= target:
                 plan.reason = (f"smallest plan whose predicted decode ({predicted * 1e3:.3f} ms at context "
