@@ -28,7 +28,7 @@ install: $(STAMP)
 demo: install
 	$(D2MC) inspect smollm2-135m
 	$(D2MC) profile smollm2-135m --target orin-agx --config-only
-	$(D2MC) compile smollm2-135m --target orin-agx --recover-steps 8 -o out/smollm2-135m-orin-agx --overwrite
+	$(D2MC) compile smollm2-135m --target orin-agx --recover-steps 8 --precision int4 -o out/smollm2-135m-orin-agx --overwrite
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
