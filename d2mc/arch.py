@@ -265,6 +265,12 @@ class ModelArch:
         return per_layer * len(self.attention_blocks)
 
 
+def dividing_block_sizes(sizes) -> list[str]:
+    """The quantization block sizes (128, 64, 32) that divide every one of ``sizes``, largest first, as text for a
+    hint."""
+    return [str(b) for b in (128, 64, 32) if all(n % b == 0 for n in sizes)]
+
+
 def bytes_per_element(precision: str) -> float:
     try:
         return BYTES_PER_ELEMENT[precision]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2mc.arch import BlockSpec, ModelArch, bytes_per_element
+from d2mc.arch import BlockSpec, ModelArch, bytes_per_element, dividing_block_sizes
 from d2mc.costs import OUTSIDE, BlockCost, OpCost, PhaseCost, RooflineReport  # noqa: F401  (part of this API)
 from d2mc.errors import UserError
 from d2mc.ops.moe import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
@@ -165,7 +165,7 @@ class RooflineSettings:
             inputs.append(("the LM head", arch.hidden_size))
         for what, size in inputs:
             if size % self.block_size:
-                fits = [str(b) for b in (128, 64, 32) if all(n % b == 0 for _, n in inputs)]
+                fits = dividing_block_sizes(n for _, n in inputs)
                 hint = f"use --block-size {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
                 raise UserError(f"--block-size {self.block_size} does not divide the input size {size} of {what}: "
                                 f"{hint}")

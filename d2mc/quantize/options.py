@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
+from d2mc.arch import dividing_block_sizes
 from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
 from d2mc.errors import MissingDependencyError, OptionError
 
@@ -121,7 +122,7 @@ class QuantizeOptions:
         inputs += [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
         for what, size in inputs:
             if size % self.block_size:
-                fits = [str(b) for b in (128, 64, 32) if all(n % b == 0 for _, n in inputs)]
+                fits = dividing_block_sizes(n for _, n in inputs)
                 hint = f"use {{block_size}} {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
                 raise OptionError(f"{{block_size}} {self.block_size} does not divide {what} ({size}) of the model: "
                                   f"{hint}")

@@ -49,19 +49,33 @@ def test_onnxruntime_genai_generates_the_pytorch_greedy_tokens(tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     model = tiny_model("llama")
     export_onnx(model, None, tmp_path / "artifact")
-    prompt = [3, 17, 42, 99, 7]
-    genai_model = og.Model(str(tmp_path / "artifact"))
+    assert genai_greedy(og, tmp_path / "artifact") == pytorch_greedy(model)
+
+
+GREEDY_PROMPT = [3, 17, 42, 99, 7]
+
+
+def genai_greedy(og, artifact, prompt=GREEDY_PROMPT, new_tokens: int = 10) -> list[int]:
+    """The tokens onnxruntime-genai (module ``og``) decodes greedily from ``artifact`` after ``prompt``."""
+    genai_model = og.Model(str(artifact))
     params = og.GeneratorParams(genai_model)
-    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
+                              do_sample=False)
     generator = og.Generator(genai_model, params)
     generator.append_tokens(prompt)
     tokens = []
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def pytorch_greedy(model, prompt=GREEDY_PROMPT, new_tokens: int = 10) -> list[int]:
+    """The tokens ``model.generate`` decodes greedily after ``prompt``."""
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    assert tokens == expected[0, len(prompt):].tolist()
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False)
+    return out[0, len(prompt):].tolist()
 
 
 def test_tensorrt_artifact_is_verified_and_refused_by_run(tmp_path):

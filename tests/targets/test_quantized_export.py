@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import onnx
 import pytest
-import torch
 from d2mc.targets.onnxruntime import export_onnx
 
 from d2mc.artifact import read_artifact
@@ -15,6 +14,7 @@ from d2mc.evaluation import evaluate_artifact_perplexity, evaluate_model_perplex
 from d2mc.quantize import QuantizeOptions, quantize_model
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.quantize.test_model import converted
+from tests.targets.test_onnxruntime import genai_greedy, pytorch_greedy
 
 TOKENIZER = tiny_tokenizer()
 VOCAB = len(TOKENIZER)
@@ -73,20 +73,7 @@ def test_onnxruntime_genai_decodes_the_quantized_model_greedily(tmp_path):
     model = tiny_model("llama", vocab_size=VOCAB)
     quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, accuracy_level=0), TOKENIZER)
     export_onnx(model, None, tmp_path / "q", quantized=quantized, verify=False)
-    prompt = [3, 17, 42, 99, 7]
-    genai_model = og.Model(str(tmp_path / "q"))
-    params = og.GeneratorParams(genai_model)
-    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
-    generator = og.Generator(genai_model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    with torch.no_grad():
-        expected = quantized.model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
-                                            do_sample=False)
-    assert tokens == expected[0, len(prompt):].tolist()
+    assert genai_greedy(og, tmp_path / "q") == pytorch_greedy(quantized.model)
 
 
 def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
