@@ -202,7 +202,6 @@ CHOICES = [
     ("router: balance weight 0", "lfuc", {}, {"balance_weight": 0.0}),
     ("router: balance weight 0.1", "lfuc", {}, {"balance_weight": 0.1}),
     ("router: learning rate x10", "lfuc", {}, {"router_lr_factor": 10.0}),
-    ("router: learning rate x10, balance weight 0.1", "lfuc", {}, {"router_lr_factor": 10.0, "balance_weight": 0.1}),
     ("shape: top-2", "lfuc", {"top_k": 2}, {}),
     ("shape: shared expert", "lfuc", {"shared_expert": True}, {}),
 ]
