@@ -15,9 +15,9 @@ verified against PyTorch.
 Points are written to ``--json`` as they finish; a rerun with the same settings skips the points already there
 (the generated text and the teacher's top-k are kept in ``--work``), so the sweep can be stopped and resumed.
 
-    python benchmarks/frontier.py [--contexts 512,4096] [--speedups 1.2,1.3] [--points 512x1.3,4096x1.2] [--recover-steps 60]
-                                [--methods drop-layers,drop-attention,lfuc,auto] [--json frontier.json]
-                                [--reconstruct-steps 150] [--plot frontier.png] [--work frontier-work] [--export]
+    python benchmarks/frontier.py [--contexts 512,4096] [--speedups 1.2,1.3] [--recover-steps 60]
+                                [--points 512x1.3,4096x1.2] [--methods drop-layers,drop-attention,lfuc,auto]
+                                [--json frontier.json] [--reconstruct-steps 150] [--plot frontier.png] [--work frontier-work] [--export]
 """
 
 from __future__ import annotations

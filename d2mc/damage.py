@@ -146,7 +146,7 @@ class DamageProbe:
 
     def plan_damage(self, blocks: Sequence[BlockPlan], reconstructed: bool = False) -> float:
         """The loss increase of the whole plan ``blocks`` (the ``config.blocks`` of a converted model); with
-        ``reconstructed``, its fused blocks as :meth:`reconstruct` left them (each must have been reconstructed)."""
+        ``reconstructed``, its blocks that :meth:`reconstruct` trained as it left them."""
         return self._loss_from(0, [self.reconstructed[p] if reconstructed and p in self.reconstructed
                                    else self.block(p) for p in blocks]) - self.dense_loss
 

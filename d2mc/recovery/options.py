@@ -11,9 +11,9 @@ GENERATE = "generate"  # the data source the teacher writes itself
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 # options that change what the weights become; a checkpoint of other values is from another run
 _RUN_IDENTITY = ("steps", "seq_len", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
-                 "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "hidden_weight", "router_lr_factor",
+                 "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "hidden_weight",
                  "train", "data", "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient",
-                 "seed", "dtype", "stream")
+                 "router_lr_factor", "seed", "dtype", "stream")
 
 
 @dataclass
@@ -66,8 +66,10 @@ class RecoveryOptions:
             raise UserError(f"unknown --train '{self.train}': choose one of {', '.join(TRAIN_CHOICES)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0 or self.temperature <= 0 or self.router_lr_factor <= 0:
-            raise UserError("the learning rate, the routers' learning-rate factor and the temperature must be positive")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise UserError("the learning rate and the temperature must be positive")
+        if not self.router_lr_factor > 0:
+            raise UserError(f"--router-lr-factor must be positive, not {self.router_lr_factor}")
         if min(self.ce_weight, self.kl_weight, self.balance_weight, self.hidden_weight) < 0 or not (
                 self.ce_weight or self.kl_weight):
             raise UserError("loss weights must be zero or more, and CE or KL must have a positive weight")
