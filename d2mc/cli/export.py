@@ -13,9 +13,9 @@ QUANTIZED = ("int4", "int8")  # d2mc.quantize.PRECISIONS
 def quantize_options(calibration: bool):
     """The quantization flags of export and compile (compile's calibration text flags are its conversion's)."""
     flags = [
-        click.option("--quant-method", type=click.Choice(["rtn", "gptq"]),
-                     help="int4/int8: round-to-nearest, or GPTQ from calibration text (needs gptqmodel: "
-                          "docs/quantization.md) [default: rtn]."),
+        click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq"]),
+                     help="int4/int8: round-to-nearest; HQQ (float zero points, onnxruntime format only); or GPTQ "
+                          "from calibration text (needs gptqmodel: docs/quantization.md) [default: rtn]."),
         click.option("--block-size", type=click.Choice(["32", "64", "128"]),
                      help="int4/int8: weights per scale along each input [default: 32 for int4, 64 for int8; for "
                           "TensorRT 64, and it takes int4 only, in blocks of 64 or 128]."),
@@ -90,6 +90,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     options = quantize_options_from(precision, **quantization, tensorrt=flavour == "tensorrt")
     check_output_path(output, overwrite)
     if options is not None:
+        options.check_moe_op(moe_op)
         options.check_installed()
         options.check_divides(load_model(model, config_only=True, tokenizer=False).arch)
     loaded = load_model(model, work="export")

@@ -7,7 +7,8 @@ perplexity run). In a block with several experts each expert's post-attention no
 gate and up projections (the lowering folds it there too, and integer codes cannot be rescaled afterwards), so
 its norm becomes weightless.
 
-``rtn`` quantizes each weight on its own. ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
+``rtn`` and ``hqq`` quantize each weight on its own (the LM head, which a tied embedding reads through
+``GatherBlockQuantized`` and its integer zero points, always by round-to-nearest). ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
 layer, in order: each block is run on the calibration activations that the already quantized blocks before it
 produce, and within a block the projections are quantized in the order they compute (q/k/v, o, every expert's
 gate/up, every expert's down), each from the inputs it sees after the ones before it were quantized; an expert sees
@@ -28,6 +29,7 @@ from torch import nn
 
 from d2mc.activations import batches, first_tensor, hooks, output_tensor
 from d2mc.errors import UserError
+from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions
 
@@ -68,7 +70,8 @@ class QuantizedModel:
     def to_dict(self) -> dict:
         """What an artifact and a report record of the quantization: its options (enough to redo it:
         :meth:`QuantizeOptions.from_dict`) and what it produced."""
-        return {**self.options.to_dict(), "bits": self.options.bits, "symmetric": True,
+        return {**self.options.to_dict(), "bits": self.options.bits,
+                "symmetric": all(q.symmetric for q in self.linears.values()),
                 "calibration": self.calibration, "quantized_linears": len(self.linears),
                 "quantized_bytes": self.nbytes(), "seconds": round(self.seconds, 2), "fallbacks": list(self.fallbacks)}
 
@@ -99,7 +102,8 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     layers = [_block_linears(quantized, i, layer) for i, layer in enumerate(quantized.model.layers)]
     head = quantized.lm_head if options.lm_head_bits else None
     if calibration is None:
-        linears = {name: _set(module, quantize_rtn(module.weight, options.bits, options.block_size))
+        method = quantize_hqq if options.quant_method == "hqq" else quantize_rtn
+        linears = {name: _set(module, method(module.weight, options.bits, options.block_size))
                    for block in layers for stage in block for group in stage for name, module in group}
         fallbacks: list[str] = []
     else:

@@ -12,7 +12,7 @@ from d2mc.errors import MissingDependencyError, OptionError
 
 PRECISIONS = ("int4", "int8")
 FLOAT_PRECISIONS = ("fp32", "fp16")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "hqq", "gptq")
 LM_HEAD_PRECISIONS = ("int8", "int4", "float")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
@@ -36,8 +36,9 @@ class QuantizeOptions:
     the LM head at its own precision); routers, norms and, unless shared with a quantized LM head, the embedding
     stay float.
 
-    ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data) or gptq (GPTQModel's GPTQ, layer
-    by layer from calibration activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
+    ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data), hqq (ONNX Runtime's HQQ: float
+    zero points, no data, onnxruntime format only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
+    activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
     per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
     int8, int4 or float; ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
     CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
@@ -92,6 +93,10 @@ class QuantizeOptions:
                 f"({TENSORRT_DEQUANTIZE_SOURCE})")
         if self.precision == "int8":
             raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
+        if self.float_zero_points:
+            raise OptionError("{quant_method} hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX "
+                              "DequantizeLinear takes only integer ones; use {quant_method} rtn or gptq, or the "
+                              "onnxruntime format")
         if self.block_size not in TENSORRT_INT4_BLOCKS:
             raise OptionError(f"{{block_size}} {self.block_size} cannot go to TensorRT, which takes int4 weights in "
                               f"blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE})")
@@ -110,6 +115,17 @@ class QuantizeOptions:
     @property
     def calibrated(self) -> bool:
         return self.quant_method == "gptq"
+
+    @property
+    def float_zero_points(self) -> bool:
+        """The weights carry float zero points (HQQ): only MatMulNBits holds them."""
+        return self.quant_method == "hqq"
+
+    def check_moe_op(self, moe_op: str) -> None:
+        """Refuse an MoE op that cannot hold these weights (``com.microsoft::QMoE`` takes no float zero points)."""
+        if moe_op == "contrib" and self.float_zero_points:
+            raise OptionError("{quant_method} hqq cannot go to {moe_op} contrib: com.microsoft::QMoE takes only "
+                              "integer zero points; use {moe_op} dispatch, or {quant_method} rtn or gptq")
 
     def check_installed(self) -> None:
         """Refuse in one line a method whose library is missing, saying what to install."""
