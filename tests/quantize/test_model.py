@@ -50,6 +50,19 @@ def test_every_linear_is_quantized_and_the_model_carries_its_weights(family, kin
     assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters(), strict=True))  # source untouched
 
 
+@pytest.mark.parametrize("kind", ["dense", "converted"])
+def test_hqq_gives_every_linear_but_the_lm_head_float_zero_points(kind):
+    model = tiny_model("llama", vocab_size=VOCAB) if kind == "dense" else converted()
+    result = quantize_model(model, QuantizeOptions("int4", "hqq", 32), TOKENIZER)
+    assert set(result.linears) == linears(model)
+    modules = dict(result.model.named_modules())
+    for name, q in result.linears.items():
+        # the LM head by round-to-nearest: a tied embedding reads its bytes, with integer zero points only
+        assert q.float_zero_points == (name != "lm_head") and q.symmetric == (name == "lm_head")
+        torch.testing.assert_close(modules[name].weight, q.dequantize(), rtol=0, atol=0)
+    assert result.to_dict()["symmetric"] is False
+
+
 def test_expert_norms_are_folded_into_gate_and_up():
     model = converted()
     folded = converted()
@@ -95,7 +108,9 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
 
 @pytest.mark.parametrize("options, message", [
     (dict(precision="int3"), "precision int3 is not a quantized precision: choose int4 or int8"),
-    (dict(quant_method="awq"), "unknown quant_method 'awq': choose one of rtn, gptq"),
+    (dict(quant_method="awq"), "unknown quant_method 'awq': choose one of rtn, hqq, gptq"),
+    (dict(quant_method="hqq", tensorrt=True), "quant_method hqq cannot go to TensorRT: HQQ's zero points are floats "
+                                              "and ONNX DequantizeLinear takes only integer ones"),
     (dict(block_size=48), "block_size must be 32, 64 or 128, not 48"),
     (dict(lm_head_precision="fp8"), "lm_head_precision must be one of int8, int4, float, not fp8"),
     (dict(accuracy_level=5), "accuracy_level must be one of 0-4, not 5"),
@@ -103,6 +118,14 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
         QuantizeOptions(**options)
+
+
+def test_qmoe_is_refused_for_float_zero_points():
+    QuantizeOptions("int4", "hqq").check_moe_op("dispatch")
+    QuantizeOptions("int4", "rtn").check_moe_op("contrib")
+    with pytest.raises(OptionError, match="^quant_method hqq cannot go to moe_op contrib: com.microsoft::QMoE takes "
+                                          "only integer zero points; use moe_op dispatch"):
+        QuantizeOptions("int4", "hqq").check_moe_op("contrib")
 
 
 def test_a_block_size_that_does_not_divide_a_weight_is_refused():

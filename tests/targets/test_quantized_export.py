@@ -46,6 +46,22 @@ def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, 
     assert info["precision"] == "int4" and info["quantization"]["quant_method"] == "rtn"
 
 
+@pytest.mark.parametrize("kind", ["dense", "converted"])
+def test_float_zero_points_match_the_model_with_the_same_hqq_weights(kind, tmp_path):
+    model = tiny_model("qwen2", vocab_size=VOCAB) if kind == "dense" else converted()
+    quantized = quantize_model(model, QuantizeOptions("int4", "hqq", 32), TOKENIZER)
+    verify = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized).verify
+    assert verify["passed"] and verify["max_abs_diff"] < 1e-3
+    assert 0 < verify["shipped"]["max_abs_diff"] < 0.15 * verify["shipped"]["logit_scale"]
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    residuals = [t.name for t in graph.initializer if t.name.endswith("_zero_point_residual")]
+    zero_points = [t for t in graph.initializer if t.name.endswith("_zero_points")]
+    # every quantized matrix but the LM head (q, k and v packed as one): rounded uint8 zero points and a residual
+    assert len(residuals) == len(zero_points) == sum(op == "MatMulNBits" for op in (n.op_type for n in graph.node)) - 1
+    assert all(t.data_type == onnx.TensorProto.UINT8 for t in zero_points)
+    assert read_artifact(tmp_path / "q")["quantization"]["quant_method"] == "hqq"
+
+
 def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
     model = converted()
     int8 = quantize_model(model, QuantizeOptions("int8", block_size=32), TOKENIZER)
