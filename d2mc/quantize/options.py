@@ -15,6 +15,12 @@ FLOAT_PRECISIONS = ("fp32", "fp16")
 METHODS = ("rtn", "hqq", "gptq")
 LM_HEAD_PRECISIONS = ("int8", "int4", "float")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# int4 models with some matrices at int8 (by round-to-nearest, symmetric), chosen by layer: "mixed-layers" is
+# onnxruntime-genai's preset of that name (llama.cpp's Q4_K_M rule): q/k/v and down at int8 in the first and last
+# eighth of the layers and in every third layer between; "mixed-layers-ends" also every other matrix of the first
+# and last eighth (measured on SmolLM2-135M: docs/quantization.md)
+MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
+MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
 # block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
 # as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
@@ -40,7 +46,8 @@ class QuantizeOptions:
     zero points, no data, onnxruntime format only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
     activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
     per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
-    int8, int4 or float; ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
+    int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
+    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`); ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
     CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
     ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the tensorrt format, or a
     compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks of 64 or 128 and int8
@@ -52,6 +59,7 @@ class QuantizeOptions:
     block_size: int | None = None
     lm_head_precision: str | None = None  # default DEFAULT_LM_HEAD (TENSORRT_DEFAULT_LM_HEAD for TensorRT)
     accuracy_level: int = 4
+    mixed_precision: str = "none"
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
@@ -77,6 +85,12 @@ class QuantizeOptions:
         if self.lm_head_precision not in LM_HEAD_PRECISIONS:
             raise OptionError(f"{{lm_head_precision}} must be one of {', '.join(LM_HEAD_PRECISIONS)}, not "
                               f"{self.lm_head_precision}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise OptionError(f"{{mixed_precision}} must be one of {', '.join(MIXED_PRECISIONS)}, not "
+                              f"{self.mixed_precision}")
+        if self.mixed and self.precision != "int4":
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} moves int4 matrices to int8: it needs "
+                              f"{{precision}} int4, not {self.precision}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
         if self.calib_data is not None and not self.calibrated:
@@ -93,6 +107,9 @@ class QuantizeOptions:
                 f"({TENSORRT_DEQUANTIZE_SOURCE})")
         if self.precision == "int8":
             raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
+        if self.mixed:
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to TensorRT: it puts some "
+                              f"matrices at int8, and {int8}; choose {{mixed_precision}} none")
         if self.float_zero_points:
             raise OptionError("{quant_method} hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX "
                               "DequantizeLinear takes only integer ones; use {quant_method} rtn or gptq, or the "
@@ -106,6 +123,21 @@ class QuantizeOptions:
     @property
     def bits(self) -> int:
         return int(self.precision.removeprefix("int"))
+
+    @property
+    def mixed(self) -> bool:
+        return self.mixed_precision != "none"
+
+    def bits_of(self, name: str, layers: int) -> int:
+        """The bits of the block Linear ``name`` (``model.layers.{i}...``) in a model of ``layers`` blocks."""
+        if not self.mixed:
+            return self.bits
+        index = int(name.split(".")[2])
+        ends = index < layers / 8 or index >= 7 * layers / 8
+        if (self.mixed_precision == "mixed-layers-ends" and ends) or (name.rpartition(".")[2] in MIXED_LEAVES and (
+                ends or (index - round(layers / 8)) % 3 == 2)):
+            return 8
+        return self.bits
 
     @property
     def lm_head_bits(self) -> int | None:
@@ -122,10 +154,15 @@ class QuantizeOptions:
         return self.quant_method == "hqq"
 
     def check_moe_op(self, moe_op: str) -> None:
-        """Refuse an MoE op that cannot hold these weights (``com.microsoft::QMoE`` takes no float zero points)."""
+        """Refuse an MoE op that cannot hold these weights (``com.microsoft::QMoE`` takes no float zero points, and
+        one bit width for all its experts' matrices)."""
         if moe_op == "contrib" and self.float_zero_points:
             raise OptionError("{quant_method} hqq cannot go to {moe_op} contrib: com.microsoft::QMoE takes only "
                               "integer zero points; use {moe_op} dispatch, or {quant_method} rtn or gptq")
+        if moe_op == "contrib" and self.mixed:
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to {{moe_op}} contrib: "
+                              "com.microsoft::QMoE takes one bit width for all its experts' matrices; use {moe_op} "
+                              "dispatch, or {mixed_precision} none")
 
     def check_installed(self) -> None:
         """Refuse in one line a method whose library is missing, saying what to install."""

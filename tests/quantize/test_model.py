@@ -63,6 +63,24 @@ def test_hqq_gives_every_linear_but_the_lm_head_float_zero_points(kind):
     assert result.to_dict()["symmetric"] is False
 
 
+@pytest.mark.parametrize("mixed, int8_layers", [("mixed-layers", {0: "qkv-down", 2: "qkv-down"}),
+                                                 ("mixed-layers-ends", {0: "all", 2: "qkv-down"})])
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_mixed_precision_moves_the_chosen_matrices_to_int8(method, mixed, int8_layers):
+    """Four blocks (the third one with three experts): the first eighth is block 0, the last eighth (blocks from
+    3.5 on) none, every third block between is block 2."""
+    model = converted()
+    result = quantize_model(model, QuantizeOptions("int4", method, 32, "float", mixed_precision=mixed), TOKENIZER)
+    assert len(result.linears) == len(linears(model)) - 1  # the float LM head
+    for name, q in result.linears.items():
+        index, leaf = int(name.split(".")[2]), name.rpartition(".")[2]
+        chosen = int8_layers.get(index)
+        int8 = chosen == "all" or (chosen == "qkv-down" and leaf in ("q_proj", "k_proj", "v_proj", "down_proj"))
+        assert q.bits == (8 if int8 else 4), name
+        assert q.float_zero_points == (method == "hqq" and not int8)  # int8 matrices by round-to-nearest
+    assert result.to_dict()["mixed_precision"] == mixed
+
+
 def test_expert_norms_are_folded_into_gate_and_up():
     model = converted()
     folded = converted()
@@ -114,6 +132,11 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
     (dict(block_size=48), "block_size must be 32, 64 or 128, not 48"),
     (dict(lm_head_precision="fp8"), "lm_head_precision must be one of int8, int4, float, not fp8"),
     (dict(accuracy_level=5), "accuracy_level must be one of 0-4, not 5"),
+    (dict(mixed_precision="some"), "mixed_precision must be one of none, mixed-layers, mixed-layers-ends, not some"),
+    (dict(precision="int8", mixed_precision="mixed-layers"),
+     "mixed_precision mixed-layers moves int4 matrices to int8: it needs precision int4, not int8"),
+    (dict(mixed_precision="mixed-layers", tensorrt=True), "mixed_precision mixed-layers cannot go to TensorRT: it puts "
+                                                          "some matrices at int8, and TensorRT dequantizes int8"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
@@ -126,6 +149,9 @@ def test_qmoe_is_refused_for_float_zero_points():
     with pytest.raises(OptionError, match="^quant_method hqq cannot go to moe_op contrib: com.microsoft::QMoE takes "
                                           "only integer zero points; use moe_op dispatch"):
         QuantizeOptions("int4", "hqq").check_moe_op("contrib")
+    with pytest.raises(OptionError, match="^mixed_precision mixed-layers cannot go to moe_op contrib: "
+                                          "com.microsoft::QMoE takes one bit width"):
+        QuantizeOptions("int4", mixed_precision="mixed-layers").check_moe_op("contrib")
 
 
 def test_a_block_size_that_does_not_divide_a_weight_is_refused():

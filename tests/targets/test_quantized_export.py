@@ -47,17 +47,20 @@ def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, 
 
 
 @pytest.mark.parametrize("kind", ["dense", "converted"])
-def test_float_zero_points_match_the_model_with_the_same_hqq_weights(kind, tmp_path):
+def test_float_zero_points_and_mixed_precision_match_the_model_with_the_same_weights(kind, tmp_path):
     model = tiny_model("qwen2", vocab_size=VOCAB) if kind == "dense" else converted()
-    quantized = quantize_model(model, QuantizeOptions("int4", "hqq", 32), TOKENIZER)
+    # mixed precision on the converted model: some blocks' matrices (experts' too) at int8, integer zero points
+    mixed = "none" if kind == "dense" else "mixed-layers"
+    quantized = quantize_model(model, QuantizeOptions("int4", "hqq", 32, mixed_precision=mixed), TOKENIZER)
     verify = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized).verify
     assert verify["passed"] and verify["max_abs_diff"] < 1e-3
     assert 0 < verify["shipped"]["max_abs_diff"] < 0.15 * verify["shipped"]["logit_scale"]
     graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
     residuals = [t.name for t in graph.initializer if t.name.endswith("_zero_point_residual")]
     zero_points = [t for t in graph.initializer if t.name.endswith("_zero_points")]
-    # every quantized matrix but the LM head (q, k and v packed as one): rounded uint8 zero points and a residual
-    assert len(residuals) == len(zero_points) == sum(op == "MatMulNBits" for op in (n.op_type for n in graph.node)) - 1
+    # every int4 matrix (q, k and v packed as one; the LM head is int8): rounded uint8 zero points and a residual
+    int4 = [n for n in graph.node if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)]
+    assert len(residuals) == len(zero_points) == len(int4) > 0
     assert all(t.data_type == onnx.TensorProto.UINT8 for t in zero_points)
     assert read_artifact(tmp_path / "q")["quantization"]["quant_method"] == "hqq"
 
