@@ -78,7 +78,8 @@ def run(args, work: Path) -> None:
     loaded = load_model("smollm2-135m")
     variants = [("d2mc fp32", loaded.model, None)]
     for row in args.int4.split(","):
-        method, block, head, mixed = (row.split(":") + ["int8", "none"])[:4]
+        parts = row.split(":")
+        method, block, head, mixed = parts + ["int8", "none"][len(parts) - 2:]
         name = f"d2mc int4 {method} b{block}" + ("" if head == "int8" else f" {head} LM head") + (
             "" if mixed == "none" else f" {mixed} int8")
         variants.append((name, loaded.model, QuantizeOptions("int4", method, int(block), head, mixed_precision=mixed)))

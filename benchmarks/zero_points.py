@@ -33,7 +33,8 @@ def session(form: str, q, acc: int) -> ort.InferenceSession:
 
     g = GraphBuilder(np.float32, TensorProto.FLOAT, accuracy_level=acc)
     if form == "float zero points":
-        inputs = nbits_inputs(g, q, "w", "x")[:3] + [g.weight("w_zero_points_float", q.zero_points)]
+        inputs = nbits_inputs(g, QuantizedLinear(q.bits, q.block_size, q.codes, q.scales), "w", "x")
+        inputs.append(g.weight("w_zero_points_float", q.zero_points))
         g.op("MatMulNBits", inputs, ["y"], MS_DOMAIN, **nbits_attributes(g, q))
     elif form == "symmetric (rtn)":
         matmul(g, "x", QuantizedLinear(q.bits, q.block_size, q.codes, q.scales), "w", "y")

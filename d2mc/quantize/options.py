@@ -20,11 +20,19 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # eighth of the layers and in every third layer between; "mixed-layers-ends" also every other matrix of the first
 # and last eighth (measured on SmolLM2-135M: docs/quantization.md)
 MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
+# int4 in MatMulNBits (not TensorRT, not QMoE) moves the first and last eighth and q/k/v/down of every third layer
+# to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
+DEFAULT_MIXED = "mixed-layers-ends"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
 # block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
 # as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
-DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}  # gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL)
+# HQQ for int4 in MatMulNBits: lower perplexity than round-to-nearest at every block size, no calibration data; in
+# blocks of 64, where its zero-point residual costs least (block 32 decoded 0.72x as fast as rtn's on SmolLM2-135M,
+# block 64 as fast as rtn at 32): docs/quantization.md. gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL).
+# TensorRT and QMoE take integer zero points only: rtn there.
+DEFAULT_METHOD = {"int4": "hqq", "int8": "rtn"}
+HQQ_DEFAULT_BLOCK_SIZE = 64
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
 # so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
@@ -43,15 +51,17 @@ class QuantizeOptions:
     stay float.
 
     ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data), hqq (ONNX Runtime's HQQ: float
-    zero points, no data, onnxruntime format only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
-    activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
-    per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
-    int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
-    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`); ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
-    CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
-    ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the tensorrt format, or a
-    compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks of 64 or 128 and int8
-    only per channel: int4 with the block size 64 and a float LM head by default, int8 weights and LM head refused.
+    zero points, no data, MatMulNBits only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
+    activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
+    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`; 64 for hqq);
+    ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
+    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE); ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8
+    activations, the fast path on CPU); ``calib_data``: calibration text (default the built-in calibration text),
+    ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
+    tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
+    of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
+    weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
+    ``com.microsoft::QMoE`` (``--moe-op contrib``), which takes one bit width and integer zero points.
     """
 
     precision: str = "int4"
@@ -59,22 +69,28 @@ class QuantizeOptions:
     block_size: int | None = None
     lm_head_precision: str | None = None  # default DEFAULT_LM_HEAD (TENSORRT_DEFAULT_LM_HEAD for TensorRT)
     accuracy_level: int = 4
-    mixed_precision: str = "none"
+    mixed_precision: str | None = None  # default DEFAULT_MIXED for int4 in MatMulNBits, else none
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
     seed: int = 0
     tensorrt: bool = False
+    qmoe: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise OptionError(f"{{precision}} {self.precision} is not a quantized precision: choose "
                               f"{' or '.join(PRECISIONS)}")
+        integer_only = self.tensorrt or self.qmoe  # takes integer zero points and one bit width only
         if self.quant_method is None:
-            object.__setattr__(self, "quant_method", DEFAULT_METHOD[self.precision])
+            object.__setattr__(self, "quant_method", "rtn" if integer_only else DEFAULT_METHOD[self.precision])
         if self.block_size is None:
             object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
-                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+                               self.precision == "int4" else HQQ_DEFAULT_BLOCK_SIZE if self.quant_method == "hqq"
+                               else DEFAULT_BLOCK_SIZE[self.precision])
+        if self.mixed_precision is None:
+            object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not integer_only
+                               else "none")
         if self.lm_head_precision is None:
             object.__setattr__(self, "lm_head_precision", TENSORRT_DEFAULT_LM_HEAD if self.tensorrt
                                else DEFAULT_LM_HEAD)
@@ -100,6 +116,18 @@ class QuantizeOptions:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
         if self.tensorrt:
             self._check_tensorrt()
+        if self.qmoe:
+            self._check_qmoe()
+
+    def _check_qmoe(self) -> None:
+        """Refuse weights ``com.microsoft::QMoE`` cannot take: float zero points, or more than one bit width."""
+        if self.float_zero_points:
+            raise OptionError("{quant_method} hqq cannot go to {moe_op} contrib: com.microsoft::QMoE takes only "
+                              "integer zero points; use {moe_op} dispatch, or {quant_method} rtn or gptq")
+        if self.mixed:
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to {{moe_op}} contrib: "
+                              "com.microsoft::QMoE takes one bit width for all its experts' matrices; use {moe_op} "
+                              "dispatch, or {mixed_precision} none")
 
     def _check_tensorrt(self) -> None:
         """Refuse weights TensorRT's DequantizeLinear cannot take (the plugin's experts alone would take them)."""
@@ -153,16 +181,6 @@ class QuantizeOptions:
         """The weights carry float zero points (HQQ): only MatMulNBits holds them."""
         return self.quant_method == "hqq"
 
-    def check_moe_op(self, moe_op: str) -> None:
-        """Refuse an MoE op that cannot hold these weights (``com.microsoft::QMoE`` takes no float zero points, and
-        one bit width for all its experts' matrices)."""
-        if moe_op == "contrib" and self.float_zero_points:
-            raise OptionError("{quant_method} hqq cannot go to {moe_op} contrib: com.microsoft::QMoE takes only "
-                              "integer zero points; use {moe_op} dispatch, or {quant_method} rtn or gptq")
-        if moe_op == "contrib" and self.mixed:
-            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to {{moe_op}} contrib: "
-                              "com.microsoft::QMoE takes one bit width for all its experts' matrices; use {moe_op} "
-                              "dispatch, or {mixed_precision} none")
 
     def check_installed(self) -> None:
         """Refuse in one line a method whose library is missing, saying what to install."""
@@ -185,7 +203,9 @@ class QuantizeOptions:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantizeOptions:
-        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored."""
+        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored.
+        A record from before mixed precision existed quantized every matrix at its precision."""
+        data = {"mixed_precision": "none", **data}
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 

@@ -172,7 +172,8 @@ def test_float_zero_points_through_matmul_nbits_compute_the_dequantized_weight(f
     if form == "lowered":
         matmul(g, "x", q, "w", "y")
     else:
-        inputs = nbits_inputs(g, q, "w", "x")[:3] + [g.weight("zero_points", q.zero_points)]
+        inputs = nbits_inputs(g, QuantizedLinear(q.bits, q.block_size, q.codes, q.scales), "w", "x")
+        inputs.append(g.weight("zero_points", q.zero_points))
         g.op("MatMulNBits", inputs, ["y"], MS_DOMAIN, **nbits_attributes(g, q))
     x = np.random.default_rng(4).standard_normal((3, q.shape[1])).astype(np.float32)
     np.testing.assert_allclose(_run(g.nodes, g.initializers, x), x @ q.dequantize().T.numpy(), atol=1e-5)

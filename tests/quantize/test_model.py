@@ -30,7 +30,8 @@ def converted(family: str = "llama", **overrides):
 
 
 def calibration_options(method="rtn", **overrides):
-    return QuantizeOptions("int4", method, 32, calib_sequences=4, calib_length=64, **overrides)
+    return QuantizeOptions("int4", method, 32, calib_sequences=4, calib_length=64,
+                           **{"mixed_precision": "none", **overrides})
 
 
 def linears(model) -> set[str]:
@@ -53,7 +54,7 @@ def test_every_linear_is_quantized_and_the_model_carries_its_weights(family, kin
 @pytest.mark.parametrize("kind", ["dense", "converted"])
 def test_hqq_gives_every_linear_but_the_lm_head_float_zero_points(kind):
     model = tiny_model("llama", vocab_size=VOCAB) if kind == "dense" else converted()
-    result = quantize_model(model, QuantizeOptions("int4", "hqq", 32), TOKENIZER)
+    result = quantize_model(model, QuantizeOptions("int4", "hqq", 32, mixed_precision="none"), TOKENIZER)
     assert set(result.linears) == linears(model)
     modules = dict(result.model.named_modules())
     for name, q in result.linears.items():
@@ -143,15 +144,14 @@ def test_bad_options_are_refused(options, message):
         QuantizeOptions(**options)
 
 
-def test_qmoe_is_refused_for_float_zero_points():
-    QuantizeOptions("int4", "hqq").check_moe_op("dispatch")
-    QuantizeOptions("int4", "rtn").check_moe_op("contrib")
+def test_qmoe_takes_round_to_nearest_and_one_bit_width():
+    assert QuantizeOptions("int4", qmoe=True).quant_method == "rtn"
     with pytest.raises(OptionError, match="^quant_method hqq cannot go to moe_op contrib: com.microsoft::QMoE takes "
                                           "only integer zero points; use moe_op dispatch"):
-        QuantizeOptions("int4", "hqq").check_moe_op("contrib")
+        QuantizeOptions("int4", "hqq", qmoe=True)
     with pytest.raises(OptionError, match="^mixed_precision mixed-layers cannot go to moe_op contrib: "
                                           "com.microsoft::QMoE takes one bit width"):
-        QuantizeOptions("int4", mixed_precision="mixed-layers").check_moe_op("contrib")
+        QuantizeOptions("int4", mixed_precision="mixed-layers", qmoe=True)
 
 
 def test_a_block_size_that_does_not_divide_a_weight_is_refused():
@@ -167,6 +167,15 @@ def test_a_missing_library_says_what_to_install(monkeypatch):
         QuantizeOptions("int4", "gptq").check_installed()
 
 
-def test_defaults_by_precision():
-    assert (QuantizeOptions("int4").quant_method, QuantizeOptions("int4").block_size) == ("rtn", 32)
-    assert (QuantizeOptions("int8").quant_method, QuantizeOptions("int8").block_size) == ("rtn", 64)
+def test_defaults_by_precision_and_target():
+    def defaults(**options):
+        o = QuantizeOptions(**options)
+        return o.quant_method, o.block_size, o.mixed_precision, o.lm_head_precision
+
+    assert defaults(precision="int4") == ("hqq", 64, "mixed-layers-ends", "int8")
+    assert defaults(precision="int4", quant_method="rtn") == ("rtn", 32, "mixed-layers-ends", "int8")
+    assert defaults(precision="int8") == ("rtn", 64, "none", "int8")
+    assert defaults(precision="int4", tensorrt=True) == ("rtn", 64, "none", "float")
+    assert defaults(precision="int4", qmoe=True) == ("rtn", 32, "none", "int8")
+    # a record from before mixed precision: every matrix at its precision
+    assert QuantizeOptions.from_dict({"precision": "int4", "quant_method": "rtn"}).mixed_precision == "none"
