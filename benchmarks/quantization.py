@@ -89,7 +89,8 @@ def run(args, work: Path) -> None:
         lfuc = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=2,
                                               reconstruct_steps=0))
         variants += [(f"d2mc int4 rtn b32 LF-UC -{args.remove_attention} attn ({moe_op})", lfuc.model,
-                      QuantizeOptions("int4", "rtn"), moe_op) for moe_op in ("dispatch", "contrib")]
+                      QuantizeOptions("int4", "rtn", 32, mixed_precision="none"), moe_op)
+                     for moe_op in ("dispatch", "contrib")]
     variants += [("d2mc int8 rtn b64", loaded.model, QuantizeOptions("int8"))]
     for i, (name, model, options, *moe_op) in enumerate(variants):
         quantized = None
