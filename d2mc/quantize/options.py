@@ -55,9 +55,9 @@ class QuantizeOptions:
     activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
     elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`; 64 for hqq);
     ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
-    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE); ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8
-    activations, the fast path on CPU); ``calib_data``: calibration text (default the built-in calibration text),
-    ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
+    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
+    ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
+    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
     tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
     of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
     weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
