@@ -69,9 +69,8 @@ def quantize_options_from(precision: str | None, quant_method=None, block_size=N
                    "format then computes in fp16.")
 @quantize_options(calibration=True)
 @click.option("--moe-op", type=click.Choice(["dispatch", "contrib"]),
-              default="dispatch", show_default=True,
               help="onnxruntime format: expert dispatch through standard ops, or the com.microsoft::MoE op "
-                   "(com.microsoft::QMoE for int4/int8).")
+                   "(com.microsoft::QMoE for int4/int8) [default: contrib for int4, dispatch otherwise].")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch vs ONNX Runtime comparison.")
 @click.option("--polygraphy", is_flag=True, help="Also compare through Polygraphy (pip install polygraphy).")
 @click.option("-o", "--output", required=True, type=click.Path())
@@ -82,12 +81,13 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     """Export MODEL (a dense model or a d2mc convert output) to an ONNX artifact with KV cache."""
     from d2mc.loading import load_model
     from d2mc.outputs import check_output_path
-    from d2mc.targets.onnxruntime import export_onnx
+    from d2mc.targets.onnxruntime import default_moe_op, export_onnx
 
     if legacy_flavour:
         stderr_console().print(f"export --target is deprecated: use --format {legacy_flavour}")
         flavour = legacy_flavour
     options = quantize_options_from(precision, **quantization, tensorrt=flavour == "tensorrt")
+    moe_op = moe_op or default_moe_op(precision)
     check_output_path(output, overwrite)
     if options is not None:
         options.check_installed()

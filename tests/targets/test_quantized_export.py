@@ -27,7 +27,7 @@ def op_counts(path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("kind, moe_op", [("dense", "dispatch"), ("converted", "contrib"), ("converted", "dispatch")])
+@pytest.mark.parametrize("kind, moe_op", [("dense", None), ("converted", None), ("converted", "dispatch")])
 def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, kind, moe_op, tmp_path):
     model = tiny_model(family, vocab_size=VOCAB) if kind == "dense" else converted(family)
     quantized = quantize_model(model, QuantizeOptions("int4", block_size=32), TOKENIZER)
@@ -40,10 +40,11 @@ def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, 
     assert verify["unquantized"]["max_abs_diff"] > verify["max_abs_diff"]
     ops = op_counts(tmp_path / "q")
     assert ops["MatMulNBits"] >= 1
-    assert ops.get("QMoE", 0) == (1 if moe_op == "contrib" else 0)
+    assert ops.get("QMoE", 0) == (1 if kind == "converted" and moe_op is None else 0)  # QMoE by default
     assert ops.get("GatherBlockQuantized", 0) == (1 if model.config.tie_word_embeddings else 0)
     info = read_artifact(tmp_path / "q")
     assert info["precision"] == "int4" and info["quantization"]["quant_method"] == "rtn"
+    assert info["moe_op"] == (moe_op or "contrib")
 
 
 def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
