@@ -3,9 +3,10 @@
 SmolLM2-135M, ONNX Runtime CPU. Rows: the peer's fp32 and int4 exports (``-p fp32|int4``: round-to-nearest,
 symmetric, block 32, accuracy_level 4, no calibration data), and d2mc's fp32, int4 (block 32) and int8 (block 64)
 dense exports and its int4 LF-UC model with ``--remove-attention`` attention modules removed (fused pairs, top-1,
-MoE blocks through the standard-op dispatch and as ``com.microsoft::QMoE``, no block-wise reconstruction or recovery training: its perplexity is the untrained conversion's, its speed is what
-the method buys). d2mc's int4/int8 rows are ``d2mc export --precision int4|int8`` with their defaults (LM head int8
-shared with the embedding, accuracy_level 4); ``--methods`` adds GPTQ rows (needs gptqmodel).
+MoE blocks through the standard-op dispatch and as ``com.microsoft::QMoE``, the default for int4; no block-wise
+reconstruction or recovery training: its perplexity is the untrained conversion's, its speed is what the method
+buys). d2mc's int4/int8 rows are ``d2mc export --precision int4|int8`` with their defaults (LM head int8
+in blocks of 64, shared with the embedding; accuracy_level 4); ``--methods`` adds GPTQ rows (needs gptqmodel).
 
 For each artifact: decode speed through onnxruntime-genai (what ``d2mc run`` uses; greedy, ``--new-tokens`` new
 tokens after a 13-token prompt, median per-token latency, models timed in turns over ``--rounds`` rounds),
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -94,9 +96,11 @@ def run(args, work: Path) -> None:
     perplexity = {name: evaluate_artifact_perplexity(path, tokens=args.eval_tokens).perplexity
                   for name, path in models.items()}
     decode = {name: [] for name in models}
+    load = [os.getloadavg()[0]]  # the machine may be shared: the 1-minute load average around the timed rounds
     for _ in range(args.rounds):
         for name, path in models.items():
             decode[name].append(time_generation(path, args.new_tokens)[1])
+        load.append(os.getloadavg()[0])
     median = {name: statistics.median(v) for name, v in decode.items()}
     peer_int4, d2mc_fp32 = PEER["int4"], "d2mc fp32"
     rows, records = [], []
@@ -113,10 +117,10 @@ def run(args, work: Path) -> None:
                      "-" if record["quantize_s"] is None else round(record["quantize_s"], 1)])
     print(f"SmolLM2-135M, ONNX Runtime CPU. decode: onnxruntime-genai greedy, {args.new_tokens} new tokens, median "
           f"per-token latency of {args.rounds} rounds in turns; perplexity: ONNX Runtime, {args.eval_tokens} held-out "
-          "tokens in 512-token windows")
+          f"tokens in 512-token windows; load average {min(load):.1f}-{max(load):.1f} during the decode rounds")
     print_table(["artifact", "decode tok/s", "speed-up vs peer int4", "perplexity", "vs its fp32", "ONNX MB",
                  "quantize s"], rows)
-    write_json(args.json, {"rows": records, "settings": vars(args)})
+    write_json(args.json, {"rows": records, "settings": vars(args), "load_average": load})
 
 
 if __name__ == "__main__":
