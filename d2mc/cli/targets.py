@@ -37,8 +37,9 @@ def _figure(value) -> str:
     """A profile figure in one line: a table as ``key=value`` pairs, a table of tables as ``name: key=value, ...``."""
     if isinstance(value, dict):
         nested = any(isinstance(v, dict) for v in value.values())
-        return ("; " if nested else ", ").join(f"{k}: {_figure(v)}" if isinstance(v, dict) else f"{k}={v:g}"
-                                               for k, v in value.items())
+        return ("; " if nested else ", ").join(
+            f"{k}: {_figure(v)}" if isinstance(v, dict) else f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
+            for k, v in value.items())  # a precision's table also names its compute precision
     if isinstance(value, tuple):
         return ",".join(value)
     if isinstance(value, float):
