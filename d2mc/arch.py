@@ -272,8 +272,7 @@ def dividing_block_sizes(sizes) -> list[str]:
 
 
 # an int8 LM head in blocks of 64: on SmolLM2-135M the held-out perplexity of blocks of 32 (40.96 against 41.05,
-# int4 body) and its MatMulNBits with int8 activations 25-30% faster (half the per-block steps), as fast as an int4
-# head in blocks of 32 (docs/quantization.md)
+# int4 body) and its MatMulNBits with int8 activations faster (half the per-block steps; docs/quantization.md)
 INT8_LM_HEAD_BLOCK = 64
 
 
