@@ -22,14 +22,6 @@ from d2mc.lowering import LoweringOptions, lower_to_onnx
 from d2mc.outputs import atomic_output_dir
 
 
-def default_moe_op(precision: str) -> str:
-    """The onnxruntime flavour's MoE form when none is asked for, by the experts' ``precision``:
-    ``com.microsoft::QMoE`` ("contrib") for int4, which decodes SmolLM2-135M LF-UC at least as fast as the
-    standard-op dispatch (one node per block, costing what a dense int4 MLP costs: docs/quantization.md); the
-    dispatch otherwise (ONNX Runtime's float ``MoE`` op is the slower form, and int8 QMoE was not measured faster)."""
-    return "contrib" if precision == "int4" else "dispatch"
-
-
 @dataclass
 class ExportResult:
     path: Path
@@ -37,7 +29,7 @@ class ExportResult:
     verify: dict | None
 
 
-def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str | None = None,
+def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str = "dispatch",
                 flavour: str = "onnxruntime", verify: bool = True, polygraphy: bool = False,
                 overwrite: bool = False, source: str = "", quantized=None) -> ExportResult:
     """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it.
@@ -46,7 +38,7 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     :class:`~d2mc.quantize.QuantizedModel` of ``model``), ``quantized.model`` is what is lowered, from its codes,
     and verified; the artifact records the quantization, and its logit difference to ``model`` itself. ``moe_op``:
     the onnxruntime flavour's MoE form, dispatch through standard ops or the contrib op (``MoE``, ``QMoE`` when
-    quantized: docs/quantization.md); by default :func:`default_moe_op`.
+    quantized: docs/quantization.md).
 
     Verification compares PyTorch and ONNX Runtime logits (:func:`d2mc.verify.verify_onnx`) and refuses to write
     the artifact when they differ by more than :data:`d2mc.verify.TOLERANCE` for the precision;
@@ -56,7 +48,6 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     from d2mc.verify import QUANTIZED_FP32, source_difference, verify_onnx
 
     accuracy_level = quantized.options.accuracy_level if quantized else 0
-    moe_op = moe_op or default_moe_op(quantized.precision if quantized else precision)
     options = LoweringOptions(precision=precision, moe_op=moe_op, flavour=flavour, accuracy_level=accuracy_level)
     lowered = quantized.model if quantized else model
     judged = QUANTIZED_FP32 if quantized and precision == "fp32" else precision
