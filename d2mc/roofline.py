@@ -22,9 +22,10 @@ Weights quantized block-wise (int4, int8: weight-only, as ONNX Runtime's ``MatMu
 matrix's input, one scale in the activations' float format (fp16 on a GPU, fp32 on a CPU: ``MatMulNBits`` keeps its
 scales in the input's type) and, if ``zero_points``, one zero point at the weight's own width. That covers the
 attention projections, every expert MLP and the LM head (which may keep a precision of its own: TensorRT Edge-LLM
-leaves it fp16 unless asked); norms, routers and the embedding row stay in a float format, and the products run at
-the activations' precision (the weights are dequantized as they are read). Operators with quantized weights use the
-profile's ``[precisions.NAME]`` figures where it has them (:meth:`DeviceProfile.for_precision`).
+leaves it fp16 unless asked; an int8 head is in blocks of 64 where they divide the hidden size); norms, routers and
+the embedding row stay in a float format, and the products run at the activations' precision (the weights are
+dequantized as they are read). Operators with quantized weights use the profile's ``[precisions.NAME]`` figures
+where it has them (:meth:`DeviceProfile.for_precision`).
 
 Kernel launches of an MoE block follow its lowering on the device: on a device with TensorRT the block is one
 ``D2mcMoE`` plugin node, which normalises once and runs every chosen expert in a fixed number of kernels (route,
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2mc.arch import BlockSpec, ModelArch, bytes_per_element, dividing_block_sizes
+from d2mc.arch import BlockSpec, ModelArch, bytes_per_element, dividing_block_sizes, lm_head_block_size
 from d2mc.costs import OUTSIDE, BlockCost, OpCost, PhaseCost, RooflineReport  # noqa: F401  (part of this API)
 from d2mc.errors import UserError
 from d2mc.ops.moe import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
@@ -129,23 +130,26 @@ class RooflineSettings:
             return self.kv_precision
         return self.precision if self.precision in _FLOAT_FORMATS else self.activation_for(kind)
 
-    def formats(self, kind: str) -> TensorFormats:
-        """Bytes per element of every kind of tensor on a device of ``kind``."""
+    def formats(self, kind: str, hidden_size: int = 0) -> TensorFormats:
+        """Bytes per element of every kind of tensor on a device of ``kind``; with the model's ``hidden_size`` the
+        LM head's scales are counted at its own block size (:func:`d2mc.arch.lm_head_block_size`)."""
         activation = self.activation_for(kind)
         a = bytes_per_element(activation)
         w = bytes_per_element(self.precision)
+        head_block = lm_head_block_size(self.lm_head, self.block_size, hidden_size) if hidden_size else self.block_size
         return TensorFormats(
-            weight=self._stored_bytes(self.precision, a), lm_head=self._stored_bytes(self.lm_head, a),
+            weight=self._stored_bytes(self.precision, a, self.block_size),
+            lm_head=self._stored_bytes(self.lm_head, a, head_block),
             float_weight=w if self.precision in _FLOAT_FORMATS else a, activation=a,
             kv=bytes_per_element(self.kv_for(kind)),
             compute=activation if self.precision in QUANTIZED else self.precision)
 
-    def _stored_bytes(self, precision: str, scale_bytes: float) -> float:
-        """Bytes per weight element at ``precision``, with its share of the block's scale and zero point."""
+    def _stored_bytes(self, precision: str, scale_bytes: float, block_size: int) -> float:
+        """Bytes per weight element at ``precision``, with its share of its block's scale and zero point."""
         w = bytes_per_element(precision)
         if precision not in QUANTIZED:
             return w
-        return w + (scale_bytes + (w if self.zero_points else 0.0)) / self.block_size
+        return w + (scale_bytes + (w if self.zero_points else 0.0)) / block_size
 
     def check_fits(self, arch: ModelArch, phases=("prefill", "decode")) -> None:
         """Refuse lengths past the model's position limit (the decode step adds one token to the context) and a
@@ -210,7 +214,7 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     n = settings.prefill if phase == "prefill" else 1
     past = 0 if phase == "prefill" else settings.context
     tokens = b * n
-    f = settings.formats(profile.kind)
+    f = settings.formats(profile.kind, arch.hidden_size)
     w, fw, a, kvb = f.weight, f.float_weight, f.activation, f.kv
     h = arch.hidden_size
     q_dim, kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim

@@ -148,6 +148,15 @@ def test_the_lm_head_keeps_its_own_precision():
     assert ops(cost)["mlp"].bytes == 3 * 32 * 64 * 2 + (2 * 32 + 3 * 64) * 2
 
 
+def test_an_int8_lm_head_is_counted_in_blocks_of_64_where_they_divide_the_hidden_size():
+    settings = RooflineSettings(context=10, precision="int4", block_size=32, lm_head_precision="int8")
+    wide = ops(estimate_phase(quantizable(hidden_size=64), load_profile("host-cpu"), "decode", settings), -1)
+    # 64 in x 64 out, one block of 64 per column: 64 fp32 scales (the weights' blocks of 32 would give 128)
+    assert wide["lm_head"].bytes == 64 * 64 + 64 * 4 + (64 + 64) * 4
+    narrow = ops(estimate_phase(quantizable(), load_profile("host-cpu"), "decode", settings), -1)
+    assert narrow["lm_head"].bytes == 32 * 64 + 64 * 4 + (32 + 64) * 4  # 64 does not divide 32: blocks of 32
+
+
 def test_quantized_operators_run_at_the_precision_figures_of_the_profile():
     import dataclasses
 

@@ -115,8 +115,9 @@ def norm(g: GraphBuilder, residual: str, delta: str | None, weight, eps: float, 
     gamma = g.weight(f"{name}.weight", weight if weight is not None else torch.ones(hidden))
     if delta is None:
         return g.op1("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1), residual
-    normed, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [residual, delta, gamma], 4, MS_DOMAIN,
-                                epsilon=eps)
+    # the mean and inverse standard deviation outputs stay unnamed: ONNX Runtime then neither allocates nor writes them
+    normed, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [residual, delta, gamma],
+                                [g.name("normed"), "", "", g.name("residual")], MS_DOMAIN, epsilon=eps)
     return normed, summed
 
 

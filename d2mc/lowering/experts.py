@@ -60,7 +60,7 @@ def lower_experts(g: GraphBuilder, block: LoweredBlock, residual: str, delta: st
         parts += [_swiglu(g, normed, e.mlp, e.post_attention_layernorm.weight, f"{name}.expert{len(shared) + i}")
                   for i, e in enumerate(routed)]
     elif moe_op == "contrib" and g.quantized:
-        parts.append(_qmoe(g, block, routed, normed, residual, arch, name))
+        parts.append(_qmoe(g, block, routed, normed, residual, name))
     elif moe_op == "contrib":
         parts.append(_moe_contrib(g, block, routed, normed, residual, arch, name))
     else:
@@ -192,14 +192,16 @@ def _moe_contrib(g, block, routed, normed: str, residual: str, arch, name: str) 
 
 
 
-def _qmoe(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
+def _qmoe(g, block, routed, normed: str, residual: str, name: str) -> str:
     """ONNX Runtime's ``com.microsoft::QMoE`` (the CPU form of the MoE op above) on the experts' ``MatMulNBits``
     tensors stacked per expert (``weights_prepacked=0``): fc1 ``[E, 2I, H * bits / 8]`` with gate and up rows
     interleaved, fc2 ``[E, H, I * bits / 8]``, scales ``[E, rows, blocks]``."""
-    _, logits = _router_logits(g, block, residual, arch, name)
+    # QMoE takes the [batch, sequence, hidden] input as it is and returns that shape; only the router's
+    # probabilities must be one row per token
+    logits = g.op1("Reshape", [g.op1("MatMul", [residual, g.weight(f"{name}.router.weight_t", block.router.weight.T)]),
+                               g.const([-1, len(routed)])])
     if block.ones:
         logits = _chosen_only(g, logits, block.plan.top_k)
-    flat_x = g.op1("Reshape", [normed, g.const([-1, arch.hidden_size])])
     fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
     for expert in routed:
         mlp = expert.mlp
@@ -214,11 +216,10 @@ def _qmoe(g, block, routed, normed: str, residual: str, arch, name: str) -> str:
               g.weight(f"{name}.moe.fc1_scales", np.stack(fc1_scales)), "",
               g.weight(f"{name}.moe.fc2_q{q.bits}", np.stack(fc2), np.uint8),
               g.weight(f"{name}.moe.fc2_scales", np.stack(fc2_scales))]
-    out = g.op1("QMoE", [flat_x, logits, *inputs], MS_DOMAIN, k=block.plan.top_k, activation_type="swiglu",
-                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=1e9,
-                normalize_routing_weights=int(block.plan.normalize_topk or block.ones), expert_weight_bits=q.bits,
-                block_size=q.block_size, weights_prepacked=0, accuracy_level=g.accuracy_level)
-    return g.op1("Reshape", [out, g.op1("Shape", [residual])])
+    return g.op1("QMoE", [normed, logits, *inputs], MS_DOMAIN, k=block.plan.top_k, activation_type="swiglu",
+                 swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=1e9,
+                 normalize_routing_weights=int(block.plan.normalize_topk or block.ones), expert_weight_bits=q.bits,
+                 block_size=q.block_size, weights_prepacked=0, accuracy_level=g.accuracy_level)
 
 
 def _nbits(q) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ block normalises once (``rms(h)``) and every expert reads that. Two dispatch for
 - ``dispatch`` (default): standard ops; TopK (or ArgMax for top-1), then per expert Equal, NonZero, GatherND,
   the SwiGLU MLP on the selected rows only, and ScatterND(add). A token costs only the experts it picked.
 - ``contrib``: ONNX Runtime's ``com.microsoft::MoE`` op (swiglu, interleaved fc1), kept for comparison: it is
-  slower than dispatch on CPU (benchmarks/onnx_export.py).
+  slower than dispatch on CPU (benchmarks/onnx_export.py); with quantized experts ``com.microsoft::QMoE``
+  (docs/quantization.md).
 
 Flavour ``tensorrt``: only operators TensorRT's ONNX parser imports natively (opset 18, no ``com.microsoft``):
 RMSNorm as ``Pow, ReduceMean, Add, Sqrt, Div`` in fp32 then the weight; rotary from cos/sin tables gathered by

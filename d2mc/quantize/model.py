@@ -109,7 +109,8 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     else:
         linears, fallbacks = _gptq(quantized, layers, calibration, options, progress or (lambda text: None))
     if head is not None and "lm_head" not in linears:
-        linears["lm_head"] = _set(head, quantize_rtn(head.weight, options.lm_head_bits, options.block_size))
+        linears["lm_head"] = _set(head, quantize_rtn(head.weight, options.lm_head_bits,
+                                                     options.lm_head_block_size(head.in_features)))
     return QuantizedModel(quantized, linears, options, described, time.perf_counter() - start, tuple(fallbacks))
 
 
@@ -193,7 +194,8 @@ def _gptq(model, layers, calibration: torch.Tensor, options: QuantizeOptions, pr
         hidden = [output_tensor(_run(layer, h, call)) for h, call in zip(hidden, calls[index], strict=True)]
     if options.lm_head_bits:
         progress("GPTQ LM head")
-        task = GptqMatrix(model.lm_head.weight, options.lm_head_bits, options.block_size)
+        task = GptqMatrix(model.lm_head.weight, options.lm_head_bits,
+                          options.lm_head_block_size(model.lm_head.in_features))
         for h in hidden:
             task.add(model.model.norm(h))
         linears["lm_head"] = _set(model.lm_head, task.quantize())

@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from d2mc.arch import dividing_block_sizes
+from d2mc.arch import dividing_block_sizes, lm_head_block_size
 from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
 from d2mc.errors import MissingDependencyError, OptionError
 
@@ -171,6 +171,10 @@ class QuantizeOptions:
     def lm_head_bits(self) -> int | None:
         """The LM head's bits, None when it stays float."""
         return None if self.lm_head_precision == "float" else int(self.lm_head_precision.removeprefix("int"))
+
+    def lm_head_block_size(self, hidden_size: int) -> int:
+        """The LM head's block size (:func:`d2mc.arch.lm_head_block_size`: an int8 head in blocks of 64)."""
+        return lm_head_block_size(self.lm_head_precision, self.block_size, hidden_size)
 
     @property
     def calibrated(self) -> bool:

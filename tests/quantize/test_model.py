@@ -46,7 +46,8 @@ def test_every_linear_is_quantized_and_the_model_carries_its_weights(family, kin
     assert set(result.linears) == linears(model)  # every projection, every expert and the LM head; no router
     modules = dict(result.model.named_modules())
     for name, q in result.linears.items():
-        assert q.bits == (8 if name == "lm_head" else 4) and q.block_size == 32 and q.symmetric
+        head = name == "lm_head"  # int8, in blocks of 64 (the hidden size, 64, takes them)
+        assert (q.bits, q.block_size) == ((8, 64) if head else (4, 32)) and q.symmetric
         torch.testing.assert_close(modules[name].weight, q.dequantize(), rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters(), strict=True))  # source untouched
 
@@ -98,6 +99,12 @@ def test_a_tied_embedding_follows_its_quantized_lm_head():
     result = quantize_model(model, calibration_options(), TOKENIZER)
     assert result.model.model.embed_tokens.weight is result.model.lm_head.weight
     torch.testing.assert_close(result.model.lm_head.weight, result.linears["lm_head"].dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("head, block, hidden, expected", [("int8", 32, 576, 64), ("int8", 32, 96, 32),
+                                                          ("int8", 128, 1024, 128), ("int4", 32, 576, 32)])
+def test_an_int8_lm_head_takes_blocks_of_64_where_they_divide_its_input(head, block, hidden, expected):
+    assert QuantizeOptions("int4", block_size=block, lm_head_precision=head).lm_head_block_size(hidden) == expected
 
 
 def test_a_float_lm_head_stays_as_it_was():
