@@ -131,6 +131,12 @@ def check_work_memory(arch: ModelArch, placement: Placement, work: str | None) -
         check_memory(arch, placement, needed_bytes(arch, placement.dtype, work), WORK_NAMES[work])
 
 
+def release_weights(model) -> None:
+    """Free ``model``'s weights and buffers in place, for every holder of the model (they move to the meta device);
+    the model keeps its config and structure but cannot run any more."""
+    model.to("meta")
+
+
 def torch_dtype(dtype: str):
     """The torch dtype of a :data:`DTYPES` name (``float32`` and the like are accepted too)."""
     import torch
