@@ -79,6 +79,13 @@ def resolve_placement(device: str = "auto", dtype: str = "fp32", *, training: bo
     return Placement(name, dtype)
 
 
+def check_no_placement(device: str, dtype: str, why: str) -> None:
+    """Refuse ``device`` and ``dtype`` other than the defaults (auto or cpu, fp32) for work that runs no PyTorch
+    model here, saying ``why`` ("an artifact runs in ONNX Runtime on the CPU")."""
+    if str(device).strip().lower() not in ("auto", "cpu") or dtype_name(dtype) != "fp32":
+        raise OptionError(f"{{device}} and {{dtype}} place a PyTorch model, and {why}: drop them")
+
+
 def model_bytes(arch: ModelArch, dtype: str) -> int:
     """Bytes of the model's weights held in ``dtype`` (a tied LM head counts once)."""
     return arch.total_params * torch_dtype(dtype).itemsize

@@ -268,8 +268,10 @@ def compare_lookup_tables(model, onnx_path: Path) -> dict[str, tuple[float, floa
     embedding = model.model.embed_tokens.weight.detach()
     expected = {LM_HEAD_TABLE: embedding.T} if embedding_is_tied(model) else {"embed_tokens": embedding}
     if arch.attention_blocks:
+        device = embedding.device
         with torch.no_grad():
-            cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(arch.max_position_embeddings)[None])
+            cos, sin = model.model.rotary_emb(torch.zeros(1, device=device),
+                                              torch.arange(arch.max_position_embeddings, device=device)[None])
         half = arch.head_dim // 2
         expected.update(cos_cache=cos[0, :, :half], sin_cache=sin[0, :, :half])
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -285,7 +287,7 @@ def compare_lookup_tables(model, onnx_path: Path) -> dict[str, tuple[float, floa
         rows = max(1, TABLE_BLOCK_BYTES // max(4 * reference[0].numel(), 1))
         diff = scale = 0.0
         for start in range(0, reference.shape[0], rows):
-            block = reference[start:start + rows].float().numpy()
+            block = reference[start:start + rows].float().cpu().numpy()
             diff = max(diff, _max_diff(np.asarray(actual[start:start + rows]), block))
             scale = max(scale, float(np.abs(block).max(initial=0.0)))
         found[tensor.name] = (diff, scale)
@@ -329,6 +331,8 @@ class _Recorder:
 
     def __init__(self, model, arch, kv_dtype):
         self.model, self.arch, self.kv_dtype = model, arch, kv_dtype
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype  # where the model runs, and its cache's dtype
         self.steps: list[ReferenceStep] = []
         self.first_cache: dict[str, np.ndarray] = {}
 
@@ -336,13 +340,14 @@ class _Recorder:
              biases: dict | None = None, greedy: bool = False):
         """One forward through the cache, recorded; returns its output. With ``new_rows_only`` only the cache rows
         of ``tokens`` are kept for comparison (the past was fed to both sides as the same tensors)."""
+        tokens = tokens.cpu()
         with torch.no_grad():
-            out = self.model(tokens, use_cache=True, **{CACHE_ARG: torch_cache})
+            out = self.model(tokens.to(self.device), use_cache=True, **{CACHE_ARG: torch_cache})
         keep = tokens.shape[1] if new_rows_only else None
-        cache = {_kv_name(i, kind): tensor[:, :, -keep if keep else 0:].float().numpy().copy()
+        cache = {_kv_name(i, kind): tensor[:, :, -keep if keep else 0:].float().cpu().numpy().copy()
                  for i, layer in enumerate(getattr(out, CACHE_ARG).layers)
                  for kind, tensor in (("key", layer.keys), ("value", layer.values))}
-        self.steps.append(ReferenceStep(where, tokens.numpy(), past, feed, out.logits.float().numpy(), cache,
+        self.steps.append(ReferenceStep(where, tokens.numpy(), past, feed, out.logits.float().cpu().numpy(), cache,
                                         biases or {}, greedy))
         return out
 
@@ -365,7 +370,7 @@ class _Recorder:
         torch_cache = DynamicCache(config=self.model.config)
         for i in range(len(self.arch.attention_blocks)):
             torch_cache.update(*(torch.from_numpy(_repeated(self.first_cache[_kv_name(i, kind)], past, np.float32))
-                                 for kind in ("key", "value")), i)
+                                 .to(self.device, self.dtype) for kind in ("key", "value")), i)
         last = past + tokens.shape[1] - 1
         where = f"position {last}" if tokens.shape[1] == 1 else f"{tokens.shape[1]} tokens at positions {past}-{last}"
         self.step(tokens, torch_cache, past, "repeat", where, new_rows_only=True)
@@ -466,7 +471,7 @@ def _repeated(cache: np.ndarray, past: int, dtype) -> np.ndarray:
 
 def _adding(bias: torch.Tensor):
     """A forward hook that adds ``bias`` to a module's output."""
-    return lambda _module, _inputs, output: output + bias.to(output.dtype)
+    return lambda _module, _inputs, output: output + bias.to(output.device, output.dtype)
 
 
 def _max_diff(actual: np.ndarray, expected: np.ndarray) -> float:

@@ -97,10 +97,12 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     return ExportResult(Path(out), seconds, result)
 
 
-def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, positions: int | None = None) -> dict:
+def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, positions: int | None = None,
+           placement=None) -> dict:
     """The artifact's onnxruntime-flavoured ONNX against its PyTorch source (``model``, else the converted model a
     compile output holds, else the source its export recorded) on the same tokens (see :func:`d2mc.verify.verify_onnx`
-    for ``positions``)."""
+    for ``positions``). The source runs where ``placement`` says (default: the CPU in fp32), in a dtype at least as
+    precise as the artifact's activations."""
     from d2mc.loading import load_model
     from d2mc.verify import POSITION_SAMPLES, record_reference, replay_reference
 
@@ -114,14 +116,18 @@ def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, po
     if not model and not Path(source).is_absolute() and not Path(source).exists() and beside.exists():
         source = str(beside)
     recorded = info.get("quantization")
+    precision = info.get("activations") or info.get("precision", "fp32")
+    if placement is not None and placement.dtype not in ("fp32", precision):
+        raise OptionError(f"{{dtype}} {placement.dtype} is less precise than the artifact's {precision} activations, "
+                          f"which verification judges against a reference at least as precise: use {{dtype}} fp32")
     try:
-        loaded = load_model(source, tokenizer=bool(recorded))
+        loaded = load_model(source, tokenizer=bool(recorded), placement=placement)
     except UserError as exc:
         if model:
             raise
         raise OptionError(f"the source model the artifact names, '{source}', does not load ({exc}): pass it with "
                           "{model}") from None
-    reference, precision = loaded.model, info.get("activations") or info.get("precision", "fp32")
+    reference = loaded.model
     if recorded:  # the source with the same quantized weights, quantized again as the artifact records
         from d2mc.quantize import QuantizeOptions, quantize_model
         from d2mc.verify import QUANTIZED_FP32
