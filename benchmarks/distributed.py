@@ -12,7 +12,7 @@ student (what accelerate's FSDP2 plugin does with ``TRANSFORMER_BASED_WRAP``), t
 the shapes of ``benchmarks/scale.py`` (``tiny`` for a quick check). Each process gets ``--batch-size`` windows of
 ``--seq-len`` random tokens a step, one thread; tokens per second count both processes' tokens over the timed steps
 (after one untimed step); peak memory is each process's peak resident set during training (reset after the models
-are built), and ``overall`` its peak since it started. Both engines see the same data from the same weights, so
+are built and what their build freed is handed back to the system), and ``overall`` its peak since it started. Both engines see the same data from the same weights, so
 their losses must agree step by step: the table shows the largest difference.
 
     python benchmarks/distributed.py [--shape 135m] [--steps 4] [--seq-len 128] [--batch-size 2] [--json out.json]
@@ -21,6 +21,8 @@ their losses must agree step by step: the table shows the largest difference.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -79,6 +81,8 @@ def train(engine: str, shape: dict, steps: int, seq_len: int, batch_size: int) -
     else:
         model = DistributedDataParallel(student)
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in student.parameters())
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps what the build freed (FSDP's full weights) otherwise
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (world, batch_size, seq_len), generator=generator)[rank]

@@ -8,10 +8,10 @@ chosen so that a damage anywhere in what the artifact claims to support shows:
 - **every position up to the end of the context**, sampled: decode steps placed at positions spread evenly up to
   ``max_position_embeddings - 1`` (the last one always), each after a past of that many tokens. The past is
   PyTorch's cache of the first part (in the graph's KV dtype) repeated to that length, fed to both sides as the
-  same tensors: a rotary table, a
-  position-dependent mask or a sliding window that is wrong far from the start changes these logits. The last
-  sample feeds a few tokens at once, the path of a prompt that continues a conversation. A context whose past
-  would take more than :data:`MAX_PAST_BYTES` is sampled up to where it does not;
+  same tensors: a rotary table, a position-dependent mask or a sliding window that is wrong far from the start
+  changes these logits. The last sample feeds a few tokens at once, the path of a prompt that continues a
+  conversation. A context whose past would take more than :data:`MAX_PAST_BYTES` is sampled up to where it does
+  not;
 - **every expert**: a router's choice depends on the text, and a routed expert that the test tokens never pick
   would go unchecked. So each MoE block's router logits get a large bias on one expert, in ONNX (an ``Add`` on
   the router's ``MatMul`` output, fed as a graph input, in a copy of the graph held in memory) and in PyTorch (a
@@ -125,7 +125,7 @@ def sample_positions(first: int, last: int, count: int = POSITION_SAMPLES) -> li
     return sorted({round(first + (last - first) * (i + 1) / count) for i in range(count)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReferenceStep:
     """One step of the inputs with PyTorch's outputs: what ONNX Runtime is fed and what its outputs must match."""
 
@@ -140,7 +140,7 @@ class ReferenceStep:
     greedy: bool = False  # a first-part step, whose greedy pick is compared
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reference:
     """What PyTorch computed on the inputs of a verification (:func:`record_reference`): enough for
     :func:`replay_reference` to judge the ONNX model with the PyTorch model gone."""
