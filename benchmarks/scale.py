@@ -8,7 +8,8 @@ process, on the CPU in fp32: ``d2mc convert`` (LF-UC removing a quarter of the a
 sequences of 128 tokens, 2 steps of block-wise reconstruction: enough to reach its memory peak, the trained experts
 with their gradients and AdamW state; the default 150 steps take longer, not more memory) and ``d2mc export`` of
 the converted model (ONNX Runtime format, fp32, verified against PyTorch). Peak memory is the process's maximum
-resident set (``wait4``), so it includes the Python process with torch and ONNX Runtime imported. A size whose
+resident set (``wait4``), so it includes the Python process with torch and ONNX Runtime imported; beside each wall
+time, the process's CPU time (user and system), which a machine shared with other jobs does not inflate. A size whose
 estimated peak (:mod:`d2mc.placement`) does not fit the memory available is left out, and the table says so.
 
     python benchmarks/scale.py [--sizes 135m,360m,1b] [--json out.json]

@@ -13,10 +13,10 @@ from d2mc.errors import OptionError
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 # Peak memory of each kind of work, in multiples of the weights at the dtype they are held in, on top of
-# FIXED_OVERHEAD. convert and export: above the peaks benchmarks/scale.py measured in fp32 (see the README): convert
-# 1.98 times the weights plus 0.4 GiB on 135M- and 360M-shaped models; export, whose verification holds the weights
-# once (d2mc/verify.py), 2.04 GiB on the 135M-shaped model, 2.2 times its weights beyond FIXED_OVERHEAD, most of it the
-# KV cache of its 8,192 positions, which grows slower than the weights; inference (the weights and one forward's
+# FIXED_OVERHEAD. convert and export: above the peaks benchmarks/scale.py measured in fp32 on 135M- and 1B-shaped
+# models (see the README), beyond FIXED_OVERHEAD: convert 0.9 times the weights (135M-shaped) to 1.7 (1B-shaped);
+# export, whose verification holds the weights once (d2mc/verify.py), 1.1 to 2.2 times, the most on the small model,
+# whose KV cache of 8,192 positions weighs most next to its weights; inference (the weights and one forward's
 # activations) is not measured. Recovery training is costed separately (:func:`training_bytes`).
 PEAK_FACTOR = {"inference": 1.3, "convert": 2.0, "export": 2.2}
 FIXED_OVERHEAD = 1.0e9  # the Python process with torch, transformers and ONNX Runtime imported, and calibration
