@@ -251,11 +251,10 @@ class _Comparison:
         """Each step on ONNX Runtime, fed as PyTorch was, its outputs compared with PyTorch's."""
         cache = None
         for step in steps:
+            past, cache = cache if step.feed == "previous" else None, None  # a long past is let go before the next
             if step.feed == "empty":
                 past = decoder.empty_cache(1)
-            elif step.feed == "previous":
-                past = cache
-            else:
+            elif step.feed == "repeat":
                 past = {name: repeated_cache(value, step.past, decoder.dtype)
                         for name, value in self.reference.first_cache.items()}
             extra = {f"d2mc_router_bias.{b}": bias.astype(decoder.dtype) for b, bias in step.biases.items()}
