@@ -16,8 +16,8 @@ Points are written to ``--json`` as they finish; a rerun with the same settings 
 (the generated text and the teacher's top-k are kept in ``--work``), so the sweep can be stopped and resumed.
 
     python benchmarks/frontier.py [--contexts 512,4096] [--speedups 1.2,1.3] [--recover-steps 60]
-                                [--methods drop-layers,drop-attention,lfuc,auto] [--json frontier.json]
-                                [--reconstruct-steps 150] [--plot frontier.png] [--work frontier-work] [--export]
+                                [--points 512x1.3,4096x1.2] [--methods drop-layers,drop-attention,lfuc,auto]
+                                [--json frontier.json] [--reconstruct-steps 150] [--plot frontier.png] [--work frontier-work] [--export]
 """
 
 from __future__ import annotations
@@ -202,7 +202,14 @@ class Sweep:
 
     @property
     def contexts(self) -> list[int]:
-        return [int(c) for c in self.args.contexts.split(",")]
+        return sorted({context for context, _ in grid(self.args)})
+
+
+def grid(args) -> list[tuple[int, float]]:
+    """The (context, speed-up) points of the sweep: ``--points``, or every context with every speed-up."""
+    if args.points:
+        return [(int(c), float(s)) for c, s in (p.split("x") for p in args.points.split(","))]
+    return [(int(c), float(s)) for c in args.contexts.split(",") for s in args.speedups.split(",")]
 
 
 def describe(method: str, plan: dict | None) -> str:
@@ -292,6 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="512,4096", help="decode contexts (cached tokens), comma-separated")
     parser.add_argument("--speedups", default="1.2,1.3", help="predicted decode speed-ups, comma-separated")
+    parser.add_argument("--points", help="CONTEXTxSPEEDUP,... in this order, instead of --contexts x --speedups")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--target", default="orin-agx")
     parser.add_argument("--lfuc-max-group", type=int, default=2, help="LF-UC's fixed plan shape: most layers per group")
@@ -322,10 +330,9 @@ def main() -> None:
     sweep = Sweep(args)
     if not args.report_only:
         sweep.point("dense", 0, None)
-        for context in sweep.contexts:
-            for speedup in (float(s) for s in args.speedups.split(",")):
-                for method in args.methods.split(","):
-                    sweep.point(method, context, speedup)
+        for context, speedup in grid(args):
+            for method in args.methods.split(","):
+                sweep.point(method, context, speedup)
     report(sweep)
     if args.plot:
         plot(sweep, args.plot)

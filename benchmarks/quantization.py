@@ -1,11 +1,14 @@
 """Quantized artifacts: the onnxruntime-genai model builder (the peer) against d2mc, in one run.
 
 SmolLM2-135M, ONNX Runtime CPU. Rows: the peer's fp32 and int4 exports (``-p fp32|int4``: round-to-nearest,
-symmetric, block 32, accuracy_level 4, no calibration data), and d2mc's fp32, int4 (block 32) and int8 (block 64)
-dense exports and its int4 LF-UC model with ``--remove-attention`` attention modules removed (fused pairs, top-1,
-MoE blocks through the standard-op dispatch and as ``com.microsoft::QMoE``, no block-wise reconstruction or recovery training: its perplexity is the untrained conversion's, its speed is what
-the method buys). d2mc's int4/int8 rows are ``d2mc export --precision int4|int8`` with their defaults (LM head int8
-shared with the embedding, accuracy_level 4); ``--methods`` adds GPTQ rows (needs gptqmodel).
+symmetric, block 32, accuracy_level 4, no calibration data), and d2mc's fp32, int4 and int8 (block 64) dense
+exports and its int4 LF-UC model with ``--remove-attention`` attention modules removed (fused pairs, top-1,
+MoE blocks through the standard-op dispatch and as ``com.microsoft::QMoE``, no block-wise reconstruction or recovery
+training: its perplexity is the untrained conversion's, its speed is what the method buys; 0 leaves these rows
+out). d2mc's int4/int8 rows are ``d2mc export --precision int4|int8`` with their defaults (LM head int8 shared with
+the embedding, accuracy_level 4) unless a row's name says otherwise: one int4 dense row per item of ``--int4``,
+``METHOD:BLOCK[:LM_HEAD[:MIXED]]`` (method rtn, hqq or gptq, which needs gptqmodel; LM head int8, float or int4;
+mixed precision none, mixed-layers or mixed-layers-ends).
 
 For each artifact: decode speed through onnxruntime-genai (what ``d2mc run`` uses; greedy, ``--new-tokens`` new
 tokens after a 13-token prompt, median per-token latency, models timed in turns over ``--rounds`` rounds),
@@ -13,8 +16,8 @@ held-out perplexity run by ONNX Runtime (``d2mc eval ARTIFACT``: ``--eval-tokens
 the ONNX size on disk, and the quantize time (d2mc: ``quantize_model``; the peer: its whole int4 build, which
 includes its quantization). d2mc's exports here skip verification (``d2mc export`` runs it; the tests cover it).
 
-    python benchmarks/quantization.py [--rounds 2] [--new-tokens 128] [--eval-tokens 4096] [--methods rtn,gptq]
-        [--json out.json]
+    python benchmarks/quantization.py [--rounds 2] [--new-tokens 128] [--eval-tokens 4096]
+        [--int4 rtn:32,hqq:32,hqq:64:int8:mixed-layers-ends] [--remove-attention 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--remove-attention", type=int, default=6)
-    parser.add_argument("--methods", default="rtn", help="d2mc int4 dense methods, comma-separated (rtn, gptq)")
+    parser.add_argument("--int4", default="rtn:32,hqq:32,hqq:64:int8:mixed-layers-ends",
+                        help="d2mc int4 dense rows, comma-separated METHOD:BLOCK[:LM_HEAD[:MIXED]]")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="d2mc-bench-") as tmp:
@@ -72,14 +76,21 @@ def run(args, work: Path) -> None:
         models[name] = work / f"peer-{precision}"
 
     loaded = load_model("smollm2-135m")
-    source = copy.copy(loaded)  # conversion moves the parent's modules: keep `loaded` dense
-    source.model = copy.deepcopy(loaded.model)
-    lfuc = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=2, reconstruct_steps=0))
     variants = [("d2mc fp32", loaded.model, None)]
-    variants += [(f"d2mc int4 {method} b32", loaded.model, QuantizeOptions("int4", quant_method=method))
-                 for method in args.methods.split(",")]
-    variants += [(f"d2mc int4 rtn b32 LF-UC -{args.remove_attention} attn ({moe_op})", lfuc.model,
-                  QuantizeOptions("int4"), moe_op) for moe_op in ("dispatch", "contrib")]
+    for row in args.int4.split(","):
+        parts = row.split(":")
+        method, block, head, mixed = parts + ["int8", "none"][len(parts) - 2:]
+        name = f"d2mc int4 {method} b{block}" + ("" if head == "int8" else f" {head} LM head") + (
+            "" if mixed == "none" else f" {mixed} int8")
+        variants.append((name, loaded.model, QuantizeOptions("int4", method, int(block), head, mixed_precision=mixed)))
+    if args.remove_attention:
+        source = copy.copy(loaded)  # conversion moves the parent's modules: keep `loaded` dense
+        source.model = copy.deepcopy(loaded.model)
+        lfuc = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=2,
+                                              reconstruct_steps=0))
+        variants += [(f"d2mc int4 rtn b32 LF-UC -{args.remove_attention} attn ({moe_op})", lfuc.model,
+                      QuantizeOptions("int4", "rtn", 32, mixed_precision="none"), moe_op)
+                     for moe_op in ("dispatch", "contrib")]
     variants += [("d2mc int8 rtn b64", loaded.model, QuantizeOptions("int8"))]
     for i, (name, model, options, *moe_op) in enumerate(variants):
         quantized = None

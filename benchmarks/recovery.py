@@ -68,11 +68,22 @@ class Bench:
         return ",".join(f"{g[0]}-{g[-1]}" for g in ctx.results["plan"].groups)
 
     def data(self, seq_len: int, topk: int):
-        """Training windows of ``seq_len`` and (when ``topk``) the teacher's cached top-k over them."""
+        """Training windows of ``seq_len`` and (when ``topk``) the teacher's cached top-k over them: the built-in
+        corpus's training part, or the windows and cache of ``--data-file`` (``benchmarks/frontier.py`` keeps the
+        text the dense parent generated, and its teacher's top-k, in one in its ``--work``)."""
+        import torch
+
         from d2mc.recovery.data import cache_teacher_topk, training_windows
 
         if seq_len not in self._data:
-            self._data[seq_len] = (training_windows(self.base.tokenizer, None, seq_len), {})
+            if self.args.data_file:
+                windows, cache = torch.load(self.args.data_file, weights_only=False)  # our own file
+                if windows.shape[1] != seq_len:
+                    sys.exit(f"{self.args.data_file} holds windows of {windows.shape[1]} tokens: give --seq-len "
+                             f"{windows.shape[1]}")
+                self._data[seq_len] = (windows, {cache.k: cache} if cache is not None else {})
+            else:
+                self._data[seq_len] = (training_windows(self.base.tokenizer, None, seq_len), {})
         windows, caches = self._data[seq_len]
         if topk and topk not in caches:
             start = time.perf_counter()
@@ -86,7 +97,8 @@ class Bench:
         loaded = copy.copy(self.base)
         loaded.model = copy.deepcopy(self.base.model)
         start = time.perf_counter()
-        ctx = convert(loaded, ConvertOptions(method=method, plan=changes.pop("plan", self.plan), **changes))
+        changes = {"plan": self.plan, "reconstruct_steps": self.args.reconstruct_steps, **changes}
+        ctx = convert(loaded, ConvertOptions(method=method, **changes))
         return ctx, time.perf_counter() - start
 
     def recover(self, model, options, curve: bool = True) -> dict:
@@ -168,9 +180,9 @@ def _ppl_on(bench: Bench, windows) -> float:
 
 
 CHOICES = [
-    # name, method, conversion changes, recovery changes (from the reference: train "blocks", --lr, --seq-len,
-    # --batch-size, --teacher-topk)
-    ("reference: LF-UC, blocks, seq 256, cached top-64 teacher", "lfuc", {}, {}),
+    # name, method, conversion changes, recovery changes (from the reference: train --choice-train, --lr,
+    # --seq-len, --batch-size, --teacher-topk)
+    ("reference: LF-UC, seq 256, cached top-64 teacher", "lfuc", {}, {}),
     ("teacher run every step (no cache)", "lfuc", {}, {"teacher_topk": 0}),
     ("cached top-16 teacher", "lfuc", {}, {"teacher_topk": 16}),
     ("train routers only", "lfuc", {}, {"train": "routers"}),
@@ -187,6 +199,11 @@ CHOICES = [
     ("drop-layers, same budget", "drop-layers", {}, {}),
     ("LF-UC, groups of at most 2 layers", "lfuc", {"plan": "pairs"}, {}),
     ("drop-layers, groups of at most 2 layers", "drop-layers", {"plan": "pairs"}, {}),
+    ("router: balance weight 0", "lfuc", {}, {"balance_weight": 0.0}),
+    ("router: balance weight 0.1", "lfuc", {}, {"balance_weight": 0.1}),
+    ("router: learning rate x10", "lfuc", {}, {"router_lr_factor": 10.0}),
+    ("shape: top-2", "lfuc", {"top_k": 2}, {}),
+    ("shape: shared expert", "lfuc", {"shared_expert": True}, {}),
 ]
 
 
@@ -209,7 +226,8 @@ def choices(bench: Bench, args) -> None:
             log(f"{method} {convert_changes}: converted in {seconds:.0f} s, perplexity {converted[key][1]:.2f}")
         model, before, convert_s = converted[key]
         model = copy.deepcopy(model)
-        options = recovery_options(args, steps=args.choice_steps, eval_every=0, **{"train": "blocks", **changes})
+        options = recovery_options(args, steps=args.choice_steps, eval_every=0,
+                                   **{"train": args.choice_train, **changes})
         options = dataclasses.replace(options, batch_size=changes.get("batch_size", args.batch_size
                                                                       * args.seq_len // options.seq_len))
         log(f"choice: {name}")
@@ -219,18 +237,21 @@ def choices(bench: Bench, args) -> None:
         rate = summary["tokens"] / summary["seconds"]
         log(f"  {summary['seconds']:.0f} s, {rate:.0f} tokens/s, perplexity {before:.2f} -> {after:.2f}")
         rows.append([name, f"{summary['trainable_parameters'] / 1e6:.1f}M", f"{summary['tokens']:,}",
-                     f"{summary['seconds'] / summary['steps']:.2f}", f"{rate:.0f}", f"{before:.2f}", f"{after:.2f}"])
+                     f"{summary['seconds'] / summary['steps']:.2f}", f"{rate:.0f}",
+                     f"{summary['final']['balance']:.2f}" if "balance" in summary["final"] else "-",
+                     f"{before:.2f}", f"{after:.2f}"])
         records.append({"choice": name, "method": method, "conversion": convert_changes, "changes": changes,
                         "convert_seconds": convert_s, "before": before, "after": after,
                         "seconds": summary["seconds"], "tokens": summary["tokens"], "final": summary["final"],
                         "trainable_parameters": summary["trainable_parameters"]})
         bench.records["choices"] = {"plan": bench.plan, "dense": dense, "runs": records}
         write_json(args.json, bench.records)
-    o = recovery_options(args, steps=args.choice_steps, train="blocks")
+    o = recovery_options(args, steps=args.choice_steps, train=args.choice_train)
     print(f"\nWhat each choice buys: SmolLM2-135M, plan {bench.plan}, {o.steps} steps of {o.tokens_per_step:,} "
           f"tokens each from the reference (train '{o.train}', lr {o.lr}); held-out perplexity on "
           f"{windows.numel()} tokens (dense {dense:.2f})")
-    print_table(["choice", "trained params", "tokens", "s/step", "tokens/s", "ppl before", "ppl after"], rows)
+    print_table(["choice", "trained params", "tokens", "s/step", "tokens/s", "balance (last step)", "ppl before",
+                 "ppl after"], rows)
 
 
 def main() -> None:
@@ -238,6 +259,7 @@ def main() -> None:
     parser.add_argument("--remove-attention", type=int, default=6)
     parser.add_argument("--max-group", type=int, default=2, help="most layers per group of the shared plan")
     parser.add_argument("--plan", help="An explicit plan for every method instead of the one block influence picks.")
+    parser.add_argument("--reconstruct-steps", type=int, default=150, help="block-wise reconstruction of fused blocks")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -252,6 +274,10 @@ def main() -> None:
     parser.add_argument("--no-compare", action="store_true", help="Only the short runs, not the comparison.")
     parser.add_argument("--choice-steps", type=int, default=40)
     parser.add_argument("--choice-eval-tokens", type=int, default=4096)
+    parser.add_argument("--choice-train", default="blocks", choices=["routers", "blocks", "all"],
+                        help="What the reference of the short runs trains.")
+    parser.add_argument("--data-file", help="Training windows and teacher top-k saved by benchmarks/frontier.py "
+                                            "(its --work), instead of the built-in corpus's training part.")
     parser.add_argument("--only", nargs="*", help="With --choices: run the choices whose name has one of these words.")
     parser.add_argument("--json")
     args = parser.parse_args()

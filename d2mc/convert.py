@@ -102,7 +102,8 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     if options.method == "auto":
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
                            context=options.context, precision=options.precision, block_size=options.block_size,
-                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 3)
+                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 3,
+                           reconstruct_steps=options.reconstruct_steps)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,

@@ -23,6 +23,7 @@ from torch import nn
 from d2mc.activations import batches, hooks
 from d2mc.arch import BlockPlan
 from d2mc.modeling import D2MCBlock, family_classes
+from d2mc.reconstruction import reconstruct_experts
 from d2mc.restructure import dense_plan, restructure
 from d2mc.routing import fit_group_router
 
@@ -42,6 +43,7 @@ class DamageProbe:
         self.mids = [m.reshape(-1, m.shape[-1]) for m in mids]
         self.dense_loss = self._loss_from(0, self.dense_blocks)
         self.router_fits: dict[BlockPlan, dict] = {}
+        self.reconstructed: dict[BlockPlan, nn.Module] = {}
 
     @property
     def num_layers(self) -> int:
@@ -142,9 +144,23 @@ class DamageProbe:
         blocks = ([self.block(plan)] if plan is not None else []) + self.dense_blocks[last + 1:]
         return self._loss_from(first, blocks) - self.dense_loss
 
-    def plan_damage(self, blocks: Sequence[BlockPlan]) -> float:
-        """The loss increase of the whole plan ``blocks`` (the ``config.blocks`` of a converted model)."""
-        return self._loss_from(0, [self.block(p) for p in blocks]) - self.dense_loss
+    def plan_damage(self, blocks: Sequence[BlockPlan], reconstructed: bool = False) -> float:
+        """The loss increase of the whole plan ``blocks`` (the ``config.blocks`` of a converted model); with
+        ``reconstructed``, its blocks that :meth:`reconstruct` trained as it left them."""
+        return self._loss_from(0, [self.reconstructed[p] if reconstructed and p in self.reconstructed
+                                   else self.block(p) for p in blocks]) - self.dense_loss
+
+    def reconstruct(self, plan: BlockPlan, h: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
+        """Build the fused block ``plan`` as the conversion does: its router fitted (on the probe's text), its
+        experts trained ``steps`` steps to reproduce the dense group (``reconstruct-blocks``, on the group's
+        post-attention hidden state ``h`` of its first layer and output ``y`` of its last, ``[T, H]``, from the
+        calibration text), its router fitted again on that; kept for :meth:`plan_damage`. Returns the
+        reconstruction's error before and after."""
+        block = self.block(plan)
+        before, after = reconstruct_experts(block, h, y, steps)
+        fit_group_router(block, h, y)
+        self.reconstructed[plan] = block.eval()
+        return {"mse_before": before, "mse_after": after}
 
 
 @torch.no_grad()

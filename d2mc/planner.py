@@ -106,12 +106,18 @@ class ScoredAction:
 @dataclass(frozen=True)
 class PlanChoice:
     """A whole plan: the actions other than keep, its predicted decode seconds and damage (additive), and the
-    damage measured on the whole plan where it was."""
+    damage measured on the whole plan where it was (as built, and with its fused blocks reconstructed)."""
 
     actions: tuple[Action, ...]
     seconds: float
     damage: float
     measured: float | None = None
+    reconstructed: float | None = None  # measured with its fused blocks reconstructed, where it was
+
+    @property
+    def final_damage(self) -> float | None:
+        """The damage the plan is chosen by: measured with its fused blocks reconstructed, else measured."""
+        return self.reconstructed if self.reconstructed is not None else self.measured
 
     @property
     def label(self) -> str:
@@ -145,7 +151,7 @@ class PlanChoice:
 
     def to_dict(self) -> dict:
         return {"plan": self.label, "predicted_ms": self.seconds * 1e3, "predicted_damage": self.damage,
-                "measured_damage": self.measured}
+                "measured_damage": self.measured, "reconstructed_damage": self.reconstructed}
 
 
 def pareto_plans(num_layers: int, scored: Sequence[ScoredAction], keep_seconds: float, outside_seconds: float,

@@ -160,15 +160,25 @@ def plan_search_section(search: dict | None) -> dict | None:
     """``--method auto``: the candidate plans measured whole, with their predicted latency and damage."""
     if not search:
         return None
+    steps = search.get("reconstruct_steps")
+    after = (f", and with its fused blocks reconstructed ({steps} steps, as the conversion does), which decides"
+             if steps else "; the plan of least measured damage is chosen")
+
+    def reconstructed(a: dict) -> str:
+        value = a.get("reconstructed_damage")
+        return f"{value:.4f}" if value is not None else "-"
+
     return {"title": "Plan search (auto)",
             "text": (f"Target {search['target_ms']:.3f} ms on {search['profile']} at context {search['context']} "
                      f"(dense {search['dense_ms']:.3f} ms). Damage is the calibration-loss increase in nats per token "
                      f"({search['probe_tokens']} calibration tokens): predicted as the sum of the actions' damages, "
-                     "each measured alone, and measured on the whole plan; the plan of least measured damage is "
-                     f"chosen. Search {search['seconds']:.0f} s ({search['cpu_seconds']:.0f} s of CPU time)."),
-            "columns": ["search", "plan", "predicted ms", "predicted damage", "measured damage", "chosen"],
+                     f"each measured alone, and measured on the whole plan{after}. Search {search['seconds']:.0f} s "
+                     f"({search['cpu_seconds']:.0f} s of CPU time)."),
+            "columns": ["search", "plan", "predicted ms", "predicted damage", "measured damage",
+                        "after reconstruction", "chosen"],
             "rows": [[a["search"], a["plan"], f"{a['predicted_ms']:.3f}", f"{a['predicted_damage']:.4f}",
-                      f"{a['measured_damage']:.4f}", "yes" if a["plan"] == search["chosen"]["plan"] else ""]
+                      f"{a['measured_damage']:.4f}", reconstructed(a),
+                      "yes" if a["plan"] == search["chosen"]["plan"] else ""]
                      for a in search["alternatives"]]}
 
 

@@ -84,7 +84,9 @@ class PlanAuto(Pass):
     (:func:`d2mc.planner.pareto_plans`) gives the least damaging plan at every predicted latency. The best plan under
     the budget, and the best of each restricted search (fusion only, fused pairs, attention only, layers only), are
     then measured whole; the additive model is refitted on them (one factor per kind of action), searched again,
-    and the plan of least measured damage is chosen. ``ctx.results["plan_search"]`` keeps every measured plan with
+    and the plan of least measured damage is chosen. With ``reconstruct_steps`` (the conversion's, when it
+    reconstructs fused blocks) the plans with fused blocks are measured again with those blocks reconstructed as
+    the conversion will, and that damage decides. ``ctx.results["plan_search"]`` keeps every measured plan with
     its predicted latency and damage, and each action's damage."""
 
     name = "plan-auto"
@@ -94,7 +96,7 @@ class PlanAuto(Pass):
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
                  precision: str = "fp16", block_size: int = 128, lm_head_precision: str | None = None,
                  max_group: int = 3, candidate_share: float = 0.7, shapes: bool = True,
-                 screen: int = 6, probe_sequences: int = 2, batch_size: int = 2,
+                 screen: int = 6, probe_sequences: int = 2, batch_size: int = 2, reconstruct_steps: int = 0,
                  progress: Callable[[str], None] | None = None):
         if (budget_ms is None) == (speedup is None):
             raise UserError("--method auto needs exactly one of --budget-ms or --speedup")
@@ -109,6 +111,7 @@ class PlanAuto(Pass):
         self.block_size, self.lm_head_precision = block_size, lm_head_precision
         self.max_group, self.candidate_share, self.shapes, self.screen = max_group, candidate_share, shapes, screen
         self.probe_sequences, self.batch_size, self.progress = probe_sequences, batch_size, progress
+        self.reconstruct_steps = reconstruct_steps
 
     def run(self, ctx: Context) -> PassResult:
         from d2mc.damage import DamageProbe
@@ -167,13 +170,15 @@ class PlanAuto(Pass):
         corrected_damages, factors = correct_damages(damages, list(measured.values()))
         corrected = search(corrected_damages)
         measure({"corrected": corrected["mixed"]})
-        chosen = min(measured.values(), key=lambda p: (p.measured, p.seconds))
+        reconstruction = self._reconstruct(ctx, probe, measured, n)
+        chosen = min(measured.values(), key=lambda p: (p.final_damage, p.seconds))
         settings = RooflineSettings(context=self.context, precision=self.precision, block_size=self.block_size,
                                     lm_head_precision=self.lm_head_precision)
         check = estimate_phase(dataclasses.replace(ctx.arch, blocks=tuple(b.spec for b in chosen.blocks(n))),
                                ctx.profile, "decode", settings).seconds
         assert math.isclose(check, chosen.seconds, rel_tol=1e-9), (check, chosen.seconds)
-        reason = (f"least measured damage ({chosen.measured:+.4f} nats/token on calibration text) of "
+        after = " after block reconstruction" if self.reconstruct_steps else ""
+        reason = (f"least measured damage{after} ({chosen.final_damage:+.4f} nats/token on calibration text) of "
                   f"{len(measured)} candidate plans whose predicted decode ({chosen.seconds * 1e3:.3f} ms at context "
                   f"{self.context}, {self.precision}) meets {target * 1e3:.3f} ms on {ctx.profile.name} (dense "
                   f"{costs.dense * 1e3:.3f} ms): {chosen.label}")
@@ -189,7 +194,8 @@ class PlanAuto(Pass):
             "chosen": chosen.to_dict(),
             "alternatives": [{"search": names.get(p.actions, "corrected"), **rescore(p, damages).to_dict(),
                               "corrected_damage": rescore(p, corrected_damages).damage}
-                             for p in sorted(measured.values(), key=lambda p: p.measured)],
+                             for p in sorted(measured.values(), key=lambda p: p.final_damage)],
+            "reconstruct_steps": self.reconstruct_steps, "reconstruction": reconstruction,
             "actions": [{"action": a.label, "kind": a.kind, "block_ms": seconds[a] * 1e3,
                          "saved_ms": (costs.keep * len(a.layers) - seconds[a]) * 1e3, "local_error": local[a],
                          "damage": damages.get(a)} for a in local],
@@ -199,6 +205,31 @@ class PlanAuto(Pass):
         log.info("plan: %s", reason)
         return PassResult(summary={"plan": chosen.label, "reason": reason,
                                    "measured_plans": len(measured), "actions": len(actions)})
+
+    def _reconstruct(self, ctx: Context, probe, measured: dict, n: int) -> dict:
+        """Measure again, as the conversion will build them, the plans with fused blocks: each distinct fused block
+        reconstructed ``reconstruct_steps`` steps on the calibration text (as ``reconstruct-blocks`` does), then the
+        whole plan. Reconstruction lowers a fused block's damage, not a dropped layer's, so without it the search
+        would favour dropping layers. Returns each block's reconstruction error before and after."""
+        from d2mc.activations import group_activations
+
+        fused = sorted({a.block for p in measured.values() for a in p.actions if a.kind == FUSE},
+                       key=lambda b: (b.expert_layers, b.shared_experts, b.top_k))
+        if not self.reconstruct_steps or not fused:
+            return {}
+        start = time.perf_counter()
+        inputs, targets = group_activations(ctx.model, [b.expert_layers for b in fused], ctx.calibration,
+                                            self.batch_size)
+        errors = {}
+        for block, h, y in zip(fused, inputs, targets, strict=True):
+            errors[f"{block.expert_layers[0]}-{block.expert_layers[-1]} (shared {block.shared_experts}, top-"
+                   f"{block.top_k})"] = probe.reconstruct(block, h, y, self.reconstruct_steps)
+        for key, plan in measured.items():
+            if any(a.kind == FUSE for a in plan.actions):
+                measured[key] = dataclasses.replace(plan, reconstructed=probe.plan_damage(plan.blocks(n), True))
+        self._say(f"reconstructed {len(fused)} fused blocks {self.reconstruct_steps} steps and measured their plans "
+                  f"again [{time.perf_counter() - start:.0f} s]")
+        return errors
 
     @staticmethod
     def _screened(actions: list, local: dict, screen: int) -> list:

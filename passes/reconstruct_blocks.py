@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-
-import torch
 
 from d2mc.activations import group_activations
 from d2mc.context import Context
 from d2mc.pipeline import Pass, PassResult, register_pass
+from d2mc.reconstruction import reconstruct_experts
 from d2mc.routing import fit_group_router
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ class ReconstructBlocks(Pass):
             for i, _ in fused:  # each group's activations are let go once its block is done
                 h, y = inputs.pop(0), targets.pop(0)
                 block = ctx.model.model.layers[i]
-                before, after = self._train(block, h, y)
+                before, after = reconstruct_experts(block, h, y, self.steps, self.lr, self.batch_tokens, self.seed)
                 routers[i] = fit_group_router(block, h, y)
                 stats[i] = {"mse_before": before, "mse_after": after}
                 log.info("block %d: reconstruction error %.4g -> %.4g", i, before, after)
@@ -51,43 +49,3 @@ class ReconstructBlocks(Pass):
         ctx.results["reconstruction"] = stats
         ctx.results["reconstructed_routers"] = routers
         return PassResult(modified=bool(stats), summary={"blocks": {str(k): v for k, v in stats.items()}})
-
-    def _train(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """Train the block's experts in fp32, on copies (the dense parent may share their weights), then put the
-        trained copies in the block in its own dtype; the router takes part in fp32 too, unchanged."""
-        experts, router = block.experts, block.router
-        dtype = router.weight.dtype
-        flags = [p.requires_grad for p in experts.parameters()]
-        block.experts = copy.deepcopy(experts).float().requires_grad_(True)
-        block.router = copy.deepcopy(router).float().requires_grad_(False)
-        try:
-            before, after = self._fit(block, h, y)
-        finally:
-            trained = block.experts.to(dtype)
-            for p, flag in zip(trained.parameters(), flags, strict=True):
-                p.requires_grad_(flag)
-            block.experts, block.router = trained, router
-        return before, after
-
-    def _fit(self, block, h: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        optimizer = torch.optim.Adam(block.experts.parameters(), lr=self.lr)
-        generator = torch.Generator().manual_seed(self.seed)
-        target = y - h
-
-        def loss_on(rows):
-            x = h[rows]
-            out = sum((e(x) for e in block.experts[: block.shared_experts]), torch.zeros_like(x))
-            out = out + block.dispatch(x)
-            return torch.nn.functional.mse_loss(out, target[rows])
-
-        everything = torch.arange(h.shape[0], device=h.device)
-        with torch.no_grad():
-            before = float(loss_on(everything))
-        for _ in range(self.steps):
-            rows = torch.randint(0, h.shape[0], (self.batch_tokens,), generator=generator).to(h.device)
-            optimizer.zero_grad()
-            loss_on(rows).backward()
-            optimizer.step()
-        with torch.no_grad():
-            after = float(loss_on(everything))
-        return before, after

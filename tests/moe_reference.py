@@ -94,7 +94,8 @@ def plugin_weights(block, quantized: QuantizedExperts | None = None
 def quantized_rtn(model, bits: int = 4, block_size: int = 32, lm_head_precision: str = "int8") -> QuantizedModel:
     """``model`` through the quantize step by round-to-nearest (symmetric, experts' norms folded first): a copy
     carrying the dequantized weights, and the codes of every Linear but the routers."""
-    return quantize_model(model, QuantizeOptions(f"int{bits}", "rtn", block_size, lm_head_precision))
+    return quantize_model(model, QuantizeOptions(f"int{bits}", "rtn", block_size, lm_head_precision,
+                                                  mixed_precision="none"))
 
 
 def block_quantized_experts(block, linears: dict, index: int) -> QuantizedExperts:

@@ -212,6 +212,7 @@ ROWS = [
     (["recover", T, "-o", "out", "--steps", "-1"], "recovery steps must be zero or more", True),
     (["recover", T, "-o", "out", "--warmup", "-1"], "--warmup must be zero or more", True),
     (["recover", T, "-o", "out", "--lr", "0"], "the learning rate and the temperature must be positive", True),
+    (["recover", T, "-o", "out", "--router-lr-factor", "0"], "--router-lr-factor must be positive, not 0.0", True),
     (["recover", T, "-o", "out", "--lr", "nan"], "--lr must be a finite number, not nan", True),
     (["recover", T, "-o", "out", "--seq-len", "9999"], "--seq-len 9999 is longer than the model's 512 positions",
      True),
@@ -279,6 +280,14 @@ ROWS = [
      "--precision int8 cannot go to TensorRT: TensorRT dequantizes int8 weights with one scale per channel", True),
     (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--lm-head-precision", "int8"],
      "--lm-head-precision int8 cannot go to TensorRT", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--quant-method", "hqq"],
+     "--quant-method hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX DequantizeLinear takes only "
+     "integer ones; use --quant-method rtn or gptq, or the onnxruntime format", True),
+    (["export", T, "-o", "out", "--precision", "int8", "--mixed-precision", "mixed-layers"],
+     "--mixed-precision mixed-layers moves int4 matrices to int8: it needs --precision int4, not int8", True),
+    (["export", T, "-o", "out", "--precision", "int4", "--quant-method", "hqq", "--moe-op", "contrib"],
+     "--quant-method hqq cannot go to --moe-op contrib: com.microsoft::QMoE takes only integer zero points; use "
+     "--moe-op dispatch", True),
     # run
     (["run", A, "hello", "--temperature", "-1"], "--temperature must be above 0, not -1", True),
     (["run", A, "hello", "--temperature", "nan"], "--temperature must be a finite number", True),
@@ -314,6 +323,8 @@ ROWS = [
     (["compile", T, "--host-profile", "{notes-txt}/none.toml", "--context", "256", "-o", "out"],
      "device profile '{notes-txt}/none.toml' does not exist", True),
     (["compile", T, "--precision", "int8", "--context", "256", "-o", "out"], "--precision int8 cannot go to TensorRT", True),
+    (["compile", T, "--precision", "int4", "--quant-method", "hqq", "--context", "256", "-o", "out"],
+     "--quant-method hqq cannot go to TensorRT", True),
     # build
     (["build", "{trt}", "--workspace-gb", "-1", "--no-build"], "--workspace-gb must be above 0, not -1", True),
     (["build", "{trt}", "--workspace-gb", "nan", "--no-build"], "--workspace-gb must be a finite number", True),

@@ -37,8 +37,8 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 @quiet_option
 @json_option
 def command(model, target, eval_tokens, prefill, context, precision, quant_method, block_size, lm_head_precision,
-            accuracy_level, no_measure, tasks, include_path, task_limit, host_profile, output, overwrite, quiet,
-            as_json, **plan):
+            mixed_precision, accuracy_level, no_measure, tasks, include_path, task_limit, host_profile, output,
+            overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
     Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
@@ -59,8 +59,8 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     gptq = quant_method == "gptq"
     calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq else (None,) * 3
     # the quantized weights also lower to TensorRT when the target has it (the engine step)
-    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, accuracy_level,
-                                     *calibration,
+    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, mixed_precision,
+                                     accuracy_level, *calibration,
                                      tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)

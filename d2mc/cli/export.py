@@ -13,15 +13,21 @@ QUANTIZED = ("int4", "int8")  # d2mc.quantize.PRECISIONS
 def quantize_options(calibration: bool):
     """The quantization flags of export and compile (compile's calibration text flags are its conversion's)."""
     flags = [
-        click.option("--quant-method", type=click.Choice(["rtn", "gptq"]),
-                     help="int4/int8: round-to-nearest, or GPTQ from calibration text (needs gptqmodel: "
-                          "docs/quantization.md) [default: rtn]."),
+        click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq"]),
+                     help="int4/int8: round-to-nearest; HQQ (float zero points, onnxruntime format only); or GPTQ "
+                          "from calibration text (needs gptqmodel: docs/quantization.md) [default: hqq for int4, rtn "
+                          "for int8, for TensorRT and for --moe-op contrib]."),
         click.option("--block-size", type=click.Choice(["32", "64", "128"]),
-                     help="int4/int8: weights per scale along each input [default: 32 for int4, 64 for int8; for "
-                          "TensorRT 64, and it takes int4 only, in blocks of 64 or 128]."),
+                     help="int4/int8: weights per scale along each input [default: 64 for hqq and int8, 32 for "
+                          "int4 otherwise; for TensorRT 64, and it takes int4 only, in blocks of 64 or 128]."),
         click.option("--lm-head-precision", type=click.Choice(["int8", "int4", "float"]),
                      help="int4/int8: the LM head's weights (a tied embedding reads them too) [default: int8; for "
                           "TensorRT float, which it takes with int4]."),
+        click.option("--mixed-precision", type=click.Choice(["none", "mixed-layers", "mixed-layers-ends"]),
+                     help="int4: matrices moved to int8 by layer: mixed-layers, q/k/v and down of the first and last "
+                          "eighth of the layers and every third between; mixed-layers-ends, also the other matrices "
+                          "of the first and last eighth (docs/quantization.md) [default: mixed-layers-ends; none for "
+                          "TensorRT and --moe-op contrib]."),
         click.option("--accuracy-level", type=click.IntRange(0, 4),
                      help="int4/int8, onnxruntime format: MatMulNBits accuracy level; 4 computes with int8 "
                           "activations, the fast path on CPU [default: 4]."),
@@ -41,20 +47,22 @@ def quantize_options(calibration: bool):
 
 
 def quantize_options_from(precision: str | None, quant_method=None, block_size=None, lm_head_precision=None,
-                          accuracy_level=None, calib_data=None, calib_sequences=None, calib_length=None,
-                          tensorrt: bool = False):
+                          mixed_precision=None, accuracy_level=None, calib_data=None, calib_sequences=None,
+                          calib_length=None, tensorrt: bool = False, qmoe: bool = False):
     """The :class:`~d2mc.quantize.QuantizeOptions` the flags ask for (None for float weights), refusing quantization
-    flags given with a float precision; ``tensorrt``: the weights also lower to TensorRT."""
+    flags given with a float precision; ``tensorrt``: the weights also lower to TensorRT; ``qmoe``: MoE blocks
+    lower to ``com.microsoft::QMoE``."""
     from d2mc.quantize import QuantizeOptions, check_float_precision
 
     given = {"quant_method": quant_method, "block_size": int(block_size) if block_size else None,
-             "lm_head_precision": lm_head_precision, "accuracy_level": accuracy_level, "calib_data": calib_data,
+             "lm_head_precision": lm_head_precision, "mixed_precision": mixed_precision,
+             "accuracy_level": accuracy_level, "calib_data": calib_data,
              "calib_sequences": calib_sequences, "calib_length": calib_length}
     given = {k: v for k, v in given.items() if v is not None}
     if precision not in QUANTIZED:
         check_float_precision(precision or "the float default", **given)
         return None
-    return QuantizeOptions(precision, tensorrt=tensorrt, **given)
+    return QuantizeOptions(precision, tensorrt=tensorrt, qmoe=qmoe, **given)
 
 
 @click.command("export", cls=Command, option_flags={"flavour": "--format"})
@@ -87,7 +95,8 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     if legacy_flavour:
         stderr_console().print(f"export --target is deprecated: use --format {legacy_flavour}")
         flavour = legacy_flavour
-    options = quantize_options_from(precision, **quantization, tensorrt=flavour == "tensorrt")
+    options = quantize_options_from(precision, **quantization, tensorrt=flavour == "tensorrt",
+                                    qmoe=flavour == "onnxruntime" and moe_op == "contrib")
     check_output_path(output, overwrite)
     if options is not None:
         options.check_installed()
@@ -108,8 +117,11 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
         return
     out = console()
     form = f"MoE: {moe_op}" if flavour == "onnxruntime" else "MoE: D2mcMoE plugin"
-    weights = f"{options.precision} {options.quant_method} block {options.block_size}, LM head " \
-              f"{options.lm_head_precision}, {precision} activations" if options else precision
+    weights = precision
+    if options:
+        mixed = f" ({options.mixed_precision} at int8)" if options.mixed else ""
+        weights = f"{options.precision} {options.quant_method} block {options.block_size}{mixed}, LM head " \
+                  f"{options.lm_head_precision}, {precision} activations"
     out.print(f"exported {model} to {result.path} in {result.seconds:.1f} s ({flavour}, {weights}, {form})")
     if quantized:
         out.print(f"quantized {len(quantized.linears)} matrices in {quantized.seconds:.1f} s"

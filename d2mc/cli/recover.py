@@ -69,6 +69,8 @@ def pop_recovery_options(kwargs: dict, output: str, placement=None):
 @click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of KL to the teacher.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--balance-weight", type=float, default=0.01, show_default=True, help="Weight of router load balance.")
+@click.option("--router-lr-factor", type=float, default=1.0, show_default=True,
+              help="The routers' learning rate as a multiple of --lr.")
 @click.option("--hidden-weight", type=float, default=0.0, show_default=True,
               help="Weight of the hidden-state loss after each block the conversion changed, against the dense "
                    "parent's at the same depth (0: none).")

@@ -37,10 +37,10 @@ def _figure(value) -> str:
     """A profile figure in one line: a table as ``key=value`` pairs, a table of tables as ``name: key=value, ...``."""
     if isinstance(value, dict):
         nested = any(isinstance(v, dict) for v in value.values())
-        return ("; " if nested else ", ").join(f"{k}: {_figure(v)}" if isinstance(v, dict) else f"{k}={v:g}"
+        return ("; " if nested else ", ").join(f"{k}: {_figure(v)}" if isinstance(v, dict) else f"{k}={_figure(v)}"
                                                for k, v in value.items())
     if isinstance(value, tuple):
         return ",".join(value)
-    if isinstance(value, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:g}"
     return str(value or "")

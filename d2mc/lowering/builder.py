@@ -5,7 +5,9 @@ A projection whose weight was quantized (:class:`~d2mc.quantize.QuantizedLinear`
 ``GraphBuilder.quantized``) is ``com.microsoft::MatMulNBits`` in the onnxruntime flavour and ``DequantizeLinear``
 (opset 21, symmetric: signed codes, no zero point) feeding a ``MatMul`` in the tensorrt flavour, which TensorRT
 fuses into a weight-only GEMM: block-wise along the input axis, or per output channel for int8 codes with one block
-per row (TensorRT dequantizes int8 weights only so)."""
+per row (TensorRT dequantizes int8 weights only so). Float zero points (HQQ's) enter MatMulNBits rounded, which
+keeps its int8-activation kernels, and what the rounding moved is added back as a small float MatMul on the
+input's block sums (:meth:`~d2mc.quantize.QuantizedLinear.zero_point_residual`)."""
 
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class GraphBuilder:
         self.accuracy_level = accuracy_level
         self._count = 0
         self._consts: dict[tuple, str] = {}
+        self._block_sums: dict[tuple, str] = {}
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -145,8 +148,23 @@ def matmul(g, x: str, weight, name: str, output: str | None = None) -> str:
         x = g.op1("Mul", [x, g.weight(f"{name}.pre_scale", weight.pre_scale)])
     if g.trt:
         return g.op("MatMul", [x, dequantized(g, weight, f"{name}_t")], outputs)[0]
+    if weight.float_zero_points:  # rounded zero points in MatMulNBits, plus what the rounding moved
+        product = g.op1("MatMulNBits", nbits_inputs(g, weight, name, x), MS_DOMAIN, **nbits_attributes(g, weight))
+        residual = g.weight(f"{name}_zero_point_residual", weight.zero_point_residual())
+        return g.op("Add", [product, g.op1("MatMul", [block_sums(g, x, weight), residual])], outputs)[0]
     return g.op("MatMulNBits", nbits_inputs(g, weight, name, x), outputs, MS_DOMAIN,
                 **nbits_attributes(g, weight))[0]
+
+
+def block_sums(g, x: str, q) -> str:
+    """``x [..., in]`` summed over each of ``q``'s blocks, ``[..., in / block_size]``: a MatMul with a 0/1 matrix
+    (any rank of ``x``), made once per input and block size (q, k and v, or gate and up, read one input)."""
+    in_features = q.shape[1]
+    key = (x, in_features, q.block_size)
+    if key not in g._block_sums:
+        ones = np.kron(np.eye(in_features // q.block_size), np.ones((q.block_size, 1)))
+        g._block_sums[key] = g.op1("MatMul", [x, g.const(ones, g.np_dtype)])
+    return g._block_sums[key]
 
 
 def nbits_inputs(g, q, name: str, x: str = "") -> list[str]:

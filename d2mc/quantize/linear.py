@@ -1,10 +1,11 @@
 """Block-wise quantized Linear weights: one typed form that every lowering reads.
 
-A quantization method (GPTQ through GPTQModel, or plain round-to-nearest) turns a PyTorch Linear weight
-``[out, in]`` into integer codes, per-block scales and, when asymmetric, per-block zero points, blocks running along
-the input axis. :class:`QuantizedLinear` holds exactly that, in the convention of ONNX Runtime's
-``com.microsoft::MatMulNBits``: unsigned codes in ``[0, 2**bits)`` and ``w = (code - zero_point) * scale``, with the
-zero point ``2**(bits - 1)`` when none is stored (symmetric). An activation-aware method may also leave a
+A quantization method (GPTQ through GPTQModel, HQQ through ONNX Runtime's quantizer, or plain round-to-nearest)
+turns a PyTorch Linear weight ``[out, in]`` into integer codes, per-block scales and, when asymmetric, per-block zero
+points, blocks running along the input axis. :class:`QuantizedLinear` holds exactly that, in the convention of ONNX
+Runtime's ``com.microsoft::MatMulNBits``: unsigned codes in ``[0, 2**bits)`` and ``w = (code - zero_point) * scale``,
+with the zero point ``2**(bits - 1)`` when none is stored (symmetric). Zero points are integers (uint8) or, from
+HQQ, floats: the grid's offset is then any fraction of a step. An activation-aware method may also leave a
 per-input-channel ``pre_scale`` that multiplies the layer's input (AWQ's pre-quant scale when it could not be
 folded into the previous operator).
 
@@ -35,8 +36,8 @@ class QuantizedLinear:
     """A Linear weight ``[out, in]`` quantized in blocks of ``block_size`` along ``in``.
 
     ``codes``: uint8 ``[out, in]`` in ``[0, 2**bits)``; ``scales``: float32 ``[out, in // block_size]``;
-    ``zero_points``: uint8 like ``scales`` or None (symmetric: ``2**(bits - 1)``); ``pre_scale``: float32 ``[in]``
-    multiplying the input, or None.
+    ``zero_points``: like ``scales``, uint8 or float32 (a float offset of the grid, as HQQ leaves it), or None
+    (symmetric: ``2**(bits - 1)``); ``pre_scale``: float32 ``[in]`` multiplying the input, or None.
     """
 
     bits: int
@@ -57,6 +58,8 @@ class QuantizedLinear:
             raise ValueError(f"scales must be {list(blocks)}, not {list(self.scales.shape)}")
         if self.zero_points is not None and tuple(self.zero_points.shape) != blocks:
             raise ValueError(f"zero points must be {list(blocks)}, not {list(self.zero_points.shape)}")
+        if self.zero_points is not None and self.zero_points.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"zero points must be uint8 or float32, not {self.zero_points.dtype}")
         if self.codes.dtype != torch.uint8 or int(self.codes.max()) >= 2 ** self.bits:
             raise ValueError(f"codes must be uint8 in [0, {2 ** self.bits})")
 
@@ -67,6 +70,10 @@ class QuantizedLinear:
     @property
     def symmetric(self) -> bool:
         return self.zero_points is None
+
+    @property
+    def float_zero_points(self) -> bool:
+        return self.zero_points is not None and self.zero_points.is_floating_point()
 
     def _zero_points(self) -> torch.Tensor:
         if self.zero_points is None:
@@ -82,24 +89,45 @@ class QuantizedLinear:
         return weight * self.pre_scale.float()[None, :] if self.pre_scale is not None else weight
 
     def nbytes(self) -> int:
-        """Bytes a deployment reads: packed codes, scales (float32), zero points (packed) and the pre-scale."""
+        """Bytes a deployment reads: packed codes, scales (float32), zero points (packed; float ones also as their
+        float32 residual) and the pre-scale."""
         out_features, in_features = self.shape
         blocks = self.scales.numel()
         total = out_features * in_features * self.bits // 8 + blocks * 4
         if self.zero_points is not None:
             total += out_features * -(-self.scales.shape[1] * self.bits // 8)
+        if self.float_zero_points:
+            total += blocks * 4
         return total + (in_features * 4 if self.pre_scale is not None else 0)
 
     def matmul_nbits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(B [N, k_blocks, block_size * bits / 8] uint8, scales [N, k_blocks] float32, zero_points)`` for
         ``com.microsoft::MatMulNBits`` with ``K = in``, ``N = out``; zero points packed ``[N, ceil(k_blocks * bits /
-        8)]`` uint8, or None when symmetric. Apply ``pre_scale`` to the input before the node."""
+        8)]`` uint8, or None when symmetric. Float zero points go in rounded to the nearest code (add
+        :meth:`zero_point_residual`'s product). Apply ``pre_scale`` to the input before the node."""
         out_features, in_features = self.shape
         blocks = in_features // self.block_size
         codes = self.codes.numpy()
         packed = _pack_rows(codes, self.bits).reshape(out_features, blocks, self.block_size * self.bits // 8)
-        zero_points = None if self.zero_points is None else _pack_rows(self.zero_points.numpy(), self.bits)
+        zero_points = None if self.zero_points is None else _pack_rows(self._integer_zero_points().numpy(), self.bits)
         return np.ascontiguousarray(packed), self.scales.float().numpy().copy(), zero_points
+
+    def zero_point_residual(self) -> np.ndarray:
+        """For float zero points: ``R [k_blocks, N]`` float32 with ``x @ W.T = MatMulNBits(x) + block_sums(x) @ R``,
+        ``block_sums(x) [..., k_blocks]`` the sums of ``x`` over each block (``R = (rounded - float) * scale``).
+
+        ONNX Runtime's MatMulNBits also takes the float zero points themselves, but its CPU kernels then dequantize
+        the whole weight on every call (tens of times slower per decode matmul:
+        ``benchmarks/zero_points.py``): rounded zero points keep its int8-activation kernels."""
+        if not self.float_zero_points:
+            raise ValueError("only float zero points leave a residual")
+        residual = (self._integer_zero_points().float() - self.zero_points) * self.scales.float()
+        return np.ascontiguousarray(residual.T.numpy(), dtype=np.float32)
+
+    def _integer_zero_points(self) -> torch.Tensor:
+        if not self.float_zero_points:
+            return self.zero_points
+        return self.zero_points.round().clamp(0, 2 ** self.bits - 1).to(torch.uint8)
 
     def signed_codes(self) -> np.ndarray:
         """The codes of a symmetric weight as signed int8 values ``[out, in]``: ``w = code * scale``."""
@@ -123,8 +151,9 @@ def concat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
     read from one input; or an MoE op's gate and up rows): the same bits and block size, and no pre-scale."""
     first = parts[0]
     if any(p.bits != first.bits or p.block_size != first.block_size or p.pre_scale is not None for p in parts) or (
-            len({p.symmetric for p in parts}) > 1):
-        raise ValueError("only parts with the same bits, block size and symmetry and no pre-scale concatenate")
+            len({(p.symmetric, p.float_zero_points) for p in parts}) > 1):
+        raise ValueError("only parts with the same bits, block size and kind of zero points and no pre-scale "
+                         "concatenate")
     zero_points = None if first.symmetric else torch.cat([p.zero_points for p in parts])
     return QuantizedLinear(first.bits, first.block_size, torch.cat([p.codes for p in parts]),
                            torch.cat([p.scales for p in parts]), zero_points)

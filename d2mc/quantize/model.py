@@ -7,7 +7,9 @@ perplexity run). In a block with several experts each expert's post-attention no
 gate and up projections (the lowering folds it there too, and integer codes cannot be rescaled afterwards), so
 its norm becomes weightless.
 
-``rtn`` quantizes each weight on its own. ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
+``rtn`` and ``hqq`` quantize each weight on its own (the LM head, which a tied embedding reads through
+``GatherBlockQuantized`` and its integer zero points, always by round-to-nearest; so are the matrices mixed
+precision moves to int8). ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
 layer, in order: each block is run on the calibration activations that the already quantized blocks before it
 produce, and within a block the projections are quantized in the order they compute (q/k/v, o, every expert's
 gate/up, every expert's down), each from the inputs it sees after the ones before it were quantized; an expert sees
@@ -28,6 +30,7 @@ from torch import nn
 
 from d2mc.activations import batches, first_tensor, hooks, output_tensor
 from d2mc.errors import UserError
+from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions
 
@@ -68,7 +71,8 @@ class QuantizedModel:
     def to_dict(self) -> dict:
         """What an artifact and a report record of the quantization: its options (enough to redo it:
         :meth:`QuantizeOptions.from_dict`) and what it produced."""
-        return {**self.options.to_dict(), "bits": self.options.bits, "symmetric": True,
+        return {**self.options.to_dict(), "bits": self.options.bits,
+                "symmetric": all(q.symmetric for q in self.linears.values()),
                 "calibration": self.calibration, "quantized_linears": len(self.linears),
                 "quantized_bytes": self.nbytes(), "seconds": round(self.seconds, 2), "fallbacks": list(self.fallbacks)}
 
@@ -99,7 +103,7 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     layers = [_block_linears(quantized, i, layer) for i, layer in enumerate(quantized.model.layers)]
     head = quantized.lm_head if options.lm_head_bits else None
     if calibration is None:
-        linears = {name: _set(module, quantize_rtn(module.weight, options.bits, options.block_size))
+        linears = {name: _set(module, _quantize_alone(module.weight, options, options.bits_of(name, len(layers))))
                    for block in layers for stage in block for group in stage for name, module in group}
         fallbacks: list[str] = []
     else:
@@ -107,6 +111,14 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     if head is not None and "lm_head" not in linears:
         linears["lm_head"] = _set(head, quantize_rtn(head.weight, options.lm_head_bits, options.block_size))
     return QuantizedModel(quantized, linears, options, described, time.perf_counter() - start, tuple(fallbacks))
+
+
+def _quantize_alone(weight: torch.Tensor, options: QuantizeOptions, bits: int) -> QuantizedLinear:
+    """``weight`` by the options' method without calibration data; matrices moved to int8 by mixed precision by
+    round-to-nearest (symmetric int8 is within 1.01x of fp32 already, and keeps MatMulNBits' fast path)."""
+    if options.quant_method == "hqq" and bits == options.bits:
+        return quantize_hqq(weight, bits, options.block_size)
+    return quantize_rtn(weight, bits, options.block_size)
 
 
 def fold_expert_norms(model) -> None:
@@ -158,8 +170,9 @@ def _gptq(model, layers, calibration: torch.Tensor, options: QuantizeOptions, pr
         for number, stage in enumerate(stages):
             if not stage:
                 continue
-            tasks = [GptqMatrix(torch.cat([m.weight for _, m in group]), options.bits, options.block_size)
-                     for group in stage]
+            # a group's Linears read one input, and mixed precision gives them one bit width
+            tasks = [GptqMatrix(torch.cat([m.weight for _, m in group]), options.bits_of(group[0][0], len(layers)),
+                                options.block_size) for group in stage]
             # the attention's projections run once per forward: the block need not run past them
             stop = number < len(ATTENTION_STAGES)
             handles = [group[0][1].register_forward_pre_hook(_feeding(task, stop))
@@ -170,7 +183,7 @@ def _gptq(model, layers, calibration: torch.Tensor, options: QuantizeOptions, pr
                         _run(layer, h, call)
             for group, task in zip(stage, tasks, strict=True):
                 if task.tokens == 0:  # an expert the router never chose on the calibration text
-                    parts = [quantize_rtn(m.weight, options.bits, options.block_size) for _, m in group]
+                    parts = [quantize_rtn(m.weight, task.bits, options.block_size) for _, m in group]
                     fallbacks += [name for name, _ in group]
                 else:
                     stacked = task.quantize()

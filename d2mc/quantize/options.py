@@ -12,13 +12,27 @@ from d2mc.errors import MissingDependencyError, OptionError
 
 PRECISIONS = ("int4", "int8")
 FLOAT_PRECISIONS = ("fp32", "fp16")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "hqq", "gptq")
 LM_HEAD_PRECISIONS = ("int8", "int4", "float")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# int4 models with some matrices at int8 (by round-to-nearest, symmetric), chosen by layer: "mixed-layers" is
+# onnxruntime-genai's preset of that name (llama.cpp's Q4_K_M rule): q/k/v and down at int8 in the first and last
+# eighth of the layers and in every third layer between; "mixed-layers-ends" also every other matrix of the first
+# and last eighth (measured on SmolLM2-135M: docs/quantization.md)
+MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
+# int4 in MatMulNBits (not TensorRT, not QMoE) moves the first and last eighth and q/k/v/down of every third layer
+# to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
+DEFAULT_MIXED = "mixed-layers-ends"
+MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
 # block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
 # as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
-DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}  # gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL)
+# HQQ for int4 in MatMulNBits: lower perplexity than round-to-nearest at every block size, no calibration data; in
+# blocks of 64, where its zero-point residual costs least (block 32 decoded 0.72x as fast as rtn's on SmolLM2-135M,
+# block 64 as fast as rtn at 32): docs/quantization.md. gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL).
+# TensorRT and QMoE take integer zero points only: rtn there.
+DEFAULT_METHOD = {"int4": "hqq", "int8": "rtn"}
+HQQ_DEFAULT_BLOCK_SIZE = 64
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
 # so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
@@ -36,14 +50,18 @@ class QuantizeOptions:
     the LM head at its own precision); routers, norms and, unless shared with a quantized LM head, the embedding
     stay float.
 
-    ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data) or gptq (GPTQModel's GPTQ, layer
-    by layer from calibration activations), default by precision (:data:`DEFAULT_METHOD`); ``block_size``: elements
-    per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`); ``lm_head_precision``:
-    int8, int4 or float; ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on
-    CPU); ``calib_data``: calibration text (default the built-in calibration text), ``calib_sequences`` x
-    ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the tensorrt format, or a
-    compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks of 64 or 128 and int8
-    only per channel: int4 with the block size 64 and a float LM head by default, int8 weights and LM head refused.
+    ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data), hqq (ONNX Runtime's HQQ: float
+    zero points, no data, MatMulNBits only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
+    activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
+    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`; 64 for hqq);
+    ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
+    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
+    ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
+    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
+    tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
+    of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
+    weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
+    ``com.microsoft::QMoE`` (``--moe-op contrib``), which takes one bit width and integer zero points.
     """
 
     precision: str = "int4"
@@ -51,21 +69,28 @@ class QuantizeOptions:
     block_size: int | None = None
     lm_head_precision: str | None = None  # default DEFAULT_LM_HEAD (TENSORRT_DEFAULT_LM_HEAD for TensorRT)
     accuracy_level: int = 4
+    mixed_precision: str | None = None  # default DEFAULT_MIXED for int4 in MatMulNBits, else none
     calib_data: str | None = None
     calib_sequences: int = 16
     calib_length: int = 256
     seed: int = 0
     tensorrt: bool = False
+    qmoe: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise OptionError(f"{{precision}} {self.precision} is not a quantized precision: choose "
                               f"{' or '.join(PRECISIONS)}")
+        integer_only = self.tensorrt or self.qmoe  # takes integer zero points and one bit width only
         if self.quant_method is None:
-            object.__setattr__(self, "quant_method", DEFAULT_METHOD[self.precision])
+            object.__setattr__(self, "quant_method", "rtn" if integer_only else DEFAULT_METHOD[self.precision])
         if self.block_size is None:
             object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
-                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+                               self.precision == "int4" else HQQ_DEFAULT_BLOCK_SIZE if self.quant_method == "hqq"
+                               else DEFAULT_BLOCK_SIZE[self.precision])
+        if self.mixed_precision is None:
+            object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not integer_only
+                               else "none")
         if self.lm_head_precision is None:
             object.__setattr__(self, "lm_head_precision", TENSORRT_DEFAULT_LM_HEAD if self.tensorrt
                                else DEFAULT_LM_HEAD)
@@ -76,6 +101,12 @@ class QuantizeOptions:
         if self.lm_head_precision not in LM_HEAD_PRECISIONS:
             raise OptionError(f"{{lm_head_precision}} must be one of {', '.join(LM_HEAD_PRECISIONS)}, not "
                               f"{self.lm_head_precision}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise OptionError(f"{{mixed_precision}} must be one of {', '.join(MIXED_PRECISIONS)}, not "
+                              f"{self.mixed_precision}")
+        if self.mixed and self.precision != "int4":
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} moves int4 matrices to int8: it needs "
+                              f"{{precision}} int4, not {self.precision}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
         if self.calib_data is not None and not self.calibrated:
@@ -85,6 +116,18 @@ class QuantizeOptions:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
         if self.tensorrt:
             self._check_tensorrt()
+        if self.qmoe:
+            self._check_qmoe()
+
+    def _check_qmoe(self) -> None:
+        """Refuse weights ``com.microsoft::QMoE`` cannot take: float zero points, or more than one bit width."""
+        if self.float_zero_points:
+            raise OptionError("{quant_method} hqq cannot go to {moe_op} contrib: com.microsoft::QMoE takes only "
+                              "integer zero points; use {moe_op} dispatch, or {quant_method} rtn or gptq")
+        if self.mixed:
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to {{moe_op}} contrib: "
+                              "com.microsoft::QMoE takes one bit width for all its experts' matrices; use {moe_op} "
+                              "dispatch, or {mixed_precision} none")
 
     def _check_tensorrt(self) -> None:
         """Refuse weights TensorRT's DequantizeLinear cannot take (the plugin's experts alone would take them)."""
@@ -92,6 +135,13 @@ class QuantizeOptions:
                 f"({TENSORRT_DEQUANTIZE_SOURCE})")
         if self.precision == "int8":
             raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
+        if self.mixed:
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to TensorRT: it puts some "
+                              f"matrices at int8, and {int8}; choose {{mixed_precision}} none")
+        if self.float_zero_points:
+            raise OptionError("{quant_method} hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX "
+                              "DequantizeLinear takes only integer ones; use {quant_method} rtn or gptq, or the "
+                              "onnxruntime format")
         if self.block_size not in TENSORRT_INT4_BLOCKS:
             raise OptionError(f"{{block_size}} {self.block_size} cannot go to TensorRT, which takes int4 weights in "
                               f"blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} ({TENSORRT_DEQUANTIZE_SOURCE})")
@@ -103,6 +153,21 @@ class QuantizeOptions:
         return int(self.precision.removeprefix("int"))
 
     @property
+    def mixed(self) -> bool:
+        return self.mixed_precision != "none"
+
+    def bits_of(self, name: str, layers: int) -> int:
+        """The bits of the block Linear ``name`` (``model.layers.{i}...``) in a model of ``layers`` blocks."""
+        if not self.mixed:
+            return self.bits
+        index = int(name.split(".")[2])
+        ends = index < layers / 8 or index >= 7 * layers / 8
+        if (self.mixed_precision == "mixed-layers-ends" and ends) or (name.rpartition(".")[2] in MIXED_LEAVES and (
+                ends or (index - round(layers / 8)) % 3 == 2)):
+            return 8
+        return self.bits
+
+    @property
     def lm_head_bits(self) -> int | None:
         """The LM head's bits, None when it stays float."""
         return None if self.lm_head_precision == "float" else int(self.lm_head_precision.removeprefix("int"))
@@ -110,6 +175,12 @@ class QuantizeOptions:
     @property
     def calibrated(self) -> bool:
         return self.quant_method == "gptq"
+
+    @property
+    def float_zero_points(self) -> bool:
+        """The weights carry float zero points (HQQ): only MatMulNBits holds them."""
+        return self.quant_method == "hqq"
+
 
     def check_installed(self) -> None:
         """Refuse in one line a method whose library is missing, saying what to install."""
@@ -132,7 +203,9 @@ class QuantizeOptions:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantizeOptions:
-        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored."""
+        """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored.
+        A record from before mixed precision existed quantized every matrix at its precision."""
+        data = {"mixed_precision": "none", **data}
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 

@@ -13,7 +13,7 @@ SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 _RUN_IDENTITY = ("steps", "seq_len", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
                  "max_grad_norm", "ce_weight", "kl_weight", "temperature", "balance_weight", "hidden_weight",
                  "train", "data", "data_split", "data_field", "generate_sequences", "teacher_topk", "router_gradient",
-                 "seed", "dtype", "stream")
+                 "router_lr_factor", "seed", "dtype", "stream")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class RecoveryOptions:
     eval_curve_tokens: int = 2048  # held-out tokens scored at each curve point
     teacher_topk: int = 0  # > 0: run the teacher once over the data and keep its top-k log-probabilities
     router_gradient: bool = True  # top-1 normalised routers: pass a gradient through the (constant) gate
+    router_lr_factor: float = 1.0  # the routers' learning rate as a multiple of lr
     seed: int = 0
     checkpoint_dir: str | None = None  # None: no checkpoints (a temporary directory)
     save_steps: int = 50
@@ -67,6 +68,8 @@ class RecoveryOptions:
             raise UserError(f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
         if self.lr <= 0 or self.temperature <= 0:
             raise UserError("the learning rate and the temperature must be positive")
+        if not self.router_lr_factor > 0:
+            raise UserError(f"--router-lr-factor must be positive, not {self.router_lr_factor}")
         if min(self.ce_weight, self.kl_weight, self.balance_weight, self.hidden_weight) < 0 or not (
                 self.ce_weight or self.kl_weight):
             raise UserError("loss weights must be zero or more, and CE or KL must have a positive weight")

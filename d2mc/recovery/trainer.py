@@ -54,6 +54,25 @@ def trainer_classes():
                 return teacher_for_deepspeed(teacher, self.accelerator)
             return teacher.to(self.args.device)
 
+        def create_optimizer(self, model=None):
+            """The Trainer's optimizer, with the routers' parameters in groups of their own at ``router_lr_factor``
+            times the learning rate (the schedule scales every group alike)."""
+            optimizer = super().create_optimizer(model)
+            factor = self.recovery.router_lr_factor
+            routers = {id(p) for block in routed_blocks(self.model) for p in block.router.parameters()}
+            if factor == 1 or not routers:
+                return optimizer
+            groups = []
+            for group in optimizer.param_groups:
+                for router in (False, True):
+                    params = [p for p in group["params"] if (id(p) in routers) == router]
+                    if params:
+                        groups.append({**group, "params": params, "lr": group["lr"] * (factor if router else 1)})
+            optimizer.param_groups.clear()
+            for group in groups:
+                optimizer.add_param_group(group)
+            return optimizer
+
         @property
         def sharded(self) -> bool:
             """Whether the engine splits the model's weights among the processes (every process runs each

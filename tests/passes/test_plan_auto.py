@@ -32,7 +32,10 @@ def test_auto_meets_the_budget_it_was_given(tiny_context, speedup):
     search = ctx.results["plan_search"]
     chosen = search["chosen"]
     assert chosen["predicted_ms"] == pytest.approx(predict_decode_seconds(ctx.arch, profile, context=256) * 1e3)
-    assert chosen["measured_damage"] == min(a["measured_damage"] for a in search["alternatives"])
+    final = [a["reconstructed_damage"] if a["reconstructed_damage"] is not None else a["measured_damage"]
+             for a in search["alternatives"]]  # plans with fused blocks are measured again, reconstructed
+    assert search["reconstruct_steps"] == 10 and final[0] == min(final)
+    assert search["alternatives"][0]["plan"] == chosen["plan"]
     assert all(a["predicted_ms"] <= search["target_ms"] * (1 + 1e-9) for a in search["alternatives"])
     assert {a["kind"] for a in search["actions"]} == {DROP_ATTENTION, DROP_LAYER, FUSE}
     rows = plan_search_section(search)["rows"]  # the report's table: every measured plan, the chosen one marked
@@ -79,6 +82,34 @@ def test_measured_damage_of_an_action_is_its_calibration_loss_increase(tiny_cont
     assert probe.action_damage(5, 5, None) == pytest.approx(
         loss(restructure(copy.deepcopy(ctx.model), [BlockPlan.dense(i) for i in range(8) if i != 5]))
         - loss(ctx.model), abs=1e-5)
+
+
+def test_the_reconstructed_damage_of_a_plan_is_the_loss_increase_of_its_conversion(tiny_context):
+    """With the probe on the whole calibration text, a plan measured with its fused block reconstructed is the
+    model the conversion builds (insert-router, then reconstruct-blocks on the same text) exactly."""
+    from d2mc.activations import group_activations
+
+    ctx = tiny_context()
+    dense = copy.deepcopy(ctx.model)
+    probe = DamageProbe(dense, ctx.calibration)
+    fused = BlockPlan(2, (2, 3, 4))
+    blocks = [BlockPlan.dense(i) for i in (0, 1)] + [fused] + [BlockPlan.dense(i) for i in (5, 6, 7)]
+    (h,), (y,) = group_activations(dense, [fused.expert_layers], ctx.calibration, 4)
+    errors = probe.reconstruct(fused, h, y, steps=10)
+    assert errors["mse_after"] < errors["mse_before"]
+    ctx.results["plan"] = FusionPlan(8, [(2, 3, 4)])
+    PassManager([create_pass("prune-attention"), create_pass("fuse-experts"), create_pass("insert-router"),
+                 create_pass("reconstruct-blocks", steps=10)]).run(ctx)
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            logits = model(ctx.calibration, use_cache=False).logits[:, :-1]
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       ctx.calibration[:, 1:].reshape(-1)))
+
+    converted = loss(ctx.model) - loss(dense)
+    assert probe.plan_damage(blocks, reconstructed=True) == pytest.approx(converted, abs=1e-4)
+    assert probe.plan_damage(blocks) > converted  # reconstruction is what lowered it
 
 
 MIXED = {

@@ -80,6 +80,27 @@ def test_what_trains():
     assert all(p.requires_grad for p in ctx.model.parameters())  # flags restored after training
 
 
+def test_the_routers_learning_rate_factor_scales_only_the_routers_steps():
+    """AdamW's first step moves each weight by the learning rate times a ratio that does not depend on it, so from
+    the same start on the same batch the routers move ``router_lr_factor`` times as far (up to the eps of the
+    smallest gradients) and the rest alike."""
+    start = converted()
+    moved = []
+    for factor in (1.0, 10.0):
+        ctx = copy.deepcopy(start)
+        train_recovery(ctx.model, ctx.teacher, WindowDataset(windows(n=2)),
+                       RecoveryOptions(steps=1, seq_len=32, batch_size=2, lr=1e-3, warmup=0, schedule="constant",
+                                       router_lr_factor=factor))
+        moved.append({k: v - start.model.state_dict()[k] for k, v in ctx.model.state_dict().items()})
+    routers = [k for k in moved[0] if k.endswith("router.weight")]
+    assert len(routers) == 2
+    for name, delta in moved[0].items():
+        expected = delta * 10 if name in routers else delta
+        assert torch.allclose(moved[1][name], expected, rtol=0.05, atol=1e-7), name  # Adam's eps
+    with pytest.raises(UserError, match="factor"):
+        RecoveryOptions(router_lr_factor=0)
+
+
 def test_changed_blocks_of_each_method():
     assert changed_blocks(converted("lfuc").model) == [2, 4]  # the fused blocks
     assert changed_blocks(converted("drop-attention").model) == [3, 6]  # the blocks without attention

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from d2mc.errors import UserError
-from d2mc.quantize import QuantizedLinear, quantize_rtn
+from d2mc.quantize import QuantizedLinear, concat_rows, quantize_hqq, quantize_rtn
 
 
 def _weight(out_features=48, in_features=128, seed=0):
@@ -112,3 +112,79 @@ def test_bytes_count_packed_codes_scales_and_zero_points():
 def test_block_size_must_divide_the_input():
     with pytest.raises(UserError, match="block_size 128 does not divide the input size 96"):
         quantize_rtn(_weight(8, 96), 4, 128)
+
+
+def _unpack_rows(packed: np.ndarray, bits: int, columns: int) -> np.ndarray:
+    """Inverse of MatMulNBits' packing of each row (low bits first), the padding dropped."""
+    rows = packed.reshape(packed.shape[0], -1)
+    if bits == 4:
+        rows = np.stack([rows & 0x0F, rows >> 4], -1).reshape(rows.shape[0], -1)
+    return rows[:, :columns]
+
+
+def _hqq_weight(bits=4):
+    return quantize_hqq(_weight(48, 192), bits, 64)
+
+
+def test_hqq_leaves_float_zero_points_and_a_closer_weight_than_rtn():
+    weight = _weight(48, 192)
+    q = quantize_hqq(weight, 4, 64)
+    assert q.float_zero_points and not q.symmetric
+    assert not torch.equal(q.zero_points, q.zero_points.round())  # offsets that integer zero points cannot hold
+    rtn = quantize_rtn(weight, 4, 64, symmetric=False)
+    assert (q.dequantize() - weight).abs().mean() < (rtn.dequantize() - weight).abs().mean()
+
+
+def test_hqq_recovers_a_weight_already_on_a_min_max_grid():
+    """A weight on a block-wise 16-level grid whose ends are each block's min and max (GGUF Q4_1, as SmolLM2-135M
+    ships) comes back exactly at the same block size."""
+    codes = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(3))
+    codes[:, [0, 32]], codes[:, [1, 33]] = 0, 15
+    scales, low = torch.rand(8, 2) * 0.01 + 0.001, torch.rand(8, 2) * -0.05
+    weight = (codes.view(8, 2, 32) * scales[..., None] + low[..., None]).view(8, 64)
+    torch.testing.assert_close(quantize_hqq(weight, 4, 32).dequantize(), weight, rtol=0, atol=1e-6)
+
+
+def test_float_zero_points_pack_round_trip():
+    q = _hqq_weight()
+    packed, scales, zero_points = q.matmul_nbits()
+    blocks = q.shape[1] // q.block_size
+    assert np.array_equal(_unpack_rows(packed, 4, q.shape[1]), q.codes.numpy())
+    rounded = _unpack_rows(zero_points, 4, blocks)
+    assert np.array_equal(rounded, q.zero_points.round().clamp(0, 15).numpy())
+    # the rounded zero points and the residual stand for exactly the weight the float zero points do
+    weight = (q.codes.float().view(q.shape[0], blocks, -1) - torch.from_numpy(rounded).float()[..., None]) * \
+        torch.from_numpy(scales)[..., None]
+    blocks_ones = torch.kron(torch.eye(blocks), torch.ones(q.block_size, 1))  # [in, blocks]
+    x = torch.randn(5, q.shape[1], generator=torch.Generator().manual_seed(2))
+    rebuilt = x @ weight.view(q.shape).T + (x @ blocks_ones) @ torch.from_numpy(q.zero_point_residual())
+    torch.testing.assert_close(rebuilt, x @ q.dequantize().T, rtol=0, atol=1e-5)
+
+
+# ONNX Runtime's CPU MatMulNBits refuses 8-bit weights with float zero points; d2mc's form takes them
+@pytest.mark.parametrize("form, bits", [("lowered", 4), ("lowered", 8), ("float zero points", 4)])
+def test_float_zero_points_through_matmul_nbits_compute_the_dequantized_weight(form, bits):
+    """d2mc's lowering (rounded zero points, the residual on the input's block sums) and MatMulNBits taking the
+    float zero points itself: both the dequantized weight."""
+    from d2mc.lowering.builder import MS_DOMAIN, GraphBuilder, matmul, nbits_attributes, nbits_inputs
+
+    q = _hqq_weight(bits)
+    g = GraphBuilder(np.float32, TensorProto.FLOAT)
+    if form == "lowered":
+        matmul(g, "x", q, "w", "y")
+    else:
+        inputs = nbits_inputs(g, QuantizedLinear(q.bits, q.block_size, q.codes, q.scales), "w", "x")
+        inputs.append(g.weight("zero_points", q.zero_points))
+        g.op("MatMulNBits", inputs, ["y"], MS_DOMAIN, **nbits_attributes(g, q))
+    x = np.random.default_rng(4).standard_normal((3, q.shape[1])).astype(np.float32)
+    np.testing.assert_allclose(_run(g.nodes, g.initializers, x), x @ q.dequantize().T.numpy(), atol=1e-5)
+
+
+def test_float_zero_points_count_their_residual():
+    q = _hqq_weight()
+    integer = QuantizedLinear(4, 64, q.codes, q.scales, q.zero_points.round().clamp(0, 15).to(torch.uint8))
+    assert q.nbytes() == integer.nbytes() + q.scales.numel() * 4
+    with pytest.raises(ValueError, match="only float zero points leave a residual"):
+        integer.zero_point_residual()
+    with pytest.raises(ValueError, match="same bits, block size and kind of zero points"):
+        concat_rows([q, integer])

@@ -30,7 +30,8 @@ def converted(family: str = "llama", **overrides):
 
 
 def calibration_options(method="rtn", **overrides):
-    return QuantizeOptions("int4", method, 32, calib_sequences=4, calib_length=64, **overrides)
+    return QuantizeOptions("int4", method, 32, calib_sequences=4, calib_length=64,
+                           **{"mixed_precision": "none", **overrides})
 
 
 def linears(model) -> set[str]:
@@ -48,6 +49,37 @@ def test_every_linear_is_quantized_and_the_model_carries_its_weights(family, kin
         assert q.bits == (8 if name == "lm_head" else 4) and q.block_size == 32 and q.symmetric
         torch.testing.assert_close(modules[name].weight, q.dequantize(), rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters(), strict=True))  # source untouched
+
+
+@pytest.mark.parametrize("kind", ["dense", "converted"])
+def test_hqq_gives_every_linear_but_the_lm_head_float_zero_points(kind):
+    model = tiny_model("llama", vocab_size=VOCAB) if kind == "dense" else converted()
+    result = quantize_model(model, QuantizeOptions("int4", "hqq", 32, mixed_precision="none"), TOKENIZER)
+    assert set(result.linears) == linears(model)
+    modules = dict(result.model.named_modules())
+    for name, q in result.linears.items():
+        # the LM head by round-to-nearest: a tied embedding reads its bytes, with integer zero points only
+        assert q.float_zero_points == (name != "lm_head") and q.symmetric == (name == "lm_head")
+        torch.testing.assert_close(modules[name].weight, q.dequantize(), rtol=0, atol=0)
+    assert result.to_dict()["symmetric"] is False
+
+
+@pytest.mark.parametrize("mixed, int8_layers", [("mixed-layers", {0: "qkv-down", 2: "qkv-down"}),
+                                                 ("mixed-layers-ends", {0: "all", 2: "qkv-down"})])
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_mixed_precision_moves_the_chosen_matrices_to_int8(method, mixed, int8_layers):
+    """Four blocks (the third one with three experts): the first eighth is block 0, the last eighth (blocks from
+    3.5 on) none, every third block between is block 2."""
+    model = converted()
+    result = quantize_model(model, QuantizeOptions("int4", method, 32, "float", mixed_precision=mixed), TOKENIZER)
+    assert len(result.linears) == len(linears(model)) - 1  # the float LM head
+    for name, q in result.linears.items():
+        index, leaf = int(name.split(".")[2]), name.rpartition(".")[2]
+        chosen = int8_layers.get(index)
+        int8 = chosen == "all" or (chosen == "qkv-down" and leaf in ("q_proj", "k_proj", "v_proj", "down_proj"))
+        assert q.bits == (8 if int8 else 4), name
+        assert q.float_zero_points == (method == "hqq" and not int8)  # int8 matrices by round-to-nearest
+    assert result.to_dict()["mixed_precision"] == mixed
 
 
 def test_expert_norms_are_folded_into_gate_and_up():
@@ -95,14 +127,31 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
 
 @pytest.mark.parametrize("options, message", [
     (dict(precision="int3"), "precision int3 is not a quantized precision: choose int4 or int8"),
-    (dict(quant_method="awq"), "unknown quant_method 'awq': choose one of rtn, gptq"),
+    (dict(quant_method="awq"), "unknown quant_method 'awq': choose one of rtn, hqq, gptq"),
+    (dict(quant_method="hqq", tensorrt=True), "quant_method hqq cannot go to TensorRT: HQQ's zero points are floats "
+                                              "and ONNX DequantizeLinear takes only integer ones"),
     (dict(block_size=48), "block_size must be 32, 64 or 128, not 48"),
     (dict(lm_head_precision="fp8"), "lm_head_precision must be one of int8, int4, float, not fp8"),
     (dict(accuracy_level=5), "accuracy_level must be one of 0-4, not 5"),
+    (dict(mixed_precision="some"), "mixed_precision must be one of none, mixed-layers, mixed-layers-ends, not some"),
+    (dict(precision="int8", mixed_precision="mixed-layers"),
+     "mixed_precision mixed-layers moves int4 matrices to int8: it needs precision int4, not int8"),
+    (dict(mixed_precision="mixed-layers", tensorrt=True), "mixed_precision mixed-layers cannot go to TensorRT: it puts "
+                                                          "some matrices at int8, and TensorRT dequantizes int8"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
         QuantizeOptions(**options)
+
+
+def test_qmoe_takes_round_to_nearest_and_one_bit_width():
+    assert QuantizeOptions("int4", qmoe=True).quant_method == "rtn"
+    with pytest.raises(OptionError, match="^quant_method hqq cannot go to moe_op contrib: com.microsoft::QMoE takes "
+                                          "only integer zero points; use moe_op dispatch"):
+        QuantizeOptions("int4", "hqq", qmoe=True)
+    with pytest.raises(OptionError, match="^mixed_precision mixed-layers cannot go to moe_op contrib: "
+                                          "com.microsoft::QMoE takes one bit width"):
+        QuantizeOptions("int4", mixed_precision="mixed-layers", qmoe=True)
 
 
 def test_a_block_size_that_does_not_divide_a_weight_is_refused():
@@ -118,6 +167,15 @@ def test_a_missing_library_says_what_to_install(monkeypatch):
         QuantizeOptions("int4", "gptq").check_installed()
 
 
-def test_defaults_by_precision():
-    assert (QuantizeOptions("int4").quant_method, QuantizeOptions("int4").block_size) == ("rtn", 32)
-    assert (QuantizeOptions("int8").quant_method, QuantizeOptions("int8").block_size) == ("rtn", 64)
+def test_defaults_by_precision_and_target():
+    def defaults(**options):
+        o = QuantizeOptions(**options)
+        return o.quant_method, o.block_size, o.mixed_precision, o.lm_head_precision
+
+    assert defaults(precision="int4") == ("hqq", 64, "mixed-layers-ends", "int8")
+    assert defaults(precision="int4", quant_method="rtn") == ("rtn", 32, "mixed-layers-ends", "int8")
+    assert defaults(precision="int8") == ("rtn", 64, "none", "int8")
+    assert defaults(precision="int4", tensorrt=True) == ("rtn", 64, "none", "float")
+    assert defaults(precision="int4", qmoe=True) == ("rtn", 32, "none", "int8")
+    # a record from before mixed precision: every matrix at its precision
+    assert QuantizeOptions.from_dict({"precision": "int4", "quant_method": "rtn"}).mixed_precision == "none"

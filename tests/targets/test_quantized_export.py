@@ -30,7 +30,8 @@ def op_counts(path) -> dict[str, int]:
 @pytest.mark.parametrize("kind, moe_op", [("dense", "dispatch"), ("converted", "contrib"), ("converted", "dispatch")])
 def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, kind, moe_op, tmp_path):
     model = tiny_model(family, vocab_size=VOCAB) if kind == "dense" else converted(family)
-    quantized = quantize_model(model, QuantizeOptions("int4", block_size=32), TOKENIZER)
+    # the defaults: hqq with mixed precision, round-to-nearest for QMoE
+    quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, qmoe=moe_op == "contrib"), TOKENIZER)
     result = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized, moe_op=moe_op)
     verify = result.verify
     assert verify["passed"] and verify["max_abs_diff"] < 1e-3 and verify["precision"] == "quantized-fp32"
@@ -43,7 +44,27 @@ def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, 
     assert ops.get("QMoE", 0) == (1 if moe_op == "contrib" else 0)
     assert ops.get("GatherBlockQuantized", 0) == (1 if model.config.tie_word_embeddings else 0)
     info = read_artifact(tmp_path / "q")
-    assert info["precision"] == "int4" and info["quantization"]["quant_method"] == "rtn"
+    assert info["precision"] == "int4"
+    assert info["quantization"]["quant_method"] == ("rtn" if moe_op == "contrib" else "hqq")
+
+
+@pytest.mark.parametrize("kind", ["dense", "converted"])
+def test_float_zero_points_and_mixed_precision_match_the_model_with_the_same_weights(kind, tmp_path):
+    model = tiny_model("qwen2", vocab_size=VOCAB) if kind == "dense" else converted()
+    # mixed precision on the converted model: some blocks' matrices (experts' too) at int8, integer zero points
+    mixed = "none" if kind == "dense" else "mixed-layers"
+    quantized = quantize_model(model, QuantizeOptions("int4", "hqq", 32, mixed_precision=mixed), TOKENIZER)
+    verify = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized).verify
+    assert verify["passed"] and verify["max_abs_diff"] < 1e-3
+    assert 0 < verify["shipped"]["max_abs_diff"] < 0.15 * verify["shipped"]["logit_scale"]
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    residuals = [t.name for t in graph.initializer if t.name.endswith("_zero_point_residual")]
+    zero_points = [t for t in graph.initializer if t.name.endswith("_zero_points")]
+    # every int4 matrix (q, k and v packed as one; the LM head is int8): rounded uint8 zero points and a residual
+    int4 = [n for n in graph.node if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)]
+    assert len(residuals) == len(zero_points) == len(int4) > 0
+    assert all(t.data_type == onnx.TensorProto.UINT8 for t in zero_points)
+    assert read_artifact(tmp_path / "q")["quantization"]["quant_method"] == "hqq"
 
 
 def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
@@ -51,7 +72,7 @@ def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
     int8 = quantize_model(model, QuantizeOptions("int8", block_size=32), TOKENIZER)
     assert export_onnx(model, TOKENIZER, tmp_path / "int8", quantized=int8).verify["passed"]
     dense = tiny_model("qwen3", vocab_size=VOCAB)
-    int4 = quantize_model(dense, QuantizeOptions("int4", block_size=32), TOKENIZER)
+    int4 = quantize_model(dense, QuantizeOptions("int4", "rtn", 32, mixed_precision="none"), TOKENIZER)
     result = export_onnx(dense, None, tmp_path / "trt", flavour="tensorrt", precision="fp16", quantized=int4)
     assert result.verify["passed"] and op_counts(tmp_path / "trt")["DequantizeLinear"] >= 1
 
@@ -80,7 +101,8 @@ def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_t
     out = tmp_path / "int4"
     main(["export", str(tiny_checkpoint_with_tokenizer), "--precision", "int4", "--block-size", "32", "-o", str(out)])
     printed = capsys.readouterr().out
-    assert "int4 rtn block 32, LM head int8" in printed and "with the same quantized weights" in printed
+    assert "int4 hqq block 32 (mixed-layers-ends at int8), LM head int8" in printed
+    assert "with the same quantized weights" in printed
     assert "against the unquantized model" in printed
     main(["run", str(out), "the council", "--max-new-tokens", "4"])  # generates through onnxruntime-genai
     capsys.readouterr()  # a random tiny model's tokens may decode to whitespace; the genai test checks the tokens
