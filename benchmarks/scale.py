@@ -8,7 +8,8 @@ process, on the CPU in fp32: ``d2mc convert`` (LF-UC removing a quarter of the a
 sequences of 128 tokens, 2 steps of block-wise reconstruction: enough to reach its memory peak, the trained experts
 with their gradients and AdamW state; the default 150 steps take longer, not more memory) and ``d2mc export`` of
 the converted model (ONNX Runtime format, fp32, verified against PyTorch). Peak memory is the process's maximum
-resident set (``wait4``), so it includes the Python process with torch and ONNX Runtime imported. A size whose
+resident set (``wait4``), so it includes the Python process with torch and ONNX Runtime imported; beside each wall
+time, the process's CPU time (user and system), which a machine shared with other jobs does not inflate. A size whose
 estimated peak (:mod:`d2mc.placement`) does not fit the memory available is left out, and the table says so.
 
     python benchmarks/scale.py [--sizes 135m,360m,1b] [--json out.json]
@@ -62,15 +63,16 @@ def model_config(size: str):
     return LlamaConfig(**SHAPES[size], tie_word_embeddings=True)
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
-    """Run ``command``; its wall seconds and the peak resident memory of its process in bytes."""
+def run_measured(command: list[str]) -> tuple[float, float, int]:
+    """Run ``command``; its wall seconds, its CPU seconds (user and system: on a shared machine the wall time
+    also counts the waits for a core) and the peak resident memory of its process in bytes."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(command)}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def measure(size: str, root: Path) -> dict:
@@ -81,13 +83,14 @@ def measure(size: str, root: Path) -> dict:
     dense, converted, artifact = root / f"{size}-dense", root / f"{size}-lfuc", root / f"{size}-onnx"
     run_measured([sys.executable, "-c", MAKE_MODEL, repr(SHAPES[size]), str(dense)])
     remove = str(len(arch.blocks) // 4)
-    convert_s, convert_peak = run_measured([sys.executable, "-m", "d2mc", "convert", str(dense), "--remove-attention",
+    convert_s, convert_cpu, convert_peak = run_measured([sys.executable, "-m", "d2mc", "convert", str(dense), "--remove-attention",
                                             remove, *CALIB, "--device", "cpu", "-o", str(converted), "--quiet"])
-    export_s, export_peak = run_measured([sys.executable, "-m", "d2mc", "export", str(converted), "-o", str(artifact)])
+    export_s, export_cpu, export_peak = run_measured([sys.executable, "-m", "d2mc", "export", str(converted), "-o", str(artifact)])
     onnx_bytes = sum(f.stat().st_size for f in artifact.glob("model.onnx*"))
     return {"size": size, "parameters": arch.total_params, "fp32_bytes": 4 * arch.total_params,
-            "convert_seconds": convert_s, "convert_peak_bytes": convert_peak, "export_seconds": export_s,
-            "export_peak_bytes": export_peak, "onnx_bytes": onnx_bytes}
+            "convert_seconds": convert_s, "convert_cpu_seconds": convert_cpu, "convert_peak_bytes": convert_peak,
+            "export_seconds": export_s, "export_cpu_seconds": export_cpu, "export_peak_bytes": export_peak,
+            "onnx_bytes": onnx_bytes}
 
 
 def main() -> None:
@@ -108,7 +111,7 @@ def main() -> None:
         available = psutil.virtual_memory().available
         if needed > available:
             rows.append([size, f"{arch.total_params / 1e6:.0f}M", f"left out: needs about {needed / 2**30:.1f} GiB, "
-                         f"{available / 2**30:.1f} GiB available", "", "", "", "", "", "", ""])
+                         f"{available / 2**30:.1f} GiB available", "", "", "", "", "", "", "", "", ""])
             records.append({"size": size, "parameters": arch.total_params, "skipped_needed_bytes": needed,
                             "available_bytes": available})
             continue
@@ -117,12 +120,14 @@ def main() -> None:
         records.append(record)
         fp32 = record["fp32_bytes"]
         rows.append([size, f"{record['parameters'] / 1e6:.0f}M", f"{fp32 / 2**30:.2f}",
-                     f"{record['convert_seconds']:.0f}", f"{record['convert_peak_bytes'] / 2**30:.2f}",
-                     f"{record['convert_peak_bytes'] / fp32:.2f}", f"{record['export_seconds']:.0f}",
+                     f"{record['convert_seconds']:.0f}", f"{record['convert_cpu_seconds']:.0f}",
+                     f"{record['convert_peak_bytes'] / 2**30:.2f}", f"{record['convert_peak_bytes'] / fp32:.2f}",
+                     f"{record['export_seconds']:.0f}", f"{record['export_cpu_seconds']:.0f}",
                      f"{record['export_peak_bytes'] / 2**30:.2f}", f"{record['export_peak_bytes'] / fp32:.2f}",
                      f"{record['onnx_bytes'] / 2**30:.2f}"])
-    print_table(["model", "parameters", "fp32 GiB", "convert s", "convert peak GiB", "convert peak / fp32",
-                 "export s", "export peak GiB", "export peak / fp32", "ONNX GiB"], rows)
+    print_table(["model", "parameters", "fp32 GiB", "convert s", "convert CPU s", "convert peak GiB",
+                 "convert peak / fp32", "export s", "export CPU s", "export peak GiB", "export peak / fp32",
+                 "ONNX GiB"], rows)
     write_json(args.json, records)
 
 

@@ -53,17 +53,18 @@ class PerplexityResult:
 # ---- perplexity ----------------------------------------------------------------------------------------------
 
 def evaluate_perplexity(spec: str | Path, *, data: str | Path | None = None, tokens: int | None = None,
-                        window: int | None = None, threads: int | None = None) -> PerplexityResult:
+                        window: int | None = None, threads: int | None = None, placement=None) -> PerplexityResult:
     """Held-out perplexity of MODEL (run by PyTorch) or of an ONNX artifact directory (run by ONNX Runtime).
 
     ``data`` is a text file (plain, or ``.jsonl`` with a ``text`` field); by default the built-in held-out text.
     ``tokens`` (default :data:`DEFAULT_TOKENS`, or all of ``data`` when it holds fewer) are scored in
-    non-overlapping windows of ``window`` tokens (default :data:`DEFAULT_WINDOW`).
+    non-overlapping windows of ``window`` tokens (default :data:`DEFAULT_WINDOW`). A model is loaded where
+    ``placement`` (a :class:`~d2mc.placement.Placement`) says, by default on the CPU in fp32.
     """
     _check_lengths(tokens, window)
     if find_runnable_onnx(spec) is not None:
         return evaluate_artifact_perplexity(spec, data=data, tokens=tokens, window=window, threads=threads)
-    loaded = load_pytorch_model(spec)
+    loaded = load_pytorch_model(spec, placement)
     return evaluate_model_perplexity(loaded.model, loaded.tokenizer, data=data, tokens=tokens, window=window,
                                      source=str(spec))
 
@@ -159,12 +160,12 @@ def _read_eval_text(path: str | Path) -> str:
         raise OptionError(f"{{data}}: {exc}") from None
 
 
-def load_pytorch_model(spec: str | Path):
-    """MODEL loaded for scoring, refusing in one line a directory that is neither a model nor an artifact."""
+def load_pytorch_model(spec: str | Path, placement=None):
+    """MODEL loaded for scoring (where ``placement`` says), refusing in one line a directory that is neither a model nor an artifact."""
     from d2mc.loading import load_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"'{spec}' is neither a model (no config.json) nor an ONNX artifact (no model.onnx): give a "
                         "Hugging Face checkpoint directory, a d2mc convert output, or a d2mc export or compile output")
-    return load_model(spec)
+    return load_model(spec, placement=placement)

@@ -127,7 +127,7 @@ def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 
                   precision: str | None = None, kv_precision: str | None = None, block_size: int = 128,
                   lm_head_precision: str | None = None, config_only: bool = False, measure: bool = False,
                   repeats: int = 5, engine: bool = False, host: str | None = None,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, placement=None) -> dict:
     """Predicted cost per phase, block and operator of ``spec`` on ``target``; measured here too when asked.
 
     The result is plain JSON: the roofline report (:meth:`d2mc.roofline.RooflineReport.to_dict`) plus, with
@@ -137,6 +137,8 @@ def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 
     machine). The shipped ``host-cpu`` target stands for this machine: its prediction uses this machine's profile,
     measured first only when ``measure`` asks to run the model here. With ``engine``, the artifact's TensorRT
     engine for ``target`` is timed instead (on the device it was built for), next to the prediction on ``target``.
+    A model measured here runs where ``placement`` (a :class:`~d2mc.placement.Placement`) says, by default on the
+    CPU in fp32.
     """
     profile = load_profile(target)
     chosen = None
@@ -150,7 +152,7 @@ def profile_model(spec: str, target: str, *, prefill: int = 128, context: int = 
     if measure and config_only and not artifact:
         raise OptionError("{measure} runs the model: drop {config_only}")
     loaded = load_model(str(find_config(spec)) if artifact else spec, config_only=config_only or artifact,
-                        tokenizer=False)
+                        tokenizer=False, placement=placement if measure and not artifact else None)
     report = analyze(loaded.arch, profile, settings)
     result = {"model": spec, "artifact": artifact, **report.to_dict()}
     if chosen:

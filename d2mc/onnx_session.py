@@ -24,10 +24,12 @@ class OrtDecoder:
     """Runs a lowered model step by step with an explicit KV cache (what any ONNX Runtime caller does).
 
     ``proto``, when given, is a graph held in memory (a changed copy of the one at ``onnx_path``) whose external
-    weights are read from beside ``onnx_path``.
+    weights are read from beside ``onnx_path``. ``lean`` trades speed for memory, for a few steps on a large model:
+    no memory arena (each run's buffers go back when it ends, instead of the arena keeping the largest it saw) and
+    no prepacked copies of the weights.
     """
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None, proto=None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, proto=None, lean: bool = False):
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -41,6 +43,9 @@ class OrtDecoder:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
+        if lean:
+            options.enable_cpu_mem_arena = False
+            options.add_session_config_entry("session.disable_prepacking", "1")
         source = str(path)
         if proto is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",

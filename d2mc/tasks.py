@@ -68,9 +68,11 @@ class LoadedTasks:
 
 
 def evaluate_tasks(spec: str | Path, tasks: Sequence[str], *, include_path: str | Path | None = None,
-                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8) -> TaskScores:
+                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                   placement=None) -> TaskScores:
     """lm-evaluation-harness ``tasks`` on MODEL run by PyTorch (an ONNX artifact is refused: tasks score the
-    model it was exported from). The tasks and their data are found before the model is loaded."""
+    model it was exported from), loaded where ``placement`` says (default: the CPU in fp32). The tasks and their
+    data are found before the model is loaded."""
     onnx_path = find_runnable_onnx(spec)
     if onnx_path is not None:
         source = artifact_info(onnx_path.parent).get("source")
@@ -79,7 +81,7 @@ def evaluate_tasks(spec: str | Path, tasks: Sequence[str], *, include_path: str 
                         f"exported from{hint}")
     _check_task_options(limit, num_fewshot)
     loaded_tasks = load_tasks(tasks, include_path)
-    loaded = load_pytorch_model(spec)
+    loaded = load_pytorch_model(spec, placement)
     return _run_tasks(loaded.model, loaded.tokenizer, loaded_tasks, limit, num_fewshot, batch_size, str(spec))
 
 

@@ -6,11 +6,12 @@ chosen so that a damage anywhere in what the artifact claims to support shows:
 - **the first positions**: a prefill of random tokens, then greedy decode steps through the cache (both sides are
   fed PyTorch's greedy choices, so one divergent pick cannot hide a later difference);
 - **every position up to the end of the context**, sampled: decode steps placed at positions spread evenly up to
-  ``max_position_embeddings - 1`` (the last one always), each after a past of that many tokens. The past is the
-  cache of the first part repeated to that length, fed to both sides as the same tensors: a rotary table, a
-  position-dependent mask or a sliding window that is wrong far from the start changes these logits. The last
-  sample feeds a few tokens at once, the path of a prompt that continues a conversation. A context whose past
-  would take more than :data:`MAX_PAST_BYTES` is sampled up to where it does not;
+  ``max_position_embeddings - 1`` (the last one always), each after a past of that many tokens. The past is
+  PyTorch's cache of the first part (in the graph's KV dtype) repeated to that length, fed to both sides as the
+  same tensors: a rotary table, a position-dependent mask or a sliding window that is wrong far from the start
+  changes these logits. The last sample feeds a few tokens at once, the path of a prompt that continues a
+  conversation. A context whose past would take more than :data:`MAX_PAST_BYTES` is sampled up to where it does
+  not;
 - **every expert**: a router's choice depends on the text, and a routed expert that the test tokens never pick
   would go unchecked. So each MoE block's router logits get a large bias on one expert, in ONNX (an ``Add`` on
   the router's ``MatMul`` output, fed as a graph input, in a copy of the graph held in memory) and in PyTorch (a
@@ -25,6 +26,12 @@ the token embedding (a row per token) and the rotary ``cos_cache``/``sin_cache``
 compared row for row with the PyTorch model's own, which covers every token and every position exactly. The
 result passes only when every logit, cache entry and table entry is within the tolerance of the precision; a NaN
 or infinite difference fails.
+
+Memory: PyTorch runs every input first and keeps its logits and the compared cache rows (:func:`record_reference`);
+ONNX Runtime then replays them (:func:`replay_reference`), in a session without memory arena or prepacked weights.
+So the two frameworks' caches of a long past are never held at once, each side builds the past of a sampled
+position when it gets there and lets it go after, and a caller that owns the PyTorch model can free it before the
+ONNX Runtime session opens (``d2mc export`` and ``d2mc verify`` do): verification then holds the weights once.
 """
 
 from __future__ import annotations
@@ -35,10 +42,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2mc.errors import UserError, first_line
+from d2mc.arch import ModelArch
+from d2mc.errors import UserError
 from d2mc.faults import fault_point
-from d2mc.modeling import CACHE_ARG
 from d2mc.onnx_session import OrtDecoder, runnable_proto
+from d2mc.reference import (
+    Reference,
+    ReferenceRecorder,
+    ReferenceStep,
+    compare_lookup_tables,
+    max_abs_diff,
+    repeated_cache,
+)
 
 # max |logit difference| accepted against the fp32 PyTorch model: absolute in fp32; in fp16 relative to the largest
 # |logit| of the reference (fp16 weights and an fp16 residual stream round at about 1e-3 relative per step:
@@ -62,7 +77,6 @@ CHUNK_TOKENS = 4  # tokens fed at once at the last sampled position (a continued
 MAX_PAST_BYTES = 1 << 30
 # the lookup tables against the model's, relative to their largest entry: copies in fp32, rounded once in fp16
 TABLE_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-3, QUANTIZED_FP32: 1e-6}
-FORCING_BIAS = 1e4  # added to a router logit to force its expert (fp16 holds it; no trained router reaches it)
 
 
 @dataclass
@@ -123,51 +137,82 @@ def verify_onnx(model, onnx_path: str | Path, precision: str = "fp32", prefill: 
     prefill and ``decode_steps`` greedy steps, ``positions`` decode steps spread up to the last position of the
     context, and, with ``force_experts``, each routed expert forced in turn. Returns the largest absolute logit
     difference with where it was. A TensorRT-flavoured graph runs with its plugin nodes expanded.
+
+    PyTorch runs first (:func:`record_reference`), then ONNX Runtime (:func:`replay_reference`), so the two
+    frameworks' activations and caches are never in memory together; a caller that can let the PyTorch model go in
+    between calls the two itself.
     """
+    return replay_reference(record_reference(model, onnx_path, precision, prefill, decode_steps, vocab_limit, seed,
+                                             positions, force_experts), onnx_path)
+
+
+def record_reference(model, onnx_path: str | Path, precision: str = "fp32", prefill: int = 16,
+                     decode_steps: int = 8, vocab_limit: int | None = None, seed: int = 0,
+                     positions: int = POSITION_SAMPLES, force_experts: bool = True,
+                     lookup_tables: bool = True) -> Reference:
+    """The first phase of :func:`verify_onnx` (same arguments): PyTorch's outputs on every input, the lookup tables
+    compared (with ``lookup_tables``), and which routers the graph at ``onnx_path`` has; no ONNX Runtime session is
+    opened."""
     if precision not in TOLERANCE:
         raise UserError(f"unknown precision '{precision}': choose one of {', '.join(TOLERANCE)}")
     if prefill < 1 or decode_steps < 0 or positions < 0:
         raise UserError("verification needs a prefill of at least one token and no negative step counts")
     fault_point("verify")
     path = Path(onnx_path)
-    comparison = _Comparison(model, precision)
-    if prefill + decode_steps > comparison.arch.max_position_embeddings:
+    arch = ModelArch.from_config(model.config)
+    if prefill + decode_steps > arch.max_position_embeddings:
         raise UserError(f"a prefill of {prefill} and {decode_steps} decode steps do not fit the model's "
-                        f"{comparison.arch.max_position_embeddings} positions: lower --prefill")
-    plain, _ = runnable_proto(path, force_experts=False, float_matmuls=True)
-    decoder = OrtDecoder(path, proto=plain)
-    comparison.check_shapes(decoder)
-    tables = compare_lookup_tables(model, path)
-    vocab = min(vocab_limit or model.config.vocab_size, model.config.vocab_size)
-    generator = torch.Generator().manual_seed(seed)
-    cache = comparison.first_positions(decoder, torch.randint(0, vocab, (1, prefill), generator=generator),
-                                       decode_steps)
-    last = comparison.arch.max_position_embeddings - 1
-    arch = comparison.arch
-    per_position = 2 * len(arch.attention_blocks) * arch.num_kv_heads * arch.head_dim * 4
-    reachable = min(last, MAX_PAST_BYTES // max(per_position, 1))
-    sampled = sample_positions(prefill + decode_steps, reachable, positions)
-    for p in sampled:
-        chunk = min(CHUNK_TOKENS, p) if p == sampled[-1] else 1
-        comparison.at_position(decoder, cache, p - chunk + 1, torch.randint(0, vocab, (1, chunk),
-                                                                             generator=generator))
-    del decoder
+                        f"{arch.max_position_embeddings} positions: lower --prefill")
+    if not path.is_file():
+        raise UserError(f"no ONNX model at '{path}': export one with d2mc export")
     forced = {}
     if force_experts:
-        proto, forced = runnable_proto(path, force_experts=True, float_matmuls=True)
-        expected = {b: block.router.out_features for b, block in enumerate(_blocks(model))
+        _, forced = runnable_proto(path, force_experts=True, float_matmuls=True)
+        expected = {b: block.router.out_features for b, block in enumerate(model.model.layers)
                     if getattr(block, "router", None) is not None}
         if forced != expected:
             raise UserError(f"the routers of the ONNX model (blocks {sorted(forced)}) do not match the PyTorch "
                             f"model's (blocks {sorted(expected)}): compare an artifact with the model it was "
                             "exported from")
-        if forced:
-            decoder = OrtDecoder(path, proto=proto)
-            for r in range(max(forced.values())):
-                comparison.forcing(decoder, forced, r, torch.randint(0, vocab, (1, prefill), generator=generator))
-    result = comparison.result(prefill, decode_steps, sampled, last, forced)
-    result.tables_max_abs_diff = {name: diff for name, (diff, _) in tables.items()}
-    result.tables_tolerance = {name: TABLE_TOLERANCE[precision] * scale for name, (_, scale) in tables.items()}
+    tables = compare_lookup_tables(model, path) if lookup_tables else {}
+    recorder = ReferenceRecorder(model, arch, np.float16 if precision == "fp16" else np.float32)
+    vocab = min(vocab_limit or model.config.vocab_size, model.config.vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    recorder.first_positions(torch.randint(0, vocab, (1, prefill), generator=generator), decode_steps)
+    last = arch.max_position_embeddings - 1
+    per_position = 2 * len(arch.attention_blocks) * arch.num_kv_heads * arch.head_dim * 4
+    reachable = min(last, MAX_PAST_BYTES // max(per_position, 1))
+    sampled = sample_positions(prefill + decode_steps, reachable, positions)
+    for p in sampled:
+        chunk = min(CHUNK_TOKENS, p) if p == sampled[-1] else 1
+        recorder.at_position(p - chunk + 1, torch.randint(0, vocab, (1, chunk), generator=generator))
+    for r in range(max(forced.values(), default=0)):
+        recorder.forcing(forced, r, torch.randint(0, vocab, (1, prefill), generator=generator))
+    return Reference(arch, precision, prefill, decode_steps, recorder.steps, recorder.first_cache, sampled, last,
+                     forced, tables)
+
+
+def replay_reference(reference: Reference, onnx_path: str | Path, float_matmuls: bool = True) -> VerifyResult:
+    """The second phase of :func:`verify_onnx`: the graph at ``onnx_path`` run in ONNX Runtime on the reference's
+    inputs and judged against its outputs (``float_matmuls``: quantized matmuls at accuracy level 0, see
+    :func:`d2mc.onnx_session.runnable_proto`). The sessions are opened lean (no memory arena, no prepacked weight
+    copies): a few steps do not pay for them."""
+    path = Path(onnx_path)
+    comparison = _Comparison(reference)
+    plain_steps = [s for s in reference.steps if not s.biases]
+    forced_steps = [s for s in reference.steps if s.biases]
+    decoder = OrtDecoder(path, proto=runnable_proto(path, force_experts=False, float_matmuls=float_matmuls)[0],
+                         lean=True)
+    comparison.check_shapes(decoder)
+    comparison.run(decoder, plain_steps)
+    del decoder
+    if forced_steps:
+        proto, _ = runnable_proto(path, force_experts=True, float_matmuls=float_matmuls)
+        comparison.run(OrtDecoder(path, proto=proto, lean=True), forced_steps)
+    result = comparison.result()
+    result.tables_max_abs_diff = {name: diff for name, (diff, _) in reference.tables.items()}
+    result.tables_tolerance = {name: TABLE_TOLERANCE[reference.precision] * scale
+                               for name, (_, scale) in reference.tables.items()}
     return result
 
 
@@ -175,70 +220,22 @@ def source_difference(model, onnx_path: str | Path, prefill: int = 16, decode_st
     """The largest |logit difference| between the ONNX at ``onnx_path`` and ``model`` (the unquantized source of a
     quantized artifact, say) over a prefill and greedy decode steps, and how often both pick the same next token.
     The graph runs as it ships, its plugin nodes (if any) expanded."""
-    comparison = _Comparison(model, "fp32")
-    ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(seed))
-    path = Path(onnx_path)
-    comparison.first_positions(OrtDecoder(path, proto=runnable_proto(path, force_experts=False)[0]), ids,
-                               decode_steps)
-    return {"max_abs_diff": comparison.worst, "logit_scale": comparison.scale, "greedy_agreement": comparison.agreement,
-            "prefill_tokens": prefill, "decode_steps": decode_steps}
-
-
-def compare_lookup_tables(model, onnx_path: Path) -> dict[str, tuple[float, float]]:
-    """``{table: (max |difference|, max |entry| of the model's)}`` for the token embedding (the LM head's table when
-    the two are tied) and the rotary tables of the graph at ``onnx_path``, each against the one the PyTorch model
-    computes with, over every row."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    from d2mc.arch import ModelArch
-    from d2mc.lowering.onnx_graph import LM_HEAD_TABLE, embedding_is_tied
-
-    arch = ModelArch.from_config(model.config)
-    embedding = model.model.embed_tokens.weight.detach().float().numpy()
-    expected = {LM_HEAD_TABLE: embedding.T} if embedding_is_tied(model) else {"embed_tokens": embedding}
-    if arch.attention_blocks:
-        with torch.no_grad():
-            cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(arch.max_position_embeddings)[None])
-        half = arch.head_dim // 2
-        expected.update(cos_cache=cos[0, :, :half].float().numpy(), sin_cache=sin[0, :, :half].float().numpy())
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    found = {}
-    for tensor in graph.initializer:
-        if tensor.name not in expected:
-            continue
-        try:
-            if uses_external_data(tensor):
-                load_external_data_for_tensor(tensor, str(onnx_path.parent))
-            actual = numpy_helper.to_array(tensor)
-        except Exception as exc:  # a truncated or unreadable data file
-            raise UserError(f"cannot read '{tensor.name}' of '{onnx_path}' ({first_line(exc)}): the artifact is "
-                            "corrupt or incomplete; export it again") from None
-        reference = expected[tensor.name]
-        if actual.shape != reference.shape:
-            raise UserError(f"'{tensor.name}' of '{onnx_path}' has shape {list(actual.shape)}, the model's "
-                            f"{list(reference.shape)}: compare an artifact with the model it was exported from")
-        found[tensor.name] = (_max_diff(actual, reference), float(np.abs(reference).max(initial=0.0)))
-    return found
-
-
-def _blocks(model) -> list:
-    return list(model.model.layers)
+    reference = record_reference(model, onnx_path, "fp32", prefill, decode_steps, seed=seed, positions=0,
+                                 force_experts=False, lookup_tables=False)
+    result = replay_reference(reference, onnx_path, float_matmuls=False)
+    return {"max_abs_diff": result.max_abs_diff, "logit_scale": result.logit_scale,
+            "greedy_agreement": result.greedy_agreement, "prefill_tokens": prefill, "decode_steps": decode_steps}
 
 
 class _Comparison:
-    """The running worst differences of one verification."""
+    """ONNX Runtime's side of a verification: the reference's steps replayed, with the running worst differences."""
 
-    def __init__(self, model, precision: str):
-        from d2mc.arch import ModelArch
-
-        self.model, self.precision = model, precision
-        self.arch = ModelArch.from_config(model.config)
+    def __init__(self, reference: Reference):
+        self.reference, self.arch, self.precision = reference, reference.arch, reference.precision
         self.worst, self.where, self.scale = 0.0, "", 0.0
         self.kv_worst = [0.0] * len(self.arch.attention_blocks)
         self.kv_scale = [0.0] * len(self.arch.attention_blocks)
-        self.agreement = 0.0
+        self.agreeing = self.greedy_steps = 0
 
     def check_shapes(self, decoder: OrtDecoder) -> None:
         expected = 2 * len(self.arch.attention_blocks)
@@ -250,100 +247,45 @@ class _Comparison:
                             f"vocab {onnx_vocab}; the model has {expected} KV tensors, vocab {self.arch.vocab_size}): "
                             "compare an artifact with the model it was exported from")
 
-    def step(self, decoder: OrtDecoder, tokens: torch.Tensor, torch_cache, ort_cache: dict, past: int, where: str,
-             extra: dict | None = None, new_rows_only: bool = False) -> tuple:
-        """One step on both sides, recording the differences; returns PyTorch's output, ONNX Runtime's logits and
-        ONNX Runtime's new cache. With ``new_rows_only`` only the cache rows of ``tokens`` are compared (the past
-        was fed to both sides as the same tensors)."""
-        with torch.no_grad():
-            out = self.model(tokens, use_cache=True, **{CACHE_ARG: torch_cache})
-        ref = out.logits.float().numpy()
-        got, new_cache = decoder.step(tokens.numpy(), ort_cache, past, extra)
-        self.scale = max(self.scale, float(np.abs(ref).max()))
-        diff = _max_diff(got, ref)
+    def run(self, decoder: OrtDecoder, steps: list[ReferenceStep]) -> None:
+        """Each step on ONNX Runtime, fed as PyTorch was, its outputs compared with PyTorch's."""
+        cache = None
+        for step in steps:
+            past, cache = cache if step.feed == "previous" else None, None  # a long past is let go before the next
+            if step.feed == "empty":
+                past = decoder.empty_cache(1)
+            elif step.feed == "repeat":
+                past = {name: repeated_cache(value, step.past, decoder.dtype)
+                        for name, value in self.reference.first_cache.items()}
+            extra = {f"d2mc_router_bias.{b}": bias.astype(decoder.dtype) for b, bias in step.biases.items()}
+            got, cache = decoder.step(step.tokens, past, step.past, extra)
+            del past
+            self.compare(step, got, cache)
+
+    def compare(self, step: ReferenceStep, got: np.ndarray, cache: dict) -> None:
+        self.scale = max(self.scale, float(np.abs(step.logits).max()))
+        diff = max_abs_diff(got, step.logits)
         if not diff <= self.worst:
-            self.worst, self.where = diff, where
-        for i, layer in enumerate(getattr(out, CACHE_ARG).layers):
-            for kind, expected in (("key", layer.keys), ("value", layer.values)):
-                actual = new_cache[f"past_key_values.{i}.{kind}"]
-                n = min(actual.shape[2], expected.shape[2])  # a sliding-window layer keeps only its window
-                n = min(n, tokens.shape[1]) if new_rows_only else n
-                reference = expected[:, :, expected.shape[2] - n:].float().numpy()
-                self.kv_scale[i] = max(self.kv_scale[i], float(np.abs(reference).max(initial=0.0)))
-                self.kv_worst[i] = max(self.kv_worst[i], _max_diff(actual[:, :, actual.shape[2] - n:], reference))
-        return out, got, new_cache
+            self.worst, self.where = diff, step.where
+        if step.greedy:
+            self.greedy_steps += 1
+            self.agreeing += int(got[0, -1].argmax() == step.logits[0, -1].argmax())
+        for name, expected in step.cache.items():
+            i = int(name.split(".")[1])
+            actual = cache[name]
+            n = min(actual.shape[2], expected.shape[2])  # a sliding-window layer keeps only its window
+            reference = expected[:, :, expected.shape[2] - n:]
+            self.kv_scale[i] = max(self.kv_scale[i], float(np.abs(reference).max(initial=0.0)))
+            self.kv_worst[i] = max(self.kv_worst[i], max_abs_diff(actual[:, :, actual.shape[2] - n:], reference))
 
-    def first_positions(self, decoder: OrtDecoder, ids: torch.Tensor, decode_steps: int) -> dict:
-        """A prefill and greedy decode steps from position 0; returns ONNX Runtime's cache after them."""
-        cache, past, torch_cache, tokens, agree = decoder.empty_cache(1), 0, None, ids, 0
-        for step in range(decode_steps + 1):
-            where = "prefill" if step == 0 else f"decode at position {past}"
-            out, got, cache = self.step(decoder, tokens, torch_cache, cache, past, where)
-            torch_cache = getattr(out, CACHE_ARG)
-            past += tokens.shape[1]
-            tokens = out.logits[:, -1:].argmax(-1)
-            agree += int(got[0, -1].argmax() == int(tokens[0, 0]))
-        self.agreement = agree / (decode_steps + 1)
-        return cache
-
-    def at_position(self, decoder: OrtDecoder, cache: dict, past: int, tokens: torch.Tensor) -> None:
-        """``tokens`` after a past of ``past`` tokens: ``cache`` repeated to that length, the same on both sides."""
-        from transformers.cache_utils import DynamicCache
-
-        length = next(iter(cache.values())).shape[2] if cache else 0
-        index = np.arange(past) % max(length, 1)
-        ort_past = {name: np.ascontiguousarray(value[:, :, index]) for name, value in cache.items()}
-        torch_cache = DynamicCache(config=self.model.config)
-        for i in range(len(self.arch.attention_blocks)):
-            torch_cache.update(*(torch.from_numpy(ort_past[f"past_key_values.{i}.{kind}"].astype(np.float32, copy=False))
-                                 for kind in ("key", "value")), i)
-        last = past + tokens.shape[1] - 1
-        where = f"position {last}" if tokens.shape[1] == 1 else f"{tokens.shape[1]} tokens at positions {past}-{last}"
-        self.step(decoder, tokens, torch_cache, ort_past, past, where, new_rows_only=True)
-
-    def forcing(self, decoder: OrtDecoder, experts: dict[int, int], round_: int, ids: torch.Tensor) -> None:
-        """A prefill and one decode step with expert ``round_`` (modulo its count) forced first in every MoE block,
-        and the next ``top_k - 1`` experts after it, in order: the bias decides every choice, so no near tie of the
-        router's logits (which reduced precision may break the other way) decides one."""
-        layers = _blocks(self.model)
-        biases = {}
-        for block, count in experts.items():
-            bias = np.zeros(count, np.float32)
-            top_k = layers[block].top_k
-            for j in range(top_k):
-                bias[(round_ + j) % count] = FORCING_BIAS * (top_k - j) / top_k
-            biases[block] = bias
-        feeds = {f"d2mc_router_bias.{b}": bias.astype(decoder.dtype) for b, bias in biases.items()}
-        hooks = [layers[b].router.register_forward_hook(_adding(torch.from_numpy(bias))) for b, bias in biases.items()]
-        try:
-            where = f"expert {round_} forced"
-            out, _, cache = self.step(decoder, ids, None, decoder.empty_cache(1), 0, f"prefill, {where}", feeds)
-            self.step(decoder, out.logits[:, -1:].argmax(-1), getattr(out, CACHE_ARG), cache, ids.shape[1],
-                      f"decode, {where}", feeds)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def result(self, prefill: int, decode_steps: int, sampled: list[int], last: int,
-               forced: dict[int, int]) -> VerifyResult:
+    def result(self) -> VerifyResult:
+        r = self.reference
         bound = TOLERANCE[self.precision]
         if self.precision in RELATIVE:
             rule = f"{bound:g} x max |logit| ({self.scale:.3g})"
             tolerance, kv_tolerance = bound * self.scale, [bound * s for s in self.kv_scale]
         else:
             rule, tolerance, kv_tolerance = f"{bound:g} absolute", bound, [bound] * len(self.kv_scale)
-        return VerifyResult(self.worst, tolerance, self.precision, prefill, decode_steps, self.agreement, self.scale,
-                            rule, sampled, last, forced, self.where, self.kv_worst, kv_tolerance)
-
-
-def _adding(bias: torch.Tensor):
-    """A forward hook that adds ``bias`` to a module's output."""
-    return lambda _module, _inputs, output: output + bias.to(output.dtype)
-
-
-def _max_diff(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Largest absolute difference; infinite when either side holds NaN or infinity (so it never passes)."""
-    if actual.size == 0:
-        return 0.0
-    diff = np.abs(actual.astype(np.float32) - expected.astype(np.float32))
-    return float(diff.max()) if np.isfinite(diff).all() else float("inf")
+        agreement = self.agreeing / max(self.greedy_steps, 1)
+        return VerifyResult(self.worst, tolerance, self.precision, r.prefill, r.decode_steps, agreement, self.scale,
+                            rule, r.sampled, r.last, r.forced, self.where, self.kv_worst, kv_tolerance)

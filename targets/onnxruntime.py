@@ -31,7 +31,8 @@ class ExportResult:
 
 def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", moe_op: str = "dispatch",
                 flavour: str = "onnxruntime", verify: bool = True, polygraphy: bool = False,
-                overwrite: bool = False, source: str = "", quantized=None) -> ExportResult:
+                overwrite: bool = False, source: str = "", quantized=None, release_model: bool = False
+                ) -> ExportResult:
     """Lower ``model`` into the artifact directory ``out`` (written atomically) and, by default, verify it.
 
     ``precision`` is the float format of the graph (fp32 | fp16). With ``quantized`` (a
@@ -43,9 +44,15 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     Verification compares PyTorch and ONNX Runtime logits (:func:`d2mc.verify.verify_onnx`) and refuses to write
     the artifact when they differ by more than :data:`d2mc.verify.TOLERANCE` for the precision;
     ``polygraphy`` also runs the comparison through Polygraphy's Comparator (recorded, and enforced the same way).
+
+    ``release_model`` frees ``model``'s weights (:func:`d2mc.placement.release_weights`; the model cannot run
+    afterwards) once the PyTorch side of the verification is recorded, before ONNX Runtime loads the artifact, so
+    that the weights are never in memory twice; a quantized or Polygraphy export keeps the model, which its further
+    comparisons run.
     """
+    from d2mc.placement import release_weights
     from d2mc.polygraphy_compare import verify_with_polygraphy
-    from d2mc.verify import QUANTIZED_FP32, source_difference, verify_onnx
+    from d2mc.verify import QUANTIZED_FP32, record_reference, replay_reference, source_difference
 
     accuracy_level = quantized.options.accuracy_level if quantized else 0
     options = LoweringOptions(precision=precision, moe_op=moe_op, flavour=flavour, accuracy_level=accuracy_level)
@@ -62,7 +69,11 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
         seconds = time.perf_counter() - start
         result = None
         if verify:
-            result = verify_onnx(lowered, onnx_path, judged).to_dict()
+            reference = record_reference(lowered, onnx_path, judged)
+            if release_model and not quantized and not polygraphy:
+                release_weights(model)
+            result = replay_reference(reference, onnx_path).to_dict()
+            del reference
             if not result["passed"]:
                 raise UserError(f"verification failed: max |logit difference| {result['max_abs_diff']:.3g} exceeds "
                                 f"{result['tolerance']:g} ({judged}); the artifact was not written")
@@ -86,12 +97,14 @@ def export_onnx(model, tokenizer, out: str | Path, *, precision: str = "fp32", m
     return ExportResult(Path(out), seconds, result)
 
 
-def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, positions: int | None = None) -> dict:
+def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, positions: int | None = None,
+           placement=None) -> dict:
     """The artifact's onnxruntime-flavoured ONNX against its PyTorch source (``model``, else the converted model a
     compile output holds, else the source its export recorded) on the same tokens (see :func:`d2mc.verify.verify_onnx`
-    for ``positions``)."""
+    for ``positions``). The source runs where ``placement`` says (default: the CPU in fp32), in a dtype at least as
+    precise as the artifact's activations."""
     from d2mc.loading import load_model
-    from d2mc.verify import POSITION_SAMPLES, verify_onnx
+    from d2mc.verify import POSITION_SAMPLES, record_reference, replay_reference
 
     onnx_path = find_onnx(artifact, "onnxruntime")
     info = artifact_info(onnx_path.parent)
@@ -103,22 +116,28 @@ def verify(artifact: str | Path, model: str | None = None, prefill: int = 16, po
     if not model and not Path(source).is_absolute() and not Path(source).exists() and beside.exists():
         source = str(beside)
     recorded = info.get("quantization")
+    precision = info.get("activations") or info.get("precision", "fp32")
+    if placement is not None and placement.dtype not in ("fp32", precision):
+        raise OptionError(f"{{dtype}} {placement.dtype} is less precise than the artifact's {precision} activations, "
+                          f"which verification judges against a reference at least as precise: use {{dtype}} fp32")
     try:
-        loaded = load_model(source, tokenizer=bool(recorded))
+        loaded = load_model(source, tokenizer=bool(recorded), placement=placement)
     except UserError as exc:
         if model:
             raise
         raise OptionError(f"the source model the artifact names, '{source}', does not load ({exc}): pass it with "
                           "{model}") from None
-    reference, precision = loaded.model, info.get("activations") or info.get("precision", "fp32")
+    reference = loaded.model
     if recorded:  # the source with the same quantized weights, quantized again as the artifact records
         from d2mc.quantize import QuantizeOptions, quantize_model
         from d2mc.verify import QUANTIZED_FP32
 
         reference = quantize_model(loaded.model, QuantizeOptions.from_dict(recorded), loaded.tokenizer).model
         precision = QUANTIZED_FP32 if precision == "fp32" else precision
-    return verify_onnx(reference, onnx_path, precision, prefill=prefill,
-                       positions=POSITION_SAMPLES if positions is None else positions).to_dict()
+    expected = record_reference(reference, onnx_path, precision, prefill=prefill,
+                                positions=POSITION_SAMPLES if positions is None else positions)
+    del loaded, reference  # ONNX Runtime's session then never sits beside the PyTorch weights
+    return replay_reference(expected, onnx_path).to_dict()
 
 
 def write_genai_config(model, out_dir: Path, precision: str) -> Path:

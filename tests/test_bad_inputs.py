@@ -237,9 +237,27 @@ ROWS = [
     *([(["recover", T, "-o", "out", "--accelerate-config", "{deepspeed-yaml}"],
         "--accelerate-config '{deepspeed-yaml}' asks for DeepSpeed, which is not installed", True)]
       if importlib.util.find_spec("deepspeed") is None else []),
+    (["eval", T, "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'", True),
+    (["eval", T, "--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16", True),
+    (["eval", A, "--dtype", "bf16"], "--device and --dtype place a PyTorch model, and an artifact runs in ONNX Runtime",
+     True),
+    (["verify", A, "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'", True),
+    (["verify", A, "--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16", True),
+    (["verify", A, "--dtype", "bf16"], "--dtype bf16 is less precise than the artifact's fp32 activations", True),
+    (["verify", A, "--backend", "tensorrt", "--dtype", "fp16"],
+     "--device and --dtype place a PyTorch model, and the tensorrt backend compares the engine", True),
+    (["profile", T, "--measure", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'", True),
+    (["profile", T, "--measure", "--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16", True),
+    (["profile", T, "--dtype", "bf16"], "--device and --dtype place a PyTorch model, and only --measure runs one",
+     True),
+    (["profile", A, "--measure", "--dtype", "bf16"], "--device and --dtype place a PyTorch model, and only --measure",
+     True),
     *([(["analyze", T, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
        (["convert", T, "--plan", "2-3", "--device", "cuda:1", "-o", "out"], "--device cuda:1: no CUDA GPU", True),
-       (["recover", T, "-o", "out", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True)]
+       (["recover", T, "-o", "out", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
+       (["eval", T, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
+       (["verify", A, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True),
+       (["profile", T, "--measure", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here", True)]
       if not torch.cuda.is_available() else []),
     # export
     (["export", "/no/such/model", "-o", "out"], "no such file or directory", True),

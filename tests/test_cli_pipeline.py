@@ -88,6 +88,10 @@ def test_profile_config_only_and_measured(tiny_checkpoint_with_tokenizer, tmp_pa
     assert measured["runtime"] == "pytorch-cpu" and measured["profile"] == "host-cpu"
     decode = measured["phases"]["decode"]
     assert decode["measured_s"] > 0 and len(decode["blocks"]) == 8
+    result = invoke("profile", tiny_checkpoint_with_tokenizer, "--target", "host-cpu", "--measure", "--context", "64",
+                    "--prefill", "16", "--repeats", "1", "--device", "cpu", "--dtype", "bf16", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["measured"]["precision"] == "bf16"
 
 
 def test_profile_errors_are_one_line(tiny_checkpoint_with_tokenizer):

@@ -107,6 +107,9 @@ def test_cli_table_and_json(tmp_path):
     data = json.loads(invoke("eval", checkpoint, "--data", text, "--tokens", "256", "--window", "64",
                              "--json").stdout)
     assert (data["tokens"], data["windows"], data["window"], data["runtime"]) == (256, 4, 64, "pytorch")
+    data = json.loads(invoke("eval", checkpoint, "--data", text, "--tokens", "256", "--window", "64", "--device",
+                             "cpu", "--dtype", "bf16", "--json").stdout)
+    assert data["precision"] == "bf16" and data["perplexity"] > 1
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------

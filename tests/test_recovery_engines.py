@@ -3,6 +3,7 @@ at its position, accelerate configs checked against this machine, DDP through ac
 sharded by FSDP2 over gloo."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,6 +211,24 @@ def test_the_teacher_sharded_by_fsdp2_over_gloo_gives_the_whole_teachers_logits(
     assert all(r["max_abs_diff"] < 1e-5 for r in ranks)
     assert sum(r["local"] for r in ranks) == ranks[0]["whole"]
     assert all(r["local"] < 0.6 * r["whole"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_as_ddp_does_holding_half_the_student_in_each_of_two_gloo_processes(tmp_path):
+    """benchmarks/distributed.py on a tiny model: the same losses step by step under both engines (the same data from
+    the same weights), each FSDP process holding half of the student."""
+    out = tmp_path / "distributed.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--shape", "tiny", "--steps",
+                             "2", "--seq-len", "32", "--json", str(out)], capture_output=True, text=True, env=ENV,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = json.loads(out.read_text())["runs"]
+    assert (ddp["engine"], fsdp["engine"]) == ("ddp", "fsdp") and len(fsdp["processes"]) == 2
+    assert all(p["local_parameters"] == p["parameters"] for p in ddp["processes"])
+    assert sum(p["local_parameters"] for p in fsdp["processes"]) == fsdp["processes"][0]["parameters"]
+    losses = ddp["processes"][0]["losses"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and fsdp["loss_difference"] < 1e-5
+    assert fsdp["tokens_per_second"] > 0 and ddp["tokens_per_second"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,

@@ -67,6 +67,8 @@ def test_verify_passes_with_exit_0_and_json(exported, capsys):
     main(["verify", str(artifact), "--json"])
     result = json.loads(capsys.readouterr().out)["verify"]
     assert result["passed"] and result["max_position"] == 511 and len(result["kv_max_abs_diff"]) == 6
+    main(["verify", str(artifact), "--device", "cpu", "--dtype", "fp32", "--json"])  # where the reference runs
+    assert json.loads(capsys.readouterr().out)["verify"]["passed"]
 
 
 def test_an_artifact_exported_from_a_relative_path_verifies_from_anywhere(tmp_path, monkeypatch, capsys):

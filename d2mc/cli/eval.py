@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from d2mc.cli.common import console, json_option, print_json, table
+from d2mc.cli.common import console, json_option, placement_options, print_json, table
 from d2mc.errors import UserError
 
 
@@ -20,18 +20,24 @@ from d2mc.errors import UserError
 @click.option("--include-path", type=click.Path(), help="A directory of your own task YAML files (--tasks).")
 @click.option("--limit", type=int, help="Score at most this many documents per task (--tasks).")
 @click.option("--num-fewshot", type=int, help="Examples in each prompt (--tasks) [default: each task's own].")
+@placement_options
 @json_option
-def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot, as_json):
+def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot, device, dtype, as_json):
     """Score MODEL or ARTIFACT: held-out perplexity (PyTorch for a model, ONNX Runtime for an export or compile
     output), or with --tasks the accuracy on lm-evaluation-harness tasks."""
     from d2mc import evaluation
+    from d2mc.artifact import find_runnable_onnx
+    from d2mc.placement import check_no_placement, resolve_placement
 
+    placement = resolve_placement(device, dtype)
+    if find_runnable_onnx(model) is not None and tasks is None:
+        check_no_placement(device, dtype, "an artifact runs in ONNX Runtime on the CPU, at its exported precision")
     if tasks is None:
         task_only = [flag for flag, value in (("--include-path", include_path), ("--limit", limit),
                                               ("--num-fewshot", num_fewshot)) if value is not None]
         if task_only:
             raise UserError(f"{', '.join(task_only)} applies to --tasks: add --tasks NAMES or drop it")
-        result = evaluation.evaluate_perplexity(model, data=data, tokens=tokens, window=window)
+        result = evaluation.evaluate_perplexity(model, data=data, tokens=tokens, window=window, placement=placement)
         if as_json:
             print_json(result.to_dict())
             return
@@ -47,7 +53,7 @@ def command(model, data, tokens, window, tasks, include_path, limit, num_fewshot
     from d2mc.tasks import evaluate_tasks
 
     scores = evaluate_tasks(model, tasks.split(","), include_path=include_path, limit=limit,
-                            num_fewshot=num_fewshot)
+                            num_fewshot=num_fewshot, placement=placement)
     if as_json:
         print_json(scores.to_dict())
         return

@@ -110,7 +110,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
         precision = "fp16" if flavour == "tensorrt" else "fp32"
     result = export_onnx(loaded.model, loaded.tokenizer, output, precision=precision, moe_op=moe_op, flavour=flavour,
                          verify=not no_verify, polygraphy=polygraphy, overwrite=overwrite,
-                         source=loaded.reference, quantized=quantized)
+                         source=loaded.reference, quantized=quantized, release_model=True)
     if as_json:
         print_json({"path": str(result.path), "flavour": flavour, "export_seconds": result.seconds,
                     "quantization": quantized.to_dict() if quantized else None, "verify": result.verify})

@@ -12,6 +12,7 @@ from d2mc.cli.common import (
     console,
     human_bytes,
     json_option,
+    placement_options,
     print_json,
     stderr_console,
     table,
@@ -51,11 +52,20 @@ from d2mc.cli.common import (
                                                         "--measure-host, the TOML file to write (default "
                                                         "host-cpu.toml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@placement_options
 @json_option
 def command(model, target, prefill, context, batch, precision, kv_precision, block_size, lm_head_precision, config_only,
-            measure, engine, repeats, host_profile, measure_host, legacy_measure_host, output, overwrite, as_json):
+            measure, engine, repeats, host_profile, measure_host, legacy_measure_host, output, overwrite, device, dtype,
+            as_json):
     """Predict prefill and decode latency of MODEL on a device from its roofline."""
+    from d2mc.artifact import is_artifact
     from d2mc.errors import UserError
+    from d2mc.placement import check_no_placement, resolve_placement
+
+    placement = resolve_placement(device, dtype)
+    if not measure or engine or measure_host or legacy_measure_host or (model and is_artifact(model)):
+        check_no_placement(device, dtype, "only {measure} runs one here, on a MODEL (an artifact runs in ONNX "
+                                          "Runtime on the CPU)")
 
     if legacy_measure_host:
         stderr_console().print("profile --calibrate is deprecated: use --measure-host")
@@ -86,7 +96,7 @@ def command(model, target, prefill, context, batch, precision, kv_precision, blo
     result = profile_model(model, target, prefill=prefill, context=context, batch=batch, precision=precision,
                            kv_precision=kv_precision, block_size=block_size, lm_head_precision=lm_head_precision,
                            config_only=config_only, measure=measure, repeats=repeats, engine=engine, host=host_profile,
-                           progress=lambda text: status.print(f"{text}..."))
+                           progress=lambda text: status.print(f"{text}..."), placement=placement)
     if output:
         from d2mc.outputs import atomic_output_dir
         from d2mc.plots import plot_roofline

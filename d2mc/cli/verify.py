@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from d2mc.cli.common import console, json_option, print_json
+from d2mc.cli.common import console, json_option, placement_options, print_json
 from d2mc.verify import POSITION_SAMPLES
 
 
@@ -25,28 +25,32 @@ from d2mc.verify import POSITION_SAMPLES
               help="onnxruntime: decode steps at positions spread up to the end of the model's context.")
 @click.option("--context", type=int, default=64, show_default=True,
               help="Past tokens of the decode phase (tensorrt).")
+@placement_options
 @json_option
-def command(artifact, backend, target, model, measure, prefill, positions, context, as_json):
+def command(artifact, backend, target, model, measure, prefill, positions, context, device, dtype, as_json):
     """Check ARTIFACT: max |logit difference| against the reference, within the stated tolerance.
 
     On ONNX Runtime the inputs cover the first positions, positions sampled up to the end of the context, every
     block and every routed expert (each forced once); see d2mc/verify.py. Exit status 1 when it FAILED.
     """
     from d2mc.checks import check_number
+    from d2mc.placement import check_no_placement, resolve_placement
 
     check_number(prefill, "--prefill", minimum=1)
     check_number(positions, "--positions", minimum=0)
     check_number(context, "--context", minimum=1)
+    placement = resolve_placement(device, dtype)
     if backend == "tensorrt":
         from d2mc.targets import tensorrt
 
+        check_no_placement(device, dtype, "the tensorrt backend compares the engine with ONNX Runtime")
         result = {"verify": tensorrt.verify(artifact, target, prefill, context)}
         if measure:
             result["measured"] = tensorrt.measure(artifact, target, prefill, context).to_dict()
     else:
         from d2mc.targets import onnxruntime
 
-        result = {"verify": onnxruntime.verify(artifact, model, prefill, positions)}
+        result = {"verify": onnxruntime.verify(artifact, model, prefill, positions, placement)}
     if as_json:
         print_json(result)
     else:

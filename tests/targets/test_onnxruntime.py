@@ -21,6 +21,14 @@ def test_export_writes_a_complete_verified_artifact(tmp_path):
     assert read_artifact(out)["verify"]["max_abs_diff"] < 1e-3
 
 
+def test_export_can_free_the_model_before_onnx_runtime_loads_the_artifact(tmp_path):
+    """What d2mc export does: verification records PyTorch's side, the weights go, ONNX Runtime replays."""
+    model = tiny_model("llama")
+    result = export_onnx(model, None, tmp_path / "artifact", release_model=True)
+    assert result.verify["passed"] and result.verify["positions"]
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_failed_verification_leaves_no_artifact(tmp_path, monkeypatch):
     import d2mc.verify
 
