@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import gc
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,8 @@ SHAPES = {**SHAPES, "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_h
                              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
                              "max_position_embeddings": 256}}
 ENGINES = ("ddp", "fsdp")
+WORKER_TIMEOUT_S = 300  # a collective waiting longer than this for its peer fails instead of hanging
+LAUNCH_TIMEOUT_S = 1200  # one engine's whole run, launcher and workers
 
 
 def _resident_gib(field: str) -> float:
@@ -64,7 +68,7 @@ def train(engine: str, shape: dict, steps: int, seq_len: int, batch_size: int) -
     from d2mc.recovery.engines import layer_classes, shard_teacher
     from d2mc.recovery.losses import kl_full
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same weights in every process and for both engines
     config = LlamaConfig(**shape, tie_word_embeddings=True)
@@ -113,6 +117,11 @@ def train(engine: str, shape: dict, steps: int, seq_len: int, batch_size: int) -
               "seconds": seconds, "tokens": world * batch_size * seq_len * steps, "losses": losses}
     gathered = [None] * world
     dist.all_gather_object(gathered, record)
+    # DDP's reducer holds the process group: freed after destroy_process_group, it would join gloo's threads while
+    # holding the interpreter lock that one of them waits for (a deadlock at exit); free it while the group lives
+    del model, student, optimizer
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return {"engine": engine, "processes": gathered}
 
@@ -127,9 +136,16 @@ def run_engine(engine: str, args) -> dict:
                    str(args.processes), str(Path(__file__).resolve()), "--worker", engine, "--out", str(out),
                    "--shape", args.shape, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                    "--batch-size", str(args.batch_size)]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise SystemExit(f"{engine} failed:\n{result.stderr[-3000:]}")
+        launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+        try:
+            _, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its workers: none outlives the run
+            launcher.communicate()
+            raise SystemExit(f"{engine} did not finish in {LAUNCH_TIMEOUT_S} s") from None
+        if launcher.returncode != 0:
+            raise SystemExit(f"{engine} failed:\n{stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
