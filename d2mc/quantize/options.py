@@ -24,8 +24,9 @@ MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
 # to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
 DEFAULT_MIXED = "mixed-layers-ends"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
-# block 32 for int4 (the best held-out perplexity of the block sizes every supported hidden size divides, and as fast
-# as 64 with int8 activations); 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
+# block 32 for round-to-nearest int4 (the best held-out perplexity of the block sizes every supported hidden size
+# divides; block 64 decodes about 15% faster at 1.03x its perplexity on SmolLM2-135M: docs/quantization.md); 64 for
+# int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
 # HQQ for int4 in MatMulNBits: lower perplexity than round-to-nearest at every block size, no calibration data; in
 # blocks of 64, where its zero-point residual costs least (block 32 decoded 0.72x as fast as rtn's on SmolLM2-135M,
