@@ -19,7 +19,7 @@ the ONNX size on disk, and the quantize time (d2mc: ``quantize_model``; the peer
 includes its quantization). d2mc's exports here skip verification (``d2mc export`` runs it; the tests cover it).
 
     python benchmarks/quantization.py [--rounds 2] [--new-tokens 128] [--eval-tokens 4096]
-        [--int4 rtn:32,hqq:32,hqq:64:int8:mixed-layers-ends] [--remove-attention 6] [--json out.json]
+        [--int4 rtn:32,hqq:32,hqq:64:int8:mixed-layers-ends] [--remove-attention 6] [--lfuc-block 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--remove-attention", type=int, default=6)
+    parser.add_argument("--lfuc-block", type=int, default=64, help="block size of the LF-UC rows (rtn, int4)")
     parser.add_argument("--int4", default="rtn:32,hqq:32,hqq:64:int8:mixed-layers-ends",
                         help="d2mc int4 dense rows, comma-separated METHOD:BLOCK[:LM_HEAD[:MIXED]]")
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -91,8 +92,8 @@ def run(args, work: Path) -> None:
         source.model = copy.deepcopy(loaded.model)
         lfuc = convert(source, ConvertOptions(remove_attention=args.remove_attention, max_group=2,
                                               reconstruct_steps=0))
-        variants += [(f"d2mc int4 rtn b32 LF-UC -{args.remove_attention} attn ({moe_op})", lfuc.model,
-                      QuantizeOptions("int4", "rtn", 32, mixed_precision="none"), moe_op)
+        variants += [(f"d2mc int4 rtn b{args.lfuc_block} LF-UC -{args.remove_attention} attn ({moe_op})",
+                      lfuc.model, QuantizeOptions("int4", "rtn", args.lfuc_block, mixed_precision="none"), moe_op)
                      for moe_op in ("dispatch", "contrib")]
     variants += [("d2mc int8 rtn b64", loaded.model, QuantizeOptions("int8"))]
     for i, (name, model, options, *moe_op) in enumerate(variants):
