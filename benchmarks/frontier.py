@@ -269,7 +269,7 @@ def report(sweep: Sweep) -> None:
 
 
 def plot(sweep: Sweep, path: str) -> None:
-    from d2mc.plots import pyplot
+    from d2mc.plots import pyplot, save_figure
 
     plt = pyplot()
     contexts = sweep.contexts
@@ -289,9 +289,7 @@ def plot(sweep: Sweep, path: str) -> None:
         ax.set_xlabel(f"predicted decode ms on {sweep.profile.name} at context {context}")
         ax.set_ylabel("held-out perplexity after recovery")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 

@@ -89,7 +89,7 @@ def recover_point(ctx, teacher, args) -> dict:
 
 
 def plot(points: list[dict], front: set[int], path: str) -> None:
-    from d2mc.plots import pyplot
+    from d2mc.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -118,9 +118,7 @@ def plot(points: list[dict], front: set[int], path: str) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title("SmolLM2-135M: latency against perplexity")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 

@@ -16,6 +16,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and release it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return Path(path)
+
+
 def plot_roofline(result: dict, path: str | Path) -> Path:
     """The device roofline with every operator of both phases placed on it (attainable FLOP/s vs intensity)."""
     plt = pyplot()
@@ -40,10 +48,7 @@ def plot_roofline(result: dict, path: str | Path) -> Path:
     ax.set_ylabel("attained FLOP/s (predicted)")
     ax.set_title(f"{result['model']} on {profile['name']}")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_redundancy(result: dict, path: str, title: str = "") -> None:
@@ -57,9 +62,7 @@ def plot_redundancy(result: dict, path: str, title: str = "") -> None:
     ax.set_ylabel("1 - cos(in, out)")
     ax.set_title(f"redundancy {title}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_recovery_curve(summary: dict, path: str | Path) -> Path:
@@ -82,7 +85,4 @@ def plot_recovery_curve(summary: dict, path: str | Path) -> Path:
         right.legend(loc="upper center")
     ax.legend(loc="upper right")
     ax.set_title(f"recovery: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
