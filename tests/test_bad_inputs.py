@@ -283,6 +283,8 @@ ROWS = [
     (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--quant-method", "hqq"],
      "--quant-method hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX DequantizeLinear takes only "
      "integer ones; use --quant-method rtn or gptq, or the onnxruntime format", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--accuracy-level", "4"],
+     "--accuracy-level sets ONNX Runtime's MatMulNBits compute: the tensorrt format dequantizes to fp16", True),
     (["export", T, "-o", "out", "--precision", "int8", "--mixed-precision", "mixed-layers"],
      "--mixed-precision mixed-layers moves int4 matrices to int8: it needs --precision int4, not int8", True),
     (["export", T, "-o", "out", "--precision", "int4", "--quant-method", "hqq", "--moe-op", "contrib"],

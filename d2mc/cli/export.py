@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from d2mc.cli.common import Command, console, json_option, model_argument, print_json, stderr_console
+from d2mc.errors import OptionError
 
 FLAVOURS = ("onnxruntime", "tensorrt")  # d2mc.lowering.FLAVOURS, without importing the lowering at start-up
 QUANTIZED = ("int4", "int8")  # d2mc.quantize.PRECISIONS
@@ -95,6 +96,9 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     if legacy_flavour:
         stderr_console().print(f"export --target is deprecated: use --format {legacy_flavour}")
         flavour = legacy_flavour
+    if flavour == "tensorrt" and quantization["accuracy_level"] is not None:
+        raise OptionError("{accuracy_level} sets ONNX Runtime's MatMulNBits compute: the tensorrt format dequantizes "
+                          "to fp16 instead; drop it, or use --format onnxruntime")
     options = quantize_options_from(precision, **quantization, tensorrt=flavour == "tensorrt",
                                     qmoe=flavour == "onnxruntime" and moe_op == "contrib")
     check_output_path(output, overwrite)
