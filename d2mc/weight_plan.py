@@ -175,22 +175,18 @@ class WeightPlan:
         counts = Counter(f.describe() for f in self.formats())
         return {"matrices": dict(counts.most_common()), "lm_head": self.lm_head.describe()}
 
-    def nbytes(self, arch: ModelArch, scale_bytes: float = 4.0) -> float:
-        """Bytes of every weight matrix as stored (every expert's, residuals included; scales and residuals of
-        ``scale_bytes`` each: 4 in an fp32 graph); the LM head once."""
+    def quantized_bytes(self, arch: ModelArch, scale_bytes: float = 4.0) -> float:
+        """Bytes of the quantized matrices as stored (every expert's; codes, scales and zero points, residuals
+        included; scales and residuals of ``scale_bytes`` each: 4 in an fp32 graph), the LM head once."""
         self.check(arch)
-        total = 0.0
+        matrices = [(arch.hidden_size, arch.vocab_size, self.lm_head, 1)]
         for index, (block, spec) in enumerate(zip(self.blocks, arch.blocks, strict=True)):
-            shapes = matrix_shapes(arch, index)
-            for leaf in LEAVES:
-                if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") and not spec.attention:
-                    continue
-                copies = 1 if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") else spec.experts
-                fmt = block.of(leaf)
-                total += copies * (fmt.stored_bytes(*shapes[leaf], scale_bytes)
-                                   + fmt.residual_bytes(*shapes[leaf], scale_bytes))
-        head = (arch.hidden_size, arch.vocab_size)
-        return total + self.lm_head.stored_bytes(*head, scale_bytes) + self.lm_head.residual_bytes(*head, scale_bytes)
+            for leaf, shape in matrix_shapes(arch, index).items():
+                attention = leaf in ("q_proj", "k_proj", "v_proj", "o_proj")
+                if spec.attention or not attention:
+                    matrices.append((*shape, block.of(leaf), 1 if attention else spec.experts))
+        return sum(copies * (fmt.stored_bytes(k, n, scale_bytes) + fmt.residual_bytes(k, n, scale_bytes))
+                   for k, n, fmt, copies in matrices if fmt.quantized)
 
     def check(self, arch: ModelArch) -> None:
         """Refuse a plan for another model: another number of blocks, or a block size that does not divide a
