@@ -143,3 +143,18 @@ def test_matrix_bytes_are_codes_scales_and_packed_zero_points():
     assert MatrixFormat("fp32").stored_bytes(576, 192, 4) == 576 * 192 * 4
     assert dataclasses.replace(fmt, residual=False).residual_bytes(576, 192, 4) == 0
     assert np.isclose(MatrixFormat("int8", 32).stored_bytes(64, 8, 2), 64 * 8 + 8 * 2 * 2)
+
+
+def test_compile_costs_each_model_with_the_plan_its_quantization_will_store():
+    from d2mc.compile import planned_settings
+
+    settings = RooflineSettings(precision="int4", block_size=64, lm_head_precision="int8", all_logits=True)
+    dense, converted_arch = smollm2_arch(30), smollm2_arch(24)
+    options = QuantizeOptions("int4")
+    for arch in (dense, converted_arch):  # the rule follows each model's own number of blocks
+        planned = planned_settings(settings, arch, options, load_profile("host-cpu"))
+        assert planned.weights == WeightPlan.from_quantization(arch, options, "fp32") and planned.zero_points
+    orin = planned_settings(dataclasses.replace(settings, lm_head_precision="fp16"), dense,
+                            QuantizeOptions("int4", tensorrt=True), load_profile("orin-agx"))
+    assert orin.weights == WeightPlan.uniform(30, MatrixFormat("int4", 64), MatrixFormat("fp16"))
+    assert planned_settings(settings, dense, None, load_profile("host-cpu")) is settings
