@@ -125,8 +125,7 @@ class RooflineSettings:
     def plan(self, arch: ModelArch) -> WeightPlan:
         """The format of every weight matrix of ``arch``: :attr:`weights`, else every block matrix at ``precision``
         and the LM head at its own (an int8 head in its own blocks: :func:`d2mc.arch.lm_head_block_size`)."""
-        if self.weights is not None:
-            self.weights.check(arch)
+        if self.weights is not None:  # checked against the model by check_fits
             return self.weights
         head_block = lm_head_block_size(self.lm_head, self.block_size, arch.hidden_size)
         return WeightPlan.uniform(arch.num_blocks, self._format(self.precision, self.block_size),
