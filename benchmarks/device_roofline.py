@@ -69,14 +69,14 @@ def fit_precision(rows: list[dict], precision: str = "int4") -> dict:
     import numpy as np
 
     from d2mc.profiles import load_profile
-    from d2mc.roofline import estimate_phase, weight_precision
+    from d2mc.roofline import estimate_phase
 
     profile = load_profile(rows[0]["profile"])
     bare = dataclasses.replace(profile, precisions={})
     design, target = [], []
     for row in rows:
         cost = estimate_phase(load_arch(row["model"]), bare, "decode", row["settings"])
-        fitted = [o for o in cost.ops if weight_precision(o.op, row["settings"]) == precision]
+        fitted = [o for o in cost.ops if o.weights == precision]
         if any(o.bound != "memory" for o in fitted):
             raise ValueError(f"{row['model']} on {profile.name}: a {precision} operator is compute-bound")
         rest = cost.seconds - sum(o.seconds for o in fitted)

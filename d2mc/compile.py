@@ -163,12 +163,30 @@ def roofline_settings(options: CompileOptions, profile: DeviceProfile) -> Roofli
                             block_size=quantize.block_size, lm_head_precision=head, all_logits=True)
 
 
+def planned_settings(settings: RooflineSettings, arch: ModelArch, quantize: QuantizeOptions | None,
+                     profile: DeviceProfile) -> RooflineSettings:
+    """``settings`` for costing ``arch`` as the compile ships it: with quantization, each matrix as the quantize step
+    will store it (:meth:`~d2mc.weight_plan.WeightPlan.from_quantization`: mixed precision's int8 matrices, HQQ's
+    zero-point residuals, the LM head's own blocks), before anything is quantized."""
+    if quantize is None:
+        return settings
+    from d2mc.weight_plan import WeightPlan
+
+    plan = WeightPlan.from_quantization(arch, quantize, "fp16" if profile.kind == "gpu" else "fp32")
+    return dataclasses.replace(settings, weights=plan, zero_points=plan.zero_points)
+
+
+def _estimate(state: CompileState, arch: ModelArch) -> dict:
+    """Prefill and decode of ``arch`` on the target, with the weights the compile ships."""
+    return estimate(arch, state.profile, planned_settings(state.settings, arch, state.options.quantize, state.profile))
+
+
 def _import(state: CompileState) -> None:
     """The dense model, its predicted cost and, when asked, its held-out perplexity."""
     with state.timed("import"):
         loaded = state.loaded = load_model(state.options.model)
         state.dense_arch = loaded.arch
-    state.dense_cost = estimate(state.dense_arch, state.profile, state.settings)
+    state.dense_cost = _estimate(state, state.dense_arch)
     if state.options.eval_tokens:
         from d2mc.data import heldout_windows, perplexity
 
@@ -182,7 +200,7 @@ def _convert(state: CompileState) -> None:
     with state.timed("convert"):
         state.ctx = convert(state.loaded, state.conversion, progress=lambda text: state.say(f"  {text}"),
                             recover=False)
-    state.converted_cost = estimate(state.ctx.arch, state.profile, state.settings)
+    state.converted_cost = _estimate(state, state.ctx.arch)
     if state.eval_windows is not None:
         from d2mc.data import perplexity
 

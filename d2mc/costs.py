@@ -15,7 +15,9 @@ OUTSIDE = -1  # block index of the embedding, the final norm and the LM head
 
 @dataclass
 class OpCost:
-    """One operator class in one block (block -1: outside the blocks)."""
+    """One operator class in one block (block -1: outside the blocks); ``weights``: the precision of the stored
+    matrices it reads (None: none, or float kernels beside them such as a zero-point residual), whose figures of the
+    device profile it runs at."""
 
     block: int
     op: str
@@ -24,6 +26,7 @@ class OpCost:
     kernels: int
     seconds: float = 0.0
     bound: str = ""
+    weights: str | None = None
 
     @property
     def intensity(self) -> float:
@@ -156,7 +159,8 @@ class RooflineReport:
             "settings": {"prefill": s.prefill, "context": s.context, "batch": s.batch, "precision": s.precision,
                          "kv": s.kv_for(p.kind), "lm_head": s.lm_head, "activations": s.activation_for(p.kind),
                          **({"block_size": s.block_size, "zero_points": s.zero_points}
-                            if s.quantized else {})},
+                            if s.quantized and s.weights is None else {}),
+                         **({"weights": s.weights.summary()} if s.weights is not None else {})},
             "parameters": {"total": self.params_total, "active_per_token": self.params_active},
             "moe_accounting": self.routing,
             "phases": {name: cost.to_dict() for name, cost in self.phases.items()},

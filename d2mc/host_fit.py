@@ -110,24 +110,22 @@ def _fit_arch(name: str):
 
 def predict_point(point: FitPoint, profile: DeviceProfile) -> float:
     """Seconds the roofline of ``profile`` predicts for ``point`` (what the fits make equal to its measured time)."""
-    return _point_cost(point, profile)[0].seconds
+    return _point_cost(point, profile).seconds
 
 
 def _point_cost(point: FitPoint, profile: DeviceProfile):
-    """The roofline of ``point`` on ``profile``, and the settings it was costed with."""
+    """The roofline of ``point`` on ``profile``."""
     from d2mc.roofline import RooflineSettings, estimate_phase
 
     settings = RooflineSettings(prefill=point.tokens, context=point.tokens, precision=point.precision,
                                 block_size=QUANTIZED_BLOCK, all_logits=point.runtime == "onnxruntime-cpu")
-    return estimate_phase(_fit_arch(point.model), profile, point.phase, settings), settings
+    return estimate_phase(_fit_arch(point.model), profile, point.phase, settings)
 
 
-def _quantized_ops(point: FitPoint, cost, settings) -> tuple[list, list]:
+def _quantized_ops(point: FitPoint, cost) -> tuple[list, list]:
     """The operators of ``cost`` whose weights are at the point's quantized precision, and the others."""
-    from d2mc.roofline import weight_precision
-
-    mine = [o for o in cost.ops if weight_precision(o.op, settings) == point.precision]
-    return mine, [o for o in cost.ops if weight_precision(o.op, settings) != point.precision]
+    mine = [o for o in cost.ops if o.weights == point.precision]
+    return mine, [o for o in cost.ops if o.weights != point.precision]
 
 
 def fit_decode(points: list[FitPoint], base: RuntimeFit | None = None) -> tuple[float, float, float]:
@@ -144,15 +142,15 @@ def fit_decode(points: list[FitPoint], base: RuntimeFit | None = None) -> tuple[
         raise ValueError("no decode points to fit")
     rows, targets = [], []  # per point: [GB, kernels / 1e6, attention GB] and the seconds they take
     for p in decode:
-        cost, settings = _point_cost(p, unit)
+        cost = _point_cost(p, unit)
         if base is None:
             attention = sum(o.bytes for o in cost.ops if o.op == "attention")
             rows.append([(cost.bytes - attention) / 1e9, sum(o.kernels for o in cost.ops) / 1e6, attention / 1e9])
             targets.append(p.measured_s)
         else:
-            mine, _ = _quantized_ops(p, cost, settings)
-            fitted, _ = _point_cost(p, fitted_profile(base))
-            _, others = _quantized_ops(p, fitted, settings)
+            mine, _ = _quantized_ops(p, cost)
+            fitted = _point_cost(p, fitted_profile(base))
+            _, others = _quantized_ops(p, fitted)
             rows.append([sum(o.bytes for o in mine) / 1e9, sum(o.kernels for o in mine) / 1e6])
             targets.append(p.measured_s - sum(o.seconds for o in others))
     measured = np.array([p.measured_s for p in decode])  # relative error: every point counts alike

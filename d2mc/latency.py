@@ -16,9 +16,10 @@ from d2mc.artifact import find_config, find_onnx, is_artifact
 from d2mc.errors import OptionError
 from d2mc.host_profile import HOST_PROFILE, HostProfile, host_profile
 from d2mc.loading import load_model
-from d2mc.measure import Measurement, WeightFormat
+from d2mc.measure import Measurement
 from d2mc.profiles import DeviceProfile, builtin_profiles, load_profile
 from d2mc.roofline import RooflineSettings, analyze
+from d2mc.weight_plan import WeightPlan
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ def judging_profile(target: DeviceProfile, runtime: str, host: str | HostProfile
     return chosen.profile.for_runtime(runtime), chosen.describe()
 
 
-def measured_settings(weights: WeightFormat | None, **fields) -> RooflineSettings:
-    """The roofline settings of a measured graph: ``fields`` (lengths, batch, ``precision``, ...) with the weight
-    format the graph stores (``weights``, :func:`d2mc.measure.read_weight_format`) in place of the float
-    ``precision`` where its matrices are quantized."""
+def measured_settings(weights: WeightPlan | None, **fields) -> RooflineSettings:
+    """The roofline settings of a measured graph: ``fields`` (lengths, batch, ``precision``, ...) with the format of
+    each weight matrix the graph stores (``weights``, :func:`d2mc.weight_plan.read_weight_plan`) where its matrices
+    are quantized; ``precision``, the LM head's, the block size and zero points then name the plan's."""
     if weights is not None:
-        fields.update(precision=weights.precision, lm_head_precision=weights.lm_head_precision,
-                      block_size=weights.block_size, zero_points=weights.zero_points)
+        fields.update(precision=weights.precision, lm_head_precision=weights.lm_head.precision,
+                      block_size=weights.block_size or fields.get("block_size", 128),
+                      zero_points=weights.zero_points, weights=weights)
     return RooflineSettings(**fields)
 
 

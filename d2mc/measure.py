@@ -8,8 +8,9 @@ the runtime can, it also times each block. Runtimes:
   step uses a preallocated (static) KV cache of exactly L + 1 positions, as a deployment runtime does: a growing
   cache would copy itself on every step and time the copy rather than the model.
 - :class:`OnnxMeasurer`: ONNX Runtime on an exported artifact (no per-block times: the graph is one session). It
-  reads how the graph stores its weights (:func:`read_weight_format`: float, or ``MatMulNBits`` int4/int8 with their
-  block size), which the roofline needs to count the bytes the measured model reads.
+  reads how the graph stores each weight matrix (:func:`d2mc.weight_plan.read_weight_plan`: float, or
+  ``MatMulNBits`` int4/int8 with their block size, zero points and zero-point residual), which the roofline needs to
+  count the bytes the measured model reads.
 
 Other runtimes plug in by implementing :class:`Measurer` (``runtime`` and ``measure``).
 """
@@ -29,26 +30,15 @@ import torch
 
 from d2mc.errors import OptionError, UserError
 from d2mc.modeling import CACHE_ARG
+from d2mc.weight_plan import WeightPlan, read_weight_plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a graph stores its weight matrices when they are quantized: ``precision`` of the attention projections
-    and MLPs, ``lm_head_precision`` of the LM head (a float one stays fp32), elements per scale along each
-    matrix's input, and whether blocks carry zero points."""
-
-    precision: str
-    lm_head_precision: str
-    block_size: int
-    zero_points: bool
 
 
 @dataclass
 class Measurement:
     """Medians of one runtime's prefill and decode, in seconds; ``blocks`` maps phase -> seconds per block;
-    ``weights``: the measured graph's quantized weights (None: float weights)."""
+    ``weights``: the format of each of the measured graph's weight matrices (None: all float)."""
 
     runtime: str
     prefill_seconds: float
@@ -59,13 +49,13 @@ class Measurement:
     batch: int = 1
     warmup: int = 2
     blocks: dict[str, list[float]] = field(default_factory=dict)
-    weights: WeightFormat | None = None
+    weights: WeightPlan | None = None
 
     def seconds(self, phase: str) -> float:
         return self.prefill_seconds if phase == "prefill" else self.decode_seconds
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "weights": self.weights.summary() if self.weights else None}
 
 
 @runtime_checkable
@@ -297,7 +287,7 @@ class OnnxMeasurer:
         self.decoder = OrtDecoder(onnx_path)
         self.vocab = vocab
         self.all_logits = True  # the graph's prefill computes logits at every position
-        self.weights = read_weight_format(onnx_path)
+        self.weights = read_weight_plan(onnx_path)
 
     def measure(self, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2, repeats: int = 5,
                 per_block: bool = False) -> Measurement:
@@ -324,29 +314,6 @@ class OnnxMeasurer:
         _, cache = decoder.step(rng.integers(0, self.vocab, (batch, length)), decoder.empty_cache(batch), 0)
         token = rng.integers(0, self.vocab, (batch, 1))
         return lambda: decoder.step(token, cache, length)
-
-
-def read_weight_format(onnx_path: str | Path) -> WeightFormat | None:
-    """How the graph at ``onnx_path`` stores its weight matrices: the ``com.microsoft::MatMulNBits`` nodes' bits,
-    block size and zero points (the LM head is the node that writes ``logits``), or None when no matrix is
-    quantized. Reads the graph only, not its weights."""
-    import onnx
-
-    nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
-    quantized = [n for n in nodes if n.op_type == "MatMulNBits"]
-    if not quantized:
-        return None
-
-    def precision(node) -> str:
-        return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)}"  # 4: the operator's default
-
-    head = [n for n in quantized if "logits" in n.output]
-    body = [n for n in quantized if "logits" not in n.output] or head
-    attributes = {a.name: a.i for a in body[0].attribute}
-    return WeightFormat(precision=statistics.mode(precision(n) for n in body),
-                        lm_head_precision=precision(head[0]) if head else "fp32",
-                        block_size=attributes["block_size"],
-                        zero_points=len(body[0].input) > 3 and bool(body[0].input[3]))
 
 
 def measure_torch(model, prefill: int = 128, context: int = 512, batch: int = 1, warmup: int = 2,

@@ -20,12 +20,16 @@ FLOPs are those of the experts' own size.
 Weights quantized block-wise (int4, int8: weight-only, as ONNX Runtime's ``MatMulNBits`` and TensorRT's
 ``DequantizeLinear`` store them) are read as their packed values plus, per block of ``block_size`` elements along a
 matrix's input, one scale in the activations' float format (fp16 on a GPU, fp32 on a CPU: ``MatMulNBits`` keeps its
-scales in the input's type) and, if ``zero_points``, one zero point at the weight's own width. That covers the
-attention projections, every expert MLP and the LM head (which may keep a precision of its own: TensorRT Edge-LLM
-leaves it fp16 unless asked; an int8 head is in blocks of 64 where they divide the hidden size); norms, routers and
-the embedding row stay in a float format, and the products run at the activations' precision (the weights are
+scales in the input's type) and, if ``zero_points``, zero points at the weight's own width. Each matrix has a format
+of its own (:class:`~d2mc.weight_plan.WeightPlan`: read from an artifact's graph, planned from quantization options,
+or one for all from the settings' precision and block size): mixed precision stores some matrices at int8, HQQ's
+float zero points add a float residual ``MatMul`` and ``Add`` per matrix and a block-sum ``MatMul`` per input, which
+are costed as float kernels of their own, and the LM head may keep a precision of its own (TensorRT Edge-LLM leaves
+it fp16 unless asked; an int8 head is in blocks of 64 where they divide the hidden size). Norms, routers and the
+embedding row stay in a float format, and the products run at the activations' precision (the weights are
 dequantized as they are read). Operators with quantized weights use the profile's ``[precisions.NAME]`` figures
-where it has them (:meth:`DeviceProfile.for_precision`).
+where it has them (:meth:`DeviceProfile.for_precision`); an operator class whose matrices are at several precisions
+is costed as one operator per precision.
 
 Kernel launches of an MoE block follow its lowering on the device: on a device with TensorRT the block is one
 ``D2mcMoE`` plugin node, which normalises once and runs every chosen expert in a fixed number of kernels (route,
@@ -43,11 +47,10 @@ from d2mc.costs import OUTSIDE, BlockCost, OpCost, PhaseCost, RooflineReport  # 
 from d2mc.errors import UserError
 from d2mc.ops.moe import GEMV_KERNELS, GEMV_MAX_TOKENS, GROUPED_KERNELS
 from d2mc.profiles import OP_CLASSES, DeviceProfile  # noqa: F401  (OP_CLASSES is part of this module's API)
+from d2mc.weight_plan import QUANTIZED, MatrixFormat, WeightPlan
 
 PHASES = ("prefill", "decode")
-QUANTIZED = ("int4", "int8")  # stored block-wise with scales (and optional zero points)
 _FLOAT_FORMATS = ("fp32", "fp16", "bf16")
-WEIGHT_OPS = ("qkv_proj", "o_proj", "mlp")  # the matrices stored at the weight precision (and the LM head at its own)
 
 UNIFORM_ROUTING = ("decode reads the shared experts plus the top-k routed experts of each token; a batch of B tokens "
                    "reads the expected number of distinct experts under uniform routing, E * (1 - (1 - k/E) ** B)")
@@ -57,14 +60,11 @@ MEASURED_ROUTING = ("decode reads the shared experts plus the routed experts the
 
 @dataclass(frozen=True)
 class TensorFormats:
-    """Bytes per element of each kind of tensor, as :class:`RooflineSettings` resolve them on one kind of device.
+    """Bytes per element of the tensors other than the weight matrices (whose formats a
+    :class:`~d2mc.weight_plan.WeightPlan` gives), as :class:`RooflineSettings` resolve them on one kind of device."""
 
-    ``weight`` and ``lm_head`` include each element's share of its block's scale and zero point."""
-
-    weight: float  # attention projections and expert MLPs
-    lm_head: float
     float_weight: float  # norms, routers and the embedding row, kept in a float format
-    activation: float
+    activation: float  # also each scale and zero-point residual of a quantized matrix
     kv: float
     compute: str  # the precision the matrix products run at
 
@@ -75,7 +75,10 @@ class RooflineSettings:
     ``batch`` sequences, with weights at ``precision`` and the KV cache at ``kv_precision``.
 
     int4/int8 weights are quantized in blocks of ``block_size`` elements along each matrix's input, with a zero
-    point per block when ``zero_points``; the LM head is at ``lm_head_precision`` (default: the weights').
+    point per block when ``zero_points``; the LM head is at ``lm_head_precision`` (default: the weights'). ``weights``,
+    when given, is the format of every matrix (:class:`~d2mc.weight_plan.WeightPlan`: an artifact's, or a
+    quantization's plan) and replaces those four for the matrices; ``precision`` then names the plan's most common
+    one.
     ``activation_precision`` defaults to fp32 on a CPU and on a GPU to the weights' precision if it is fp32, fp16 or
     bf16, else fp16; ``kv_precision`` to the weights' precision if it is one of those, else the activations'.
 
@@ -92,6 +95,7 @@ class RooflineSettings:
     zero_points: bool = False
     lm_head_precision: str | None = None
     activation_precision: str | None = None
+    weights: WeightPlan | None = None
 
     def __post_init__(self):
         for name in ("prefill", "context", "batch", "block_size"):
@@ -114,7 +118,23 @@ class RooflineSettings:
     @property
     def quantized(self) -> bool:
         """Whether any weights are stored block-wise (int4/int8)."""
+        if self.weights is not None:
+            return self.weights.quantized
         return bool({self.precision, self.lm_head} & set(QUANTIZED))
+
+    def plan(self, arch: ModelArch) -> WeightPlan:
+        """The format of every weight matrix of ``arch``: :attr:`weights`, else every block matrix at ``precision``
+        and the LM head at its own (an int8 head in its own blocks: :func:`d2mc.arch.lm_head_block_size`)."""
+        if self.weights is not None:  # checked against the model by check_fits
+            return self.weights
+        head_block = lm_head_block_size(self.lm_head, self.block_size, arch.hidden_size)
+        return WeightPlan.uniform(arch.num_blocks, self._format(self.precision, self.block_size),
+                                  self._format(self.lm_head, head_block))
+
+    def _format(self, precision: str, block_size: int) -> MatrixFormat:
+        if precision not in QUANTIZED:
+            return MatrixFormat(precision)
+        return MatrixFormat(precision, block_size, zero_points=self.zero_points)
 
     def activation_for(self, kind: str) -> str:
         """The activations' precision on a device of ``kind`` ("gpu" or "cpu")."""
@@ -130,26 +150,14 @@ class RooflineSettings:
             return self.kv_precision
         return self.precision if self.precision in _FLOAT_FORMATS else self.activation_for(kind)
 
-    def formats(self, kind: str, hidden_size: int = 0) -> TensorFormats:
-        """Bytes per element of every kind of tensor on a device of ``kind``; with the model's ``hidden_size`` the
-        LM head's scales are counted at its own block size (:func:`d2mc.arch.lm_head_block_size`)."""
+    def formats(self, kind: str) -> TensorFormats:
+        """Bytes per element of the tensors other than the weight matrices on a device of ``kind``."""
         activation = self.activation_for(kind)
         a = bytes_per_element(activation)
-        w = bytes_per_element(self.precision)
-        head_block = lm_head_block_size(self.lm_head, self.block_size, hidden_size) if hidden_size else self.block_size
         return TensorFormats(
-            weight=self._stored_bytes(self.precision, a, self.block_size),
-            lm_head=self._stored_bytes(self.lm_head, a, head_block),
-            float_weight=w if self.precision in _FLOAT_FORMATS else a, activation=a,
+            float_weight=bytes_per_element(self.precision) if self.precision in _FLOAT_FORMATS else a, activation=a,
             kv=bytes_per_element(self.kv_for(kind)),
             compute=activation if self.precision in QUANTIZED else self.precision)
-
-    def _stored_bytes(self, precision: str, scale_bytes: float, block_size: int) -> float:
-        """Bytes per weight element at ``precision``, with its share of its block's scale and zero point."""
-        w = bytes_per_element(precision)
-        if precision not in QUANTIZED:
-            return w
-        return w + (scale_bytes + (w if self.zero_points else 0.0)) / block_size
 
     def check_fits(self, arch: ModelArch, phases=("prefill", "decode")) -> None:
         """Refuse lengths past the model's position limit (the decode step adds one token to the context) and a
@@ -160,6 +168,9 @@ class RooflineSettings:
         if "decode" in phases and self.context + 1 > limit:
             raise UserError(f"--context {self.context} is past the model's maximum of {limit} positions "
                             f"(the decode step needs one more: use --context {limit - 1} or less)")
+        if self.weights is not None:  # formats read from a graph or planned from checked quantization options
+            self.weights.check(arch)
+            return
         inputs = []  # (what, input size) of each quantized matrix
         if self.precision in QUANTIZED:
             inputs += [("the attention projections and MLP gate/up", arch.hidden_size),
@@ -214,22 +225,27 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
     n = settings.prefill if phase == "prefill" else 1
     past = 0 if phase == "prefill" else settings.context
     tokens = b * n
-    f = settings.formats(profile.kind, arch.hidden_size)
-    w, fw, a, kvb = f.weight, f.float_weight, f.activation, f.kv
+    f = settings.formats(profile.kind)
+    fw, a, kvb = f.float_weight, f.activation, f.kv
+    plan = settings.plan(arch)
     h = arch.hidden_size
     q_dim, kv_dim = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     cost = PhaseCost(phase, b, n, past)
     ops = cost.ops
 
-    def add(block, op, flops, bytes_, kernels=1):
-        ops.append(OpCost(block, op, float(flops), float(bytes_), kernels))
+    def add(block, op, flops, bytes_, kernels=1, weights=None):
+        ops.append(OpCost(block, op, float(flops), float(bytes_), kernels, weights=weights))
 
     add(OUTSIDE, "embedding", 0, tokens * h * (fw + a))
     for i, block in enumerate(arch.blocks):
+        formats = plan.blocks[i]
         if block.attention:
             add(i, "norm", 4 * tokens * h, h * fw + 2 * tokens * h * a)
-            add(i, "qkv_proj", 2 * tokens * h * (q_dim + 2 * kv_dim),
-                h * (q_dim + 2 * kv_dim) * w + tokens * (h + q_dim + 2 * kv_dim) * a)
+            # q, k and v read one input as one packed projection (one per format, should their formats differ)
+            packed: dict[MatrixFormat, int] = {}
+            for leaf, out in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+                packed[formats.of(leaf)] = packed.get(formats.of(leaf), 0) + out
+            _add_matrices(add, i, "qkv_proj", [(fmt, h, out, "x") for fmt, out in packed.items()], tokens, a)
             if phase == "prefill":  # causal: each query attends to the keys before it; K and V come from qkv_proj
                 pairs = b * n * (n + 1) / 2
                 kv_read = tokens * 2 * kv_dim * a
@@ -238,47 +254,58 @@ def estimate_phase(arch: ModelArch, profile: DeviceProfile, phase: str, settings
                 kv_read = b * (past + 1) * 2 * kv_dim * kvb
             kv_write = tokens * 2 * kv_dim * kvb
             add(i, "attention", 4 * pairs * q_dim, kv_read + kv_write + 2 * tokens * q_dim * a)
-            add(i, "o_proj", 2 * tokens * q_dim * h, q_dim * h * w + tokens * (q_dim + h) * a)
-        _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), w, fw, a, rates.get(i),
+            _add_matrices(add, i, "o_proj", [(formats.o_proj, q_dim, h, "x")], tokens, a)
+        _add_experts(add, i, block, tokens, h, arch.expert_intermediate(block), formats, fw, a, rates.get(i),
                      fused_moe=bool(profile.tensorrt_precisions))
     add(OUTSIDE, "norm", 4 * tokens * h, h * fw + 2 * tokens * h * a)
     logits_tokens = tokens if settings.all_logits else b
-    add(OUTSIDE, "lm_head", 2 * logits_tokens * h * arch.vocab_size,
-        h * arch.vocab_size * f.lm_head + logits_tokens * (h + arch.vocab_size) * a)
+    _add_matrices(add, OUTSIDE, "lm_head", [(plan.lm_head, h, arch.vocab_size, "x")], logits_tokens, a)
 
-    views = {op: figures_for(op, profile, settings) for op in {o.op for o in ops}}
+    views = {w: profile.for_precision(w) if w else profile for w in {o.weights for o in ops}}
     for o in ops:
-        view = views[o.op]
+        view = views[o.weights]
         compute, memory = o.flops / view.achievable_flops(f.compute), o.bytes / view.bandwidth_for(o.op)
         o.bound = "compute" if compute > memory else "memory"
         o.seconds = max(compute, memory) + o.kernels * view.kernel_overhead_us * 1e-6
     return cost
 
 
-def weight_precision(op: str, settings: RooflineSettings) -> str | None:
-    """The precision of the weight matrices operator class ``op`` reads: the weights' for the attention projections
-    and the MLPs, the LM head's own for the LM head; None for the rest (their few weights stay in a float format)."""
-    if op in WEIGHT_OPS:
-        return settings.precision
-    if op == "lm_head":
-        return settings.lm_head
-    return None
+def _add_matrices(add, i: int, op: str, nodes: list[tuple[MatrixFormat, int, int, str]], tokens: int, a: float,
+                  read: float = 1.0, active: int = 1, runs: int = 1, kernels: int | None = None) -> None:
+    """The operators of class ``op`` in block ``i`` that read weight matrices: ``nodes`` gives each matrix product's
+    ``(format, in, out, input)`` (products on the same ``input`` read one tensor); those of one format are one
+    operator at that format's figures (its ``weights``), reading the matrices ``read`` times (the experts read) and
+    computing for ``active`` per token; each product is a kernel per one of ``runs``, or the first operator takes
+    ``kernels`` for all. A residual of float zero points adds a float operator: per product a ``MatMul`` and an
+    ``Add``, per input a block-sum ``MatMul`` with a 0/1 matrix ``[in, in / block_size]``."""
+    groups: dict[MatrixFormat, list] = {}
+    for node in nodes:
+        groups.setdefault(node[0], []).append(node)
+    for number, (fmt, group) in enumerate(groups.items()):
+        inputs = {node[3]: node[1] for node in group}
+        count = runs * len(group) if kernels is None else kernels if number == 0 else 0
+        add(i, op, 2 * tokens * active * sum(k * n for _, k, n, _ in group),
+            read * sum(fmt.stored_bytes(k, n, a) for _, k, n, _ in group)
+            + tokens * active * (sum(inputs.values()) + sum(n for _, _, n, _ in group)) * a,
+            count, weights=fmt.precision)
+        if not fmt.residual:
+            continue
+        sums = {name: k // fmt.block_size for name, k in inputs.items()}
+        add(i, op, 2 * tokens * active * sum(k // fmt.block_size * n for _, k, n, _ in group),
+            read * sum(fmt.residual_bytes(k, n, a) for _, k, n, _ in group)
+            + tokens * active * sum(k // fmt.block_size + 3 * n for _, k, n, _ in group) * a,
+            runs * 2 * len(group))
+        add(i, op, 2 * tokens * active * sum(inputs[name] * s for name, s in sums.items()),
+            sum(inputs[name] * s * a * read + tokens * active * (inputs[name] + s) * a for name, s in sums.items()),
+            runs * len(sums))
 
 
-def figures_for(op: str, profile: DeviceProfile, settings: RooflineSettings) -> DeviceProfile:
-    """The profile figures operator class ``op`` runs at: those of its weights' precision for the operators that read
-    stored matrices (:meth:`DeviceProfile.for_precision`), the profile's own for the rest."""
-    precision = weight_precision(op, settings)
-    return profile.for_precision(precision) if precision else profile
-
-
-def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, w: float, fw: float, a: float,
+def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int, formats, fw: float, a: float,
                  rates: list[float] | None, fused_moe: bool = False) -> None:
-    """Norms, router and MLPs of one block (``inter``: each expert's intermediate size; ``w``, ``fw``, ``a``: bytes
-    per element of the MLP weights, of the float norm and router weights, of the activations); the weights read are
-    those of the experts the tokens use. ``fused_moe``: a routed block runs as one plugin node (see the module
-    text)."""
-    expert_weights = 3 * h * inter * w
+    """Norms, router and MLPs of one block (``inter``: each expert's intermediate size; ``formats``: the block's
+    :class:`~d2mc.weight_plan.BlockWeights`; ``fw``, ``a``: bytes per element of the float norm and router weights,
+    of the activations); the weights read are those of the experts the tokens use. ``fused_moe``: a routed block
+    runs as one plugin node (see the module text)."""
     active_per_token = block.active_experts
     if block.has_router:
         add(i, "router", 2 * tokens * h * block.routed_experts, h * block.routed_experts * fw + tokens * h * a)
@@ -289,15 +316,16 @@ def _add_experts(add, i: int, block: BlockSpec, tokens: int, h: int, inter: int,
         read = block.shared_experts + distinct
     else:
         read = block.experts
-    kernels = max(1, round(read))
-    norm_kernels, mlp_kernels = kernels, kernels * 3
+    runs = max(1, round(read))
+    norm_kernels, mlp_kernels = runs, None
     if fused_moe and block.has_router:
         norm_kernels, mlp_kernels = 1, GEMV_KERNELS if tokens <= GEMV_MAX_TOKENS else GROUPED_KERNELS
     add(i, "norm", 4 * tokens * h * active_per_token, read * h * fw + 2 * tokens * h * a * active_per_token,
         kernels=norm_kernels)
-    # gate, up and down projections: three weight matrices per expert read; SiLU and the product ride along
-    add(i, "mlp", 2 * tokens * active_per_token * 3 * h * inter,
-        read * expert_weights + tokens * active_per_token * (2 * h + 3 * inter) * a, kernels=mlp_kernels)
+    # gate and up read the normed input, down their product; SiLU and the product ride along
+    _add_matrices(add, i, "mlp", [(formats.gate_proj, h, inter, "x"), (formats.up_proj, h, inter, "x"),
+                                  (formats.down_proj, inter, h, "product")],
+                  tokens, a, read=read, active=active_per_token, runs=runs, kernels=mlp_kernels)
 
 
 def estimate(arch: ModelArch, profile: DeviceProfile, settings: RooflineSettings | None = None,

@@ -35,7 +35,7 @@ from d2mc.host_timing import (
     quantize_onnx,
 )
 from d2mc.latency import compare_latency, judging_profile
-from d2mc.measure import Measurer, OtherLoad, TorchMeasurer, WeightFormat, measure_quietly, quantile
+from d2mc.measure import Measurer, OtherLoad, TorchMeasurer, measure_quietly, quantile
 from d2mc.pipeline import PassManager, create_pass
 from d2mc.profiles import load_profile
 from tests.conftest import tiny_model
@@ -236,17 +236,20 @@ def test_a_cpu_measurement_is_judged_on_this_machines_profile(cache, tmp_path):
 def test_a_quantized_artifact_is_judged_as_its_graph_stores_its_weights(tmp_path):
     from d2mc.arch import ModelArch
     from d2mc.lowering import lower_to_onnx
-    from d2mc.measure import OnnxMeasurer, read_weight_format
+    from d2mc.measure import OnnxMeasurer
     from d2mc.roofline import RooflineSettings, estimate_phase
+    from d2mc.weight_plan import MatrixFormat, WeightPlan, read_weight_plan
 
     model = tiny_model("llama")
-    fp32 = lower_to_onnx(model, tmp_path / "fp32")
-    assert read_weight_format(fp32) is None
-    int4 = quantize_onnx(fp32, tmp_path / "int4", "int4")
-    assert read_weight_format(quantize_onnx(fp32, tmp_path / "int8", "int8")) == WeightFormat("int8", "int8", 32, False)
-    measurement = OnnxMeasurer(int4, vocab=256).measure(prefill=8, context=16, repeats=1, warmup=0)
-    assert measurement.weights == WeightFormat("int4", "int4", 32, False)
     arch, host = ModelArch.from_config(model.config), load_profile("host-cpu")
+    fp32 = lower_to_onnx(model, tmp_path / "fp32")
+    assert read_weight_plan(fp32) is None
+    int4 = quantize_onnx(fp32, tmp_path / "int4", "int4")  # ONNX Runtime's own quantizer: every matrix alike
+    int8 = MatrixFormat("int8", 32)
+    assert read_weight_plan(quantize_onnx(fp32, tmp_path / "int8", "int8")) == WeightPlan.uniform(arch.num_blocks,
+                                                                                                   int8, int8)
+    measurement = OnnxMeasurer(int4, vocab=256).measure(prefill=8, context=16, repeats=1, warmup=0)
+    assert measurement.weights == WeightPlan.uniform(arch.num_blocks, MatrixFormat("int4", 32), MatrixFormat("int4", 32))
     latency = compare_latency(arch, host, measurement, "fp32", all_logits=True, host="shipped")
     settings = RooflineSettings(prefill=8, context=16, precision="int4", block_size=32, all_logits=True)
     expected = estimate_phase(arch, host.for_runtime("onnxruntime-cpu"), "decode", settings).seconds

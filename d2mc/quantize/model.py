@@ -115,9 +115,9 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
 
 
 def _quantize_alone(weight: torch.Tensor, options: QuantizeOptions, bits: int) -> QuantizedLinear:
-    """``weight`` by the options' method without calibration data; matrices moved to int8 by mixed precision by
-    round-to-nearest (symmetric int8 is within 1.01x of fp32 already, and keeps MatMulNBits' fast path)."""
-    if options.quant_method == "hqq" and bits == options.bits:
+    """``weight`` at ``bits`` by the method the options give it (:meth:`QuantizeOptions.method_for`) without
+    calibration data."""
+    if options.method_for(bits) == "hqq":
         return quantize_hqq(weight, bits, options.block_size)
     return quantize_rtn(weight, bits, options.block_size)
 

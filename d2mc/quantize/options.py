@@ -159,14 +159,24 @@ class QuantizeOptions:
 
     def bits_of(self, name: str, layers: int) -> int:
         """The bits of the block Linear ``name`` (``model.layers.{i}...``) in a model of ``layers`` blocks."""
+        return self.bits_at(int(name.split(".")[2]), name.rpartition(".")[2], layers)
+
+    def bits_at(self, index: int, leaf: str, layers: int) -> int:
+        """The bits of the matrix ``leaf`` (``q_proj``, ..., ``down_proj``; every expert's alike) of block ``index``
+        in a model of ``layers`` blocks: the options' own, or 8 where mixed precision moves it to int8."""
         if not self.mixed:
             return self.bits
-        index = int(name.split(".")[2])
         ends = index < layers / 8 or index >= 7 * layers / 8
-        if (self.mixed_precision == "mixed-layers-ends" and ends) or (name.rpartition(".")[2] in MIXED_LEAVES and (
+        if (self.mixed_precision == "mixed-layers-ends" and ends) or (leaf in MIXED_LEAVES and (
                 ends or (index - round(layers / 8)) % 3 == 2)):
             return 8
         return self.bits
+
+    def method_for(self, bits: int) -> str:
+        """The method that quantizes a matrix at ``bits``: the options' own, except that ``hqq`` leaves the matrices
+        mixed precision moved to int8 to round-to-nearest (symmetric int8 is within 1.01x of fp32 already, and
+        keeps MatMulNBits' fast path)."""
+        return "rtn" if self.quant_method == "hqq" and bits != self.bits else self.quant_method
 
     @property
     def lm_head_bits(self) -> int | None:
