@@ -23,10 +23,12 @@ def quantize_options(calibration: bool):
         click.option("--lm-head-precision", type=click.Choice(["int8", "int4", "float"]),
                      help="int4/int8: the LM head's weights (a tied embedding reads them too) [default: int8; for "
                           "TensorRT float, which it takes with int4]."),
-        click.option("--mixed-precision", type=click.Choice(["none", "mixed-layers", "mixed-layers-ends"]),
+        click.option("--mixed-precision", type=click.Choice(["none", "mixed-layers", "mixed-layers-ends",
+                                                              "calibrated"]),
                      help="int4: matrices moved to int8 by layer: mixed-layers, q/k/v and down of the first and last "
                           "eighth of the layers and every third between; mixed-layers-ends, also the other matrices "
-                          "of the first and last eighth (docs/quantization.md) [default: mixed-layers-ends; none for "
+                          "of the first and last eighth; or calibrated, those whose int4 error costs the calibration "
+                          "loss most per byte (docs/quantization.md) [default: mixed-layers-ends; none for "
                           "TensorRT and --moe-op contrib]."),
         click.option("--accuracy-level", type=click.IntRange(0, 4),
                      help="int4/int8, onnxruntime format: MatMulNBits accuracy level; 4 computes with int8 "
@@ -34,8 +36,9 @@ def quantize_options(calibration: bool):
     ]
     if calibration:
         flags += [click.option("--calib-data", type=click.Path(),
-                               help="GPTQ calibration text (.txt or .jsonl); default: the built-in calibration text."),
-                  click.option("--calib-sequences", type=int, help="GPTQ calibration sequences [default: 16]."),
+                               help="Calibration text of GPTQ and --mixed-precision calibrated (.txt or "
+                                    ".jsonl); default: the built-in calibration text."),
+                  click.option("--calib-sequences", type=int, help="Calibration sequences [default: 16]."),
                   click.option("--calib-length", type=int, help="Tokens per calibration sequence [default: 256].")]
 
     def decorate(function):

@@ -9,7 +9,9 @@ its norm becomes weightless.
 
 ``rtn`` and ``hqq`` quantize each weight on its own (the LM head, which a tied embedding reads through
 ``GatherBlockQuantized`` and its integer zero points, always by round-to-nearest; so are the matrices mixed
-precision moves to int8). ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
+precision moves to int8). Calibrated mixed precision (:mod:`d2mc.quantize.sensitivity`) first scores every group of
+Linears on the calibration text with the float weights and records the matrices it moves to int8 in the options
+the result carries. ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
 layer, in order: each block is run on the calibration activations that the already quantized blocks before it
 produce, and within a block the projections are quantized in the order they compute (q/k/v, o, every expert's
 gate/up, every expert's down), each from the inputs it sees after the ones before it were quantized; an expert sees
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from d2mc.errors import UserError
 from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions
+from d2mc.quantize.sensitivity import choose_int8, fisher_diagonal, group_costs
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,8 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     """Quantize a copy of ``model`` (dense or converted) as ``options`` say; ``model`` itself is left as it is.
 
     ``tokenizer`` reads the calibration text (``options.calib_data``, else the built-in calibration text) when the
-    method calibrates."""
+    method or the mixed precision calibrates. Calibrated mixed precision chooses its int8 matrices unless
+    ``options.int8_matrices`` already names them (a record being quantized again)."""
     from d2mc.arch import ModelArch
 
     options.check_installed()
@@ -90,7 +95,7 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     calibration, described = None, ""
     if options.calibrated:
         if tokenizer is None:
-            raise UserError("GPTQ needs the model's tokenizer to read its calibration text")
+            raise UserError("calibrated quantization needs the model's tokenizer to read its calibration text")
         from d2mc.data import calibration_batch
 
         calibration = calibration_batch(tokenizer, options.calib_sequences, options.calib_length, options.calib_data,
@@ -102,9 +107,19 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     fold_expert_norms(quantized)
     layers = [_block_linears(quantized, i, layer) for i, layer in enumerate(quantized.model.layers)]
     head = quantized.lm_head if options.lm_head_bits else None
-    if calibration is None:
-        linears = {name: _set(module, _quantize_alone(module.weight, options, options.bits_of(name, len(layers))))
-                   for block in layers for stage in block for group in stage for name, module in group}
+    groups = [group for block in layers for stage in block for group in stage]
+    alone: dict[tuple[str, int], QuantizedLinear] = {}
+
+    def quantize_alone(name: str, module: nn.Linear, bits: int) -> QuantizedLinear:
+        if (name, bits) not in alone:  # the choice of int8 matrices quantizes each once at both widths
+            alone[name, bits] = _quantize_alone(module.weight, options, bits)
+        return alone[name, bits]
+
+    if options.mixed_precision == "calibrated" and options.int8_matrices is None:
+        options = _choose_int8(quantized, groups, calibration, options, quantize_alone, progress or (lambda _: None))
+    if options.quant_method != "gptq":
+        linears = {name: _set(module, quantize_alone(name, module, options.bits_of(name, len(layers))))
+                   for group in groups for name, module in group}
         fallbacks: list[str] = []
     else:
         linears, fallbacks = _gptq(quantized, layers, calibration, options, progress or (lambda text: None))
@@ -114,9 +129,21 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     return QuantizedModel(quantized, linears, options, described, time.perf_counter() - start, tuple(fallbacks))
 
 
+def _choose_int8(model, groups, calibration: torch.Tensor, options: QuantizeOptions, quantize_alone,
+                 progress) -> QuantizeOptions:
+    """``options`` with the int8 matrices of calibrated mixed precision chosen on ``model``'s float weights (gptq's
+    errors, unknown before it runs, scored as round-to-nearest's)."""
+    progress("scoring the int4 matrices on the calibration text")
+    fisher = fisher_diagonal(model, calibration, [module for group in groups for _, module in group])
+    int8 = choose_int8(group_costs(groups, fisher, quantize_alone), options.int8_share)
+    log.info("calibrated mixed precision: %d of %d matrices at int8", len(int8), sum(map(len, groups)))
+    return dataclasses.replace(options, int8_matrices=int8)
+
+
 def _quantize_alone(weight: torch.Tensor, options: QuantizeOptions, bits: int) -> QuantizedLinear:
-    """``weight`` by the options' method without calibration data; matrices moved to int8 by mixed precision by
-    round-to-nearest (symmetric int8 is within 1.01x of fp32 already, and keeps MatMulNBits' fast path)."""
+    """``weight`` by the options' method without calibration data (gptq's: round-to-nearest); matrices moved to
+    int8 by mixed precision by round-to-nearest (symmetric int8 is within 1.01x of fp32 already, and keeps
+    MatMulNBits' fast path)."""
     if options.quant_method == "hqq" and bits == options.bits:
         return quantize_hqq(weight, bits, options.block_size)
     return quantize_rtn(weight, bits, options.block_size)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from d2mc.arch import dividing_block_sizes, lm_head_block_size
 from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
 from d2mc.errors import MissingDependencyError, OptionError
+from d2mc.quantize.sensitivity import INT8_SHARE
 
 PRECISIONS = ("int4", "int8")
 FLOAT_PRECISIONS = ("fp32", "fp16")
@@ -18,8 +19,9 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # int4 models with some matrices at int8 (by round-to-nearest, symmetric), chosen by layer: "mixed-layers" is
 # onnxruntime-genai's preset of that name (llama.cpp's Q4_K_M rule): q/k/v and down at int8 in the first and last
 # eighth of the layers and in every third layer between; "mixed-layers-ends" also every other matrix of the first
-# and last eighth (measured on SmolLM2-135M: docs/quantization.md)
-MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
+# and last eighth; "calibrated" the matrices whose int4 error costs the calibration loss most per byte
+# (:mod:`d2mc.quantize.sensitivity`; measured on SmolLM2-135M: docs/quantization.md)
+MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends", "calibrated")
 # int4 in MatMulNBits (not TensorRT, not QMoE) moves the first and last eighth and q/k/v/down of every third layer
 # to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
 DEFAULT_MIXED = "mixed-layers-ends"
@@ -58,7 +60,11 @@ class QuantizeOptions:
     ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
     (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
     ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
-    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
+    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it,
+    read by gptq and by calibrated mixed precision; ``int8_matrices``: the names of the matrices calibrated mixed
+    precision moved to int8 (chosen by :func:`~d2mc.quantize.quantize_model`, which records them here; None before),
+    within ``int8_share`` of the bytes every int4 matrix at int8 would add.
+    ``tensorrt``: the weights also lower to TensorRT (the
     tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
     of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
     weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
@@ -75,6 +81,8 @@ class QuantizeOptions:
     calib_sequences: int = 16
     calib_length: int = 256
     seed: int = 0
+    int8_share: float = INT8_SHARE
+    int8_matrices: tuple[str, ...] | None = None
     tensorrt: bool = False
     qmoe: bool = False
 
@@ -108,11 +116,19 @@ class QuantizeOptions:
         if self.mixed and self.precision != "int4":
             raise OptionError(f"{{mixed_precision}} {self.mixed_precision} moves int4 matrices to int8: it needs "
                               f"{{precision}} int4, not {self.precision}")
+        if not 0 < self.int8_share <= 1:
+            raise OptionError(f"{{int8_share}} must be above 0 and at most 1, not {self.int8_share}")
+        if self.int8_matrices is not None:
+            if self.mixed_precision != "calibrated":
+                raise OptionError(f"{{int8_matrices}} are what {{mixed_precision}} calibrated chose, not "
+                                  f"{self.mixed_precision}")
+            object.__setattr__(self, "int8_matrices", tuple(self.int8_matrices))
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
         if self.calib_data is not None and not self.calibrated:
-            raise OptionError(f"{{calib_data}} is GPTQ's calibration text: {self.quant_method} reads no data (add "
-                              "{quant_method} gptq, or drop it)")
+            raise OptionError(f"{{calib_data}} is the calibration text of GPTQ and calibrated mixed precision: "
+                              f"{self.quant_method} with {{mixed_precision}} {self.mixed_precision} reads no data (add "
+                              "{quant_method} gptq or {mixed_precision} calibrated, or drop it)")
         if self.calib_sequences < 1 or self.calib_length < 2:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
         if self.tensorrt:
@@ -161,6 +177,11 @@ class QuantizeOptions:
         """The bits of the block Linear ``name`` (``model.layers.{i}...``) in a model of ``layers`` blocks."""
         if not self.mixed:
             return self.bits
+        if self.mixed_precision == "calibrated":
+            if self.int8_matrices is None:
+                raise ValueError("calibrated mixed precision has not chosen its int8 matrices yet: take the options "
+                                 "of the QuantizedModel (or the artifact's quantization record)")
+            return 8 if name in self.int8_matrices else self.bits
         index = int(name.split(".")[2])
         ends = index < layers / 8 or index >= 7 * layers / 8
         if (self.mixed_precision == "mixed-layers-ends" and ends) or (name.rpartition(".")[2] in MIXED_LEAVES and (
@@ -179,7 +200,8 @@ class QuantizeOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.quant_method == "gptq"
+        """The quantization reads calibration text (gptq, or calibrated mixed precision)."""
+        return self.quant_method == "gptq" or self.mixed_precision == "calibrated"
 
     @property
     def float_zero_points(self) -> bool:
