@@ -38,6 +38,7 @@ def main() -> None:
     rows, records = [["fp32", round(fp32, 3), 1, "-", "-", "-"]], []
     for row in args.rows.split(","):
         method, block, mixed, *share = row.split(":")
+        print(f"quantizing {row}", file=sys.stderr, flush=True)
         options = QuantizeOptions("int4", method, int(block), mixed_precision=mixed,
                                   **({"int8_share": float(share[0])} if share else {}))
         quantized = quantize_model(loaded.model, options, loaded.tokenizer)

@@ -9,7 +9,9 @@ gains its int4 cost minus its int8 cost, for the bytes int8 adds; the groups wit
 until the added bytes reach :data:`INT8_SHARE` of what moving every group would add. An expert's gradients come
 only from the tokens its router sends it, so an expert no calibration token reaches stays int4.
 
-One forward and backward per calibration sequence: the whole choice costs a few seconds beyond quantizing.
+One forward and backward per calibration sequence, over the first :data:`FISHER_TOKENS` tokens of the calibration
+text: a backward pass costs SmolLM2-135M about 10-25 s per 256 tokens on 2 CPU cores, and quantizing stays within
+2 minutes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from torch import nn
 
 from d2mc.quantize.linear import QuantizedLinear
 
-# the byte budget: a share of the bytes that every int4 matrix at int8 would add. 0.3 adds about what the
-# mixed-layers-ends preset adds on SmolLM2-135M (+17 MB, block 64); measured against 0.2 and 0.4 in
-# docs/quantization.md
-INT8_SHARE = 0.3
+# the byte budget: a share of the bytes that every int4 matrix at int8 would add. On SmolLM2-135M (rtn, block 64,
+# 4,096 held-out tokens, PyTorch) 0.3 scored as the mixed-layers-ends preset at about its bytes (36.78 against 36.87),
+# 0.4 1.068x the fp32 perplexity at +5 MB more, 0.5 1.060x at +10 MB: docs/quantization.md
+INT8_SHARE = 0.4
+
+FISHER_TOKENS = 1024  # 4 sequences of the default 256 tokens
 
 Group = Sequence[tuple[str, nn.Linear]]
 
@@ -47,7 +51,9 @@ class GroupCost:
 
 def fisher_diagonal(model, calibration: torch.Tensor, modules: Sequence[nn.Linear]) -> dict[nn.Linear, torch.Tensor]:
     """The diagonal Fisher information of the next-token loss of ``model`` on ``calibration`` (``[n, length]``
-    token ids) for the weight of each of ``modules``: squared gradients, one sequence at a time, summed."""
+    token ids; its first :data:`FISHER_TOKENS` tokens, at least one sequence) for the weight of each of ``modules``:
+    squared gradients, one sequence at a time, summed."""
+    calibration = calibration[: max(1, FISHER_TOKENS // calibration.shape[1])]
     parameters = list(model.parameters())
     before = [p.requires_grad for p in parameters]
     for p in parameters:

@@ -13,7 +13,7 @@ import torch
 from d2mc.data import calibration_batch
 from d2mc.errors import OptionError
 from d2mc.quantize import QuantizeOptions, quantize_model, quantize_rtn
-from d2mc.quantize.sensitivity import GroupCost, choose_int8
+from d2mc.quantize.sensitivity import INT8_SHARE, GroupCost, choose_int8
 from tests.conftest import tiny_model
 from tests.quantize.test_model import TOKENIZER, VOCAB, converted
 
@@ -81,7 +81,7 @@ def test_the_record_gives_the_same_weights_again():
     model = tiny_model("qwen2", vocab_size=VOCAB)
     first = quantize_model(model, calibrated(), TOKENIZER)
     record = json.loads(json.dumps(first.to_dict()))  # as an artifact stores it
-    assert record["int8_matrices"] == list(first.options.int8_matrices) and record["int8_share"] == 0.3
+    assert record["int8_matrices"] == list(first.options.int8_matrices) and record["int8_share"] == INT8_SHARE
     again = quantize_model(model, QuantizeOptions.from_dict(record), TOKENIZER)
     assert again.options == first.options
     for name, q in first.linears.items():

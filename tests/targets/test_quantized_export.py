@@ -110,3 +110,20 @@ def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_t
     assert "ONNX Runtime" in capsys.readouterr().out
     main(["verify", str(out)])  # re-quantizes the source as the artifact records: a failure would exit 1
     assert "PASSED" in capsys.readouterr().out
+
+
+def test_calibrated_mixed_precision_is_recorded_and_verified_again(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    """The int8 matrices calibrated mixed precision chose travel in the artifact's record: ``verify`` quantizes the
+    source again as recorded (without choosing again) and matches the shipped graph."""
+    out = tmp_path / "int4"
+    main(["export", str(tiny_checkpoint_with_tokenizer), "--precision", "int4", "--quant-method", "rtn", "--block-size",
+          "32", "--mixed-precision", "calibrated", "--calib-sequences", "4", "--calib-length", "64", "-o", str(out)])
+    assert "(calibrated at int8)" in capsys.readouterr().out
+    recorded = read_artifact(out)["quantization"]
+    int8 = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 8 for a in n.attribute)]
+    # the LM head is int8 too; q/k/v go as one packed node
+    assert recorded["mixed_precision"] == "calibrated" and len(recorded["int8_matrices"]) > 0 and len(int8) > 1
+    assert QuantizeOptions.from_dict(recorded).int8_matrices == tuple(recorded["int8_matrices"])
+    main(["verify", str(out)])
+    assert "PASSED" in capsys.readouterr().out
