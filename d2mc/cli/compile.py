@@ -56,12 +56,16 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
-    calibrated = quant_method == "gptq" or mixed_precision == "calibrated"
-    calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if calibrated else (None,) * 3
-    # the quantized weights also lower to TensorRT when the target has it (the engine step)
-    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, mixed_precision,
+
+    def quantize_with(*calibration):
+        # the quantized weights also lower to TensorRT when the target has it (the engine step)
+        return quantize_options_from(precision, quant_method, block_size, lm_head_precision, mixed_precision,
                                      accuracy_level, *calibration,
                                      tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
+
+    quantize = quantize_with(None, None, None)
+    if quantize is not None and quantize.calibrated:  # GPTQ and calibrated mixed precision read the conversion's text
+        quantize = quantize_with(plan["calib_data"], plan["calib_sequences"], plan["calib_length"])
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)

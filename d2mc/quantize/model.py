@@ -36,7 +36,7 @@ from d2mc.errors import UserError
 from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions
-from d2mc.quantize.sensitivity import choose_int8, fisher_diagonal, group_costs
+from d2mc.quantize.sensitivity import choose_int8, fisher_diagonal, fisher_sequences, group_costs
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,21 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     from d2mc.arch import ModelArch
 
     options.check_installed()
-    options.check_divides(ModelArch.from_config(model.config))
+    arch = ModelArch.from_config(model.config)
+    options.check_divides(arch)
+    options = options.fitted(arch)
     calibration, described = None, ""
-    if options.calibrated:
+    choose = options.mixed_precision == "calibrated" and options.int8_matrices is None
+    if options.quant_method == "gptq" or choose:
         if tokenizer is None:
             raise UserError("calibrated quantization needs the model's tokenizer to read its calibration text")
         from d2mc.data import calibration_batch
 
-        calibration = calibration_batch(tokenizer, options.calib_sequences, options.calib_length, options.calib_data,
-                                        options.seed)
-        described = (f"{options.calib_data or 'the built-in calibration text'} "
-                     f"({options.calib_sequences} x {options.calib_length} tokens)")
+        sequences = options.calib_sequences
+        if options.quant_method != "gptq":  # read only by the choice of int8 matrices
+            sequences = min(sequences, fisher_sequences(options.calib_length))
+        calibration = calibration_batch(tokenizer, sequences, options.calib_length, options.calib_data, options.seed)
+        described = f"{options.calib_data or 'the built-in calibration text'} ({sequences} x {options.calib_length} tokens)"
     start = time.perf_counter()
     quantized = copy.deepcopy(model).eval()
     fold_expert_norms(quantized)
@@ -115,7 +119,7 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
             alone[name, bits] = _quantize_alone(module.weight, options, bits)
         return alone[name, bits]
 
-    if options.mixed_precision == "calibrated" and options.int8_matrices is None:
+    if choose:
         options = _choose_int8(quantized, groups, calibration, options, quantize_alone, progress or (lambda _: None))
     if options.quant_method != "gptq":
         linears = {name: _set(module, quantize_alone(name, module, options.bits_of(name, len(layers))))

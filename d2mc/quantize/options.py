@@ -22,20 +22,19 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # and last eighth; "calibrated" the matrices whose int4 error costs the calibration loss most per byte
 # (:mod:`d2mc.quantize.sensitivity`; measured on SmolLM2-135M: docs/quantization.md)
 MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends", "calibrated")
-# int4 in MatMulNBits (not TensorRT, not QMoE) moves the first and last eighth and q/k/v/down of every third layer
-# to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
-DEFAULT_MIXED = "mixed-layers-ends"
+# int4 in MatMulNBits (not TensorRT, not QMoE) moves the matrices whose int4 error costs the calibration loss most per
+# byte to int8 (measured on SmolLM2-135M, rtn block 64, ONNX Runtime, 4,096 held-out tokens: docs/quantization.md)
+DEFAULT_MIXED = "calibrated"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
-# block 32 for round-to-nearest int4 (the best held-out perplexity of the block sizes every supported hidden size
-# divides; block 64 decodes about 15% faster at 1.03x its perplexity on SmolLM2-135M: docs/quantization.md); 64 for
-# int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
-DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
-# HQQ for int4 in MatMulNBits: lower perplexity than round-to-nearest at every block size, no calibration data; in
-# blocks of 64, where its zero-point residual costs least (block 32 decoded 0.72x as fast as rtn's on SmolLM2-135M,
-# block 64 as fast as rtn at 32): docs/quantization.md. gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL).
-# TensorRT and QMoE take integer zero points only: rtn there.
-DEFAULT_METHOD = {"int4": "hqq", "int8": "rtn"}
-HQQ_DEFAULT_BLOCK_SIZE = 64
+# int4 in blocks of 64 where 64 divides every input the model quantizes, else 32 (:meth:`QuantizeOptions.fitted`):
+# on SmolLM2-135M rtn at 64 decodes 1.13x the onnxruntime-genai builder's int4 (block 32) and at 32 about 0.95x, at
+# 1.01x its perplexity; 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
+DEFAULT_BLOCK_SIZE = {"int4": 64, "int8": 64}
+# round-to-nearest for int4 and int8: with calibrated mixed precision it meets both targets on SmolLM2-135M (decode
+# within 1.05x of the peer's int4, 1.10x the fp32 perplexity) where hqq's zero-point residual MatMuls cost it about
+# 8% of decode speed for 2-3% of perplexity: docs/quantization.md. hqq (float zero points, MatMulNBits only) and gptq
+# (GPTQModel, a manual install: GPTQMODEL_INSTALL) are options; TensorRT and QMoE take integer zero points only.
+DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
 # so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
@@ -56,7 +55,7 @@ class QuantizeOptions:
     ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data), hqq (ONNX Runtime's HQQ: float
     zero points, no data, MatMulNBits only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
     activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
-    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`; 64 for hqq);
+    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`, :meth:`fitted`);
     ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
     (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
     ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
@@ -85,6 +84,8 @@ class QuantizeOptions:
     int8_matrices: tuple[str, ...] | None = None
     tensorrt: bool = False
     qmoe: bool = False
+    # the block size was not given: 64 becomes 32 for a model whose inputs 64 does not divide (fitted)
+    block_size_default: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -95,8 +96,8 @@ class QuantizeOptions:
             object.__setattr__(self, "quant_method", "rtn" if integer_only else DEFAULT_METHOD[self.precision])
         if self.block_size is None:
             object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
-                               self.precision == "int4" else HQQ_DEFAULT_BLOCK_SIZE if self.quant_method == "hqq"
-                               else DEFAULT_BLOCK_SIZE[self.precision])
+                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+            object.__setattr__(self, "block_size_default", not self.tensorrt)
         if self.mixed_precision is None:
             object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not integer_only
                                else "none")
@@ -214,26 +215,41 @@ class QuantizeOptions:
         if self.quant_method == "gptq" and importlib.util.find_spec("gptqmodel") is None:
             raise MissingDependencyError("gptqmodel", "GPTQ quantization", GPTQMODEL_INSTALL)
 
+    def fitted(self, arch) -> QuantizeOptions:
+        """These options for a model of ``arch``: a default block size that does not divide every input the model
+        quantizes becomes 32."""
+        if self.block_size_default and self.block_size != 32 and any(size % self.block_size
+                                                                     for _, size in _inputs(arch)):
+            return dataclasses.replace(self, block_size=32)
+        return self
+
     def check_divides(self, arch) -> None:
-        """Refuse a block size that does not divide the input size of a weight of ``arch`` it would quantize."""
-        inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
-        inputs += [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
+        """Refuse a block size that does not divide the input size of a weight of ``arch`` it would quantize (a
+        default one is :meth:`fitted` first)."""
+        block_size = self.fitted(arch).block_size
+        inputs = _inputs(arch)
         for what, size in inputs:
-            if size % self.block_size:
+            if size % block_size:
                 fits = dividing_block_sizes(n for _, n in inputs)
                 hint = f"use {{block_size}} {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
-                raise OptionError(f"{{block_size}} {self.block_size} does not divide {what} ({size}) of the model: "
+                raise OptionError(f"{{block_size}} {block_size} does not divide {what} ({size}) of the model: "
                                   f"{hint}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantizeOptions:
         """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored.
         A record from before mixed precision existed quantized every matrix at its precision."""
         data = {"mixed_precision": "none", **data}
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.init and f.name in data})
+
+
+def _inputs(arch) -> list[tuple[str, int]]:
+    """The input sizes of the matrices a model of ``arch`` quantizes, each with what it is."""
+    inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
+    return inputs + [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
 
 
 def check_float_precision(precision: str, **given) -> None:

@@ -49,11 +49,16 @@ class GroupCost:
         return self.int4_cost - self.int8_cost
 
 
+def fisher_sequences(length: int) -> int:
+    """How many calibration sequences of ``length`` tokens :func:`fisher_diagonal` reads."""
+    return max(1, FISHER_TOKENS // length)
+
+
 def fisher_diagonal(model, calibration: torch.Tensor, modules: Sequence[nn.Linear]) -> dict[nn.Linear, torch.Tensor]:
     """The diagonal Fisher information of the next-token loss of ``model`` on ``calibration`` (``[n, length]``
     token ids; its first :data:`FISHER_TOKENS` tokens, at least one sequence) for the weight of each of ``modules``:
     squared gradients, one sequence at a time, summed."""
-    calibration = calibration[: max(1, FISHER_TOKENS // calibration.shape[1])]
+    calibration = calibration[: fisher_sequences(calibration.shape[1])]
     parameters = list(model.parameters())
     before = [p.requires_grad for p in parameters]
     for p in parameters:

@@ -109,7 +109,7 @@ def test_bits_of_refuses_to_guess_before_the_choice():
     (dict(mixed_precision="calibrated", tensorrt=True), "mixed_precision calibrated cannot go to TensorRT"),
     (dict(mixed_precision="calibrated", qmoe=True), "mixed_precision calibrated cannot go to moe_op contrib"),
     (dict(mixed_precision="none", calib_data="x.txt"),
-     "calib_data is the calibration text of GPTQ and calibrated mixed precision: hqq with mixed_precision none"),
+     "calib_data is the calibration text of GPTQ and calibrated mixed precision: rtn with mixed_precision none"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
