@@ -27,13 +27,14 @@ MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends", "calibrated")
 DEFAULT_MIXED = "calibrated"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
 # int4 in blocks of 64 where 64 divides every input the model quantizes, else 32 (:meth:`QuantizeOptions.fitted`):
-# on SmolLM2-135M rtn at 64 decodes 1.13x the onnxruntime-genai builder's int4 (block 32) and at 32 about 0.95x, at
-# 1.01x its perplexity; 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
+# on SmolLM2-135M rtn at 64 decodes 1.08-1.11x the onnxruntime-genai builder's int4 (block 32) and at 32 0.93-0.97x,
+# at 1.01-1.03x its perplexity; 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
 DEFAULT_BLOCK_SIZE = {"int4": 64, "int8": 64}
 # round-to-nearest for int4 and int8: with calibrated mixed precision it meets both targets on SmolLM2-135M (decode
-# within 1.05x of the peer's int4, 1.10x the fp32 perplexity) where hqq's zero-point residual MatMuls cost it about
-# 8% of decode speed for 2-3% of perplexity: docs/quantization.md. hqq (float zero points, MatMulNBits only) and gptq
-# (GPTQModel, a manual install: GPTQMODEL_INSTALL) are options; TensorRT and QMoE take integer zero points only.
+# within 1.05x of the peer's int4, 1.10x the fp32 perplexity), where hqq's zero-point residual MatMuls cost 7-14% of
+# decode speed (under the target) for 2-3% lower perplexity: docs/quantization.md. hqq (float zero points,
+# MatMulNBits only) and gptq (GPTQModel, a manual install: GPTQMODEL_INSTALL) are options; TensorRT and QMoE take
+# integer zero points only.
 DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
