@@ -8,7 +8,7 @@ training: its perplexity is the untrained conversion's, its speed is what the me
 out). d2mc's int4/int8 rows are ``d2mc export --precision int4|int8`` with their defaults (LM head int8 in blocks of 64,
 shared with the embedding; accuracy_level 4) unless a row's name says otherwise: one int4 dense row per item of ``--int4``,
 ``METHOD:BLOCK[:LM_HEAD[:MIXED]]`` (method rtn, hqq or gptq, which needs gptqmodel; LM head int8, float or int4;
-mixed precision none, mixed-layers or mixed-layers-ends).
+mixed precision none, mixed-layers, mixed-layers-ends or calibrated).
 
 For each artifact: decode speed through onnxruntime-genai (what ``d2mc run`` uses; greedy, ``--new-tokens`` new
 tokens after a 13-token prompt, median per-token latency, models timed in turns over ``--rounds`` rounds; the

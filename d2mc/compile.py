@@ -176,9 +176,12 @@ def planned_settings(settings: RooflineSettings, arch: ModelArch, quantize: Quan
     return dataclasses.replace(settings, weights=plan, zero_points=plan.zero_points)
 
 
-def _estimate(state: CompileState, arch: ModelArch) -> dict:
-    """Prefill and decode of ``arch`` on the target, with the weights the compile ships."""
-    return estimate(arch, state.profile, planned_settings(state.settings, arch, state.options.quantize, state.profile))
+def _estimate(state: CompileState, arch: ModelArch, quantize: QuantizeOptions | None = None) -> dict:
+    """Prefill and decode of ``arch`` on the target, with the weights the compile ships (``quantize``: the
+    quantized model's own options, its block size fitted and its int8 matrices chosen; else the options asked
+    for)."""
+    return estimate(arch, state.profile, planned_settings(state.settings, arch, quantize or state.options.quantize,
+                                                          state.profile))
 
 
 def _import(state: CompileState) -> None:
@@ -256,6 +259,7 @@ def _quantize(state: CompileState) -> None:
     ctx = state.ctx
     with state.timed(f"quantize ({options.precision}, {options.quant_method})"):
         state.quantized = quantize_model(ctx.model, options, ctx.tokenizer, progress=lambda t: state.say(f"  {t}"))
+    state.converted_cost = _estimate(state, ctx.arch, state.quantized.options)
     if state.options.eval_tokens:
         from d2mc.evaluation import evaluate_model_perplexity
 

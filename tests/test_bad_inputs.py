@@ -273,7 +273,8 @@ ROWS = [
     (["export", T, "-o", "out", "--precision", "fp16", "--quant-method", "rtn"],
      "--quant-method quantize weights: they need --precision int4 or int8, not fp16", True),
     (["export", T, "-o", "out", "--precision", "int8", "--calib-data", "{notes-txt}"],
-     "--calib-data is GPTQ's calibration text: rtn reads no data", True),
+     "--calib-data is the calibration text of GPTQ and calibrated mixed precision: rtn with --mixed-precision none "
+     "reads no data", True),
     (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--block-size", "32"],
      "--block-size 32 cannot go to TensorRT, which takes int4 weights in blocks of 64 or 128", True),
     (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int8"],
@@ -287,6 +288,12 @@ ROWS = [
      "--accuracy-level sets ONNX Runtime's MatMulNBits compute: the tensorrt format dequantizes to fp16", True),
     (["export", T, "-o", "out", "--precision", "int8", "--mixed-precision", "mixed-layers"],
      "--mixed-precision mixed-layers moves int4 matrices to int8: it needs --precision int4, not int8", True),
+    (["export", T, "-o", "out", "--precision", "int8", "--mixed-precision", "calibrated"],
+     "--mixed-precision calibrated moves int4 matrices to int8: it needs --precision int4, not int8", True),
+    (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--mixed-precision", "calibrated"],
+     "--mixed-precision calibrated cannot go to TensorRT: it puts some matrices at int8", True),
+    (["export", T, "-o", "out", "--precision", "int4", "--mixed-precision", "calibrated", "--moe-op", "contrib"],
+     "--mixed-precision calibrated cannot go to --moe-op contrib: com.microsoft::QMoE takes one bit width", True),
     (["export", T, "-o", "out", "--precision", "int4", "--quant-method", "hqq", "--moe-op", "contrib"],
      "--quant-method hqq cannot go to --moe-op contrib: com.microsoft::QMoE takes only integer zero points; use "
      "--moe-op dispatch", True),
@@ -375,9 +382,12 @@ def test_a_missing_quantization_library_says_what_to_install(command, inputs, tm
                   + GPTQMODEL_INSTALL, True, inputs, tmp_path, monkeypatch, capsys)
 
 
-def test_calibration_text_that_repeats_the_evaluation_text_is_refused(inputs, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gptqmodel")
-    check_refused(["export", T, "-o", "out", *GPTQ, "--calib-data", "{heldout-copy-txt}"],
+@pytest.mark.parametrize("calibrated", [GPTQ, ["--precision", "int4", "--mixed-precision", "calibrated"]])
+def test_calibration_text_that_repeats_the_evaluation_text_is_refused(calibrated, inputs, tmp_path, monkeypatch,
+                                                                       capsys):
+    if calibrated == GPTQ:
+        pytest.importorskip("gptqmodel")
+    check_refused(["export", T, "-o", "out", *calibrated, "--calib-data", "{heldout-copy-txt}"],
                   "'{heldout-copy-txt}' repeats the held-out evaluation text", False, inputs, tmp_path, monkeypatch,
                   capsys)
 

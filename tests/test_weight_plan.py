@@ -113,7 +113,7 @@ def test_hqqs_residuals_are_float_kernels_on_top_of_round_to_nearest():
 
 def test_the_plan_follows_the_options_rule_per_block_and_matrix():
     arch = smollm2_arch(8)
-    plan = WeightPlan.from_quantization(arch, QuantizeOptions("int4", mixed_precision="mixed-layers"), "fp32")
+    plan = WeightPlan.from_quantization(arch, QuantizeOptions("int4", "hqq", mixed_precision="mixed-layers"), "fp32")
     hqq, int8 = MatrixFormat("int4", 64, True, True), MatrixFormat("int8", 64)
     # layers 0 and 7 (the eighths), then every third layer from round(8 / 8) = 1: 3 and 6
     for index, block in enumerate(plan.blocks):
@@ -123,6 +123,21 @@ def test_the_plan_follows_the_options_rule_per_block_and_matrix():
     assert plan.lm_head == MatrixFormat("int8", 64)  # round-to-nearest under hqq, blocks of 64
     trt = WeightPlan.from_quantization(arch, QuantizeOptions("int4", tensorrt=True), "fp16")
     assert trt == WeightPlan.uniform(8, MatrixFormat("int4", 64), MatrixFormat("fp16"))
+
+
+def test_calibrated_mixed_precision_plans_its_choice_and_the_layer_rule_before_it():
+    arch = smollm2_arch(8)
+    rtn, int8 = MatrixFormat("int4", 64), MatrixFormat("int8", 64)
+    before = QuantizeOptions("int4", mixed_precision="calibrated")
+    assert WeightPlan.from_quantization(arch, before, "fp32") == WeightPlan.from_quantization(
+        arch, QuantizeOptions("int4", mixed_precision="mixed-layers-ends"), "fp32")
+    chosen = dataclasses.replace(before, int8_matrices=("model.layers.2.self_attn.o_proj",
+                                                        "model.layers.5.mlp.experts.0.down_proj",
+                                                        "model.layers.5.mlp.experts.1.down_proj"))
+    plan = WeightPlan.from_quantization(arch, chosen, "fp32")
+    moved = {(2, "o_proj"), (5, "down_proj")}
+    for index, block in enumerate(plan.blocks):
+        assert block == BlockWeights(*[int8 if (index, leaf) in moved else rtn for leaf in LEAVES]), index
 
 
 def test_a_plan_for_another_model_is_refused():
@@ -153,7 +168,7 @@ def test_compile_costs_each_model_with_the_plan_its_quantization_will_store():
     options = QuantizeOptions("int4")
     for arch in (dense, converted_arch):  # the rule follows each model's own number of blocks
         planned = planned_settings(settings, arch, options, load_profile("host-cpu"))
-        assert planned.weights == WeightPlan.from_quantization(arch, options, "fp32") and planned.zero_points
+        assert planned.weights == WeightPlan.from_quantization(arch, options, "fp32") and not planned.zero_points
     orin = planned_settings(dataclasses.replace(settings, lm_head_precision="fp16"), dense,
                             QuantizeOptions("int4", tensorrt=True), load_profile("orin-agx"))
     assert orin.weights == WeightPlan.uniform(30, MatrixFormat("int4", 64), MatrixFormat("fp16"))

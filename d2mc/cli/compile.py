@@ -19,8 +19,8 @@ from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 @click.option("--prefill", type=int, default=128, show_default=True, help="Prompt tokens of the prefill phase.")
 @click.option("--context", type=int, default=512, show_default=True, help="Context length of the decode phase.")
 @click.option("--precision", type=click.Choice(QUANTIZED),
-              help="Quantize the converted model's weights (docs/quantization.md); GPTQ calibrates on the "
-                   "conversion's --calib-data [default: the profile's float format].")
+              help="Quantize the converted model's weights (docs/quantization.md); GPTQ and --mixed-precision "
+                   "calibrated calibrate on the conversion's --calib-data [default: the profile's float format].")
 @quantize_options(calibration=False)
 @click.option("--no-measure", is_flag=True, help="Skip timing the artifact on this machine.")
 @click.option("--tasks", help="lm-evaluation-harness tasks scored on the final model, comma-separated (e.g. "
@@ -56,12 +56,16 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
-    gptq = quant_method == "gptq"
-    calibration = (plan["calib_data"], plan["calib_sequences"], plan["calib_length"]) if gptq else (None,) * 3
-    # the quantized weights also lower to TensorRT when the target has it (the engine step)
-    quantize = quantize_options_from(precision, quant_method, block_size, lm_head_precision, mixed_precision,
+
+    def quantize_with(*calibration):
+        # the quantized weights also lower to TensorRT when the target has it (the engine step)
+        return quantize_options_from(precision, quant_method, block_size, lm_head_precision, mixed_precision,
                                      accuracy_level, *calibration,
                                      tensorrt=precision in QUANTIZED and bool(load_profile(target).tensorrt_precisions))
+
+    quantize = quantize_with(None, None, None)
+    if quantize is not None and quantize.calibrated:  # GPTQ and calibrated mixed precision read the conversion's text
+        quantize = quantize_with(plan["calib_data"], plan["calib_sequences"], plan["calib_length"])
     output = output or str(Path("out") / f"{Path(model).name}-{Path(target).stem}")
     check_output_free(output, overwrite)
     recovery = pop_recovery_options(plan, output)

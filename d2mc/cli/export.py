@@ -16,27 +16,29 @@ def quantize_options(calibration: bool):
     flags = [
         click.option("--quant-method", type=click.Choice(["rtn", "hqq", "gptq"]),
                      help="int4/int8: round-to-nearest; HQQ (float zero points, onnxruntime format only); or GPTQ "
-                          "from calibration text (needs gptqmodel: docs/quantization.md) [default: hqq for int4, rtn "
-                          "for int8, for TensorRT and for --moe-op contrib]."),
+                          "from calibration text (needs gptqmodel: docs/quantization.md) [default: rtn]."),
         click.option("--block-size", type=click.Choice(["32", "64", "128"]),
-                     help="int4/int8: weights per scale along each input [default: 64 for hqq and int8, 32 for "
-                          "int4 otherwise; for TensorRT 64, and it takes int4 only, in blocks of 64 or 128]."),
+                     help="int4/int8: weights per scale along each input [default: 64, or 32 where 64 does not "
+                          "divide every input of the model; TensorRT takes int4 only, in blocks of 64 or 128]."),
         click.option("--lm-head-precision", type=click.Choice(["int8", "int4", "float"]),
                      help="int4/int8: the LM head's weights (a tied embedding reads them too) [default: int8; for "
                           "TensorRT float, which it takes with int4]."),
-        click.option("--mixed-precision", type=click.Choice(["none", "mixed-layers", "mixed-layers-ends"]),
+        click.option("--mixed-precision", type=click.Choice(["none", "mixed-layers", "mixed-layers-ends",
+                                                              "calibrated"]),
                      help="int4: matrices moved to int8 by layer: mixed-layers, q/k/v and down of the first and last "
                           "eighth of the layers and every third between; mixed-layers-ends, also the other matrices "
-                          "of the first and last eighth (docs/quantization.md) [default: mixed-layers-ends; none for "
-                          "TensorRT and --moe-op contrib]."),
+                          "of the first and last eighth; or calibrated, those whose int4 error costs the calibration "
+                          "loss most per byte (docs/quantization.md) [default: calibrated; none for TensorRT and "
+                          "--moe-op contrib]."),
         click.option("--accuracy-level", type=click.IntRange(0, 4),
                      help="int4/int8, onnxruntime format: MatMulNBits accuracy level; 4 computes with int8 "
                           "activations, the fast path on CPU [default: 4]."),
     ]
     if calibration:
         flags += [click.option("--calib-data", type=click.Path(),
-                               help="GPTQ calibration text (.txt or .jsonl); default: the built-in calibration text."),
-                  click.option("--calib-sequences", type=int, help="GPTQ calibration sequences [default: 16]."),
+                               help="Calibration text of GPTQ and --mixed-precision calibrated (.txt or "
+                                    ".jsonl); default: the built-in calibration text."),
+                  click.option("--calib-sequences", type=int, help="Calibration sequences [default: 16]."),
                   click.option("--calib-length", type=int, help="Tokens per calibration sequence [default: 256].")]
 
     def decorate(function):
@@ -123,6 +125,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     form = f"MoE: {moe_op}" if flavour == "onnxruntime" else "MoE: D2mcMoE plugin"
     weights = precision
     if options:
+        options = quantized.options  # the block size fitted to the model, the int8 matrices chosen
         mixed = f" ({options.mixed_precision} at int8)" if options.mixed else ""
         weights = f"{options.precision} {options.quant_method} block {options.block_size}{mixed}, LM head " \
                   f"{options.lm_head_precision}, {precision} activations"

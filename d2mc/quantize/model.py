@@ -9,7 +9,9 @@ its norm becomes weightless.
 
 ``rtn`` and ``hqq`` quantize each weight on its own (the LM head, which a tied embedding reads through
 ``GatherBlockQuantized`` and its integer zero points, always by round-to-nearest; so are the matrices mixed
-precision moves to int8). ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
+precision moves to int8). Calibrated mixed precision (:mod:`d2mc.quantize.sensitivity`) first scores every group of
+Linears on the calibration text with the float weights and records the matrices it moves to int8 in the options
+the result carries. ``gptq`` runs GPTQModel's GPTQ (:mod:`d2mc.quantize.gptq`) layer by
 layer, in order: each block is run on the calibration activations that the already quantized blocks before it
 produce, and within a block the projections are quantized in the order they compute (q/k/v, o, every expert's
 gate/up, every expert's down), each from the inputs it sees after the ones before it were quantized; an expert sees
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from d2mc.errors import UserError
 from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions
+from d2mc.quantize.sensitivity import choose_int8, fisher_diagonal, fisher_sequences, group_costs
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +86,44 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     """Quantize a copy of ``model`` (dense or converted) as ``options`` say; ``model`` itself is left as it is.
 
     ``tokenizer`` reads the calibration text (``options.calib_data``, else the built-in calibration text) when the
-    method calibrates."""
+    method or the mixed precision calibrates. Calibrated mixed precision chooses its int8 matrices unless
+    ``options.int8_matrices`` already names them (a record being quantized again)."""
     from d2mc.arch import ModelArch
 
     options.check_installed()
-    options.check_divides(ModelArch.from_config(model.config))
+    arch = ModelArch.from_config(model.config)
+    options.check_divides(arch)
+    options = options.fitted(arch)
     calibration, described = None, ""
-    if options.calibrated:
+    choose = options.mixed_precision == "calibrated" and options.int8_matrices is None
+    if options.quant_method == "gptq" or choose:
         if tokenizer is None:
-            raise UserError("GPTQ needs the model's tokenizer to read its calibration text")
+            raise UserError("calibrated quantization needs the model's tokenizer to read its calibration text")
         from d2mc.data import calibration_batch
 
-        calibration = calibration_batch(tokenizer, options.calib_sequences, options.calib_length, options.calib_data,
-                                        options.seed)
-        described = (f"{options.calib_data or 'the built-in calibration text'} "
-                     f"({options.calib_sequences} x {options.calib_length} tokens)")
+        sequences = options.calib_sequences
+        if options.quant_method != "gptq":  # read only by the choice of int8 matrices
+            sequences = min(sequences, fisher_sequences(options.calib_length))
+        calibration = calibration_batch(tokenizer, sequences, options.calib_length, options.calib_data, options.seed)
+        described = f"{options.calib_data or 'the built-in calibration text'} ({sequences} x {options.calib_length} tokens)"
     start = time.perf_counter()
     quantized = copy.deepcopy(model).eval()
     fold_expert_norms(quantized)
     layers = [_block_linears(quantized, i, layer) for i, layer in enumerate(quantized.model.layers)]
     head = quantized.lm_head if options.lm_head_bits else None
-    if calibration is None:
-        linears = {name: _set(module, _quantize_alone(module.weight, options, options.bits_of(name, len(layers))))
-                   for block in layers for stage in block for group in stage for name, module in group}
+    groups = [group for block in layers for stage in block for group in stage]
+    alone: dict[tuple[str, int], QuantizedLinear] = {}
+
+    def quantize_alone(name: str, module: nn.Linear, bits: int) -> QuantizedLinear:
+        if (name, bits) not in alone:  # the choice of int8 matrices quantizes each once at both widths
+            alone[name, bits] = _quantize_alone(module.weight, options, bits)
+        return alone[name, bits]
+
+    if choose:
+        options = _choose_int8(quantized, groups, calibration, options, quantize_alone, progress or (lambda _: None))
+    if options.quant_method != "gptq":
+        linears = {name: _set(module, quantize_alone(name, module, options.bits_of(name, len(layers))))
+                   for group in groups for name, module in group}
         fallbacks: list[str] = []
     else:
         linears, fallbacks = _gptq(quantized, layers, calibration, options, progress or (lambda text: None))
@@ -112,6 +131,20 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
         linears["lm_head"] = _set(head, quantize_rtn(head.weight, options.lm_head_bits,
                                                      options.lm_head_block_size(head.in_features)))
     return QuantizedModel(quantized, linears, options, described, time.perf_counter() - start, tuple(fallbacks))
+
+
+def _choose_int8(model, groups, calibration: torch.Tensor, options: QuantizeOptions, quantize_alone,
+                 progress) -> QuantizeOptions:
+    """``options`` with the int8 matrices of calibrated mixed precision chosen on ``model``'s float weights (gptq's
+    errors, unknown before it runs, scored as round-to-nearest's)."""
+    progress("scoring the int4 matrices on the calibration text")
+    fisher = fisher_diagonal(model, calibration, [module for group in groups for _, module in group])
+    joint: dict[tuple, list] = {}  # every expert's matrix of one block alike, as the roofline counts them
+    for group in groups:
+        joint.setdefault((group[0][0].split(".")[2], tuple(n.rpartition(".")[2] for n, _ in group)), []).extend(group)
+    int8 = choose_int8(group_costs(list(joint.values()), fisher, quantize_alone), options.int8_share)
+    log.info("calibrated mixed precision: %d of %d matrices at int8", len(int8), sum(map(len, groups)))
+    return dataclasses.replace(options, int8_matrices=int8)
 
 
 def _quantize_alone(weight: torch.Tensor, options: QuantizeOptions, bits: int) -> QuantizedLinear:

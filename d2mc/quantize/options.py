@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from d2mc.arch import dividing_block_sizes, lm_head_block_size
 from d2mc.engine.plan import TENSORRT_DEQUANTIZE_SOURCE, TENSORRT_INT4_BLOCKS
 from d2mc.errors import MissingDependencyError, OptionError
+from d2mc.quantize.sensitivity import INT8_SHARE
 
 PRECISIONS = ("int4", "int8")
 FLOAT_PRECISIONS = ("fp32", "fp16")
@@ -18,22 +19,23 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # int4 models with some matrices at int8 (by round-to-nearest, symmetric), chosen by layer: "mixed-layers" is
 # onnxruntime-genai's preset of that name (llama.cpp's Q4_K_M rule): q/k/v and down at int8 in the first and last
 # eighth of the layers and in every third layer between; "mixed-layers-ends" also every other matrix of the first
-# and last eighth (measured on SmolLM2-135M: docs/quantization.md)
-MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends")
-# int4 in MatMulNBits (not TensorRT, not QMoE) moves the first and last eighth and q/k/v/down of every third layer
-# to int8: 1.088x the fp32 perplexity instead of 1.194x on SmolLM2-135M (HQQ, block 64), same decode speed, +15% bytes
-DEFAULT_MIXED = "mixed-layers-ends"
+# and last eighth; "calibrated" the matrices whose int4 error costs the calibration loss most per byte
+# (:mod:`d2mc.quantize.sensitivity`; measured on SmolLM2-135M: docs/quantization.md)
+MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends", "calibrated")
+# int4 in MatMulNBits (not TensorRT, not QMoE) moves the matrices whose int4 error costs the calibration loss most per
+# byte to int8 (measured on SmolLM2-135M, rtn block 64, ONNX Runtime, 4,096 held-out tokens: docs/quantization.md)
+DEFAULT_MIXED = "calibrated"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
-# block 32 for round-to-nearest int4 (the best held-out perplexity of the block sizes every supported hidden size
-# divides; block 64 decodes about 15% faster at 1.03x its perplexity on SmolLM2-135M: docs/quantization.md); 64 for
-# int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
-DEFAULT_BLOCK_SIZE = {"int4": 32, "int8": 64}
-# HQQ for int4 in MatMulNBits: lower perplexity than round-to-nearest at every block size, no calibration data; in
-# blocks of 64, where its zero-point residual costs least (block 32 decoded 0.72x as fast as rtn's on SmolLM2-135M,
-# block 64 as fast as rtn at 32): docs/quantization.md. gptq needs gptqmodel, a manual install (GPTQMODEL_INSTALL).
-# TensorRT and QMoE take integer zero points only: rtn there.
-DEFAULT_METHOD = {"int4": "hqq", "int8": "rtn"}
-HQQ_DEFAULT_BLOCK_SIZE = 64
+# int4 in blocks of 64 where 64 divides every input the model quantizes, else 32 (:meth:`QuantizeOptions.fitted`):
+# on SmolLM2-135M rtn at 64 decodes 1.08-1.11x the onnxruntime-genai builder's int4 (block 32) and at 32 0.93-0.97x,
+# at 1.01-1.03x its perplexity; 64 for int8 (1.003x the fp32 perplexity on SmolLM2-135M, fewer scales to read)
+DEFAULT_BLOCK_SIZE = {"int4": 64, "int8": 64}
+# round-to-nearest for int4 and int8: with calibrated mixed precision it meets both targets on SmolLM2-135M (decode
+# within 1.05x of the peer's int4, 1.10x the fp32 perplexity), where hqq's zero-point residual MatMuls cost 7-14% of
+# decode speed (under the target) for 2-3% lower perplexity: docs/quantization.md. hqq (float zero points,
+# MatMulNBits only) and gptq (GPTQModel, a manual install: GPTQMODEL_INSTALL) are options; TensorRT and QMoE take
+# integer zero points only.
+DEFAULT_METHOD = {"int4": "rtn", "int8": "rtn"}
 DEFAULT_LM_HEAD = "int8"  # an int8 LM head shared with the embedding: docs/quantization.md
 # weights that also go to TensorRT: its DequantizeLinear takes int4 in blocks of 64 or 128 and int8 only per channel,
 # so int4 in blocks of 64 (128 does not divide SmolLM2's 576) and a float LM head, as TensorRT Edge-LLM's INT4 AWQ
@@ -54,11 +56,15 @@ class QuantizeOptions:
     ``precision``: int4 or int8; ``quant_method``: rtn (round-to-nearest, no data), hqq (ONNX Runtime's HQQ: float
     zero points, no data, MatMulNBits only) or gptq (GPTQModel's GPTQ, layer by layer from calibration
     activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
-    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`; 64 for hqq);
+    elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`, :meth:`fitted`);
     ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
     (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
     ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
-    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it. ``tensorrt``: the weights also lower to TensorRT (the
+    calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it,
+    read by gptq and by calibrated mixed precision; ``int8_matrices``: the names of the matrices calibrated mixed
+    precision moved to int8 (chosen by :func:`~d2mc.quantize.quantize_model`, which records them here; None before),
+    within ``int8_share`` of the bytes every int4 matrix at int8 would add.
+    ``tensorrt``: the weights also lower to TensorRT (the
     tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
     of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
     weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
@@ -75,8 +81,12 @@ class QuantizeOptions:
     calib_sequences: int = 16
     calib_length: int = 256
     seed: int = 0
+    int8_share: float = INT8_SHARE
+    int8_matrices: tuple[str, ...] | None = None
     tensorrt: bool = False
     qmoe: bool = False
+    # the block size was not given: 64 becomes 32 for a model whose inputs 64 does not divide (fitted)
+    block_size_default: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -87,8 +97,8 @@ class QuantizeOptions:
             object.__setattr__(self, "quant_method", "rtn" if integer_only else DEFAULT_METHOD[self.precision])
         if self.block_size is None:
             object.__setattr__(self, "block_size", TENSORRT_DEFAULT_BLOCK_SIZE if self.tensorrt and
-                               self.precision == "int4" else HQQ_DEFAULT_BLOCK_SIZE if self.quant_method == "hqq"
-                               else DEFAULT_BLOCK_SIZE[self.precision])
+                               self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
+            object.__setattr__(self, "block_size_default", not self.tensorrt)
         if self.mixed_precision is None:
             object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not integer_only
                                else "none")
@@ -108,11 +118,19 @@ class QuantizeOptions:
         if self.mixed and self.precision != "int4":
             raise OptionError(f"{{mixed_precision}} {self.mixed_precision} moves int4 matrices to int8: it needs "
                               f"{{precision}} int4, not {self.precision}")
+        if not 0 < self.int8_share <= 1:
+            raise OptionError(f"{{int8_share}} must be above 0 and at most 1, not {self.int8_share}")
+        if self.int8_matrices is not None:
+            if self.mixed_precision != "calibrated":
+                raise OptionError(f"{{int8_matrices}} are what {{mixed_precision}} calibrated chose, not "
+                                  f"{self.mixed_precision}")
+            object.__setattr__(self, "int8_matrices", tuple(self.int8_matrices))
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"{{accuracy_level}} must be one of 0-4, not {self.accuracy_level}")
         if self.calib_data is not None and not self.calibrated:
-            raise OptionError(f"{{calib_data}} is GPTQ's calibration text: {self.quant_method} reads no data (add "
-                              "{quant_method} gptq, or drop it)")
+            raise OptionError(f"{{calib_data}} is the calibration text of GPTQ and calibrated mixed precision: "
+                              f"{self.quant_method} with {{mixed_precision}} {self.mixed_precision} reads no data (add "
+                              "{quant_method} gptq or {mixed_precision} calibrated, or drop it)")
         if self.calib_sequences < 1 or self.calib_length < 2:
             raise OptionError("{calib_sequences} must be at least 1 and {calib_length} at least 2")
         if self.tensorrt:
@@ -159,15 +177,23 @@ class QuantizeOptions:
 
     def bits_of(self, name: str, layers: int) -> int:
         """The bits of the block Linear ``name`` (``model.layers.{i}...``) in a model of ``layers`` blocks."""
+        if self.mixed_precision == "calibrated" and self.int8_matrices is None:
+            raise ValueError("calibrated mixed precision has not chosen its int8 matrices yet: take the options of "
+                             "the QuantizedModel (or the artifact's quantization record)")
         return self.bits_at(int(name.split(".")[2]), name.rpartition(".")[2], layers)
 
     def bits_at(self, index: int, leaf: str, layers: int) -> int:
         """The bits of the matrix ``leaf`` (``q_proj``, ..., ``down_proj``; every expert's alike) of block ``index``
-        in a model of ``layers`` blocks: the options' own, or 8 where mixed precision moves it to int8."""
+        in a model of ``layers`` blocks: the options' own, or 8 where mixed precision moves it to int8. Before
+        calibrated mixed precision has chosen its matrices (a prediction before quantizing), the mixed-layers-ends
+        rule stands in for the choice: on SmolLM2-135M the choice adds 3% more bytes (docs/quantization.md)."""
         if not self.mixed:
             return self.bits
+        if self.mixed_precision == "calibrated" and self.int8_matrices is not None:
+            return 8 if (index, leaf) in {(int(n.split(".")[2]), n.rpartition(".")[2]) for n in self.int8_matrices} \
+                else self.bits
         ends = index < layers / 8 or index >= 7 * layers / 8
-        if (self.mixed_precision == "mixed-layers-ends" and ends) or (leaf in MIXED_LEAVES and (
+        if (self.mixed_precision in ("mixed-layers-ends", "calibrated") and ends) or (leaf in MIXED_LEAVES and (
                 ends or (index - round(layers / 8)) % 3 == 2)):
             return 8
         return self.bits
@@ -189,7 +215,8 @@ class QuantizeOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.quant_method == "gptq"
+        """The quantization reads calibration text (gptq, or calibrated mixed precision)."""
+        return self.quant_method == "gptq" or self.mixed_precision == "calibrated"
 
     @property
     def float_zero_points(self) -> bool:
@@ -202,26 +229,41 @@ class QuantizeOptions:
         if self.quant_method == "gptq" and importlib.util.find_spec("gptqmodel") is None:
             raise MissingDependencyError("gptqmodel", "GPTQ quantization", GPTQMODEL_INSTALL)
 
+    def fitted(self, arch) -> QuantizeOptions:
+        """These options for a model of ``arch``: a default block size that does not divide every input the model
+        quantizes becomes 32."""
+        if self.block_size_default and self.block_size != 32 and any(size % self.block_size
+                                                                     for _, size in _inputs(arch)):
+            return dataclasses.replace(self, block_size=32)
+        return self
+
     def check_divides(self, arch) -> None:
-        """Refuse a block size that does not divide the input size of a weight of ``arch`` it would quantize."""
-        inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
-        inputs += [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
+        """Refuse a block size that does not divide the input size of a weight of ``arch`` it would quantize (a
+        default one is :meth:`fitted` first)."""
+        block_size = self.fitted(arch).block_size
+        inputs = _inputs(arch)
         for what, size in inputs:
-            if size % self.block_size:
+            if size % block_size:
                 fits = dividing_block_sizes(n for _, n in inputs)
                 hint = f"use {{block_size}} {' or '.join(fits)}" if fits else "no block size of 32 or more divides them all"
-                raise OptionError(f"{{block_size}} {self.block_size} does not divide {what} ({size}) of the model: "
+                raise OptionError(f"{{block_size}} {block_size} does not divide {what} ({size}) of the model: "
                                   f"{hint}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantizeOptions:
         """The options a record (:meth:`to_dict`, or an artifact's ``quantization``) holds; other keys are ignored.
         A record from before mixed precision existed quantized every matrix at its precision."""
         data = {"mixed_precision": "none", **data}
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.init and f.name in data})
+
+
+def _inputs(arch) -> list[tuple[str, int]]:
+    """The input sizes of the matrices a model of ``arch`` quantizes, each with what it is."""
+    inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
+    return inputs + [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
 
 
 def check_float_precision(precision: str, **given) -> None:

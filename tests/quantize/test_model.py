@@ -140,7 +140,7 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
     (dict(block_size=48), "block_size must be 32, 64 or 128, not 48"),
     (dict(lm_head_precision="fp8"), "lm_head_precision must be one of int8, int4, float, not fp8"),
     (dict(accuracy_level=5), "accuracy_level must be one of 0-4, not 5"),
-    (dict(mixed_precision="some"), "mixed_precision must be one of none, mixed-layers, mixed-layers-ends, not some"),
+    (dict(mixed_precision="some"), "mixed_precision must be one of none, mixed-layers, mixed-layers-ends, calibrated, not some"),
     (dict(precision="int8", mixed_precision="mixed-layers"),
      "mixed_precision mixed-layers moves int4 matrices to int8: it needs precision int4, not int8"),
     (dict(mixed_precision="mixed-layers", tensorrt=True), "mixed_precision mixed-layers cannot go to TensorRT: it puts "
@@ -168,6 +168,16 @@ def test_a_block_size_that_does_not_divide_a_weight_is_refused():
         QuantizeOptions("int4", block_size=128).check_divides(arch)
 
 
+def test_the_default_block_size_is_64_where_it_divides_every_input_and_32_elsewhere():
+    fits = ModelArch.from_config(tiny_model("llama").config)  # inputs 64 and 128
+    narrow = ModelArch.from_config(tiny_model("llama", hidden_size=96).config)  # 96 = 4 heads of 24
+    assert QuantizeOptions("int4").fitted(fits).block_size == 64
+    assert QuantizeOptions("int4").fitted(narrow).block_size == 32
+    QuantizeOptions("int4").check_divides(narrow)
+    with pytest.raises(OptionError, match=r"^block_size 64 does not divide the hidden size \(96\)"):
+        QuantizeOptions("int4", block_size=64).check_divides(narrow)  # a block size given stays as given
+
+
 def test_a_missing_library_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else object())
     with pytest.raises(MissingDependencyError, match=f"pip install {GPTQMODEL_INSTALL}$"):
@@ -179,10 +189,10 @@ def test_defaults_by_precision_and_target():
         o = QuantizeOptions(**options)
         return o.quant_method, o.block_size, o.mixed_precision, o.lm_head_precision
 
-    assert defaults(precision="int4") == ("hqq", 64, "mixed-layers-ends", "int8")
-    assert defaults(precision="int4", quant_method="rtn") == ("rtn", 32, "mixed-layers-ends", "int8")
+    assert defaults(precision="int4") == ("rtn", 64, "calibrated", "int8")
+    assert defaults(precision="int4", quant_method="hqq") == ("hqq", 64, "calibrated", "int8")
     assert defaults(precision="int8") == ("rtn", 64, "none", "int8")
     assert defaults(precision="int4", tensorrt=True) == ("rtn", 64, "none", "float")
-    assert defaults(precision="int4", qmoe=True) == ("rtn", 32, "none", "int8")
+    assert defaults(precision="int4", qmoe=True) == ("rtn", 64, "none", "int8")
     # a record from before mixed precision: every matrix at its precision
     assert QuantizeOptions.from_dict({"precision": "int4", "quant_method": "rtn"}).mixed_precision == "none"

@@ -30,7 +30,7 @@ def op_counts(path) -> dict[str, int]:
 @pytest.mark.parametrize("kind, moe_op", [("dense", "dispatch"), ("converted", "contrib"), ("converted", "dispatch")])
 def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, kind, moe_op, tmp_path):
     model = tiny_model(family, vocab_size=VOCAB) if kind == "dense" else converted(family)
-    # the defaults: hqq with mixed precision, round-to-nearest for QMoE
+    # the defaults: round-to-nearest with calibrated mixed precision, without it for QMoE
     quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, qmoe=moe_op == "contrib"), TOKENIZER)
     result = export_onnx(model, TOKENIZER, tmp_path / "q", quantized=quantized, moe_op=moe_op)
     verify = result.verify
@@ -45,7 +45,8 @@ def test_the_artifact_matches_the_model_with_the_same_quantized_weights(family, 
     assert ops.get("GatherBlockQuantized", 0) == (1 if model.config.tie_word_embeddings else 0)
     info = read_artifact(tmp_path / "q")
     assert info["precision"] == "int4"
-    assert info["quantization"]["quant_method"] == ("rtn" if moe_op == "contrib" else "hqq")
+    assert info["quantization"]["quant_method"] == "rtn"
+    assert info["quantization"]["mixed_precision"] == ("none" if moe_op == "contrib" else "calibrated")
 
 
 @pytest.mark.parametrize("kind", ["dense", "converted"])
@@ -101,7 +102,7 @@ def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_t
     out = tmp_path / "int4"
     main(["export", str(tiny_checkpoint_with_tokenizer), "--precision", "int4", "--block-size", "32", "-o", str(out)])
     printed = capsys.readouterr().out
-    assert "int4 hqq block 32 (mixed-layers-ends at int8), LM head int8" in printed
+    assert "int4 rtn block 32 (calibrated at int8), LM head int8" in printed
     assert "with the same quantized weights" in printed
     assert "against the unquantized model" in printed
     main(["run", str(out), "the council", "--max-new-tokens", "4"])  # generates through onnxruntime-genai
@@ -109,4 +110,21 @@ def test_export_run_eval_and_verify_from_the_command_line(tiny_checkpoint_with_t
     main(["eval", str(out), "--tokens", "256", "--window", "64"])
     assert "ONNX Runtime" in capsys.readouterr().out
     main(["verify", str(out)])  # re-quantizes the source as the artifact records: a failure would exit 1
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_calibrated_mixed_precision_is_recorded_and_verified_again(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    """The int8 matrices calibrated mixed precision chose travel in the artifact's record: ``verify`` quantizes the
+    source again as recorded (without choosing again) and matches the shipped graph."""
+    out = tmp_path / "int4"
+    main(["export", str(tiny_checkpoint_with_tokenizer), "--precision", "int4", "--quant-method", "rtn", "--block-size",
+          "32", "--mixed-precision", "calibrated", "--calib-sequences", "4", "--calib-length", "64", "-o", str(out)])
+    assert "(calibrated at int8)" in capsys.readouterr().out
+    recorded = read_artifact(out)["quantization"]
+    int8 = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 8 for a in n.attribute)]
+    # the LM head is int8 too; q/k/v go as one packed node
+    assert recorded["mixed_precision"] == "calibrated" and len(recorded["int8_matrices"]) > 0 and len(int8) > 1
+    assert QuantizeOptions.from_dict(recorded).int8_matrices == tuple(recorded["int8_matrices"])
+    main(["verify", str(out)])
     assert "PASSED" in capsys.readouterr().out
