@@ -9,8 +9,8 @@ training: ``--recover-steps`` steps of ``--recover-batch`` x ``--recover-seq-len
 dense parent on the same windows in the same order, text the dense parent generated itself (``--data generate``;
 the held-out text's domain is never trained on), so that the equally trained dense model is the ceiling; with
 ``--train-sequences`` the dense parent writes fewer windows than the steps take, and they repeat as epochs (writing
-is slow on a CPU: about 4 s per 256-token window on one thread). ``--eval-every`` scores the held-out perplexity
-on ``--curve-tokens`` tokens every that many steps (the learning curve). Each
+is slow on a CPU: 3 s per 256-token window on one thread in batches of 32, 5 s in batches of 8). ``--eval-every``
+scores the held-out perplexity on ``--curve-tokens`` tokens every that many steps (the learning curve). Each
 point reports its predicted decode latency at its context and its held-out perplexity (the built-in corpus's
 held-out tail, 512-token windows) before and after recovery; with ``--export`` it is also lowered to ONNX and
 verified against PyTorch.
