@@ -271,7 +271,7 @@ def report(sweep: Sweep) -> None:
                      "x dense trained", "recovery min", "on frontier"], rows)
         for speedup in sorted({p["speedup_target"] for p in mine if p["speedup_target"]}):
             at = {p["method"]: p for p in mine if p["speedup_target"] == speedup}
-            if "auto" in at:
+            if "auto" in at and len(at) > 1:
                 others = {m: p for m, p in at.items() if m != "auto"}
                 beaten = [m for m, p in others.items() if at["auto"]["perplexity"] < p["perplexity"]]
                 print(f"{speedup:g}x at context {context}: auto {at['auto']['perplexity']:.2f} "
