@@ -39,8 +39,8 @@ from _common import print_table, write_json  # noqa: E402
 METHODS = ("drop-layers", "drop-attention", "lfuc", "auto")
 # the settings that decide a point's result: a JSON written with others is not resumed from
 RESUMED_SETTINGS = ("recover_steps", "recover_seq_len", "recover_batch", "teacher_topk", "hidden_weight", "data",
-                    "train_sequences", "generate_batch", "eval_tokens", "target", "lfuc_max_group", "auto_max_group", "lr", "reconstruct_steps",
-                    "calib_sequences", "calib_length")
+                    "train_sequences", "generate_batch", "eval_tokens", "target", "lfuc_max_group", "auto_max_group",
+                    "lr", "reconstruct_steps", "calib_sequences", "calib_length")
 
 
 def log(text: str) -> None:
