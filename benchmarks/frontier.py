@@ -7,7 +7,10 @@ LF-UC with a fixed plan shape (groups of at most ``--lfuc-max-group`` layers, to
 least measured damage, ``--method auto``). Every point, the dense model included, then gets the same recovery
 training: ``--recover-steps`` steps of ``--recover-batch`` x ``--recover-seq-len`` tokens of distillation from the
 dense parent on the same windows in the same order, text the dense parent generated itself (``--data generate``;
-the held-out text's domain is never trained on), so that the equally trained dense model is the ceiling. Each
+the held-out text's domain is never trained on), so that the equally trained dense model is the ceiling; with
+``--train-sequences`` the dense parent writes fewer windows than the steps take, and they repeat as epochs (writing
+is slow on a CPU: 3 s per 256-token window on one thread in batches of 32, 5 s in batches of 8). ``--eval-every``
+scores the held-out perplexity on ``--curve-tokens`` tokens every that many steps (the learning curve). Each
 point reports its predicted decode latency at its context and its held-out perplexity (the built-in corpus's
 held-out tail, 512-token windows) before and after recovery; with ``--export`` it is also lowered to ONNX and
 verified against PyTorch.
@@ -17,6 +20,7 @@ Points are written to ``--json`` as they finish; a rerun with the same settings 
 
     python benchmarks/frontier.py [--contexts 512,4096] [--speedups 1.2,1.3] [--recover-steps 60]
                                 [--points 512x1.3,4096x1.2] [--methods drop-layers,drop-attention,lfuc,auto]
+                                [--train-sequences 160] [--generate-batch 32] [--eval-every 32 --curve-tokens 1024]
                                 [--json frontier.json] [--reconstruct-steps 150] [--plot frontier.png] [--work frontier-work] [--export]
 """
 
@@ -35,8 +39,8 @@ from _common import print_table, write_json  # noqa: E402
 METHODS = ("drop-layers", "drop-attention", "lfuc", "auto")
 # the settings that decide a point's result: a JSON written with others is not resumed from
 RESUMED_SETTINGS = ("recover_steps", "recover_seq_len", "recover_batch", "teacher_topk", "hidden_weight", "data",
-                    "eval_tokens", "target", "lfuc_max_group", "auto_max_group", "lr", "reconstruct_steps",
-                    "calib_sequences", "calib_length")
+                    "train_sequences", "generate_batch", "eval_tokens", "target", "lfuc_max_group", "auto_max_group",
+                    "lr", "reconstruct_steps", "calib_sequences", "calib_length")
 
 
 def log(text: str) -> None:
@@ -58,6 +62,7 @@ class Sweep:
         self.teacher = self.base.model.eval().requires_grad_(False)  # every point converts a copy
         self.profile = load_profile(args.target)
         self.windows = heldout_windows(self.base.tokenizer, 512, args.eval_tokens)
+        self.curve_windows = heldout_windows(self.base.tokenizer, 512, args.curve_tokens) if args.eval_every else None
         self.calibration = calibration_batch(self.base.tokenizer, args.calib_sequences, args.calib_length)
         self.state = self._resume()
         if "dense_untrained" not in self.state:
@@ -103,17 +108,19 @@ class Sweep:
         from d2mc.recovery.data import cache_teacher_topk, generate_windows, training_windows
 
         a = self.args
-        sequences = a.recover_steps * a.recover_batch
-        path = self.work / f"data-{a.data}-{sequences}x{a.recover_seq_len}-top{a.teacher_topk}.pt"
+        sequences = a.train_sequences or a.recover_steps * a.recover_batch
+        batch = "" if a.generate_batch == 8 else f"-b{a.generate_batch}"  # the default keeps its old file name
+        path = self.work / f"data-{a.data}-{sequences}x{a.recover_seq_len}{batch}-top{a.teacher_topk}.pt"
         if path.exists():
             self._data = torch.load(path, weights_only=False)  # our own file: windows and a TeacherTopK
             return self._data
         start = time.perf_counter()
         if a.data == "generate":
             windows = generate_windows(self.teacher, self.base.tokenizer, sequences, a.recover_seq_len, seed=0,
-                                       progress=lambda text: log(text) if text.endswith(("0", str(sequences))) else None)
+                                       batch_size=a.generate_batch, progress=log)
         else:
             windows = training_windows(self.base.tokenizer, None, a.recover_seq_len)
+            windows = windows[:a.train_sequences] if a.train_sequences else windows
         log(f"training text ({a.data}): {windows.shape[0]} x {windows.shape[1]} tokens "
             f"[{time.perf_counter() - start:.0f} s]")
         cache = cache_teacher_topk(self.teacher, windows, a.teacher_topk) if a.teacher_topk else None
@@ -146,6 +153,7 @@ class Sweep:
         return ctx, conversion_summary(ctx, options)
 
     def recover(self, model) -> dict:
+        """Train ``model`` with the sweep's recovery budget; the summary keeps the held-out curve (``--eval-every``)."""
         from d2mc.recovery import RecoveryOptions, brief, train_recovery
         from d2mc.recovery.data import WindowDataset
 
@@ -153,9 +161,12 @@ class Sweep:
         windows, cache = self.data()
         options = RecoveryOptions(steps=a.recover_steps, seq_len=a.recover_seq_len, batch_size=a.recover_batch,
                                   lr=a.lr, teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight,
-                                  log_every=10, seed=0)
-        return brief(train_recovery(model, self.teacher, WindowDataset(windows, cache), options,
-                                    progress=lambda text: log(f"  {text}") if "step" in text else None))
+                                  eval_every=a.eval_every, log_every=10, seed=0)
+        summary = train_recovery(model, self.teacher, WindowDataset(windows, cache), options,
+                                 eval_windows=self.curve_windows,
+                                 progress=lambda text: log(f"  {text}") if "step" in text else None)
+        return {**brief(summary), "heldout_curve": summary["heldout_curve"],
+                "distinct_tokens": windows.numel(), "epochs": summary["tokens"] / windows.numel()}
 
     def point(self, method: str, context: int, speedup: float | None) -> dict:
         """Convert, score, recover, score (and export) one point, or return it from the JSON."""
@@ -240,7 +251,7 @@ def report(sweep: Sweep) -> None:
     dense = state["points"]["dense"]
     steps, batch, seq = args.recover_steps, args.recover_batch, args.recover_seq_len
     print(f"\nSmolLM2-135M: every point, dense included, after the same recovery ({steps} steps x {batch} x {seq} "
-          f"= {steps * batch * seq:,} tokens of '{args.data}' text, distillation from the dense parent, "
+          f"= {steps * batch * seq:,} tokens of '{args.data}' text{epochs(dense)}, distillation from the dense parent, "
           f"top-{args.teacher_topk} teacher, hidden-state weight {args.hidden_weight:g}); held-out perplexity on "
           f"{sweep.windows.numel()} tokens never trained on (dense untrained {state['dense_untrained']:.2f}, "
           f"dense trained {dense['perplexity']:.2f}); decode predicted on {sweep.profile.name} (fp16)")
@@ -260,12 +271,29 @@ def report(sweep: Sweep) -> None:
                      "x dense trained", "recovery min", "on frontier"], rows)
         for speedup in sorted({p["speedup_target"] for p in mine if p["speedup_target"]}):
             at = {p["method"]: p for p in mine if p["speedup_target"] == speedup}
-            if "auto" in at:
+            if "auto" in at and len(at) > 1:
                 others = {m: p for m, p in at.items() if m != "auto"}
                 beaten = [m for m, p in others.items() if at["auto"]["perplexity"] < p["perplexity"]]
                 print(f"{speedup:g}x at context {context}: auto {at['auto']['perplexity']:.2f} "
                       f"({at['auto']['perplexity'] / dense['perplexity']:.3f}x dense trained) beats "
                       f"{', '.join(beaten) or 'none'} of {', '.join(others)}")
+    curves = {key: p["recovery"]["heldout_curve"] for key, p in state["points"].items()
+              if p["recovery"].get("heldout_curve")}
+    if curves:
+        steps = sorted({h["step"] for curve in curves.values() for h in curve})
+        print(f"\nheld-out perplexity ({args.curve_tokens} tokens) against recovery steps")
+        print_table(["point", *map(str, steps)],
+                    [[key, *(f"{by[s]:.2f}" if s in by else "" for s in steps)]
+                     for key, by in ((key, {h["step"]: h["heldout_perplexity"] for h in curve})
+                                     for key, curve in curves.items())])
+
+
+def epochs(point: dict) -> str:
+    """How many distinct tokens a point's recovery trained on, when it repeated them."""
+    recovery = point["recovery"]
+    if recovery.get("epochs", 1) <= 1:
+        return ""
+    return f" ({recovery['distinct_tokens']:,} distinct, {recovery['epochs']:.1f} epochs)"
 
 
 def plot(sweep: Sweep, path: str) -> None:
@@ -312,6 +340,12 @@ def main() -> None:
     parser.add_argument("--data", default="generate", choices=["generate", "corpus"],
                         help="training text: the dense parent's own, or the built-in corpus's training part")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="steps between held-out perplexity points of the learning curve (0: none)")
+    parser.add_argument("--curve-tokens", type=int, default=1024, help="held-out tokens scored at each curve point")
+    parser.add_argument("--train-sequences", type=int, default=0,
+                        help="distinct training windows (0: one per step and batch slot; fewer repeat as epochs)")
+    parser.add_argument("--generate-batch", type=int, default=8, help="sequences the dense parent writes at once")
     parser.add_argument("--calib-sequences", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--export", action="store_true", help="lower every point to ONNX and verify it")

@@ -2,11 +2,11 @@
 
 SmolLM2-135M with 6 attention modules removed. One plan for every method: the groups that block influence
 chooses (analyze-redundancy, plan-fusion; pairs by default, ``--max-group``), given to each method as an
-explicit plan, so drop-layers, drop-attention and LF-UC remove the same layers' attention. Pairs, because under
-a short recovery a top-1 block of many experts trains each expert on a small share of the tokens: with one
-group of 7 layers (``--max-group 8``) LF-UC converts better but recovers worse than drop-layers (README). Every method then gets the same recovery budget
-(steps x batch x sequence length, distillation from the dense parent, the same training windows in the same
-order) on the training part of the built-in corpus; the teacher's top-k log-probabilities are computed once
+explicit plan, so drop-layers, drop-attention and LF-UC remove the same layers' attention. Pairs, because on this
+corpus one group of 7 layers (``--max-group 8``) converted better but recovered worse than drop-layers (README); on
+text the dense parent wrote it recovers better than pairs (docs/recovery.md). Every method then gets the same
+recovery budget (steps x batch x sequence length, distillation from the dense parent, the same training windows in
+the same order) on the training part of the built-in corpus; the teacher's top-k log-probabilities are computed once
 and shared. Held-out perplexity is scored on text never trained on (the corpus's held-out tail, 512-token
 windows): on a small slice every ``--eval-every`` steps (perplexity against training tokens), and on
 ``--eval-tokens`` tokens after conversion and at the end.
