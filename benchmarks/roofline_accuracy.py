@@ -58,16 +58,21 @@ ACCOUNTINGS = ("one format", "per matrix")
 
 
 def build_models() -> dict:
-    """MODEL -> a function building the PyTorch model that is exported."""
+    """MODEL -> a function building the PyTorch model that is exported and its tokenizer (which calibrated
+    quantization reads its calibration text with)."""
     from d2mc.convert import ConvertOptions, convert
     from d2mc.loading import load_model
 
-    return {
-        "dense": lambda: load_model("smollm2-135m", tokenizer=False).model,
-        "lfuc": lambda: convert(
-            load_model("smollm2-135m"), ConvertOptions(plan=CONVERSION_PLAN, reconstruct_steps=0, calib_sequences=4,
-                                                       calib_length=128)).model,
-    }
+    def dense():
+        loaded = load_model("smollm2-135m")
+        return loaded.model, loaded.tokenizer
+
+    def lfuc():
+        loaded = load_model("smollm2-135m")
+        options = ConvertOptions(plan=CONVERSION_PLAN, reconstruct_steps=0, calib_sequences=4, calib_length=128)
+        return convert(loaded, options).model, loaded.tokenizer
+
+    return {"dense": dense, "lfuc": lfuc}
 
 
 def parse_artifacts(text: str) -> list[tuple[str, str]]:
@@ -118,16 +123,16 @@ def export_artifacts(models: dict, items: list[tuple[str, str]], out: Path, say)
     artifacts = {}
     for model_name in dict.fromkeys(model for model, _ in items):
         say(f"{MODELS[model_name]}: building")
-        model = models[model_name]()
+        model, tokenizer = models[model_name]()
         for weights in [w for m, w in items if m == model_name]:
             options = quantize_options(weights)
             name = artifact_label(model_name, options)
             say(f"{name}: quantizing and exporting")
-            quantized = None if options is None else quantize_model(model, options)
+            quantized = None if options is None else quantize_model(model, options, tokenizer)
             path = out / name.replace(" ", "-")
             export_onnx(model, None, path, verify=False, quantized=quantized)
             artifacts[name] = path, "fp32" if options is None else options.precision
-        del model
+        del model, tokenizer
     return artifacts
 
 
