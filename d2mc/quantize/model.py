@@ -35,7 +35,7 @@ from d2mc.activations import batches, first_tensor, hooks, output_tensor
 from d2mc.errors import UserError
 from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
-from d2mc.quantize.options import QuantizeOptions
+from d2mc.quantize.options import QuantizeOptions, block_leaf
 from d2mc.quantize.sensitivity import choose_int8, fisher_diagonal, fisher_sequences, group_costs
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def _choose_int8(model, groups, calibration: torch.Tensor, options: QuantizeOpti
     fisher = fisher_diagonal(model, calibration, [module for group in groups for _, module in group])
     joint: dict[tuple, list] = {}  # every expert's matrix of one block alike, as the roofline counts them
     for group in groups:
-        joint.setdefault((group[0][0].split(".")[2], tuple(n.rpartition(".")[2] for n, _ in group)), []).extend(group)
+        joint.setdefault(tuple(block_leaf(name) for name, _ in group), []).extend(group)
     int8 = choose_int8(group_costs(list(joint.values()), fisher, quantize_alone), options.int8_share)
     log.info("calibrated mixed precision: %d of %d matrices at int8", len(int8), sum(map(len, groups)))
     return dataclasses.replace(options, int8_matrices=int8)

@@ -180,7 +180,7 @@ class QuantizeOptions:
         if self.mixed_precision == "calibrated" and self.int8_matrices is None:
             raise ValueError("calibrated mixed precision has not chosen its int8 matrices yet: take the options of "
                              "the QuantizedModel (or the artifact's quantization record)")
-        return self.bits_at(int(name.split(".")[2]), name.rpartition(".")[2], layers)
+        return self.bits_at(*block_leaf(name), layers)
 
     def bits_at(self, index: int, leaf: str, layers: int) -> int:
         """The bits of the matrix ``leaf`` (``q_proj``, ..., ``down_proj``; every expert's alike) of block ``index``
@@ -190,8 +190,7 @@ class QuantizeOptions:
         if not self.mixed:
             return self.bits
         if self.mixed_precision == "calibrated" and self.int8_matrices is not None:
-            return 8 if (index, leaf) in {(int(n.split(".")[2]), n.rpartition(".")[2]) for n in self.int8_matrices} \
-                else self.bits
+            return 8 if (index, leaf) in map(block_leaf, self.int8_matrices) else self.bits
         ends = index < layers / 8 or index >= 7 * layers / 8
         if (self.mixed_precision in ("mixed-layers-ends", "calibrated") and ends) or (leaf in MIXED_LEAVES and (
                 ends or (index - round(layers / 8)) % 3 == 2)):
@@ -264,6 +263,12 @@ def _inputs(arch) -> list[tuple[str, int]]:
     """The input sizes of the matrices a model of ``arch`` quantizes, each with what it is."""
     inputs = [("the hidden size", arch.hidden_size), ("the attention output", arch.num_heads * arch.head_dim)]
     return inputs + [("an MLP's intermediate size", n) for n in sorted({arch.expert_intermediate(b) for b in arch.blocks})]
+
+
+def block_leaf(name: str) -> tuple[int, str]:
+    """The block index and the matrix (``q_proj``, ..., ``down_proj``) of the block Linear ``name``
+    (``model.layers.{i}...{leaf}``)."""
+    return int(name.split(".")[2]), name.rpartition(".")[2]
 
 
 def check_float_precision(precision: str, **given) -> None:
