@@ -40,7 +40,7 @@ METHODS = ("drop-layers", "drop-attention", "lfuc", "auto")
 # the settings that decide a point's result: a JSON written with others is not resumed from
 RESUMED_SETTINGS = ("recover_steps", "recover_seq_len", "recover_batch", "teacher_topk", "hidden_weight", "data",
                     "train_sequences", "generate_batch", "eval_tokens", "target", "lfuc_max_group", "auto_max_group",
-                    "lr", "reconstruct_steps", "calib_sequences", "calib_length")
+                    "lr", "ce_weight", "reconstruct_steps", "calib_sequences", "calib_length")
 
 
 def log(text: str) -> None:
@@ -160,7 +160,7 @@ class Sweep:
         a = self.args
         windows, cache = self.data()
         options = RecoveryOptions(steps=a.recover_steps, seq_len=a.recover_seq_len, batch_size=a.recover_batch,
-                                  lr=a.lr, teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight,
+                                  lr=a.lr, ce_weight=a.ce_weight, teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight,
                                   eval_every=a.eval_every, log_every=10, seed=0)
         summary = train_recovery(model, self.teacher, WindowDataset(windows, cache), options,
                                  eval_windows=self.curve_windows,
@@ -335,6 +335,8 @@ def main() -> None:
     parser.add_argument("--recover-seq-len", type=int, default=256)
     parser.add_argument("--recover-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--ce-weight", type=float, default=1.0,
+                        help="weight of the loss on the sampled next token (0: distillation from the parent only)")
     parser.add_argument("--teacher-topk", type=int, default=64)
     parser.add_argument("--hidden-weight", type=float, default=0.0)
     parser.add_argument("--data", default="generate", choices=["generate", "corpus"],
