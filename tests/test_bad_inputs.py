@@ -212,6 +212,7 @@ ROWS = [
     (["recover", T, "-o", "out", "--steps", "-1"], "recovery steps must be zero or more", True),
     (["recover", T, "-o", "out", "--warmup", "-1"], "--warmup must be zero or more", True),
     (["recover", T, "-o", "out", "--lr", "0"], "the learning rate and the temperature must be positive", True),
+    (["recover", T, "-o", "out", "--ce-weight", "-1"], "loss weights must be zero or more", True),
     (["recover", T, "-o", "out", "--router-lr-factor", "0"], "--router-lr-factor must be positive, not 0.0", True),
     (["recover", T, "-o", "out", "--lr", "nan"], "--lr must be a finite number, not nan", True),
     (["recover", T, "-o", "out", "--seq-len", "9999"], "--seq-len 9999 is longer than the model's 512 positions",

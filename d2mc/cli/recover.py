@@ -65,7 +65,8 @@ def pop_recovery_options(kwargs: dict, output: str, placement=None):
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up: a fraction of the steps, or steps.")
 @click.option("--train", type=click.Choice(["routers", "blocks", "all"]), default="all", show_default=True,
               help=TRAIN_HELP)
-@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of next-token cross-entropy.")
+@click.option("--ce-weight", type=float, default=None,
+              help="Weight of next-token cross-entropy.  [default: 1; 0 with --data generate]")
 @click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of KL to the teacher.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--balance-weight", type=float, default=0.01, show_default=True, help="Weight of router load balance.")

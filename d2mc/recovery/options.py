@@ -29,7 +29,9 @@ class RecoveryOptions:
     warmup: float = 0.05  # a fraction of the steps (< 1) or a number of steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    ce_weight: float = 1.0
+    # None: 1 on real text; 0 on text the teacher generated, where the sampled token (top-p, a sharpened draw
+    # from the teacher's own distribution) only adds noise and a bias to what the KL already gives exactly
+    ce_weight: float | None = None
     kl_weight: float = 1.0
     temperature: float = 1.0
     balance_weight: float = 0.01
@@ -58,6 +60,8 @@ class RecoveryOptions:
     stream: bool = False  # read a datasets name as a stream, tokenised on the fly (no windows prepared ahead)
 
     def __post_init__(self):
+        if self.ce_weight is None:
+            self.ce_weight = 0.0 if self.data == GENERATE else 1.0
         if self.steps < 0:
             raise UserError("recovery steps must be zero or more")
         if self.seq_len < 2 or self.batch_size < 1 or self.grad_accum < 1:

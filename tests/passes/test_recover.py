@@ -337,6 +337,13 @@ def test_recovery_with_no_data_at_all():
                            RecoveryOptions(steps=2, seq_len=16, batch_size=2, data="generate"))
     assert summary["data"]["source"] == "generate" and summary["data"]["sequences"] == 4
     assert summary["steps"] == 2 and summary["final"]["loss"] > 0
+    assert "ce" not in summary["final"]  # the teacher's own samples: distillation only (ce_weight resolves to 0)
+
+
+@pytest.mark.parametrize("data, given, expected", [("generate", None, 0.0), (None, None, 1.0), ("generate", 0.5, 0.5),
+                                                   ("notes.txt", None, 1.0)])
+def test_the_ce_weight_defaults_to_zero_only_on_generated_text(data, given, expected):
+    assert RecoveryOptions(data=data, ce_weight=given).ce_weight == expected
 
 
 @pytest.mark.slow
