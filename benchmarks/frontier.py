@@ -160,7 +160,8 @@ class Sweep:
         a = self.args
         windows, cache = self.data()
         options = RecoveryOptions(steps=a.recover_steps, seq_len=a.recover_seq_len, batch_size=a.recover_batch,
-                                  lr=a.lr, ce_weight=a.ce_weight, teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight,
+                                  lr=a.lr, data="generate" if a.data == "generate" else None,
+                                  ce_weight=a.ce_weight, teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight,
                                   eval_every=a.eval_every, log_every=10, seed=0)
         summary = train_recovery(model, self.teacher, WindowDataset(windows, cache), options,
                                  eval_windows=self.curve_windows,
@@ -329,14 +330,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--target", default="orin-agx")
     parser.add_argument("--lfuc-max-group", type=int, default=2, help="LF-UC's fixed plan shape: most layers per group")
-    parser.add_argument("--auto-max-group", type=int, default=3)
+    parser.add_argument("--auto-max-group", type=int, help="most layers per group of auto (default: its own)")
     parser.add_argument("--reconstruct-steps", type=int, default=150, help="block-wise reconstruction of fused blocks")
     parser.add_argument("--recover-steps", type=int, default=60)
     parser.add_argument("--recover-seq-len", type=int, default=256)
     parser.add_argument("--recover-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--ce-weight", type=float, default=1.0,
-                        help="weight of the loss on the sampled next token (0: distillation from the parent only)")
+    parser.add_argument("--ce-weight", type=float,
+                        help="weight of the loss on the next token (default: recovery's, 0 on generated text)")
     parser.add_argument("--teacher-topk", type=int, default=64)
     parser.add_argument("--hidden-weight", type=float, default=0.0)
     parser.add_argument("--data", default="generate", choices=["generate", "corpus"],

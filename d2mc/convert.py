@@ -28,7 +28,7 @@ ROUTER_RESULTS = ("routers", "reconstructed_routers", "split_routers")
 class ConvertOptions:
     """What to convert and how. Methods that remove layers (lfuc, drop-layers, drop-attention, lfuc-split) need
     exactly one of the four plan sources; ``auto`` (a mixed plan, :mod:`passes.plan_auto`) a budget or a speed-up
-    at ``context``, with groups of at most ``max_group`` layers (3 unless given); split-experts and upcycle take
+    at ``context``, with groups of at most ``max_group`` layers (6 unless given); split-experts and upcycle take
     none. ``experts``, ``active_fraction``, ``split_shared`` and ``layers`` shape split-experts (and the split of
     lfuc-split); ``experts``, ``top_k``, ``upcycle_init`` and ``layers`` shape upcycle."""
 
@@ -41,7 +41,7 @@ class ConvertOptions:
     top_k: int = 1
     shared_expert: bool = False
     normalize_topk: bool = True
-    max_group: int | None = None  # None: 8 for the fixed-shape methods, 3 for auto
+    max_group: int | None = None  # None: 8 for the fixed-shape methods, 6 for auto
     reconstruct_steps: int = 150
     calib_data: str | None = None
     calib_sequences: int = 16
@@ -102,7 +102,7 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     if options.method == "auto":
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
                            context=options.context, precision=options.precision, block_size=options.block_size,
-                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 3,
+                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 6,
                            reconstruct_steps=options.reconstruct_steps)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,

@@ -78,7 +78,8 @@ class PlanAuto(Pass):
     expert), or drops it. Candidates are the ``candidate_share`` of the interior layers of lowest block influence
     (analyze-redundancy). Every action is screened by its local error (only its block runs: how far it lands from
     the dense hidden state after its layers); the ``screen`` actions of least local error of each kind, group
-    size and routing go on, the others are left out. Each of those is measured: the calibration-loss increase
+    size and routing go on (fewer for groups of more than two layers, :meth:`screened_per_bucket`), the others are
+    left out. Each of those is measured: the calibration-loss increase
     with that action alone (on the first ``probe_sequences`` calibration sequences,
     :class:`d2mc.damage.DamageProbe`). The search
     (:func:`d2mc.planner.pareto_plans`) gives the least damaging plan at every predicted latency. The best plan under
@@ -95,7 +96,7 @@ class PlanAuto(Pass):
 
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
                  precision: str = "fp16", block_size: int = 128, lm_head_precision: str | None = None,
-                 max_group: int = 3, candidate_share: float = 0.7, shapes: bool = True,
+                 max_group: int = 6, candidate_share: float = 0.7, shapes: bool = True,
                  screen: int = 6, probe_sequences: int = 2, batch_size: int = 2, reconstruct_steps: int = 0,
                  progress: Callable[[str], None] | None = None):
         if (budget_ms is None) == (speedup is None):
@@ -232,12 +233,21 @@ class PlanAuto(Pass):
         return errors
 
     @staticmethod
-    def _screened(actions: list, local: dict, screen: int) -> list:
-        """The ``screen`` actions of least local error of each kind, group size and routing, in their order."""
+    def screened_per_bucket(screen: int, size: int) -> int:
+        """How many actions of one kind, routing and group size of ``size`` layers go on to be measured: ``screen``
+        up to pairs, then fewer (2 x screen / size, at least half the screen). Larger groups of one routing overlap
+        in most of their layers, so their next candidates add little, while each costs a measurement and there
+        are more group sizes to cover."""
+        return screen if size <= 2 else max(screen // 2, 2 * screen // size)
+
+    @classmethod
+    def _screened(cls, actions: list, local: dict, screen: int) -> list:
+        """The actions of least local error of each kind, group size and routing, in their order."""
         buckets: dict[tuple, list] = {}
         for a in actions:
             buckets.setdefault((a.kind, len(a.layers), a.shape), []).append(a)
-        kept = {a for bucket in buckets.values() for a in sorted(bucket, key=local.get)[:screen]}
+        kept = {a for (_, size, _), bucket in buckets.items()
+                for a in sorted(bucket, key=local.get)[:cls.screened_per_bucket(screen, size)]}
         return [a for a in actions if a in kept]
 
     def _candidates(self, block_influence: list[float]) -> list[int]:

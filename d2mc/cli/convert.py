@@ -31,7 +31,7 @@ def plan_options(func):
         click.option("--top-k", type=int, default=1, show_default=True, help="Routed experts per token."),
         click.option("--shared-expert", is_flag=True, help="Keep the kept layer's MLP always active."),
         click.option("--no-normalize", is_flag=True, help="Scale experts by their softmax probability."),
-        click.option("--max-group", type=int, help="Most layers fused into one block (default: 8; auto: 3)."),
+        click.option("--max-group", type=int, help="Most layers fused into one block (default: 8; auto: 6)."),
         click.option("--reconstruct-steps", type=int, default=150, show_default=True,
                      help="Block-wise reconstruction steps for the fused experts (0: routers only)."),
         click.option("--experts", type=int, default=8, show_default=True,

@@ -14,7 +14,7 @@ from d2mc.damage import DamageProbe
 from d2mc.errors import UserError
 from d2mc.pipeline import PassManager, create_pass
 from d2mc.plan import FusionPlan, GroupShape
-from d2mc.planner import DROP_ATTENTION, DROP_LAYER, FUSE
+from d2mc.planner import DROP_ATTENTION, DROP_LAYER, FUSE, enumerate_actions
 from d2mc.profiles import load_profile
 from d2mc.report import plan_search_section
 from d2mc.restructure import restructure
@@ -141,3 +141,21 @@ def test_every_kind_of_mixed_plan_builds_saves_reloads_exports_and_verifies(tiny
     assert result.verify["passed"]
     trt = export_onnx(reloaded, None, tmp_path / "onnx-tensorrt", flavour="tensorrt", precision="fp16")
     assert trt.verify["passed"]
+
+
+def test_the_screen_keeps_the_least_local_error_of_each_bucket_and_fewer_of_larger_groups():
+    from collections import defaultdict
+
+    from d2mc.passes.plan_auto import PlanAuto
+
+    assert [PlanAuto.screened_per_bucket(6, size) for size in range(1, 8)] == [6, 6, 4, 3, 3, 3, 3]
+    actions = enumerate_actions(14, range(1, 13), max_group=6)
+    local = {a: float(torch.rand((), generator=torch.Generator().manual_seed(i))) for i, a in enumerate(actions)}
+    kept = set(PlanAuto._screened(actions, local, 6))
+    buckets = defaultdict(list)
+    for a in actions:
+        buckets[(a.kind, len(a.layers), a.shape)].append(a)
+    assert len(buckets) == 2 + 1 + 3 + 4 * 3  # drop attention, drop layer; pairs top-1; 3: three routings; 4-6: four
+    for (_, size, _), bucket in buckets.items():
+        ranked = sorted(bucket, key=local.get)
+        assert {a for a in bucket if a in kept} == set(ranked[:PlanAuto.screened_per_bucket(6, size)])
