@@ -136,11 +136,11 @@ class PlanAuto(Pass):
         probe = DamageProbe(ctx.model, ctx.calibration[: self.probe_sequences], self.batch_size)
         local = {a: probe.local_error(a.first, a.last, a.block) for a in actions}
         screen = self.screen
-        screened = self._screened(actions, local, screen)
+        screened = self.screened(actions, local, screen)
         while screen < len(actions) and best_within(pareto_plans(
                 n, [ScoredAction(a, seconds[a], 0.0) for a in screened], costs.keep, costs.outside), target) is None:
             screen *= 2  # the budget needs more of the screened-out actions
-            screened = self._screened(actions, local, screen)
+            screened = self.screened(actions, local, screen)
         self._say(f"screened {len(actions)} actions by local error, measuring {len(screened)} "
                   f"[{time.perf_counter() - start:.0f} s]")
         damages = {}
@@ -241,7 +241,7 @@ class PlanAuto(Pass):
         return screen if size <= 2 else max(screen // 2, 2 * screen // size)
 
     @classmethod
-    def _screened(cls, actions: list, local: dict, screen: int) -> list:
+    def screened(cls, actions: list, local: dict, screen: int) -> list:
         """The actions of least local error of each kind, group size and routing, in their order."""
         buckets: dict[tuple, list] = {}
         for a in actions:

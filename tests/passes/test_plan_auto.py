@@ -151,7 +151,7 @@ def test_the_screen_keeps_the_least_local_error_of_each_bucket_and_fewer_of_larg
     assert [PlanAuto.screened_per_bucket(6, size) for size in range(1, 8)] == [6, 6, 4, 3, 3, 3, 3]
     actions = enumerate_actions(14, range(1, 13), max_group=6)
     local = {a: float(torch.rand((), generator=torch.Generator().manual_seed(i))) for i, a in enumerate(actions)}
-    kept = set(PlanAuto._screened(actions, local, 6))
+    kept = set(PlanAuto.screened(actions, local, 6))
     buckets = defaultdict(list)
     for a in actions:
         buckets[(a.kind, len(a.layers), a.shape)].append(a)
