@@ -79,9 +79,8 @@ class PlanAuto(Pass):
     (analyze-redundancy). Every action is screened by its local error (only its block runs: how far it lands from
     the dense hidden state after its layers); the ``screen`` actions of least local error of each kind, group
     size and routing go on (fewer for groups of more than two layers, :meth:`screened_per_bucket`), the others are
-    left out. Each of those is measured: the calibration-loss increase
-    with that action alone (on the first ``probe_sequences`` calibration sequences,
-    :class:`d2mc.damage.DamageProbe`). The search
+    left out. Each of those is measured: the calibration-loss increase with that action alone (on the first
+    ``probe_sequences`` calibration sequences, :class:`d2mc.damage.DamageProbe`). The search
     (:func:`d2mc.planner.pareto_plans`) gives the least damaging plan at every predicted latency. The best plan under
     the budget, and the best of each restricted search (fusion only, fused pairs, attention only, layers only), are
     then measured whole; the additive model is refitted on them (one factor per kind of action), searched again,
