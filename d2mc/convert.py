@@ -41,7 +41,7 @@ class ConvertOptions:
     top_k: int = 1
     shared_expert: bool = False
     normalize_topk: bool = True
-    max_group: int | None = None  # None: 8 for the fixed-shape methods, 6 for auto
+    max_group: int | None = None  # None: the planning pass's own (8 for the fixed-shape methods, 6 for auto)
     reconstruct_steps: int = 150
     calib_data: str | None = None
     calib_sequences: int = 16
@@ -102,13 +102,13 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
     if options.method == "auto":
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
                            context=options.context, precision=options.precision, block_size=options.block_size,
-                           lm_head_precision=options.lm_head_precision, max_group=options.max_group or 6,
+                           lm_head_precision=options.lm_head_precision, max_group=options.max_group,
                            reconstruct_steps=options.reconstruct_steps)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
                        top_k=options.top_k, shared_expert=options.shared_expert,
-                       normalize_topk=options.normalize_topk, max_group=options.max_group or 8,
+                       normalize_topk=options.normalize_topk, max_group=options.max_group,
                        context=options.context, precision=options.precision, block_size=options.block_size,
                        lm_head_precision=options.lm_head_precision,
                        **({"experts": options.experts, "active_fraction": options.active_fraction,

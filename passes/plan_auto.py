@@ -68,14 +68,17 @@ def decode_costs(arch: ModelArch, profile, context: int, precision: str, block_s
     return DecodeCosts(spec_seconds, spec_seconds(BlockSpec()), per_block[-1], dense.seconds)
 
 
+MAX_GROUP = 6  # most layers per fused group unless given: docs/planning.md measures 3, 6 and 7
+
+
 @register_pass
 class PlanAuto(Pass):
     """Exactly one of ``budget_ms`` (predicted decode latency on the profile at ``context``) or ``speedup`` (S times
     faster than dense there).
 
     Per parent layer the plan keeps it, drops its attention, fuses its MLP as an expert of the block before it
-    (groups of at most ``max_group`` layers; top-1 or top-2, with or without the kept layer's MLP as a shared
-    expert), or drops it. Candidates are the ``candidate_share`` of the interior layers of lowest block influence
+    (groups of at most ``max_group`` layers, :data:`MAX_GROUP` unless given; top-1 or top-2, with or without the
+    kept layer's MLP as a shared expert), or drops it. Candidates are the ``candidate_share`` of the interior layers of lowest block influence
     (analyze-redundancy). Every action is screened by its local error (only its block runs: how far it lands from
     the dense hidden state after its layers); the ``screen`` actions of least local error of each kind, group
     size and routing go on (fewer for groups of more than two layers, :meth:`screened_per_bucket`), the others are
@@ -95,7 +98,7 @@ class PlanAuto(Pass):
 
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
                  precision: str = "fp16", block_size: int = 128, lm_head_precision: str | None = None,
-                 max_group: int = 6, candidate_share: float = 0.7, shapes: bool = True,
+                 max_group: int | None = None, candidate_share: float = 0.7, shapes: bool = True,
                  screen: int = 6, probe_sequences: int = 2, batch_size: int = 2, reconstruct_steps: int = 0,
                  progress: Callable[[str], None] | None = None):
         if (budget_ms is None) == (speedup is None):
@@ -104,6 +107,7 @@ class PlanAuto(Pass):
             raise UserError(f"--budget-ms must be positive, not {budget_ms}")
         if speedup is not None and not speedup >= 1:
             raise UserError(f"--speedup must be at least 1, not {speedup}")
+        max_group = MAX_GROUP if max_group is None else max_group
         if max_group < 2 or not 0 < candidate_share <= 1 or probe_sequences < 1 or screen < 1:
             raise UserError("--max-group must be at least 2, the candidate share in (0, 1], and the screen and the "
                             "probe at least 1")

@@ -30,7 +30,7 @@ class PlanFusion(Pass):
 
     def __init__(self, method: str = "lfuc", remove_attention: int | None = None, budget_ms: float | None = None,
                  speedup: float | None = None, plan: str | None = None, top_k: int = 1, shared_expert: bool = False,
-                 normalize_topk: bool = True, max_group: int = 8, context: int = 512, precision: str = "fp16",
+                 normalize_topk: bool = True, max_group: int | None = None, context: int = 512, precision: str = "fp16",
                  block_size: int = 128, lm_head_precision: str | None = None, experts: int = 8,
                  active_fraction: float = 0.5, split_shared: int = 0, layers: str | None = None):
         given = [k for k, v in {"--remove-attention": remove_attention, "--budget-ms": budget_ms,
@@ -44,6 +44,7 @@ class PlanFusion(Pass):
             raise UserError("--budget-ms must be positive")
         if speedup is not None and speedup < 1:
             raise UserError("--speedup must be at least 1")
+        max_group = 8 if max_group is None else max_group  # most layers per fused group unless given
         if top_k < 1 or max_group < 2:
             raise UserError("--top-k must be at least 1 and --max-group at least 2")
         self.method, self.remove_attention, self.budget_ms, self.speedup = method, remove_attention, budget_ms, speedup
