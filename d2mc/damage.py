@@ -43,6 +43,7 @@ class DamageProbe:
         self.mids = [m.reshape(-1, m.shape[-1]) for m in mids]
         self.dense_loss = self._loss_from(0, self.dense_blocks)
         self.router_fits: dict[BlockPlan, dict] = {}
+        self.expert_outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.reconstructed: dict[BlockPlan, nn.Module] = {}
 
     @property
@@ -134,9 +135,20 @@ class DamageProbe:
             else:
                 h = self.mids[plan.expert_layers[0]]
                 y = self.inputs[plan.expert_layers[-1] + 1].reshape(-1, h.shape[-1])
-                fit = fit_group_router(block, h.to(self.probe.dtype), y.to(self.probe.dtype))
+                fit = fit_group_router(block, h.to(self.probe.dtype), y.to(self.probe.dtype),
+                                       outputs=[self._expert_output(plan.expert_layers[0], layer)
+                                                for layer in plan.expert_layers])
                 self.router_fits[plan] = {**fit, "router": block.router.weight.detach().clone()}
         return block.eval()
+
+    @torch.no_grad()
+    def _expert_output(self, first: int, layer: int) -> torch.Tensor:
+        """Parent layer ``layer``'s MLP (with its norm) on the post-attention hidden state of layer ``first``, fp32,
+        computed once: the router fits of every group starting at ``first`` share it."""
+        if (first, layer) not in self.expert_outputs:
+            expert = self.dense_blocks[layer].experts[0]
+            self.expert_outputs[first, layer] = expert(self.mids[first].to(self.probe.dtype)).float()
+        return self.expert_outputs[first, layer]
 
     def action_damage(self, first: int, last: int, plan: BlockPlan | None) -> float:
         """The loss increase of replacing parent layers ``first..last`` by the block ``plan`` (None: dropping them),

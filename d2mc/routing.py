@@ -10,6 +10,8 @@ L-BFGS to choose the experts that calibration activations say are best.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from d2mc.teacher import own_parameters
@@ -49,7 +51,8 @@ def split_tokens(n: int, seed: int, device: torch.device | str = "cpu") -> tuple
     return perm[:cut], perm[cut:]
 
 
-def fit_group_router(block, h: torch.Tensor, y: torch.Tensor, fit_scales: bool = True, iterations: int = 60) -> dict:
+def fit_group_router(block, h: torch.Tensor, y: torch.Tensor, fit_scales: bool = True, iterations: int = 60,
+                     outputs: Sequence[torch.Tensor] | None = None) -> dict:
     """Fit a fused block to the dense group it replaced, from the group's post-attention hidden state ``h`` (of its
     first layer) and output ``y`` (of its last), both ``[T, H]``.
 
@@ -59,15 +62,18 @@ def fit_group_router(block, h: torch.Tensor, y: torch.Tensor, fit_scales: bool =
     fitted to pick the best expert, each token's cross-entropy weighted by how much the choice matters (the gap
     between the best and second-best expert). Returns router agreement on held-back tokens, the router's and the
     best choice's load, the scales and the token count. Runs on the device of ``h``; the block's weights may be in
-    any dtype (the fit is in fp32)."""
+    any dtype (the fit is in fp32). ``outputs``: the block's experts' outputs on ``h`` (fp32, in their order) when the
+    caller has them already."""
     shared = block.shared_experts
     routed = block.experts[shared:]
     dtype = block.router.weight.dtype
     with torch.no_grad():
-        x = h.to(dtype)
-        residual = y - h - sum((e(x).float() for e in block.experts[:shared]), torch.zeros_like(h))
-        outs = torch.stack([e(x).float() for e in routed])  # [E, T, H]
-        del x
+        if outputs is None:
+            x = h.to(dtype)
+            outputs = [e(x).float() for e in block.experts]
+            del x
+        residual = y - h - sum(outputs[:shared], torch.zeros_like(h))
+        outs = torch.stack(list(outputs[shared:]))  # [E, T, H]
         scales = torch.ones(len(routed), device=h.device)
         if fit_scales:
             labels = _errors(outs, residual).argmin(0)
