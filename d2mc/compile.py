@@ -40,7 +40,7 @@ class CompileOptions:
     model: str
     output: str
     target: str = "orin-agx"
-    conversion: ConvertOptions = field(default_factory=lambda: ConvertOptions(speedup=1.2))
+    conversion: ConvertOptions = field(default_factory=lambda: ConvertOptions(method="auto", speedup=1.2))
     eval_tokens: int = 4096
     measure: bool = True
     host_profile: str | None = None  # this machine's profile for judging the measurement (d2mc.host_profile)

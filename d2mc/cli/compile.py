@@ -41,8 +41,10 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
             overwrite, quiet, as_json, **plan):
     """Compile MODEL for a device: Dense2MoE conversion, ONNX with KV cache, verification, report.
 
-    Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes layers targets
-    a 1.2x predicted decode speed-up on the device.
+    The method is auto (a mixed plan chosen per layer, docs/planning.md) unless --method, --recipe, or an option
+    of a fixed plan shape (--remove-attention, --plan, --top-k, --shared-expert, --no-normalize; then lfuc) says
+    otherwise. Without --remove-attention, --budget-ms, --speedup or --plan, the plan of a method that removes
+    layers targets a 1.2x predicted decode speed-up on the device.
     """
     import time
     from pathlib import Path
@@ -53,6 +55,10 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     from d2mc.plan import PLANNED_METHODS
     from d2mc.profiles import load_profile
 
+    if plan["method"] is None and plan["recipe"] is None:
+        fixed_shape = (plan["remove_attention"] is not None or plan["plan_text"] is not None or plan["top_k"] != 1
+                       or plan["shared_expert"] or plan["no_normalize"])
+        plan["method"] = "lfuc" if fixed_shape else "auto"
     if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2

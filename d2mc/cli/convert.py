@@ -20,10 +20,12 @@ from d2mc.plan import METHODS, UPCYCLE_INITS
 def plan_options(func):
     """The options that choose what to remove, shared by convert and compile."""
     for option in reversed([
-        click.option("--method", type=click.Choice(METHODS), default="lfuc", show_default=True,
+        click.option("--method", type=click.Choice(METHODS),
                      help="Dense2MoE layer fusion, a baseline on the same plan, a mixed plan chosen per layer under "
                           "--budget-ms or --speedup (auto), MLPs split into experts (split-experts; lfuc-split: "
-                          "LF-UC, then split), or sparse upcycling."),
+                          "LF-UC, then split), or sparse upcycling [default: convert lfuc; compile auto, or lfuc "
+                          "when --remove-attention, --plan, --top-k, --shared-expert or --no-normalize shape the "
+                          "plan]."),
         click.option("--remove-attention", type=int, help="Remove this many attention modules."),
         click.option("--budget-ms", type=float, help="Predicted decode latency budget on --target (ms)."),
         click.option("--speedup", type=float, help="Predicted decode speed-up over dense on --target."),
@@ -64,8 +66,8 @@ def convert_options_from(target, method, remove_attention, budget_ms, speedup, p
     if recipe is not None:
         _refuse_plan_options_beside(recipe)
 
-    return ConvertOptions(method=method, remove_attention=remove_attention, budget_ms=budget_ms, speedup=speedup,
-                          plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
+    return ConvertOptions(method=method or "lfuc", remove_attention=remove_attention, budget_ms=budget_ms,
+                          speedup=speedup, plan=plan_text, target=target, top_k=top_k, shared_expert=shared_expert,
                           normalize_topk=not no_normalize, max_group=max_group,
                           reconstruct_steps=reconstruct_steps, calib_data=calib_data,
                           calib_sequences=calib_sequences, calib_length=calib_length, experts=experts,
