@@ -321,8 +321,10 @@ ROWS = [
     (["compile", T, "--eval-tokens", "-5", "-o", "out"], "--eval-tokens must be at least 0, not -5", True),
     (["compile", T, "--calib-length", "600", "-o", "out"], "--calib-length 600 is longer than the model's 512", True),
     (["compile", T, "--tasks", "no_such_task", "--context", "256", "-o", "out"], "unknown task 'no_such_task' for --tasks", True),
-    (["compile", T, "--method", "auto", "--speedup", "40", "--context", "256", "-o", "out"],
+    (["compile", T, "--speedup", "40", "--context", "256", "-o", "out"],  # auto, compile's default method
      "--speedup 40 is out of reach on orin-agx at context 256", True),
+    (["compile", T, "--method", "auto", "--top-k", "2", "--context", "256", "-o", "out"],
+     "--top-k does not apply to --method auto", True),
     (["compile", T, "--precision", "int4", "--target", "{no-int4-toml}", "--context", "256", "-o", "out"],
      "--precision int4 is not a precision tiny's TensorRT supports (fp32, fp16, int8)", True),
     (["compile", T, "--precision", "int4", "--block-size", "128", "--context", "256", "-o", "out"],

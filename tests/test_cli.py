@@ -73,3 +73,22 @@ def test_option_errors_name_option_keys_in_python_and_flags_on_the_command_line(
     assert info.value.code == 1
     assert capsys.readouterr().err == ("error: --engine times an artifact's TensorRT engine: give an ARTIFACT and "
                                        "--measure\n")
+
+
+@pytest.mark.parametrize("given, method", [
+    ({}, "auto"),
+    ({"speedup": 1.3}, "auto"),
+    ({"method": "drop-layers"}, "drop-layers"),
+    ({"recipe": "lfuc-recover.toml"}, None),  # the recipe's
+    ({"remove_attention": 6}, "lfuc"),
+    ({"plan_text": "11-17"}, "lfuc"),
+    ({"top_k": 2}, "lfuc"),
+    ({"shared_expert": True}, "lfuc"),
+    ({"no_normalize": True}, "lfuc"),
+])
+def test_compile_plans_auto_unless_an_option_fixes_the_plan_shape(given, method):
+    from d2mc.cli.compile import default_method
+
+    plan = {"method": None, "recipe": None, "remove_attention": None, "plan_text": None, "top_k": 1,
+            "shared_expert": False, "no_normalize": False, "speedup": None, **given}
+    assert default_method(plan) == method

@@ -10,6 +10,16 @@ from d2mc.cli.export import QUANTIZED, quantize_options, quantize_options_from
 from d2mc.cli.recover import pipeline_recovery_options, pop_recovery_options
 
 
+def default_method(plan: dict) -> str | None:
+    """compile's method from its plan options: the one given (or the recipe's: None), else auto, or lfuc when an
+    option fixes the plan's shape."""
+    if plan["method"] is not None or plan["recipe"] is not None:
+        return plan["method"]
+    fixed_shape = (plan["remove_attention"] is not None or plan["plan_text"] is not None or plan["top_k"] != 1
+                   or plan["shared_expert"] or plan["no_normalize"])
+    return "lfuc" if fixed_shape else "auto"
+
+
 @click.command("compile")
 @model_argument
 @click.option("--target", default="orin-agx", show_default=True, help="Device profile (name or .toml).")
@@ -55,10 +65,7 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
     from d2mc.plan import PLANNED_METHODS
     from d2mc.profiles import load_profile
 
-    if plan["method"] is None and plan["recipe"] is None:
-        fixed_shape = (plan["remove_attention"] is not None or plan["plan_text"] is not None or plan["top_k"] != 1
-                       or plan["shared_expert"] or plan["no_normalize"])
-        plan["method"] = "lfuc" if fixed_shape else "auto"
+    plan["method"] = default_method(plan)
     if plan["recipe"] is None and plan["method"] in (*PLANNED_METHODS, "auto") and not any(
             plan[k] is not None for k in ("remove_attention", "budget_ms", "speedup", "plan_text")):
         plan["speedup"] = 1.2
