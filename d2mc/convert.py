@@ -90,8 +90,9 @@ class ConvertOptions:
                             "--active-fraction")
 
 
-def conversion_passes(options: ConvertOptions) -> list[Pass]:
-    """The passes of a method, in the order the method description reads; or those of the recipe."""
+def conversion_passes(options: ConvertOptions, progress: Callable[[str], None] | None = None) -> list[Pass]:
+    """The passes of a method, in the order the method description reads; or those of the recipe. ``progress``
+    hears the plan search's steps (auto)."""
     if options.recipe is not None:
         return load_recipe(options.recipe)
     if options.method == "split-experts":
@@ -103,7 +104,7 @@ def conversion_passes(options: ConvertOptions) -> list[Pass]:
         plan = create_pass("plan-auto", budget_ms=options.budget_ms, speedup=options.speedup,
                            context=options.context, precision=options.precision, block_size=options.block_size,
                            lm_head_precision=options.lm_head_precision, max_group=options.max_group,
-                           reconstruct_steps=options.reconstruct_steps)
+                           reconstruct_steps=options.reconstruct_steps, progress=progress)
         return [create_pass("analyze-redundancy"), plan, *fusion_passes(options)]
     plan = create_pass("plan-fusion", method=options.method, remove_attention=options.remove_attention,
                        budget_ms=options.budget_ms, speedup=options.speedup, plan=options.plan,
@@ -186,7 +187,7 @@ def convert(loaded: LoadedModel, options: ConvertOptions, progress: Callable[[st
     the recovery training the options ask for is left to the caller (the teacher is kept for it)."""
     if loaded.config.model_type == "d2mc_moe":
         raise UserError(f"'{loaded.source}' is already converted: convert its dense parent")
-    passes = conversion_passes(options)
+    passes = conversion_passes(options, progress)
     if recovers(options) and any(p.name == "recover" for p in passes):
         raise UserError("the recipe has a 'recover' pass: set its options in [options.recover], not --recover-*")
     ctx = conversion_context(loaded, options, passes)

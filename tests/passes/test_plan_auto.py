@@ -26,8 +26,11 @@ def test_auto_meets_the_budget_it_was_given(tiny_context, speedup):
     profile = load_profile("orin-agx")
     ctx = tiny_context(profile=profile)
     dense = predict_decode_seconds(ctx.arch, profile, context=256)
-    passes = conversion_passes(ConvertOptions(method="auto", speedup=speedup, context=256, reconstruct_steps=10))
+    heard = []
+    passes = conversion_passes(ConvertOptions(method="auto", speedup=speedup, context=256, reconstruct_steps=10),
+                               progress=heard.append)
     PassManager(passes).run(ctx)
+    assert heard[0].startswith("screened ") and any(h.startswith("measured ") for h in heard)  # the search's steps
     assert predict_decode_seconds(ctx.arch, profile, context=256) <= dense / speedup
     search = ctx.results["plan_search"]
     chosen = search["chosen"]
