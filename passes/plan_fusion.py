@@ -14,6 +14,9 @@ from d2mc.roofline import predict_decode_seconds
 log = logging.getLogger(__name__)
 
 
+MAX_GROUP = 8  # most layers per fused group unless given
+
+
 @register_pass
 class PlanFusion(Pass):
     """Exactly one of ``remove_attention`` (K attention modules), ``budget_ms`` (predicted decode latency on the
@@ -44,7 +47,7 @@ class PlanFusion(Pass):
             raise UserError("--budget-ms must be positive")
         if speedup is not None and speedup < 1:
             raise UserError("--speedup must be at least 1")
-        max_group = 8 if max_group is None else max_group  # most layers per fused group unless given
+        max_group = MAX_GROUP if max_group is None else max_group
         if top_k < 1 or max_group < 2:
             raise UserError("--top-k must be at least 1 and --max-group at least 2")
         self.method, self.remove_attention, self.budget_ms, self.speedup = method, remove_attention, budget_ms, speedup

@@ -134,7 +134,8 @@ def test_compile_plans_auto_by_default_and_reports_its_plan_search_and_task_scor
     from tests.test_evaluation import TASK, TASKS
 
     out = tmp_path / "out"
-    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--speedup", "1.1", "--calib-sequences", "4", "--calib-length", "64", "--reconstruct-steps", "5",
+    result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--speedup", "1.1",
+                    "--calib-sequences", "4", "--calib-length", "64", "--reconstruct-steps", "5",
                     "--eval-tokens", "1024", "--context", "256", "--prefill", "32", "--tasks", TASK,
                     "--include-path", TASKS, "--task-limit", "5", "-o", out, "--quiet")
     assert result.exit_code == 0, result.output
