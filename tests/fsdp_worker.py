@@ -1,7 +1,12 @@
 """Run by ``torch.distributed.run`` in two gloo processes: the teacher sharded with FSDP2 gives the logits of the
-whole teacher while each process holds half of it. Writes what it found as JSON to the path in argv[1]."""
+whole teacher while each process holds half of it. Writes what it found as JSON to the path in argv[1].
+
+Both processes meet at a barrier before the group is destroyed and leave with ``os._exit``: gloo's worker threads can
+abort the process while the interpreter shuts down after the work is done ("terminate called without an active
+exception"), which would fail the check for a reason that is not the sharding's."""
 
 import json
+import os
 import sys
 
 import torch
@@ -30,8 +35,12 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
