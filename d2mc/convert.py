@@ -130,7 +130,7 @@ def fusion_passes(options: ConvertOptions) -> list[Pass]:
     """What LF-UC (and a mixed plan) does once the plan is made: prune, fuse, fit routers, reconstruct."""
     passes = [create_pass("prune-attention"), create_pass("fuse-experts"), create_pass("insert-router")]
     if options.reconstruct_steps:
-        passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps))
+        passes.append(create_pass("reconstruct-blocks", steps=options.reconstruct_steps, reuse_search=True))
     return passes
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from d2mc.activations import batches, hooks
 from d2mc.arch import BlockPlan
 from d2mc.modeling import D2MCBlock, family_classes
-from d2mc.reconstruction import reconstruct_experts
+from d2mc.reconstruction import BATCH_TOKENS, LR, SEED, ReconstructedBlock, reconstruct_experts
 from d2mc.restructure import dense_plan, restructure
 from d2mc.routing import fit_group_router
 
@@ -44,7 +44,7 @@ class DamageProbe:
         self.dense_loss = self._loss_from(0, self.dense_blocks)
         self.router_fits: dict[BlockPlan, dict] = {}
         self.expert_outputs: dict[tuple[int, int], torch.Tensor] = {}
-        self.reconstructed: dict[BlockPlan, nn.Module] = {}
+        self.reconstructed: dict[BlockPlan, ReconstructedBlock] = {}
 
     @property
     def num_layers(self) -> int:
@@ -117,6 +117,21 @@ class DamageProbe:
         per plan and reused."""
         if plan == BlockPlan.dense(plan.attention_layer):
             return self.dense_blocks[plan.attention_layer]
+        block = self._build(plan)
+        if block.router is not None:
+            if plan in self.router_fits:
+                _apply_fit(block, self.router_fits[plan])
+            else:
+                h = self.mids[plan.expert_layers[0]]
+                y = self.inputs[plan.expert_layers[-1] + 1].reshape(-1, h.shape[-1])
+                fit = fit_group_router(block, h.to(self.probe.dtype), y.to(self.probe.dtype),
+                                       outputs=[self._expert_output(plan.expert_layers[0], layer)
+                                                for layer in plan.expert_layers])
+                self.router_fits[plan] = {**fit, "router": block.router.weight.detach().clone()}
+        return block.eval()
+
+    def _build(self, plan: BlockPlan) -> nn.Module:
+        """The block ``plan`` builds before its router is fitted (a routed block's router untrained)."""
         has_attention = plan.attention_layer is not None
         with torch.device("meta"):
             block = D2MCBlock(self.probe.model.attention_config, plan, self.classes, 0 if has_attention else None)
@@ -130,16 +145,7 @@ class DamageProbe:
         if routed:
             block.router = nn.Linear(block.router.in_features, block.router.out_features, bias=False,
                                      dtype=self.probe.dtype)
-            if plan in self.router_fits:
-                _apply_fit(block, self.router_fits[plan])
-            else:
-                h = self.mids[plan.expert_layers[0]]
-                y = self.inputs[plan.expert_layers[-1] + 1].reshape(-1, h.shape[-1])
-                fit = fit_group_router(block, h.to(self.probe.dtype), y.to(self.probe.dtype),
-                                       outputs=[self._expert_output(plan.expert_layers[0], layer)
-                                                for layer in plan.expert_layers])
-                self.router_fits[plan] = {**fit, "router": block.router.weight.detach().clone()}
-        return block.eval()
+        return block
 
     @torch.no_grad()
     def _expert_output(self, first: int, layer: int) -> torch.Tensor:
@@ -159,20 +165,22 @@ class DamageProbe:
     def plan_damage(self, blocks: Sequence[BlockPlan], reconstructed: bool = False) -> float:
         """The loss increase of the whole plan ``blocks`` (the ``config.blocks`` of a converted model); with
         ``reconstructed``, its blocks that :meth:`reconstruct` trained as it left them."""
-        return self._loss_from(0, [self.reconstructed[p] if reconstructed and p in self.reconstructed
+        return self._loss_from(0, [self.reconstructed[p].block if reconstructed and p in self.reconstructed
                                    else self.block(p) for p in blocks]) - self.dense_loss
 
-    def reconstruct(self, plan: BlockPlan, h: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
-        """Build the fused block ``plan`` as the conversion does: its router fitted (on the probe's text), its
-        experts trained ``steps`` steps to reproduce the dense group (``reconstruct-blocks``, on the group's
-        post-attention hidden state ``h`` of its first layer and output ``y`` of its last, ``[T, H]``, from the
-        calibration text), its router fitted again on that; kept for :meth:`plan_damage`. Returns the
-        reconstruction's error before and after."""
-        block = self.block(plan)
-        before, after = reconstruct_experts(block, h, y, steps)
+    def reconstruct(self, plan: BlockPlan, h: torch.Tensor, y: torch.Tensor, steps: int) -> ReconstructedBlock:
+        """Build the fused block ``plan`` as the conversion does, from the group's post-attention hidden state ``h``
+        of its first layer and output ``y`` of its last (``[T, H]``, on the calibration text): its router fitted
+        (``insert-router``), its experts trained ``steps`` steps to reproduce the dense group and its router fitted
+        again (``reconstruct-blocks``); kept for :meth:`plan_damage` and for the conversion to take as it is."""
+        block = self._build(plan)
         fit_group_router(block, h, y)
-        self.reconstructed[plan] = block.eval()
-        return {"mse_before": before, "mse_after": after}
+        before, after = reconstruct_experts(block, h, y, steps)
+        router = fit_group_router(block, h, y)
+        found = ReconstructedBlock(block.eval(), (steps, LR, BATCH_TOKENS, SEED),
+                                   {"mse_before": before, "mse_after": after, "router": router})
+        self.reconstructed[plan] = found
+        return found
 
 
 @torch.no_grad()

@@ -4,12 +4,29 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
-def reconstruct_experts(block, h: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 3e-4,
-                        batch_tokens: int = 512, seed: int = 0) -> tuple[float, float]:
+@dataclass
+class ReconstructedBlock:
+    """A fused block built and reconstructed as the conversion does (by the plan search, which measured it): its
+    router fitted, its experts trained ``steps`` steps, its router fitted again; ``stats`` are the reconstruction's
+    error before and after (``mse_before``, ``mse_after``) and the last router fit's statistics (``router``);
+    ``settings`` the reconstruction's steps, learning rate, batch tokens and seed."""
+
+    block: nn.Module
+    settings: tuple[int, float, int, int]
+    stats: dict
+
+
+LR, BATCH_TOKENS, SEED = 3e-4, 512, 0  # a reconstruction's defaults
+
+
+def reconstruct_experts(block, h: torch.Tensor, y: torch.Tensor, steps: int, lr: float = LR,
+                        batch_tokens: int = BATCH_TOKENS, seed: int = SEED) -> tuple[float, float]:
     """Train ``block``'s experts so that ``h + experts(h)`` matches ``y`` (the group's post-attention hidden state of
     its first layer in, ``[T, H]``, and its last layer's output out), with Adam in fp32 whatever the block's dtype
     and the routing held at the router's current choice. The experts are trained as copies (the dense parent may

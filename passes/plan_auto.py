@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 
-from d2mc.arch import BlockSpec, ModelArch
+from d2mc.arch import BlockPlan, BlockSpec, ModelArch
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.pipeline import Pass, PassResult, register_pass
@@ -94,7 +94,7 @@ class PlanAuto(Pass):
 
     name = "plan-auto"
     requires = ("arch", "redundancy", "model", "calibration", "profile")
-    provides = ("plan", "plan_search")
+    provides = ("plan", "plan_search", "reconstructed_blocks")
 
     def __init__(self, budget_ms: float | None = None, speedup: float | None = None, context: int = 512,
                  precision: str = "fp16", block_size: int = 128, lm_head_precision: str | None = None,
@@ -188,6 +188,8 @@ class PlanAuto(Pass):
                   f"{costs.dense * 1e3:.3f} ms): {chosen.label}")
         plan = chosen.fusion_plan(n, reason)
         ctx.results["plan"] = plan
+        ctx.results["reconstructed_blocks"] = {block: probe.reconstructed[block] for block in chosen.blocks(n)
+                                               if block in probe.reconstructed}
         names = {p.actions: name for name, p in [*additive.items(), ("corrected", corrected["mixed"])]}
         ctx.results["plan_search"] = {
             "target_ms": target * 1e3, "dense_ms": costs.dense * 1e3, "context": self.context,
@@ -199,7 +201,8 @@ class PlanAuto(Pass):
             "alternatives": [{"search": names.get(p.actions, "corrected"), **rescore(p, damages).to_dict(),
                               "corrected_damage": rescore(p, corrected_damages).damage}
                              for p in sorted(measured.values(), key=lambda p: p.final_damage)],
-            "reconstruct_steps": self.reconstruct_steps, "reconstruction": reconstruction,
+            "reconstruct_steps": self.reconstruct_steps,
+            "reconstruction": reconstruction,
             "actions": [{"action": a.label, "kind": a.kind, "block_ms": seconds[a] * 1e3,
                          "saved_ms": (costs.keep * len(a.layers) - seconds[a]) * 1e3, "local_error": local[a],
                          "damage": damages.get(a)} for a in local],
@@ -226,14 +229,19 @@ class PlanAuto(Pass):
                                             self.batch_size)
         errors = {}
         for block, h, y in zip(fused, inputs, targets, strict=True):
-            errors[f"{block.expert_layers[0]}-{block.expert_layers[-1]} (shared {block.shared_experts}, top-"
-                   f"{block.top_k})"] = probe.reconstruct(block, h, y, self.reconstruct_steps)
+            stats = probe.reconstruct(block, h, y, self.reconstruct_steps).stats
+            errors[self._group_label(block)] = {k: stats[k] for k in ("mse_before", "mse_after")}
         for key, plan in measured.items():
             if any(a.kind == FUSE for a in plan.actions):
                 measured[key] = dataclasses.replace(plan, reconstructed=probe.plan_damage(plan.blocks(n), True))
         self._say(f"reconstructed {len(fused)} fused blocks {self.reconstruct_steps} steps and measured their plans "
                   f"again [{time.perf_counter() - start:.0f} s]")
         return errors
+
+    @staticmethod
+    def _group_label(block: BlockPlan) -> str:
+        return (f"{block.expert_layers[0]}-{block.expert_layers[-1]} (shared {block.shared_experts}, top-"
+                f"{block.top_k})")
 
     @staticmethod
     def screened_per_bucket(screen: int, size: int) -> int:

@@ -98,13 +98,16 @@ def inputs(tmp_path_factory):
     (root / "binary.toml").write_bytes(os.urandom(300))
     (root / "recipe-unknown.toml").write_text('passes = ["analyze-redundancy", "no-such-pass"]\n')
     (root / "recipe-binary.toml").write_bytes(os.urandom(200))
+    (root / "recipe-reuse.toml").write_text('passes = ["analyze-redundancy", "plan-fusion", "prune-attention", '
+                                             '"fuse-experts", "insert-router", "reconstruct-blocks"]\n'
+                                             '[options.reconstruct-blocks]\nreuse_search = "yes"\n')
     corrupt = root / "corrupt-artifact"
     shutil.copytree(root / "artifact", corrupt)
     (corrupt / "d2mc_artifact.json").write_text("{not json")
     for name in ("binary.txt", "notes.txt", "empty.txt", "garbage.gguf", "dir.gguf", "dir.toml", "no-config",
                  "gpt2", "binary-config", "profile.toml", "no-int4.toml", "heldout-copy.txt", "nan-free-bad.toml",
-                 "binary.toml", "recipe-unknown.toml", "recipe-binary.toml", "corrupt-artifact", "huge", "fsdp1.yaml",
-                 "deepspeed.yaml", "warp.yaml", "ddp-bf16.yaml"):
+                 "binary.toml", "recipe-unknown.toml", "recipe-binary.toml", "recipe-reuse.toml", "corrupt-artifact",
+                 "huge", "fsdp1.yaml", "deepspeed.yaml", "warp.yaml", "ddp-bf16.yaml"):
         paths[name.replace(".", "-")] = root / name
     victim = root / "victim"
     victim.mkdir()
@@ -185,6 +188,8 @@ ROWS = [
     (["convert", T, "--recipe", "{recipe-unknown-toml}", "-o", "out"], "unknown pass 'no-such-pass'", True),
     (["convert", T, "--recipe", "{recipe-binary-toml}", "-o", "out"], "recipe '{recipe-binary-toml}': not valid",
      True),
+    (["convert", T, "--recipe", "{recipe-reuse-toml}", "-o", "out"],
+     "reconstruct-blocks: reuse_search is true or false, not 'yes'", True),
     (["convert", T, "--recipe", "/no/such/recipe.toml", "-o", "out"], "recipe '/no/such/recipe.toml' does not",
      True),
     (["convert", T, "--plan", "2-3", "--recover-steps", "2", "--recover-seq-len", "9999", "-o", "out", *CALIB],

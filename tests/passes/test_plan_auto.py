@@ -98,7 +98,7 @@ def test_the_reconstructed_damage_of_a_plan_is_the_loss_increase_of_its_conversi
     fused = BlockPlan(2, (2, 3, 4))
     blocks = [BlockPlan.dense(i) for i in (0, 1)] + [fused] + [BlockPlan.dense(i) for i in (5, 6, 7)]
     (h,), (y,) = group_activations(dense, [fused.expert_layers], ctx.calibration, 4)
-    errors = probe.reconstruct(fused, h, y, steps=10)
+    errors = probe.reconstruct(fused, h, y, steps=10).stats
     assert errors["mse_after"] < errors["mse_before"]
     ctx.results["plan"] = FusionPlan(8, [(2, 3, 4)])
     PassManager([create_pass("prune-attention"), create_pass("fuse-experts"), create_pass("insert-router"),
@@ -113,6 +113,40 @@ def test_the_reconstructed_damage_of_a_plan_is_the_loss_increase_of_its_conversi
     converted = loss(ctx.model) - loss(dense)
     assert probe.plan_damage(blocks, reconstructed=True) == pytest.approx(converted, abs=1e-4)
     assert probe.plan_damage(blocks) > converted  # reconstruction is what lowered it
+
+
+
+@pytest.mark.parametrize("steps, taken", [(10, True), (5, False)])
+def test_the_conversion_takes_the_blocks_the_plan_search_reconstructed_the_same_way(tiny_context, steps, taken):
+    """reconstruct-blocks with reuse_search takes a block the search reconstructed with its own settings (the same
+    model as training it again: logits within 1e-5) and trains the others."""
+    from d2mc.activations import group_activations
+
+    fused = BlockPlan(2, (2, 3, 4))
+    models = []
+    for reuse in (False, True):
+        ctx = tiny_context()
+        if reuse:
+            probe = DamageProbe(copy.deepcopy(ctx.model), ctx.calibration)
+            (h,), (y,) = group_activations(ctx.model, [fused.expert_layers], ctx.calibration, 4)
+            found = probe.reconstruct(fused, h, y, steps=10)
+            ctx.results["reconstructed_blocks"] = {fused: found}
+        ctx.results["plan"] = FusionPlan(8, [(2, 3, 4)])
+        PassManager([create_pass("prune-attention"), create_pass("fuse-experts"), create_pass("insert-router"),
+                     create_pass("reconstruct-blocks", steps=steps, reuse_search=reuse)]).run(ctx)
+        models.append(ctx)
+    fresh, reused = models
+    block = reused.model.model.layers[2]
+    assert (block.experts is found.block.experts) == taken
+    assert all(p.requires_grad == q.requires_grad for p, q in zip(
+        block.parameters(), fresh.model.model.layers[2].parameters(), strict=True))
+    if taken:
+        assert reused.results["reconstruction"] == {2: {k: found.stats[k] for k in ("mse_before", "mse_after")}}
+        assert reused.results["reconstructed_routers"][2] == found.stats["router"]
+    with torch.no_grad():
+        expected = fresh.model(fresh.calibration, use_cache=False).logits
+        got = reused.model(reused.calibration, use_cache=False).logits
+    assert (got - expected).abs().max() < 1e-5
 
 
 MIXED = {
