@@ -100,6 +100,7 @@ def inputs(tmp_path_factory):
     (root / "recipe-binary.toml").write_bytes(os.urandom(200))
     (root / "recipe-reuse.toml").write_text('passes = ["analyze-redundancy", "plan-fusion", "prune-attention", '
                                              '"fuse-experts", "insert-router", "reconstruct-blocks"]\n'
+                                             '[options.plan-fusion]\nplan = "2-3"\n'
                                              '[options.reconstruct-blocks]\nreuse_search = "yes"\n')
     corrupt = root / "corrupt-artifact"
     shutil.copytree(root / "artifact", corrupt)
