@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import dense_baseline, print_table, write_json  # noqa: E402
 
 VARIANTS = [
     ("drop-layers", {"method": "drop-layers"}),
@@ -39,16 +39,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from d2mc.convert import ConvertOptions, convert
-    from d2mc.data import heldout_windows, perplexity
-    from d2mc.loading import load_model
-    from d2mc.profiles import load_profile
+    from d2mc.data import perplexity
     from d2mc.roofline import predict_decode_seconds
 
-    profile = load_profile(args.target)
-    base = load_model("smollm2-135m")
-    windows = heldout_windows(base.tokenizer, window=512, max_tokens=args.eval_tokens)
-    dense_ms = predict_decode_seconds(base.arch, profile) * 1e3
-    dense_ppl = perplexity(base.model, windows)
+    base, profile, windows, dense_ms, dense_ppl = dense_baseline(args.target, args.eval_tokens)
     rows = [["dense", "-", 30, f"{dense_ms:.3f}", "1.000", f"{dense_ppl:.2f}", "-"]]
     records = [{"source": "dense", "method": "dense", "predicted_ms": dense_ms, "perplexity": dense_ppl}]
     for source_name, source in SOURCES:

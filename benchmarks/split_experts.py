@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import dense_baseline, print_table, write_json  # noqa: E402
 
 SPLITS = [("split-experts 50%", {"method": "split-experts", "active_fraction": 0.5}),
           ("split-experts 75%", {"method": "split-experts", "active_fraction": 0.75})]
@@ -57,16 +57,10 @@ def main() -> None:
 
     from d2mc.arch import ModelArch
     from d2mc.convert import ConvertOptions, convert
-    from d2mc.data import heldout_windows, perplexity
-    from d2mc.loading import load_model
-    from d2mc.profiles import load_profile
+    from d2mc.data import perplexity
     from d2mc.roofline import predict_decode_seconds
 
-    profile = load_profile(args.target)
-    base = load_model("smollm2-135m")
-    windows = heldout_windows(base.tokenizer, window=512, max_tokens=args.eval_tokens)
-    dense_ms = predict_decode_seconds(base.arch, profile) * 1e3
-    dense_ppl = perplexity(base.model, windows)
+    base, profile, windows, dense_ms, dense_ppl = dense_baseline(args.target, args.eval_tokens)
     dense_mlp = base.arch.param_counts()["mlp"]
     rows = [["dense", "-", f"{base.arch.total_params / 1e6:.1f}M", "100%", f"{dense_ms:.3f}", "1.000",
              f"{dense_ppl:.2f}", "-"]]
