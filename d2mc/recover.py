@@ -15,7 +15,7 @@ from d2mc.outputs import atomic_output_dir
 from d2mc.pipeline import PassManager, create_pass
 from d2mc.placement import check_memory, resolve_placement, training_bytes
 from d2mc.recovery import RecoveryOptions, is_main_process, remove_checkpoints
-from d2mc.recovery.processes import world_size
+from d2mc.recovery.processes import leave_processes, world_size
 
 
 def recover_model(converted: str, output: str, options: RecoveryOptions, *, teacher: str | None = None,
@@ -52,4 +52,5 @@ def recover_model(converted: str, output: str, options: RecoveryOptions, *, teac
             write_converted(tmp, ctx.model, ctx.tokenizer, plan, summary)
         if not keep_checkpoints:
             remove_checkpoints(options)
+    leave_processes()
     return summary
