@@ -48,8 +48,8 @@ _QMOE_LEAVES = {"fc1": ("gate_proj", "up_proj"), "fc2": ("down_proj",)}
 @dataclass(frozen=True)
 class MatrixFormat:
     """How one weight matrix is stored: ``precision``; for int4/int8 the elements per scale along its input
-    (``block_size``), whether blocks carry integer zero points, and whether a float ``residual`` restores float zero
-    points (see the module text)."""
+    (``block_size``; 0: one scale per output channel), whether blocks carry integer zero points, and whether a float
+    ``residual`` restores float zero points (see the module text)."""
 
     precision: str
     block_size: int = 0
@@ -69,7 +69,7 @@ class MatrixFormat:
         ``scale_bytes`` each and packed zero points (the residual apart: :meth:`residual_bytes`)."""
         if not self.quantized:
             return in_features * out_features * BYTES_PER_ELEMENT[self.precision]
-        blocks = in_features // self.block_size
+        blocks = in_features // self.block_size if self.block_size else 1
         total = in_features * out_features * self.bits / 8 + out_features * blocks * scale_bytes
         if self.zero_points:
             total += out_features * math.ceil(blocks * self.bits / 8)
@@ -83,7 +83,7 @@ class MatrixFormat:
         if not self.quantized:
             return self.precision
         extra = " zero points + residual" if self.residual else " zero points" if self.zero_points else ""
-        return f"{self.precision} b{self.block_size}{extra}"
+        return f"{self.precision} {f'b{self.block_size}' if self.block_size else 'per channel'}{extra}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,8 @@ class WeightPlan:
             for leaf in LEAVES:
                 bits = options.bits_at(index, leaf, arch.num_blocks)
                 hqq = options.method_for(bits) == "hqq"
-                formats.append(MatrixFormat(f"int{bits}", options.block_size, zero_points=hqq, residual=hqq))
+                formats.append(MatrixFormat(f"int{bits}", options.block_size_for(bits), zero_points=hqq,
+                                            residual=hqq))
             blocks.append(BlockWeights(*formats))
         head_bits = options.lm_head_bits  # round-to-nearest, symmetric, whatever the method (d2mc.quantize.model)
         head = (MatrixFormat(f"int{head_bits}", options.lm_head_block_size(arch.hidden_size)) if head_bits
@@ -196,7 +197,7 @@ class WeightPlan:
         for index, block in enumerate(self.blocks):
             for leaf, (in_features, _) in matrix_shapes(arch, index).items():
                 fmt = block.of(leaf)
-                if fmt.quantized and in_features % fmt.block_size:
+                if fmt.quantized and fmt.block_size and in_features % fmt.block_size:
                     raise ValueError(f"block {index}'s {leaf}: block size {fmt.block_size} does not divide its input "
                                      f"size {in_features}")
         if self.lm_head.quantized and arch.hidden_size % self.lm_head.block_size:

@@ -169,8 +169,9 @@ def test_compile_int4_scores_the_quantized_model_and_the_artifact(tiny_checkpoin
 
 @pytest.mark.slow
 def test_compile_int4_for_orin_agx_plans_an_int4_engine(tiny_checkpoint_with_tokenizer, tmp_path):
-    """On a device with TensorRT the one quantization takes TensorRT's forms (int4 in blocks of 64, a float LM head),
-    and the engine step lowers the MoE block through the plugin's quantized path and plans an int4 engine."""
+    """On a device with TensorRT the one quantization takes TensorRT's forms (int4 in blocks of 64, calibrated mixed
+    precision's int8 matrices per channel with the MoE block's experts left int4, a float LM head), and the engine
+    step lowers the MoE block through the plugin's quantized path and plans an int4 engine."""
     out = tmp_path / "out"
     result = invoke("compile", tiny_checkpoint_with_tokenizer, "--target", "orin-agx", "--plan", "2-3",
                     "--calib-sequences", "4", "--calib-length", "64", "--eval-tokens", "512", "--context", "256",
@@ -180,7 +181,9 @@ def test_compile_int4_for_orin_agx_plans_an_int4_engine(tiny_checkpoint_with_tok
     assert (report["quantization"]["block_size"], report["quantization"]["lm_head_precision"]) == (64, "float")
     engine = report["engine"]
     assert engine["precision"] == "int4" and engine["onnx_verify"]["passed"]
-    assert engine["plan"]["quantization"]["plugin_nodes"] == 1 and engine["plan"]["quantization"]["bits"] == [4]
+    assert engine["plan"]["quantization"]["plugin_nodes"] == 1 and engine["plan"]["quantization"]["bits"] == [4, 8]
+    int8 = report["quantization"]["int8_matrices"]
+    assert int8 and not any(name.startswith("model.layers.2.experts.") for name in int8)
 
 
 def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):

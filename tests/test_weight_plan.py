@@ -121,8 +121,13 @@ def test_the_plan_follows_the_options_rule_per_block_and_matrix():
         assert block == BlockWeights(*[int8 if moved and leaf in ("q_proj", "k_proj", "v_proj", "down_proj") else hqq
                                        for leaf in LEAVES]), index
     assert plan.lm_head == MatrixFormat("int8", 64)  # round-to-nearest under hqq, blocks of 64
-    trt = WeightPlan.from_quantization(arch, QuantizeOptions("int4", tensorrt=True), "fp16")
+    trt = WeightPlan.from_quantization(arch, QuantizeOptions("int4", tensorrt=True, mixed_precision="none"), "fp16")
     assert trt == WeightPlan.uniform(8, MatrixFormat("int4", 64), MatrixFormat("fp16"))
+    # TensorRT's int8 matrices have one scale per output channel (block size 0), fewer scale bytes than blocks
+    mixed = WeightPlan.from_quantization(arch, QuantizeOptions("int4", tensorrt=True), "fp16")
+    assert {f for f in mixed.formats() if f.bits == 8} == {MatrixFormat("int8", 0)}
+    assert MatrixFormat("int8", 0).stored_bytes(576, 1536, 2) == 576 * 1536 + 1536 * 2
+    assert MatrixFormat("int8", 0).describe() == "int8 per channel"
 
 
 def test_calibrated_mixed_precision_plans_its_choice_and_the_layer_rule_before_it():
@@ -170,6 +175,6 @@ def test_compile_costs_each_model_with_the_plan_its_quantization_will_store():
         planned = planned_settings(settings, arch, options, load_profile("host-cpu"))
         assert planned.weights == WeightPlan.from_quantization(arch, options, "fp32") and not planned.zero_points
     orin = planned_settings(dataclasses.replace(settings, lm_head_precision="fp16"), dense,
-                            QuantizeOptions("int4", tensorrt=True), load_profile("orin-agx"))
+                            QuantizeOptions("int4", tensorrt=True, mixed_precision="none"), load_profile("orin-agx"))
     assert orin.weights == WeightPlan.uniform(30, MatrixFormat("int4", 64), MatrixFormat("fp16"))
     assert planned_settings(settings, dense, None, load_profile("host-cpu")) is settings

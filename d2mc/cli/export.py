@@ -19,7 +19,8 @@ def quantize_options(calibration: bool):
                           "from calibration text (needs gptqmodel: docs/quantization.md) [default: rtn]."),
         click.option("--block-size", type=click.Choice(["32", "64", "128"]),
                      help="int4/int8: weights per scale along each input [default: 64, or 32 where 64 does not "
-                          "divide every input of the model; TensorRT takes int4 only, in blocks of 64 or 128]."),
+                          "divide every input of the model; TensorRT takes int4 in blocks of 64 or 128, and the int8 "
+                          "matrices of mixed precision per channel]."),
         click.option("--lm-head-precision", type=click.Choice(["int8", "int4", "float"]),
                      help="int4/int8: the LM head's weights (a tied embedding reads them too) [default: int8; for "
                           "TensorRT float, which it takes with int4]."),
@@ -28,8 +29,8 @@ def quantize_options(calibration: bool):
                      help="int4: matrices moved to int8 by layer: mixed-layers, q/k/v and down of the first and last "
                           "eighth of the layers and every third between; mixed-layers-ends, also the other matrices "
                           "of the first and last eighth; or calibrated, those whose int4 error costs the calibration "
-                          "loss most per byte (docs/quantization.md) [default: calibrated; none for TensorRT and "
-                          "--moe-op contrib]."),
+                          "loss most per byte (docs/quantization.md) [default: calibrated, which for TensorRT keeps the "
+                          "experts of MoE blocks int4; none for --moe-op contrib]."),
         click.option("--accuracy-level", type=click.IntRange(0, 4),
                      help="int4/int8, onnxruntime format: MatMulNBits accuracy level; 4 computes with int8 "
                           "activations, the fast path on CPU [default: 4]."),
@@ -126,7 +127,7 @@ def command(model, flavour, legacy_flavour, precision, moe_op, no_verify, polygr
     weights = precision
     if options:
         options = quantized.options  # the block size fitted to the model, the int8 matrices chosen
-        mixed = f" ({options.mixed_precision} at int8)" if options.mixed else ""
+        mixed = f" ({options.mixed_precision} at int8{' per channel' if options.tensorrt else ''})" if options.mixed else ""
         weights = f"{options.precision} {options.quant_method} block {options.block_size}{mixed}, LM head " \
                   f"{options.lm_head_precision}, {precision} activations"
     out.print(f"exported {model} to {result.path} in {result.seconds:.1f} s ({flavour}, {weights}, {form})")

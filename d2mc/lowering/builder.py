@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from d2mc.errors import UserError
 from d2mc.quantize import pack_signed
+from d2mc.quantize.linear import BLOCK_SIZES
 
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
@@ -171,7 +172,7 @@ def block_sums(g, x: str, q) -> str:
 def nbits_inputs(g, q, name: str, x: str = "") -> list[str]:
     """``[x, B, scales(, zero_points)]`` of a ``MatMulNBits`` node for ``q`` (initializers ``{name}_q{bits}``,
     ``{name}_scales``, ``{name}_zero_points``), without ``x`` when it is empty."""
-    packed, scales, zero_points = q.matmul_nbits()
+    packed, scales, zero_points = nbits_form(q).matmul_nbits()
     inputs = [x] if x else []
     inputs += [g.weight(f"{name}_q{q.bits}", packed, np.uint8), g.weight(f"{name}_scales", scales)]
     if zero_points is not None:
@@ -181,8 +182,16 @@ def nbits_inputs(g, q, name: str, x: str = "") -> list[str]:
 
 def nbits_attributes(g, q) -> dict:
     out_features, in_features = q.shape
-    return dict(K=in_features, N=out_features, bits=q.bits, block_size=q.block_size,
+    return dict(K=in_features, N=out_features, bits=q.bits, block_size=nbits_form(q).block_size,
                 accuracy_level=g.accuracy_level)
+
+
+def nbits_form(q):
+    """``q`` in blocks ``MatMulNBits`` takes (a power of two from 16 to 256): as it is, or, for one scale per output
+    channel (int8 weights that also go to TensorRT), in the largest such blocks that divide its input."""
+    if q.block_size in BLOCK_SIZES:
+        return q
+    return q.in_blocks(max(b for b in BLOCK_SIZES if q.block_size % b == 0))
 
 
 def dequantized(g, q, name: str) -> str:

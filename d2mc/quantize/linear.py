@@ -129,6 +129,17 @@ class QuantizedLinear:
             return self.zero_points
         return self.zero_points.round().clamp(0, 2 ** self.bits - 1).to(torch.uint8)
 
+    def in_blocks(self, block_size: int) -> QuantizedLinear:
+        """The same weight in blocks of ``block_size``, which divides this one's: each scale (and zero point)
+        repeated over the smaller blocks it covers. ``MatMulNBits`` takes blocks of 16 to 256 (a power of two), so
+        a weight with one scale per output channel goes to it in such blocks."""
+        if self.block_size % block_size:
+            raise ValueError(f"blocks of {block_size} do not divide blocks of {self.block_size}")
+        repeat = self.block_size // block_size
+        zero_points = None if self.zero_points is None else self.zero_points.repeat_interleave(repeat, 1)
+        return QuantizedLinear(self.bits, block_size, self.codes, self.scales.repeat_interleave(repeat, 1), zero_points,
+                               self.pre_scale)
+
     def signed_codes(self) -> np.ndarray:
         """The codes of a symmetric weight as signed int8 values ``[out, in]``: ``w = code * scale``."""
         if not self.symmetric:
@@ -185,7 +196,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, block_size: int = 32, symm
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, not {bits}")
     out_features, in_features = weight.shape
-    if block_size not in BLOCK_SIZES or in_features % block_size:
+    if (block_size not in BLOCK_SIZES and block_size != in_features) or in_features % block_size:
         raise OptionError(f"{{block_size}} {block_size} does not divide the input size {in_features} of a weight: "
                           f"choose one of {', '.join(map(str, BLOCK_SIZES))} that does")
     blocks = weight.detach().float().reshape(out_features, in_features // block_size, block_size)

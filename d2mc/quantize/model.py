@@ -136,7 +136,10 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
 def _choose_int8(model, groups, calibration: torch.Tensor, options: QuantizeOptions, quantize_alone,
                  progress) -> QuantizeOptions:
     """``options`` with the int8 matrices of calibrated mixed precision chosen on ``model``'s float weights (gptq's
-    errors, unknown before it runs, scored as round-to-nearest's)."""
+    errors, unknown before it runs, scored as round-to-nearest's). Weights that also go to TensorRT keep the experts of
+    blocks with a router at int4."""
+    if options.tensorrt:  # the plugin takes one bit width and block size for all of a block's experts
+        groups = [group for group in groups if not _routed(model, group[0][0])]
     progress("scoring the int4 matrices on the calibration text")
     fisher = fisher_diagonal(model, calibration, [module for group in groups for _, module in group])
     joint: dict[tuple, list] = {}  # every expert's matrix of one block alike, as the roofline counts them
@@ -147,12 +150,24 @@ def _choose_int8(model, groups, calibration: torch.Tensor, options: QuantizeOpti
     return dataclasses.replace(options, int8_matrices=int8)
 
 
+def _routed(model, name: str) -> bool:
+    """Whether the Linear ``name`` is an expert's of a block with a router (a ``D2mcMoE`` plugin node in TensorRT)."""
+    index, _ = block_leaf(name)
+    return ".experts." in name and getattr(model.model.layers[index], "router", None) is not None
+
+
 def _quantize_alone(weight: torch.Tensor, options: QuantizeOptions, bits: int) -> QuantizedLinear:
     """``weight`` at ``bits`` by the method the options give it (:meth:`QuantizeOptions.method_for`) without
     calibration data."""
     if options.method_for(bits) == "hqq":
         return quantize_hqq(weight, bits, options.block_size)
-    return quantize_rtn(weight, bits, options.block_size)
+    return quantize_rtn(weight, bits, _block_size(options, bits, weight.shape[1]))
+
+
+def _block_size(options: QuantizeOptions, bits: int, in_features: int) -> int:
+    """The block size of a matrix at ``bits`` reading ``in_features`` inputs: one block per row for per-channel
+    scales (:meth:`QuantizeOptions.block_size_for`)."""
+    return options.block_size_for(bits) or in_features
 
 
 def fold_expert_norms(model) -> None:
@@ -205,8 +220,11 @@ def _gptq(model, layers, calibration: torch.Tensor, options: QuantizeOptions, pr
             if not stage:
                 continue
             # a group's Linears read one input, and mixed precision gives them one bit width
-            tasks = [GptqMatrix(torch.cat([m.weight for _, m in group]), options.bits_of(group[0][0], len(layers)),
-                                options.block_size) for group in stage]
+            tasks = []
+            for group in stage:
+                bits = options.bits_of(group[0][0], len(layers))
+                tasks.append(GptqMatrix(torch.cat([m.weight for _, m in group]), bits,
+                                        _block_size(options, bits, group[0][1].in_features)))
             # the attention's projections run once per forward: the block need not run past them
             stop = number < len(ATTENTION_STAGES)
             handles = [group[0][1].register_forward_pre_hook(_feeding(task, stop))
@@ -217,7 +235,7 @@ def _gptq(model, layers, calibration: torch.Tensor, options: QuantizeOptions, pr
                         _run(layer, h, call)
             for group, task in zip(stage, tasks, strict=True):
                 if task.tokens == 0:  # an expert the router never chose on the calibration text
-                    parts = [quantize_rtn(m.weight, task.bits, options.block_size) for _, m in group]
+                    parts = [quantize_rtn(m.weight, task.bits, task.block_size) for _, m in group]
                     fallbacks += [name for name, _ in group]
                 else:
                     stacked = task.quantize()

@@ -22,8 +22,9 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # and last eighth; "calibrated" the matrices whose int4 error costs the calibration loss most per byte
 # (:mod:`d2mc.quantize.sensitivity`; measured on SmolLM2-135M: docs/quantization.md)
 MIXED_PRECISIONS = ("none", "mixed-layers", "mixed-layers-ends", "calibrated")
-# int4 in MatMulNBits (not TensorRT, not QMoE) moves the matrices whose int4 error costs the calibration loss most per
-# byte to int8 (measured on SmolLM2-135M, rtn block 64, ONNX Runtime, 4,096 held-out tokens: docs/quantization.md)
+# int4 (but for QMoE) moves the matrices whose int4 error costs the calibration loss most per byte to int8 (measured
+# on SmolLM2-135M, rtn block 64, ONNX Runtime, 4,096 held-out tokens; for TensorRT, int8 per channel with the MoE
+# blocks' experts left int4: docs/quantization.md)
 DEFAULT_MIXED = "calibrated"
 MIXED_LEAVES = ("q_proj", "k_proj", "v_proj", "down_proj")
 # int4 in blocks of 64 where 64 divides every input the model quantizes, else 32 (:meth:`QuantizeOptions.fitted`):
@@ -58,7 +59,7 @@ class QuantizeOptions:
     activations), default by precision (:data:`DEFAULT_METHOD`; rtn for TensorRT and QMoE); ``block_size``:
     elements per scale along each weight's input, default by precision (:data:`DEFAULT_BLOCK_SIZE`, :meth:`fitted`);
     ``lm_head_precision``: int8, int4 or float; ``mixed_precision``: which int4 matrices go to int8 instead
-    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for TensorRT and QMoE);
+    (:data:`MIXED_PRECISIONS`, :meth:`bits_of`; default :data:`DEFAULT_MIXED` for int4, none for QMoE);
     ``accuracy_level``: ONNX Runtime ``MatMulNBits``'s (4: int8 activations, the fast path on CPU); ``calib_data``:
     calibration text (default the built-in calibration text), ``calib_sequences`` x ``calib_length`` tokens of it,
     read by gptq and by calibrated mixed precision; ``int8_matrices``: the names of the matrices calibrated mixed
@@ -66,8 +67,10 @@ class QuantizeOptions:
     within ``int8_share`` of the bytes every int4 matrix at int8 would add.
     ``tensorrt``: the weights also lower to TensorRT (the
     tensorrt format, or a compile for a device with TensorRT), whose ``DequantizeLinear`` takes int4 only in blocks
-    of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, int8
-    weights and LM head, float zero points and mixed precision refused. ``qmoe``: MoE blocks lower to
+    of 64 or 128 and int8 only per channel: int4 with the block size 64 and a float LM head by default, calibrated
+    mixed precision's int8 matrices with one scale per output channel (:meth:`block_size_for`) and the experts of
+    MoE blocks (one ``D2mcMoE`` plugin node each, one bit width) left int4; int8 weights and LM head, float zero
+    points and mixed precision by layer refused. ``qmoe``: MoE blocks lower to
     ``com.microsoft::QMoE`` (``--moe-op contrib``), which takes one bit width and integer zero points.
     """
 
@@ -100,7 +103,7 @@ class QuantizeOptions:
                                self.precision == "int4" else DEFAULT_BLOCK_SIZE[self.precision])
             object.__setattr__(self, "block_size_default", not self.tensorrt)
         if self.mixed_precision is None:
-            object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not integer_only
+            object.__setattr__(self, "mixed_precision", DEFAULT_MIXED if self.precision == "int4" and not self.qmoe
                                else "none")
         if self.lm_head_precision is None:
             object.__setattr__(self, "lm_head_precision", TENSORRT_DEFAULT_LM_HEAD if self.tensorrt
@@ -154,9 +157,11 @@ class QuantizeOptions:
                 f"({TENSORRT_DEQUANTIZE_SOURCE})")
         if self.precision == "int8":
             raise OptionError(f"{{precision}} int8 cannot go to TensorRT: {int8}; choose int4 (or fp16)")
-        if self.mixed:
-            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to TensorRT: it puts some "
-                              f"matrices at int8, and {int8}; choose {{mixed_precision}} none")
+        if self.mixed and self.mixed_precision != "calibrated":
+            raise OptionError(f"{{mixed_precision}} {self.mixed_precision} cannot go to TensorRT: its rule by layer "
+                              "would put an MoE block's experts at int8, and the D2mcMoE plugin takes one bit "
+                              "width and block size for all of them; choose {mixed_precision} calibrated (which "
+                              "keeps them int4) or none")
         if self.float_zero_points:
             raise OptionError("{quant_method} hqq cannot go to TensorRT: HQQ's zero points are floats and ONNX "
                               "DequantizeLinear takes only integer ones; use {quant_method} rtn or gptq, or the "
@@ -196,6 +201,12 @@ class QuantizeOptions:
                 ends or (index - round(layers / 8)) % 3 == 2)):
             return 8
         return self.bits
+
+    def block_size_for(self, bits: int) -> int:
+        """Elements per scale of the matrices at ``bits``: the options' block size, or 0 (one scale per output
+        channel) for the int8 matrices of mixed precision when the weights also go to TensorRT, which dequantizes
+        int8 weights only per channel."""
+        return 0 if self.tensorrt and bits == 8 else self.block_size
 
     def method_for(self, bits: int) -> str:
         """The method that quantizes a matrix at ``bits``: the options' own, except that ``hqq`` leaves the matrices

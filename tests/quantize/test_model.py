@@ -143,8 +143,8 @@ def test_gptq_is_closer_to_the_float_model_than_round_to_nearest(kind):
     (dict(mixed_precision="some"), "mixed_precision must be one of none, mixed-layers, mixed-layers-ends, calibrated, not some"),
     (dict(precision="int8", mixed_precision="mixed-layers"),
      "mixed_precision mixed-layers moves int4 matrices to int8: it needs precision int4, not int8"),
-    (dict(mixed_precision="mixed-layers", tensorrt=True), "mixed_precision mixed-layers cannot go to TensorRT: it puts "
-                                                          "some matrices at int8, and TensorRT dequantizes int8"),
+    (dict(mixed_precision="mixed-layers", tensorrt=True), "mixed_precision mixed-layers cannot go to TensorRT: its rule "
+                                                          "by layer would put an MoE block's experts at int8"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
@@ -192,7 +192,7 @@ def test_defaults_by_precision_and_target():
     assert defaults(precision="int4") == ("rtn", 64, "calibrated", "int8")
     assert defaults(precision="int4", quant_method="hqq") == ("hqq", 64, "calibrated", "int8")
     assert defaults(precision="int8") == ("rtn", 64, "none", "int8")
-    assert defaults(precision="int4", tensorrt=True) == ("rtn", 64, "none", "float")
+    assert defaults(precision="int4", tensorrt=True) == ("rtn", 64, "calibrated", "float")
     assert defaults(precision="int4", qmoe=True) == ("rtn", 64, "none", "int8")
     # a record from before mixed precision: every matrix at its precision
     assert QuantizeOptions.from_dict({"precision": "int4", "quant_method": "rtn"}).mixed_precision == "none"

@@ -110,7 +110,8 @@ def test_bits_of_refuses_to_guess_before_the_choice():
     (dict(int8_share=0), "int8_share must be above 0 and at most 1, not 0"),
     (dict(mixed_precision="mixed-layers", int8_matrices=("x",)),
      "int8_matrices are what mixed_precision calibrated chose, not mixed-layers"),
-    (dict(mixed_precision="calibrated", tensorrt=True), "mixed_precision calibrated cannot go to TensorRT"),
+    (dict(mixed_precision="mixed-layers-ends", tensorrt=True), "mixed_precision mixed-layers-ends cannot go to "
+                                                                "TensorRT"),
     (dict(mixed_precision="calibrated", qmoe=True), "mixed_precision calibrated cannot go to moe_op contrib"),
     (dict(mixed_precision="none", calib_data="x.txt"),
      "calib_data is the calibration text of GPTQ and calibrated mixed precision: rtn with mixed_precision none"),
@@ -118,3 +119,27 @@ def test_bits_of_refuses_to_guess_before_the_choice():
 def test_bad_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):
         QuantizeOptions("int4", **options)
+
+
+def test_for_tensorrt_the_int8_matrices_have_one_scale_per_channel_and_the_plugins_experts_stay_int4():
+    """TensorRT dequantizes int8 weights only per channel, and its D2mcMoE plugin takes one width for all of a
+    block's experts: calibrated mixed precision for TensorRT moves the other matrices to int8 with one scale per
+    output channel, and the weight plan counts them so."""
+    from d2mc.arch import ModelArch
+    from d2mc.weight_plan import WeightPlan
+
+    model = converted()
+    options = QuantizeOptions("int4", block_size=64, mixed_precision="calibrated", calib_sequences=4, calib_length=64,
+                              int8_share=1, tensorrt=True)
+    result = quantize_model(model, options, TOKENIZER)
+    int8 = set(result.options.int8_matrices)
+    assert int8 and all(".experts." not in name or not name.startswith("model.layers.2.") for name in int8)
+    for name, q in result.linears.items():
+        if name in int8:
+            assert q.bits == 8 and q.block_size == q.shape[1] and q.scales.shape == (q.shape[0], 1), name
+        elif name != "lm_head":
+            assert q.bits == 4 and q.block_size == 64, name
+    plan = WeightPlan.from_quantization(ModelArch.from_config(model.config), result.options, "fp16")
+    assert {f.block_size for f in plan.formats() if f.bits == 8} == {0}
+    assert any(f.bits == 8 for f in plan.blocks[2].formats()[:4])  # the attention of the MoE block may move
+    assert {f.bits for f in plan.blocks[2].formats()[4:]} == {4}

@@ -78,6 +78,32 @@ def test_int8_and_the_tensorrt_flavour_match_too(tmp_path):
     assert result.verify["passed"] and op_counts(tmp_path / "trt")["DequantizeLinear"] >= 1
 
 
+def test_calibrated_mixed_precision_for_tensorrt_lowers_to_both_formats_and_plans_an_int4_engine(tmp_path):
+    """Its int8 matrices (one scale per channel) go to TensorRT as per-channel DequantizeLinear and to ONNX Runtime's
+    MatMulNBits in blocks of 64 that repeat the channel's scale; the MoE block's experts stay int4 for the plugin."""
+    from d2mc.engine.graph import read_graph
+    from d2mc.engine.plan import EngineSettings, plan_engine
+    from d2mc.profiles import load_profile
+
+    model = converted()
+    options = QuantizeOptions("int4", block_size=64, mixed_precision="calibrated", calib_sequences=4, calib_length=64,
+                              tensorrt=True)
+    quantized = quantize_model(model, options, TOKENIZER)
+    assert quantized.options.int8_matrices
+    trt = export_onnx(quantized.model, None, tmp_path / "trt", flavour="tensorrt", precision="fp16",
+                      quantized=quantized)
+    assert trt.verify["passed"] and trt.verify["greedy_agreement"] == 1.0
+    summary = read_graph(tmp_path / "trt" / "model.onnx")
+    assert summary.quantization.plugin_nodes == 1
+    assert set(summary.quantization.dequantize_formats) == {(4, 64), (8, 0)}
+    assert plan_engine(summary, load_profile("orin-agx"), EngineSettings(), 512).precision == "int4"
+    ort = export_onnx(quantized.model, TOKENIZER, tmp_path / "ort", quantized=quantized)
+    assert ort.verify["passed"]
+    graph = onnx.load(str(tmp_path / "ort" / "model.onnx"), load_external_data=False).graph
+    attributes = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {(a["bits"], a["block_size"]) for a in attributes} >= {(8, 64), (4, 64)}
+
+
 def test_eval_of_the_artifact_equals_the_pytorch_perplexity(tmp_path):
     model = converted("qwen2")
     quantized = quantize_model(model, QuantizeOptions("int4", block_size=32, accuracy_level=0), TOKENIZER)

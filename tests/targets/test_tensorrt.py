@@ -508,7 +508,8 @@ def test_int4_tensorrt_export_and_engine_plan_end_to_end(tmp_path, tiny_checkpoi
     result = subprocess.run([D2MC, "export", str(tiny_checkpoint_with_tokenizer), "--format", "tensorrt",
                              "--precision", "int4", "-o", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "(tensorrt, int4 rtn block 64, LM head float, fp16 activations" in result.stdout
+    assert ("(tensorrt, int4 rtn block 64 (calibrated at int8 per channel), LM head float, fp16 activations"
+            in " ".join(result.stdout.split()))
     assert "as shipped" not in result.stdout  # the tensorrt format ships what was verified
     info = json.loads((out / "d2mc_artifact.json").read_text())
     assert info["precision"] == "int4" and info["quantization"]["tensorrt"] and info["verify"]["passed"]
@@ -517,9 +518,10 @@ def test_int4_tensorrt_export_and_engine_plan_end_to_end(tmp_path, tiny_checkpoi
     assert result.returncode == 0, result.stderr
     plan = json.loads((out / "engine-orin-agx" / "plan.json").read_text())
     assert plan["precision"] == "int4" and plan["quantization"] == {
-        "method": "rtn", "bits": [4], "block_sizes": [64], "dequantize_nodes": 8 * 7, "plugin_nodes": 0,
+        "method": "rtn", "bits": [4, 8], "block_sizes": [64], "dequantize_nodes": 8 * 7, "plugin_nodes": 0,
         "weight_only": True, "activations": "fp16"}
-    quantized = quantize_model(fused("llama", top_k=2, shared=1), QuantizeOptions("int4", tensorrt=True))
+    quantized = quantize_model(fused("llama", top_k=2, shared=1), QuantizeOptions("int4", tensorrt=True,
+                                                                                 mixed_precision="none"))
     exported = export_onnx(quantized.model, None, tmp_path / "moe-int4", flavour="tensorrt", precision="fp16",
                            quantized=quantized)
     assert exported.verify["passed"] and exported.verify["greedy_agreement"] == 1.0
