@@ -184,6 +184,7 @@ def test_compile_int4_for_orin_agx_plans_an_int4_engine(tiny_checkpoint_with_tok
     assert engine["plan"]["quantization"]["plugin_nodes"] == 1 and engine["plan"]["quantization"]["bits"] == [4, 8]
     int8 = report["quantization"]["int8_matrices"]
     assert int8 and not any(name.startswith("model.layers.2.experts.") for name in int8)
+    assert f"(calibrated: {len(int8)} matrices at int8 per channel)" in " ".join(result.output.split())
 
 
 def test_predicted_latency_falls_as_more_attention_is_removed(tiny_checkpoint_with_tokenizer):

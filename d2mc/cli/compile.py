@@ -123,7 +123,11 @@ def command(model, target, eval_tokens, prefill, context, precision, quant_metho
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["final"].items()))
     if report["quantization"]:
         q = report["quantization"]
-        out.print(f"quantized: {q['precision']} {q['quant_method']} block {q['block_size']}, LM head "
+        mixed = ""
+        if q["mixed_precision"] != "none":
+            count = f"{len(q['int8_matrices'])} matrices " if q.get("int8_matrices") else ""
+            mixed = f" ({q['mixed_precision']}: {count}at int8{' per channel' if q['tensorrt'] else ''})"
+        out.print(f"quantized: {q['precision']} {q['quant_method']} block {q['block_size']}{mixed}, LM head "
                   f"{q['lm_head_precision']}, {q['quantized_linears']} matrices in {q['seconds']:.1f} s")
         if ppl["quantized"] is not None:
             out.print(f"held-out perplexity quantized (PyTorch, same weights as the artifact): {ppl['quantized']:.2f}")
