@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 
-from d2mc.arch import BlockPlan, BlockSpec, ModelArch
+from d2mc.arch import BlockSpec, ModelArch
 from d2mc.context import Context
 from d2mc.errors import UserError
 from d2mc.pipeline import Pass, PassResult, register_pass
@@ -89,8 +89,10 @@ class PlanAuto(Pass):
     then measured whole; the additive model is refitted on them (one factor per kind of action), searched again,
     and the plan of least measured damage is chosen. With ``reconstruct_steps`` (the conversion's, when it
     reconstructs fused blocks) the plans with fused blocks are measured again with those blocks reconstructed as
-    the conversion will, and that damage decides. ``ctx.results["plan_search"]`` keeps every measured plan with
-    its predicted latency and damage, and each action's damage."""
+    the conversion will, and that damage decides; the chosen plan's blocks so built go on as
+    ``reconstructed_blocks``, which ``reconstruct-blocks`` takes instead of training them again.
+    ``ctx.results["plan_search"]`` keeps every measured plan with its predicted latency and damage, and each
+    action's damage."""
 
     name = "plan-auto"
     requires = ("arch", "redundancy", "model", "calibration", "profile")
@@ -201,8 +203,7 @@ class PlanAuto(Pass):
             "alternatives": [{"search": names.get(p.actions, "corrected"), **rescore(p, damages).to_dict(),
                               "corrected_damage": rescore(p, corrected_damages).damage}
                              for p in sorted(measured.values(), key=lambda p: p.final_damage)],
-            "reconstruct_steps": self.reconstruct_steps,
-            "reconstruction": reconstruction,
+            "reconstruct_steps": self.reconstruct_steps, "reconstruction": reconstruction,
             "actions": [{"action": a.label, "kind": a.kind, "block_ms": seconds[a] * 1e3,
                          "saved_ms": (costs.keep * len(a.layers) - seconds[a]) * 1e3, "local_error": local[a],
                          "damage": damages.get(a)} for a in local],
@@ -230,18 +231,14 @@ class PlanAuto(Pass):
         errors = {}
         for block, h, y in zip(fused, inputs, targets, strict=True):
             stats = probe.reconstruct(block, h, y, self.reconstruct_steps).stats
-            errors[self._group_label(block)] = {k: stats[k] for k in ("mse_before", "mse_after")}
+            errors[f"{block.expert_layers[0]}-{block.expert_layers[-1]} (shared {block.shared_experts}, top-"
+                   f"{block.top_k})"] = {k: stats[k] for k in ("mse_before", "mse_after")}
         for key, plan in measured.items():
             if any(a.kind == FUSE for a in plan.actions):
                 measured[key] = dataclasses.replace(plan, reconstructed=probe.plan_damage(plan.blocks(n), True))
         self._say(f"reconstructed {len(fused)} fused blocks {self.reconstruct_steps} steps and measured their plans "
                   f"again [{time.perf_counter() - start:.0f} s]")
         return errors
-
-    @staticmethod
-    def _group_label(block: BlockPlan) -> str:
-        return (f"{block.expert_layers[0]}-{block.expert_layers[-1]} (shared {block.shared_experts}, top-"
-                f"{block.top_k})")
 
     @staticmethod
     def screened_per_bucket(screen: int, size: int) -> int:
