@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from d2mc.errors import UserError
 from d2mc.quantize import pack_signed
 from d2mc.quantize.linear import BLOCK_SIZES
+from d2mc.quantize.options import DEFAULT_BLOCK_SIZE
 
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph
@@ -188,10 +189,12 @@ def nbits_attributes(g, q) -> dict:
 
 def nbits_form(q):
     """``q`` in blocks ``MatMulNBits`` takes (a power of two from 16 to 256): as it is, or, for one scale per output
-    channel (int8 weights that also go to TensorRT), in the largest such blocks that divide its input."""
+    channel (int8 weights that also go to TensorRT), in blocks of 64 (int8's default elsewhere) where 64 divides its
+    input, else the largest such blocks that do."""
     if q.block_size in BLOCK_SIZES:
         return q
-    return q.in_blocks(max(b for b in BLOCK_SIZES if q.block_size % b == 0))
+    block = DEFAULT_BLOCK_SIZE["int8"]
+    return q.in_blocks(block if q.block_size % block == 0 else max(b for b in BLOCK_SIZES if q.block_size % b == 0))
 
 
 def dequantized(g, q, name: str) -> str:
