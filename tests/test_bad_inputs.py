@@ -58,6 +58,8 @@ def inputs(tmp_path_factory):
     export_onnx(loaded.model, loaded.tokenizer, root / "artifact", source=str(tiny))
     export_onnx(loaded.model, None, root / "trt-artifact", flavour="tensorrt", source=str(tiny), verify=False)
     paths = {"tiny": tiny, "artifact": root / "artifact", "trt": root / "trt-artifact"}
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(root / "no-tokenizer")
+    paths["no-tokenizer"] = root / "no-tokenizer"
     state = load_file(tiny / "model.safetensors")
     for name, change in (("missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight")),
                          ("extra", lambda s: s.__setitem__("model.layers.1.mlp.extra.weight", torch.zeros(3))),
@@ -297,6 +299,9 @@ ROWS = [
      "--mixed-precision mixed-layers moves int4 matrices to int8: it needs --precision int4, not int8", True),
     (["export", T, "-o", "out", "--precision", "int8", "--mixed-precision", "calibrated"],
      "--mixed-precision calibrated moves int4 matrices to int8: it needs --precision int4, not int8", True),
+    (["export", "{no-tokenizer}", "-o", "out", "--format", "tensorrt", "--precision", "int4"],
+     "--quant-method rtn with --mixed-precision calibrated reads calibration text, which needs the model's tokenizer: "
+     "save the tokenizer beside the weights, or choose --mixed-precision none", False),
     (["export", T, "-o", "out", "--format", "tensorrt", "--precision", "int4", "--mixed-precision", "mixed-layers"],
      "--mixed-precision mixed-layers cannot go to TensorRT: its rule by layer would put an MoE block's experts", True),
     (["export", T, "-o", "out", "--precision", "int4", "--mixed-precision", "calibrated", "--moe-op", "contrib"],

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from d2mc.activations import batches, first_tensor, hooks, output_tensor
-from d2mc.errors import UserError
+from d2mc.errors import OptionError
 from d2mc.quantize.hqq import quantize_hqq
 from d2mc.quantize.linear import QuantizedLinear, quantize_rtn
 from d2mc.quantize.options import QuantizeOptions, block_leaf
@@ -98,7 +98,10 @@ def quantize_model(model, options: QuantizeOptions, tokenizer=None,
     choose = options.mixed_precision == "calibrated" and options.int8_matrices is None
     if options.quant_method == "gptq" or choose:
         if tokenizer is None:
-            raise UserError("calibrated quantization needs the model's tokenizer to read its calibration text")
+            raise OptionError(f"{{quant_method}} {options.quant_method} with {{mixed_precision}} "
+                              f"{options.mixed_precision} reads calibration text, which needs the model's tokenizer: "
+                              "save the tokenizer beside the weights, or choose {mixed_precision} none (and "
+                              "{quant_method} rtn)")
         from d2mc.data import calibration_batch
 
         sequences = options.calib_sequences
