@@ -35,25 +35,20 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
 
-    import dataclasses
-
-    from d2mc.compile import planned_settings
+    from d2mc.compile import CompileOptions, planned_settings, roofline_settings
     from d2mc.evaluation import evaluate_model_perplexity
     from d2mc.loading import load_model
     from d2mc.profiles import load_profile
     from d2mc.quantize import QuantizeOptions, quantize_model
-    from d2mc.roofline import RooflineSettings, estimate_phase
+    from d2mc.roofline import estimate_phase
 
     loaded = load_model(args.model)
     profile = load_profile(args.target)
-    float_format = "fp16" if profile.kind == "gpu" else "fp32"
 
     def predicted_ms(options) -> float:
-        settings = RooflineSettings(context=512, precision=float_format)
-        if options is not None:
-            head = float_format if options.lm_head_precision == "float" else options.lm_head_precision
-            settings = planned_settings(dataclasses.replace(settings, precision=options.precision, lm_head_precision=head,
-                                                            block_size=options.block_size), loaded.arch, options, profile)
+        """Decode at context 512 with the weights ``options`` give (None: float), as compile costs them."""
+        settings = roofline_settings(CompileOptions(args.model, "", target=args.target, quantize=options), profile)
+        settings = planned_settings(settings, loaded.arch, options, profile)
         return estimate_phase(loaded.arch, profile, "decode", settings).seconds * 1e3
 
     fp32 = evaluate_model_perplexity(loaded.model, loaded.tokenizer, tokens=args.eval_tokens).perplexity

@@ -79,9 +79,9 @@ class PlanAuto(Pass):
     Per parent layer the plan keeps it, drops its attention, fuses its MLP as an expert of the block before it
     (groups of at most ``max_group`` layers, :data:`MAX_GROUP` unless given; top-1 or top-2, with or without the
     kept layer's MLP as a shared expert), or drops it. Candidates are the ``candidate_share`` of the interior
-    layers of lowest block influence (analyze-redundancy). Every action is screened by its local error (only its block runs: how far it lands from
-    the dense hidden state after its layers); the ``screen`` actions of least local error of each kind, group
-    size and routing go on (fewer for groups of more than two layers, :meth:`screened_per_bucket`), the others are
+    layers of lowest block influence (analyze-redundancy). Every action is screened by its local error (only its
+    block runs: how far it lands from the dense hidden state after its layers); the ``screen`` actions of least
+    local error of each kind, group size and routing go on (fewer for groups of more than two layers, :meth:`screened_per_bucket`), the others are
     left out. Each of those is measured: the calibration-loss increase with that action alone (on the first
     ``probe_sequences`` calibration sequences, :class:`d2mc.damage.DamageProbe`). The search
     (:func:`d2mc.planner.pareto_plans`) gives the least damaging plan at every predicted latency. The best plan under
